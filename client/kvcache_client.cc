@@ -1,0 +1,224 @@
+#include "client/kvcache_client.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "codec/crc32c.h"
+#include "transfer/grpc_stream.h"
+
+namespace kvcache {
+namespace {
+
+using ::kvcache::transfer::FromGrpcStatus;
+
+// Prefixes the node's message with what the client was doing and where.
+absl::Status Annotate(const grpc::Status& status, absl::string_view call,
+                      absl::string_view address) {
+  absl::Status s = FromGrpcStatus(status);
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat("kvcache ", call, " at ", address,
+                                             ": ", s.message()));
+}
+
+}  // namespace
+
+KvCacheClient::KvCacheClient(const ClientOptions& options,
+                             std::shared_ptr<grpc::Channel> channel)
+    : options_(options),
+      channel_(std::move(channel)),
+      data_(v1::KvCache::NewStub(channel_)),
+      admin_(v1::Admin::NewStub(channel_)) {}
+
+absl::StatusOr<std::unique_ptr<KvCacheClient>> KvCacheClient::Connect(
+    const ClientOptions& options) {
+  grpc::ChannelArguments args;
+  // Get streams carry pieces of up to limits.get_piece_bytes (max 3 MiB).
+  args.SetMaxReceiveMessageSize(8 << 20);
+  std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
+      options.address, grpc::InsecureChannelCredentials(), args);
+  const auto deadline = std::chrono::system_clock::now() +
+                        absl::ToChronoMilliseconds(options.connect_timeout);
+  if (!channel->WaitForConnected(deadline)) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot reach kvcached at ", options.address, " within ",
+        absl::FormatDuration(options.connect_timeout),
+        "; is the daemon running?"));
+  }
+  return std::unique_ptr<KvCacheClient>(
+      new KvCacheClient(options, std::move(channel)));
+}
+
+std::unique_ptr<grpc::ClientContext> KvCacheClient::NewContext() const {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->set_deadline(std::chrono::system_clock::now() +
+                        absl::ToChronoMilliseconds(options_.timeout));
+  return context;
+}
+
+template <typename Request>
+void KvCacheClient::AddKeys(absl::Span<const ChunkKey> keys,
+                            Request& request) {
+  for (const ChunkKey& key : keys) {
+    request.add_keys(std::string(key.AsBytes()));
+  }
+}
+
+absl::StatusOr<LookupResult> KvCacheClient::Lookup(
+    absl::Span<const ChunkKey> keys) {
+  LookupResult result;
+  if (keys.empty()) return result;
+  v1::LookupRequest request;
+  AddKeys(keys, request);
+  v1::LookupResponse response;
+  grpc::Status status = data_->Lookup(NewContext().get(), request, &response);
+  if (!status.ok()) return Annotate(status, "lookup", options_.address);
+  result.prefix_chunks = response.prefix_chunks();
+  result.chunks.assign(response.chunks().begin(), response.chunks().end());
+  return result;
+}
+
+absl::Status KvCacheClient::Put(absl::Span<const ChunkToPut> chunks,
+                                const PutOptions& options) {
+  if (chunks.empty()) return absl::OkStatus();
+  auto context = NewContext();
+  v1::PutResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::PutRequest>> writer =
+      data_->Put(context.get(), &response);
+  v1::PutRequest message;
+  for (const ChunkToPut& chunk : chunks) {
+    v1::PutHeader* header = message.mutable_header();
+    header->set_key(std::string(chunk.key.AsBytes()));
+    header->set_size_bytes(chunk.bytes.size());
+    header->set_crc32c(codec::Crc32c(chunk.bytes));
+    header->set_pin_ttl_ms(absl::ToInt64Milliseconds(options.pin_ttl));
+    bool sent = writer->Write(message);
+    sent = sent && transfer::ForEachPiece(
+                       chunk.bytes, options_.piece_bytes,
+                       [&](absl::string_view piece) {
+                         message.set_data(piece.data(), piece.size());
+                         return writer->Write(message);
+                       });
+    // A failed write means the node ended the call; Finish says why.
+    if (!sent) break;
+  }
+  writer->WritesDone();
+  return Annotate(writer->Finish(), "put", options_.address);
+}
+
+absl::StatusOr<std::vector<FetchedChunk>> KvCacheClient::Get(
+    absl::Span<const ChunkKey> keys) {
+  std::vector<FetchedChunk> chunks;
+  if (keys.empty()) return chunks;
+  v1::GetRequest request;
+  AddKeys(keys, request);
+  auto context = NewContext();
+  std::unique_ptr<grpc::ClientReader<v1::GetResponse>> reader =
+      data_->Get(context.get(), request);
+  chunks.reserve(keys.size());
+  std::vector<uint32_t> expected_crc;
+  v1::GetResponse message;
+  while (reader->Read(&message)) {
+    if (message.has_header()) {
+      const size_t i = chunks.size();
+      if (i >= keys.size() || message.header().key() != keys[i].AsBytes()) {
+        context->TryCancel();
+        return absl::InternalError(
+            absl::StrCat("kvcache get at ", options_.address,
+                         ": node answered out of order at chunk ", i));
+      }
+      chunks.push_back(FetchedChunk{keys[i], {}, message.header().tier()});
+      chunks.back().bytes.reserve(message.header().size_bytes());
+      expected_crc.push_back(message.header().crc32c());
+    } else if (!chunks.empty()) {
+      chunks.back().bytes.append(message.data());
+    }
+  }
+  if (absl::Status s = Annotate(reader->Finish(), "get", options_.address);
+      !s.ok()) {
+    return s;
+  }
+  if (chunks.size() != keys.size()) {
+    return absl::InternalError(absl::StrCat(
+        "kvcache get at ", options_.address, ": stream ended after ",
+        chunks.size(), " of ", keys.size(), " chunks"));
+  }
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    if (codec::Crc32c(chunks[i].bytes) != expected_crc[i]) {
+      return absl::DataLossError(absl::StrCat(
+          "kvcache get at ", options_.address, ": chunk ", i, " (",
+          keys[i].ToHex().substr(0, 16), "...) failed its CRC32C check"));
+    }
+  }
+  return chunks;
+}
+
+absl::StatusOr<uint32_t> KvCacheClient::Delete(
+    absl::Span<const ChunkKey> keys) {
+  v1::DeleteRequest request;
+  AddKeys(keys, request);
+  v1::DeleteResponse response;
+  grpc::Status status = data_->Delete(NewContext().get(), request, &response);
+  if (!status.ok()) return Annotate(status, "delete", options_.address);
+  return response.deleted();
+}
+
+absl::StatusOr<absl::Time> KvCacheClient::Pin(absl::Span<const ChunkKey> keys,
+                                              absl::Duration ttl) {
+  v1::PinRequest request;
+  AddKeys(keys, request);
+  request.set_ttl_ms(absl::ToInt64Milliseconds(ttl));
+  v1::PinResponse response;
+  grpc::Status status = data_->Pin(NewContext().get(), request, &response);
+  if (!status.ok()) return Annotate(status, "pin", options_.address);
+  return absl::FromUnixMillis(response.expires_unix_ms());
+}
+
+absl::Status KvCacheClient::Unpin(absl::Span<const ChunkKey> keys) {
+  v1::UnpinRequest request;
+  AddKeys(keys, request);
+  v1::UnpinResponse response;
+  return Annotate(data_->Unpin(NewContext().get(), request, &response),
+                  "unpin", options_.address);
+}
+
+absl::StatusOr<v1::StatsResponse> KvCacheClient::Stats() {
+  v1::StatsResponse response;
+  grpc::Status status =
+      data_->Stats(NewContext().get(), v1::StatsRequest(), &response);
+  if (!status.ok()) return Annotate(status, "stats", options_.address);
+  return response;
+}
+
+absl::StatusOr<v1::NodeInfoResponse> KvCacheClient::NodeInfo() {
+  v1::NodeInfoResponse response;
+  grpc::Status status =
+      admin_->NodeInfo(NewContext().get(), v1::NodeInfoRequest(), &response);
+  if (!status.ok()) return Annotate(status, "node info", options_.address);
+  return response;
+}
+
+absl::StatusOr<v1::TierUsageResponse> KvCacheClient::TierUsage() {
+  v1::TierUsageResponse response;
+  grpc::Status status = admin_->GetTierUsage(
+      NewContext().get(), v1::TierUsageRequest(), &response);
+  if (!status.ok()) return Annotate(status, "tier usage", options_.address);
+  return response;
+}
+
+absl::StatusOr<std::string> KvCacheClient::Config() {
+  v1::GetConfigResponse response;
+  grpc::Status status =
+      admin_->GetConfig(NewContext().get(), v1::GetConfigRequest(), &response);
+  if (!status.ok()) return Annotate(status, "config", options_.address);
+  return response.config_textproto();
+}
+
+absl::StatusOr<uint64_t> KvCacheClient::Drain() {
+  v1::DrainResponse response;
+  grpc::Status status =
+      admin_->Drain(NewContext().get(), v1::DrainRequest(), &response);
+  if (!status.ok()) return Annotate(status, "drain", options_.address);
+  return response.chunks_remaining();
+}
+
+}  // namespace kvcache

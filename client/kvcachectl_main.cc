@@ -1,0 +1,333 @@
+// kvcachectl: the operator's command line for a kvcached node.
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "client/chunk_key.h"
+#include "client/kvcache_client.h"
+
+namespace kvcache {
+namespace {
+
+constexpr char kUsage[] = R"(usage: kvcachectl [--addr=HOST:PORT] [--timeout=30s] COMMAND [ARGS]
+
+commands:
+  status                         node, tier usage and counters
+  config                         the node's effective configuration
+  put FILE [--key=HEX] [--pin_ttl=DURATION]
+                                 store a file as one chunk; prints its key
+                                 (default key: SHA-256 of the contents)
+  get KEY --out=FILE             fetch a chunk into FILE ('-' for stdout)
+  lookup KEY...                  how many leading keys are cached
+  rm KEY...                      delete chunks
+  pin KEY... --ttl=DURATION      keep chunks from eviction (e.g. --ttl=30m)
+  unpin KEY...
+  keys --model=ID --tokens=1,2,3 [--namespace=NS] [--dtype=float16]
+       [--layers=N] [--kv_heads=N] [--head_dim=N] [--tp_rank=N]
+       [--tp_size=N] [--chunk_tokens=256]
+                                 print the chunk keys of a token sequence
+  drain                          stop the node from taking new chunks
+)";
+
+struct Args {
+  std::vector<std::string> positional;
+  std::map<std::string, std::string> flags;
+
+  std::string Flag(const std::string& name, const std::string& fallback) const {
+    auto it = flags.find(name);
+    return it == flags.end() ? fallback : it->second;
+  }
+};
+
+Args ParseArgs(int argc, char** argv) {
+  Args args;
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (absl::StartsWith(arg, "--")) {
+      std::pair<std::string, std::string> kv =
+          absl::StrSplit(arg.substr(2), absl::MaxSplits('=', 1));
+      args.flags[kv.first] = kv.second;
+    } else {
+      args.positional.emplace_back(arg);
+    }
+  }
+  return args;
+}
+
+absl::StatusOr<absl::Duration> DurationFlag(const Args& args,
+                                            const std::string& name,
+                                            const std::string& fallback) {
+  absl::Duration d;
+  const std::string text = args.Flag(name, fallback);
+  if (!absl::ParseDuration(text, &d) || d < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, "=", text, " is not a duration like 30s"));
+  }
+  return d;
+}
+
+absl::StatusOr<uint32_t> UintFlag(const Args& args, const std::string& name,
+                                  uint32_t fallback) {
+  const std::string text = args.Flag(name, std::to_string(fallback));
+  uint32_t v = 0;
+  if (!absl::SimpleAtoi(text, &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, "=", text, " is not a number"));
+  }
+  return v;
+}
+
+absl::StatusOr<std::vector<ChunkKey>> KeysFrom(
+    const std::vector<std::string>& hex) {
+  if (hex.empty()) return absl::InvalidArgumentError("name at least one KEY");
+  std::vector<ChunkKey> keys;
+  for (const std::string& h : hex) {
+    absl::StatusOr<ChunkKey> key = ChunkKey::FromHex(h);
+    if (!key.ok()) return key.status();
+    keys.push_back(*key);
+  }
+  return keys;
+}
+
+const char* TierName(v1::Tier tier) {
+  switch (tier) {
+    case v1::TIER_GPU:
+      return "gpu";
+    case v1::TIER_CPU:
+      return "cpu";
+    case v1::TIER_NVME:
+      return "nvme";
+    default:
+      return "?";
+  }
+}
+
+absl::Status Status(KvCacheClient& client) {
+  absl::StatusOr<v1::NodeInfoResponse> info = client.NodeInfo();
+  if (!info.ok()) return info.status();
+  absl::StatusOr<v1::TierUsageResponse> usage = client.TierUsage();
+  if (!usage.ok()) return usage.status();
+  absl::StatusOr<v1::StatsResponse> stats = client.Stats();
+  if (!stats.ok()) return stats.status();
+  const absl::Duration uptime =
+      absl::Now() - absl::FromUnixMillis(info->started_unix_ms());
+  std::printf("node      %s (kvcached %s) at %s, up %s%s\n",
+              info->node_id().c_str(), info->version().c_str(),
+              client.options().address.c_str(),
+              absl::FormatDuration(absl::Trunc(uptime, absl::Seconds(1)))
+                  .c_str(),
+              info->draining() ? ", DRAINING" : "");
+  for (const v1::TierUsage& tier : usage->tiers()) {
+    std::printf("tier %-4s %.1f / %.1f MiB used, %llu chunks (%llu pinned)\n",
+                TierName(tier.tier()), tier.used_bytes() / 1048576.0,
+                tier.capacity_bytes() / 1048576.0,
+                static_cast<unsigned long long>(tier.chunks()),
+                static_cast<unsigned long long>(tier.pinned_chunks()));
+  }
+  const uint64_t asked = stats->hits() + stats->misses();
+  std::printf(
+      "traffic   %llu lookups, %llu puts, %.1f MiB in, %.1f MiB out\n"
+      "hits      %llu of %llu chunks (%.1f%%), %llu evictions\n",
+      static_cast<unsigned long long>(stats->lookups()),
+      static_cast<unsigned long long>(stats->puts()),
+      stats->bytes_in() / 1048576.0, stats->bytes_out() / 1048576.0,
+      static_cast<unsigned long long>(stats->hits()),
+      static_cast<unsigned long long>(asked),
+      asked ? 100.0 * stats->hits() / asked : 0.0,
+      static_cast<unsigned long long>(stats->evictions()));
+  return absl::OkStatus();
+}
+
+absl::Status Put(KvCacheClient& client, const Args& args) {
+  if (args.positional.size() != 2) {
+    return absl::InvalidArgumentError("put takes one FILE");
+  }
+  std::ifstream file(args.positional[1], std::ios::binary);
+  if (!file) {
+    return absl::NotFoundError(
+        absl::StrCat("cannot read '", args.positional[1], "'"));
+  }
+  std::stringstream contents;
+  contents << file.rdbuf();
+  const std::string bytes = contents.str();
+  ChunkKey key = ContentKey(bytes);
+  if (args.flags.count("key")) {
+    absl::StatusOr<ChunkKey> given = ChunkKey::FromHex(args.Flag("key", ""));
+    if (!given.ok()) return given.status();
+    key = *given;
+  }
+  absl::StatusOr<absl::Duration> pin_ttl = DurationFlag(args, "pin_ttl", "0s");
+  if (!pin_ttl.ok()) return pin_ttl.status();
+  const ChunkToPut chunk{key, bytes};
+  if (absl::Status s = client.Put({chunk}, PutOptions{*pin_ttl}); !s.ok()) {
+    return s;
+  }
+  std::printf("%s %zu bytes\n", key.ToHex().c_str(), bytes.size());
+  return absl::OkStatus();
+}
+
+absl::Status Get(KvCacheClient& client, const Args& args) {
+  if (args.positional.size() != 2 || !args.flags.count("out")) {
+    return absl::InvalidArgumentError("get takes one KEY and --out=FILE");
+  }
+  absl::StatusOr<std::vector<ChunkKey>> keys =
+      KeysFrom({args.positional[1]});
+  if (!keys.ok()) return keys.status();
+  absl::StatusOr<std::vector<FetchedChunk>> chunks = client.Get(*keys);
+  if (!chunks.ok()) return chunks.status();
+  const std::string& bytes = chunks->front().bytes;
+  const std::string out = args.Flag("out", "");
+  if (out == "-") {
+    std::fwrite(bytes.data(), 1, bytes.size(), stdout);
+    return absl::OkStatus();
+  }
+  std::ofstream file(out, std::ios::binary);
+  file.write(bytes.data(), bytes.size());
+  if (!file) return absl::InternalError(absl::StrCat("cannot write '", out, "'"));
+  std::fprintf(stderr, "%zu bytes from tier %s -> %s\n", bytes.size(),
+               TierName(chunks->front().tier), out.c_str());
+  return absl::OkStatus();
+}
+
+absl::Status Lookup(KvCacheClient& client, const Args& args) {
+  absl::StatusOr<std::vector<ChunkKey>> keys = KeysFrom(
+      {args.positional.begin() + 1, args.positional.end()});
+  if (!keys.ok()) return keys.status();
+  absl::StatusOr<LookupResult> result = client.Lookup(*keys);
+  if (!result.ok()) return result.status();
+  std::printf("prefix %zu of %zu chunks cached\n", result->prefix_chunks,
+              keys->size());
+  for (size_t i = 0; i < result->chunks.size(); ++i) {
+    const v1::ChunkInfo& info = result->chunks[i];
+    std::printf("  %s %llu bytes tier=%s%s\n", (*keys)[i].ToHex().c_str(),
+                static_cast<unsigned long long>(info.size_bytes()),
+                TierName(info.tier()), info.pinned() ? " pinned" : "");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PrintKeys(const Args& args) {
+  KeySpace space;
+  space.model_id = args.Flag("model", "");
+  space.name_space = args.Flag("namespace", space.name_space);
+  space.dtype = args.Flag("dtype", space.dtype);
+  struct {
+    const char* name;
+    uint32_t* field;
+  } numbers[] = {{"layers", &space.layers},
+                 {"kv_heads", &space.kv_heads},
+                 {"head_dim", &space.head_dim},
+                 {"tp_rank", &space.tp_rank},
+                 {"tp_size", &space.tp_size},
+                 {"chunk_tokens", &space.chunk_tokens}};
+  for (const auto& n : numbers) {
+    absl::StatusOr<uint32_t> v = UintFlag(args, n.name, *n.field);
+    if (!v.ok()) return v.status();
+    *n.field = *v;
+  }
+  std::vector<int32_t> tokens;
+  for (absl::string_view t :
+       absl::StrSplit(args.Flag("tokens", ""), ',', absl::SkipEmpty())) {
+    int32_t token = 0;
+    if (!absl::SimpleAtoi(t, &token)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tokens: '", t, "' is not a token id"));
+    }
+    tokens.push_back(token);
+  }
+  absl::StatusOr<std::vector<ChunkKey>> keys = ChunkKeysForTokens(space, tokens);
+  if (!keys.ok()) return keys.status();
+  for (const ChunkKey& key : *keys) std::printf("%s\n", key.ToHex().c_str());
+  return absl::OkStatus();
+}
+
+absl::Status Run(const Args& args) {
+  if (args.positional.empty()) {
+    return absl::InvalidArgumentError("no command given");
+  }
+  const std::string& command = args.positional[0];
+  if (command == "keys") return PrintKeys(args);
+
+  absl::StatusOr<absl::Duration> timeout = DurationFlag(args, "timeout", "30s");
+  if (!timeout.ok()) return timeout.status();
+  ClientOptions options;
+  options.address = args.Flag("addr", options.address);
+  options.timeout = *timeout;
+  absl::StatusOr<std::unique_ptr<KvCacheClient>> client =
+      KvCacheClient::Connect(options);
+  if (!client.ok()) return client.status();
+  KvCacheClient& c = **client;
+  const std::vector<std::string> rest(args.positional.begin() + 1,
+                                      args.positional.end());
+
+  if (command == "status") return Status(c);
+  if (command == "config") {
+    absl::StatusOr<std::string> text = c.Config();
+    if (!text.ok()) return text.status();
+    std::printf("%s", text->c_str());
+    return absl::OkStatus();
+  }
+  if (command == "put") return Put(c, args);
+  if (command == "get") return Get(c, args);
+  if (command == "lookup") return Lookup(c, args);
+  if (command == "drain") {
+    absl::StatusOr<uint64_t> remaining = c.Drain();
+    if (!remaining.ok()) return remaining.status();
+    std::printf("draining: no new chunks accepted; %llu chunks held\n",
+                static_cast<unsigned long long>(*remaining));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::vector<ChunkKey>> keys = KeysFrom(rest);
+  if (!keys.ok()) return keys.status();
+  if (command == "rm") {
+    absl::StatusOr<uint32_t> deleted = c.Delete(*keys);
+    if (!deleted.ok()) return deleted.status();
+    std::printf("deleted %u of %zu\n", *deleted, keys->size());
+    return absl::OkStatus();
+  }
+  if (command == "pin") {
+    absl::StatusOr<absl::Duration> ttl = DurationFlag(args, "ttl", "10m");
+    if (!ttl.ok()) return ttl.status();
+    absl::StatusOr<absl::Time> expiry = c.Pin(*keys, *ttl);
+    if (!expiry.ok()) return expiry.status();
+    std::printf("pinned %zu until %s\n", keys->size(),
+                absl::FormatTime(*expiry, absl::UTCTimeZone()).c_str());
+    return absl::OkStatus();
+  }
+  if (command == "unpin") {
+    if (absl::Status s = c.Unpin(*keys); !s.ok()) return s;
+    std::printf("unpinned %zu\n", keys->size());
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown command '", command, "'"));
+}
+
+}  // namespace
+}  // namespace kvcache
+
+int main(int argc, char** argv) {
+  const kvcache::Args args = kvcache::ParseArgs(argc, argv);
+  if (args.flags.count("help") || args.positional.empty()) {
+    std::fputs(kvcache::kUsage, args.positional.empty() ? stderr : stdout);
+    return args.flags.count("help") ? 0 : 2;
+  }
+  const absl::Status status = kvcache::Run(args);
+  if (!status.ok()) {
+    std::fprintf(stderr, "kvcachectl: %s: %s\n",
+                 absl::StatusCodeToString(status.code()).c_str(),
+                 std::string(status.message()).c_str());
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}

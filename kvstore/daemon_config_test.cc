@@ -1,0 +1,103 @@
+#include "kvstore/daemon_config.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include "absl/strings/match.h"
+
+namespace kvcache::kvstore {
+namespace {
+
+std::string WriteTempFile(const std::string& text) {
+  const std::string path =
+      std::string(getenv("TEST_TMPDIR") ? getenv("TEST_TMPDIR") : "/tmp") +
+      "/kvcached_test.textproto";
+  std::ofstream(path) << text;
+  return path;
+}
+
+TEST(DaemonConfigTest, EmptyConfigHasDefaults) {
+  auto config = LoadConfig("", {});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->listen_address(), "127.0.0.1:50051");
+  EXPECT_EQ(config->cpu_tier().capacity_bytes(), 1ull << 30);
+  EXPECT_EQ(config->limits().max_chunk_bytes(), 256ull << 20);
+  EXPECT_EQ(config->shutdown_grace_seconds(), 10u);
+}
+
+TEST(DaemonConfigTest, FileThenOverrides) {
+  const std::string path = WriteTempFile(R"pb(
+    listen_address: "127.0.0.1:7000"
+    cpu_tier { capacity_bytes: 1000000 }
+  )pb");
+  auto config = LoadConfig(path, {"cpu_tier { capacity_bytes: 2000000 }",
+                                  "node_id: \"n1\""});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->listen_address(), "127.0.0.1:7000");
+  EXPECT_EQ(config->cpu_tier().capacity_bytes(), 2000000u);
+  EXPECT_EQ(config->node_id(), "n1");
+}
+
+TEST(DaemonConfigTest, UnknownFieldNamesFieldAndLine) {
+  const std::string path = WriteTempFile("\ncpu_tier { capacty_bytes: 5 }\n");
+  auto config = LoadConfig(path, {});
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(config.status().message(), "capacty_bytes"))
+      << config.status();
+  EXPECT_TRUE(absl::StrContains(config.status().message(), path + ":2:"))
+      << config.status();
+}
+
+TEST(DaemonConfigTest, WrongTypeIsRejected) {
+  auto config = LoadConfig("", {"cpu_tier { capacity_bytes: \"lots\" }"});
+  ASSERT_FALSE(config.ok());
+  EXPECT_TRUE(absl::StrContains(config.status().message(), "--set"))
+      << config.status();
+}
+
+TEST(DaemonConfigTest, ValidationNamesTheField) {
+  struct Case {
+    std::string text;
+    std::string field;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"listen_address: \"nocolon\"", "listen_address"},
+           {"listen_address: \"host:99999\"", "listen_address"},
+           {"cpu_tier { capacity_bytes: 0 }", "cpu_tier.capacity_bytes"},
+           {"limits { max_chunk_bytes: 0 }", "limits.max_chunk_bytes"},
+           {"limits { max_keys_per_request: 0 }",
+            "limits.max_keys_per_request"},
+           {"limits { get_piece_bytes: 100 }", "limits.get_piece_bytes"},
+       }) {
+    auto config = LoadConfig("", {c.text});
+    ASSERT_FALSE(config.ok()) << c.text;
+    EXPECT_TRUE(absl::StrContains(config.status().message(), c.field))
+        << config.status();
+  }
+}
+
+TEST(DaemonConfigTest, MissingFileIsNotFound) {
+  EXPECT_EQ(LoadConfig("/nonexistent/kvcached.textproto", {}).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST(DaemonConfigTest, PrintedConfigShowsDefaultsAndParsesBack) {
+  auto config = LoadConfig("", {"node_id: \"n7\""});
+  ASSERT_TRUE(config.ok());
+  const std::string text = ConfigToText(*config);
+  EXPECT_TRUE(absl::StrContains(text, "max_chunk_bytes: 268435456")) << text;
+  auto reparsed = LoadConfig("", {text});
+  ASSERT_TRUE(reparsed.ok()) << reparsed.status();
+  EXPECT_EQ(reparsed->node_id(), "n7");
+}
+
+TEST(DaemonConfigTest, ShippedExampleConfigIsValid) {
+  auto config = LoadConfig("deploy/kvcached.textproto", {});
+  ASSERT_TRUE(config.ok()) << config.status();
+}
+
+}  // namespace
+}  // namespace kvcache::kvstore

@@ -1,0 +1,362 @@
+#include "kvstore/kvcache_service.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "codec/crc32c.h"
+#include "kvstore/daemon_config.h"
+#include "transfer/grpc_stream.h"
+
+namespace kvcache::kvstore {
+namespace {
+
+constexpr size_t kKeyBytes = 32;
+
+using ::google::protobuf::RepeatedPtrField;
+using ::kvcache::transfer::ToGrpcStatus;
+
+std::string HostName() {
+  char name[256] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0) return "localhost";
+  return name;
+}
+
+// A short, readable form of a key for error messages.
+std::string KeyPrefix(absl::string_view key) {
+  return absl::BytesToHexString(key.substr(0, 8));
+}
+
+grpc::Status InvalidArgument(absl::string_view message) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(message));
+}
+
+grpc::Status ValidateKey(absl::string_view key, absl::string_view where) {
+  if (key.size() != kKeyBytes) {
+    return InvalidArgument(absl::StrCat(where, " is ", key.size(),
+                                        " bytes; a chunk key is ", kKeyBytes,
+                                        " bytes (SHA-256)"));
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status ValidateKeys(const RepeatedPtrField<std::string>& keys,
+                          const v1::LimitsConfig& limits) {
+  if (keys.empty()) return InvalidArgument("request names no keys");
+  if (static_cast<uint64_t>(keys.size()) > limits.max_keys_per_request()) {
+    return InvalidArgument(absl::StrCat(
+        "request names ", keys.size(), " keys; this node accepts at most ",
+        limits.max_keys_per_request(), " (limits.max_keys_per_request)"));
+  }
+  for (int i = 0; i < keys.size(); ++i) {
+    if (grpc::Status s = ValidateKey(keys[i], absl::StrCat("keys[", i, "]"));
+        !s.ok()) {
+      return s;
+    }
+  }
+  return grpc::Status::OK;
+}
+
+void FillInfo(absl::string_view key, const ChunkRef& chunk,
+              v1::ChunkInfo& info) {
+  info.set_key(std::string(key));
+  info.set_size_bytes(chunk.bytes->size());
+  info.set_tier(v1::TIER_CPU);
+  info.set_crc32c(chunk.crc32c);
+  info.set_pinned(chunk.pinned);
+  info.set_pin_expires_unix_ms(chunk.pinned ? absl::ToUnixMillis(chunk.pin_expiry)
+                                            : 0);
+}
+
+absl::Duration CappedTtl(uint64_t ttl_ms, const v1::LimitsConfig& limits) {
+  return std::min(absl::Milliseconds(ttl_ms),
+                  absl::Seconds(limits.max_pin_ttl_seconds()));
+}
+
+// Accumulates one chunk of a Put stream until its declared size arrived.
+class IncomingChunk {
+ public:
+  grpc::Status Start(const v1::PutHeader& header,
+                     const v1::LimitsConfig& limits) {
+    if (grpc::Status s = ValidateKey(header.key(), "put header key"); !s.ok()) {
+      return s;
+    }
+    if (header.size_bytes() == 0) {
+      return InvalidArgument("put header declares an empty chunk");
+    }
+    if (header.size_bytes() > limits.max_chunk_bytes()) {
+      return InvalidArgument(absl::StrCat(
+          "chunk of ", header.size_bytes(), " bytes exceeds this node's ",
+          "limit of ", limits.max_chunk_bytes(), " (limits.max_chunk_bytes)"));
+    }
+    header_ = header;
+    // Grow as data arrives rather than trusting the declared size up front:
+    // a client that declares a huge chunk and sends nothing costs nothing.
+    bytes_.clear();
+    open_ = true;
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Append(absl::string_view data) {
+    if (!open_) return InvalidArgument("put data arrived before a header");
+    if (data.size() > header_.size_bytes() - bytes_.size()) {
+      return InvalidArgument(absl::StrCat(
+          "put data overruns the chunk: header declared ",
+          header_.size_bytes(), " bytes, got at least ",
+          bytes_.size() + data.size()));
+    }
+    bytes_.append(data.data(), data.size());
+    return grpc::Status::OK;
+  }
+
+  bool open() const { return open_; }
+  bool complete() const { return open_ && bytes_.size() == header_.size_bytes(); }
+  const v1::PutHeader& header() const { return header_; }
+  uint64_t received() const { return bytes_.size(); }
+
+  // Hands over the finished chunk's bytes and closes it.
+  std::string Take() {
+    open_ = false;
+    return std::move(bytes_);
+  }
+
+ private:
+  v1::PutHeader header_;
+  std::string bytes_;
+  bool open_ = false;
+};
+
+}  // namespace
+
+NodeState::NodeState(v1::DaemonConfig config)
+    : config_(std::move(config)),
+      node_id_(config_.node_id().empty() ? HostName() : config_.node_id()),
+      started_(absl::Now()),
+      tier_(config_.cpu_tier().capacity_bytes()) {}
+
+grpc::Status KvCacheService::Lookup(grpc::ServerContext*,
+                                    const v1::LookupRequest* request,
+                                    v1::LookupResponse* response) {
+  if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
+      !s.ok()) {
+    return s;
+  }
+  node_.lookups.fetch_add(1, std::memory_order_relaxed);
+  // Collect infos one by one: a chunk evicted between the checks shortens the
+  // prefix rather than producing a hole in it.
+  for (const std::string& key : request->keys()) {
+    absl::StatusOr<ChunkRef> chunk = node_.tier().Peek(key);
+    if (!chunk.ok()) break;
+    FillInfo(key, *chunk, *response->add_chunks());
+  }
+  const uint32_t found = response->chunks_size();
+  response->set_prefix_chunks(found);
+  node_.hits.fetch_add(found, std::memory_order_relaxed);
+  node_.misses.fetch_add(request->keys_size() - found,
+                         std::memory_order_relaxed);
+  return grpc::Status::OK;
+}
+
+grpc::Status KvCacheService::Put(grpc::ServerContext*,
+                                 grpc::ServerReader<v1::PutRequest>* reader,
+                                 v1::PutResponse* response) {
+  const v1::LimitsConfig& limits = node_.config().limits();
+  IncomingChunk chunk;
+  v1::PutRequest request;
+  while (reader->Read(&request)) {
+    if (request.has_header()) {
+      if (chunk.open()) {
+        return InvalidArgument(absl::StrCat(
+            "a new put header arrived after ", chunk.received(), " of ",
+            chunk.header().size_bytes(), " bytes of the previous chunk"));
+      }
+      if (node_.draining()) {
+        return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                            "node is draining and accepts no new chunks");
+      }
+      if (grpc::Status s = chunk.Start(request.header(), limits); !s.ok()) {
+        return s;
+      }
+    } else if (request.has_data()) {
+      if (grpc::Status s = chunk.Append(request.data()); !s.ok()) return s;
+    } else {
+      return InvalidArgument("put message carries neither header nor data");
+    }
+    if (!chunk.complete()) continue;
+
+    const v1::PutHeader header = chunk.header();
+    std::string bytes = chunk.Take();
+    const uint32_t crc = codec::Crc32c(bytes);
+    if (crc != header.crc32c()) {
+      return grpc::Status(
+          grpc::StatusCode::DATA_LOSS,
+          absl::StrCat("chunk ", KeyPrefix(header.key()),
+                       "... arrived damaged: CRC32C ", crc, " != declared ",
+                       header.crc32c(), "; nothing stored for it"));
+    }
+    const uint64_t size = bytes.size();
+    if (absl::Status s = node_.tier().Put(header.key(), std::move(bytes), crc,
+                                          CappedTtl(header.pin_ttl_ms(), limits));
+        !s.ok()) {
+      return ToGrpcStatus(s);
+    }
+    response->set_chunks_stored(response->chunks_stored() + 1);
+    response->set_bytes_stored(response->bytes_stored() + size);
+    node_.puts.fetch_add(1, std::memory_order_relaxed);
+    node_.bytes_in.fetch_add(size, std::memory_order_relaxed);
+  }
+  if (chunk.open()) {
+    return InvalidArgument(absl::StrCat(
+        "put stream ended after ", chunk.received(), " of ",
+        chunk.header().size_bytes(), " bytes of chunk ",
+        KeyPrefix(chunk.header().key()), "...; that chunk was not stored"));
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status KvCacheService::Get(grpc::ServerContext* context,
+                                 const v1::GetRequest* request,
+                                 grpc::ServerWriter<v1::GetResponse>* writer) {
+  const v1::LimitsConfig& limits = node_.config().limits();
+  if (grpc::Status s = ValidateKeys(request->keys(), limits); !s.ok()) return s;
+  for (int i = 0; i < request->keys_size(); ++i) {
+    const std::string& key = request->keys(i);
+    absl::StatusOr<ChunkRef> chunk = node_.tier().Get(key);
+    if (!chunk.ok()) {
+      node_.misses.fetch_add(1, std::memory_order_relaxed);
+      return grpc::Status(
+          grpc::StatusCode::NOT_FOUND,
+          absl::StrCat("keys[", i, "] (", KeyPrefix(key),
+                       "...) is not cached on this node"));
+    }
+    node_.hits.fetch_add(1, std::memory_order_relaxed);
+    v1::GetResponse message;
+    FillInfo(key, *chunk, *message.mutable_header());
+    if (!writer->Write(message)) break;  // the client went away
+    const bool sent = transfer::ForEachPiece(
+        *chunk->bytes, limits.get_piece_bytes(), [&](absl::string_view piece) {
+          message.set_data(piece.data(), piece.size());
+          return !context->IsCancelled() && writer->Write(message);
+        });
+    if (!sent) break;
+    node_.bytes_out.fetch_add(chunk->bytes->size(), std::memory_order_relaxed);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status KvCacheService::Delete(grpc::ServerContext*,
+                                    const v1::DeleteRequest* request,
+                                    v1::DeleteResponse* response) {
+  if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
+      !s.ok()) {
+    return s;
+  }
+  uint32_t deleted = 0;
+  for (const std::string& key : request->keys()) {
+    deleted += node_.tier().Delete(key) ? 1 : 0;
+  }
+  response->set_deleted(deleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status KvCacheService::Pin(grpc::ServerContext*,
+                                 const v1::PinRequest* request,
+                                 v1::PinResponse* response) {
+  const v1::LimitsConfig& limits = node_.config().limits();
+  if (grpc::Status s = ValidateKeys(request->keys(), limits); !s.ok()) return s;
+  if (request->ttl_ms() == 0) {
+    return InvalidArgument("pin needs a ttl_ms > 0");
+  }
+  const absl::Duration ttl = CappedTtl(request->ttl_ms(), limits);
+  absl::Time earliest = absl::InfiniteFuture();
+  for (int i = 0; i < request->keys_size(); ++i) {
+    absl::StatusOr<absl::Time> expiry = node_.tier().Pin(request->keys(i), ttl);
+    if (!expiry.ok()) {
+      return grpc::Status(
+          grpc::StatusCode::NOT_FOUND,
+          absl::StrCat("keys[", i, "] (", KeyPrefix(request->keys(i)),
+                       "...) is not cached; keys before it were pinned"));
+    }
+    earliest = std::min(earliest, *expiry);
+  }
+  response->set_expires_unix_ms(absl::ToUnixMillis(earliest));
+  return grpc::Status::OK;
+}
+
+grpc::Status KvCacheService::Unpin(grpc::ServerContext*,
+                                   const v1::UnpinRequest* request,
+                                   v1::UnpinResponse*) {
+  if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
+      !s.ok()) {
+    return s;
+  }
+  for (int i = 0; i < request->keys_size(); ++i) {
+    if (!node_.tier().Unpin(request->keys(i)).ok()) {
+      return grpc::Status(
+          grpc::StatusCode::NOT_FOUND,
+          absl::StrCat("keys[", i, "] (", KeyPrefix(request->keys(i)),
+                       "...) is not cached; keys before it were unpinned"));
+    }
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status KvCacheService::Stats(grpc::ServerContext*,
+                                   const v1::StatsRequest*,
+                                   v1::StatsResponse* response) {
+  const TierUsage usage = node_.tier().Usage();
+  response->set_lookups(node_.lookups.load(std::memory_order_relaxed));
+  response->set_hits(node_.hits.load(std::memory_order_relaxed));
+  response->set_misses(node_.misses.load(std::memory_order_relaxed));
+  response->set_puts(node_.puts.load(std::memory_order_relaxed));
+  response->set_bytes_in(node_.bytes_in.load(std::memory_order_relaxed));
+  response->set_bytes_out(node_.bytes_out.load(std::memory_order_relaxed));
+  response->set_evictions(usage.evictions);
+  response->set_chunks(usage.chunks);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::NodeInfo(grpc::ServerContext*,
+                                    const v1::NodeInfoRequest*,
+                                    v1::NodeInfoResponse* response) {
+  response->set_node_id(node_.node_id());
+  response->set_version(KVCACHE_VERSION);
+  response->set_listen_address(node_.config().listen_address());
+  response->set_started_unix_ms(absl::ToUnixMillis(node_.started()));
+  response->set_draining(node_.draining());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::GetTierUsage(grpc::ServerContext*,
+                                        const v1::TierUsageRequest*,
+                                        v1::TierUsageResponse* response) {
+  const TierUsage usage = node_.tier().Usage();
+  v1::TierUsage* cpu = response->add_tiers();
+  cpu->set_tier(v1::TIER_CPU);
+  cpu->set_used_bytes(usage.used_bytes);
+  cpu->set_capacity_bytes(usage.capacity_bytes);
+  cpu->set_chunks(usage.chunks);
+  cpu->set_pinned_chunks(usage.pinned_chunks);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::GetConfig(grpc::ServerContext*,
+                                     const v1::GetConfigRequest*,
+                                     v1::GetConfigResponse* response) {
+  response->set_config_textproto(ConfigToText(node_.config()));
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::Drain(grpc::ServerContext*, const v1::DrainRequest*,
+                                 v1::DrainResponse* response) {
+  node_.StartDraining();
+  response->set_chunks_remaining(node_.tier().Usage().chunks);
+  return grpc::Status::OK;
+}
+
+}  // namespace kvcache::kvstore

@@ -1,0 +1,103 @@
+// The gRPC services of a kvcached node: the KvCache data plane and the Admin
+// plane, both over one storage engine (today the in-memory CPU tier).
+//
+// Handlers validate every request against the configured limits before
+// touching the store, and answer with the status codes documented in
+// proto/kvcache/v1/kvcache.proto. Thread-safe: gRPC calls handlers from many
+// threads at once.
+#ifndef KVCACHE_KVSTORE_KVCACHE_SERVICE_H_
+#define KVCACHE_KVSTORE_KVCACHE_SERVICE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "absl/time/time.h"
+#include "kvcache/v1/config.pb.h"
+#include "kvcache/v1/kvcache.grpc.pb.h"
+#include "kvstore/memory_tier.h"
+
+namespace kvcache::kvstore {
+
+// What both services share: the configuration, the store and the counters.
+class NodeState {
+ public:
+  explicit NodeState(v1::DaemonConfig config);
+
+  const v1::DaemonConfig& config() const { return config_; }
+  MemoryTier& tier() { return tier_; }
+  absl::Time started() const { return started_; }
+  const std::string& node_id() const { return node_id_; }
+
+  bool draining() const { return draining_.load(); }
+  void StartDraining() { draining_.store(true); }
+
+  // Counters reported by Stats; relaxed atomics, read as a loose snapshot.
+  std::atomic<uint64_t> lookups{0};
+  std::atomic<uint64_t> hits{0};
+  std::atomic<uint64_t> misses{0};
+  std::atomic<uint64_t> puts{0};
+  std::atomic<uint64_t> bytes_in{0};
+  std::atomic<uint64_t> bytes_out{0};
+
+ private:
+  const v1::DaemonConfig config_;
+  const std::string node_id_;
+  const absl::Time started_;
+  MemoryTier tier_;
+  std::atomic<bool> draining_{false};
+};
+
+class KvCacheService final : public v1::KvCache::Service {
+ public:
+  explicit KvCacheService(NodeState& node) : node_(node) {}
+
+  grpc::Status Lookup(grpc::ServerContext* context,
+                      const v1::LookupRequest* request,
+                      v1::LookupResponse* response) override;
+  grpc::Status Put(grpc::ServerContext* context,
+                   grpc::ServerReader<v1::PutRequest>* reader,
+                   v1::PutResponse* response) override;
+  grpc::Status Get(grpc::ServerContext* context,
+                   const v1::GetRequest* request,
+                   grpc::ServerWriter<v1::GetResponse>* writer) override;
+  grpc::Status Delete(grpc::ServerContext* context,
+                      const v1::DeleteRequest* request,
+                      v1::DeleteResponse* response) override;
+  grpc::Status Pin(grpc::ServerContext* context, const v1::PinRequest* request,
+                   v1::PinResponse* response) override;
+  grpc::Status Unpin(grpc::ServerContext* context,
+                     const v1::UnpinRequest* request,
+                     v1::UnpinResponse* response) override;
+  grpc::Status Stats(grpc::ServerContext* context,
+                     const v1::StatsRequest* request,
+                     v1::StatsResponse* response) override;
+
+ private:
+  NodeState& node_;
+};
+
+class AdminService final : public v1::Admin::Service {
+ public:
+  explicit AdminService(NodeState& node) : node_(node) {}
+
+  grpc::Status NodeInfo(grpc::ServerContext* context,
+                        const v1::NodeInfoRequest* request,
+                        v1::NodeInfoResponse* response) override;
+  grpc::Status GetTierUsage(grpc::ServerContext* context,
+                            const v1::TierUsageRequest* request,
+                            v1::TierUsageResponse* response) override;
+  grpc::Status GetConfig(grpc::ServerContext* context,
+                         const v1::GetConfigRequest* request,
+                         v1::GetConfigResponse* response) override;
+  grpc::Status Drain(grpc::ServerContext* context,
+                     const v1::DrainRequest* request,
+                     v1::DrainResponse* response) override;
+
+ private:
+  NodeState& node_;
+};
+
+}  // namespace kvcache::kvstore
+
+#endif  // KVCACHE_KVSTORE_KVCACHE_SERVICE_H_

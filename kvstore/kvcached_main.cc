@@ -1,0 +1,148 @@
+// kvcached: the kvcache storage daemon.
+//
+//   kvcached [--config=FILE] [--set=TEXTPROTO]... [--listen=HOST:PORT]
+//            [--port_file=FILE]
+//
+// Serves the KvCache and Admin APIs, gRPC health checking and server
+// reflection on one port. SIGTERM or SIGINT starts a graceful shutdown:
+// new calls are refused, calls in flight get shutdown_grace_seconds to end.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "kvstore/daemon_config.h"
+#include "kvstore/kvcache_service.h"
+
+namespace kvcache::kvstore {
+namespace {
+
+struct Flags {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  std::string port_file;
+};
+
+constexpr char kUsage[] =
+    "usage: kvcached [--config=FILE] [--set=TEXTPROTO]... "
+    "[--listen=HOST:PORT] [--port_file=FILE]\n"
+    "  --config     text-format DaemonConfig (proto/kvcache/v1/config.proto)\n"
+    "  --set        override fields, e.g. --set='cpu_tier { capacity_bytes: "
+    "1073741824 }'\n"
+    "  --listen     shorthand for --set='listen_address: \"HOST:PORT\"'\n"
+    "  --port_file  write the bound port here once serving (for port 0)\n";
+
+bool ParseFlags(int argc, char** argv, Flags& flags) {
+  for (int i = 1; i < argc; ++i) {
+    const absl::string_view arg = argv[i];
+    auto value_of = [&](absl::string_view name, std::string& out) {
+      if (!absl::StartsWith(arg, name)) return false;
+      out = std::string(arg.substr(name.size()));
+      return true;
+    };
+    std::string value;
+    if (value_of("--config=", flags.config_path) ||
+        value_of("--port_file=", flags.port_file)) {
+      continue;
+    }
+    if (value_of("--set=", value)) {
+      flags.overrides.push_back(value);
+    } else if (value_of("--listen=", value)) {
+      flags.overrides.push_back(absl::StrCat("listen_address: \"", value, "\""));
+    } else {
+      std::fprintf(stderr, "kvcached: unknown argument '%s'\n%s", argv[i],
+                   kUsage);
+      return false;
+    }
+  }
+  return true;
+}
+
+// Replaces the port in "host:port".
+std::string WithPort(const std::string& address, int port) {
+  return absl::StrCat(address.substr(0, address.rfind(':')), ":", port);
+}
+
+int Run(int argc, char** argv) {
+  Flags flags;
+  if (!ParseFlags(argc, argv, flags)) return 2;
+  absl::StatusOr<v1::DaemonConfig> config =
+      LoadConfig(flags.config_path, flags.overrides);
+  if (!config.ok()) {
+    std::fprintf(stderr, "kvcached: %s\n", config.status().ToString().c_str());
+    return 2;
+  }
+
+  // Signals are taken by sigwait below, so block them before gRPC starts
+  // threads that would otherwise inherit the default handlers.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  NodeState node(*config);
+  KvCacheService data_plane(node);
+  AdminService admin_plane(node);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(config->listen_address(),
+                           grpc::InsecureServerCredentials(), &bound_port);
+  // Put data arrives in pieces; a piece of up to limits.get_piece_bytes plus
+  // framing must always fit, whatever the client's piece size.
+  builder.SetMaxReceiveMessageSize(8 << 20);
+  builder.RegisterService(&data_plane);
+  builder.RegisterService(&admin_plane);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || bound_port == 0) {
+    std::fprintf(stderr, "kvcached: cannot listen on %s\n",
+                 config->listen_address().c_str());
+    return 1;
+  }
+  const std::string address = WithPort(config->listen_address(), bound_port);
+  if (!flags.port_file.empty()) {
+    // Written to a temporary name and renamed, so a reader never sees a
+    // half-written port.
+    const std::string tmp = flags.port_file + ".tmp";
+    std::ofstream(tmp) << bound_port << "\n";
+    std::rename(tmp.c_str(), flags.port_file.c_str());
+  }
+  std::fprintf(stderr,
+               "kvcached: node=%s listening=%s cpu_tier_bytes=%llu "
+               "max_chunk_bytes=%llu\n",
+               node.node_id().c_str(), address.c_str(),
+               static_cast<unsigned long long>(
+                   config->cpu_tier().capacity_bytes()),
+               static_cast<unsigned long long>(
+                   config->limits().max_chunk_bytes()));
+
+  int signal_number = 0;
+  sigwait(&stop_signals, &signal_number);
+  std::fprintf(stderr, "kvcached: signal=%d shutting down, grace=%us\n",
+               signal_number, config->shutdown_grace_seconds());
+  server->GetHealthCheckService()->SetServingStatus(false);
+  server->Shutdown(std::chrono::system_clock::now() +
+                   std::chrono::seconds(config->shutdown_grace_seconds()));
+  server->Wait();
+  std::fprintf(stderr, "kvcached: stopped\n");
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvcache::kvstore
+
+int main(int argc, char** argv) {
+  return kvcache::kvstore::Run(argc, argv);
+}

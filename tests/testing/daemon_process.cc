@@ -1,0 +1,98 @@
+#include "tests/testing/daemon_process.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+namespace kvcache::testing {
+namespace {
+
+std::string TempDir() {
+  const char* dir = getenv("TEST_TMPDIR");
+  return dir ? dir : "/tmp";
+}
+
+}  // namespace
+
+absl::StatusOr<DaemonProcess> DaemonProcess::Start(
+    const std::string& binary, const std::vector<std::string>& args) {
+  static int started = 0;
+  const std::string port_file = absl::StrCat(
+      TempDir(), "/kvcached-", getpid(), "-", started++, ".port");
+  std::remove(port_file.c_str());
+
+  std::vector<std::string> argv_strings = {binary, "--listen=127.0.0.1:0",
+                                           "--port_file=" + port_file};
+  argv_strings.insert(argv_strings.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& s : argv_strings) argv.push_back(s.data());
+  argv.push_back(nullptr);
+
+  const pid_t pid = fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    execv(binary.c_str(), argv.data());
+    std::perror(("exec " + binary).c_str());
+    _exit(127);
+  }
+
+  DaemonProcess daemon(pid, "");
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (absl::Now() < deadline) {
+    int port = 0;
+    if (std::ifstream(port_file) >> port && port > 0) {
+      daemon.address_ = absl::StrCat("127.0.0.1:", port);
+      return daemon;
+    }
+    int status = 0;
+    if (waitpid(pid, &status, WNOHANG) == pid) {
+      daemon.pid_ = -1;
+      return absl::InternalError(absl::StrCat(
+          binary, " exited during start-up with status ", status));
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return absl::DeadlineExceededError(
+      absl::StrCat(binary, " did not report a port within 20s"));
+}
+
+DaemonProcess::DaemonProcess(DaemonProcess&& other) noexcept
+    : pid_(other.pid_), address_(std::move(other.address_)) {
+  other.pid_ = -1;
+}
+
+DaemonProcess::~DaemonProcess() {
+  if (pid_ > 0) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+}
+
+void DaemonProcess::Signal(int signal_number) const {
+  if (pid_ > 0) kill(pid_, signal_number);
+}
+
+absl::StatusOr<int> DaemonProcess::WaitForExit(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (pid_ > 0) {
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return WIFEXITED(status) ? WEXITSTATUS(status)
+                               : 128 + WTERMSIG(status);
+    }
+    if (absl::Now() > deadline) {
+      return absl::DeadlineExceededError("daemon still running");
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return absl::FailedPreconditionError("daemon not running");
+}
+
+}  // namespace kvcache::testing

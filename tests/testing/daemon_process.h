@@ -1,0 +1,50 @@
+// Starts a real kvcached binary on a free loopback port for a test and stops
+// it again, so whole-system tests talk to the daemon exactly as workers do.
+#ifndef KVCACHE_TESTS_TESTING_DAEMON_PROCESS_H_
+#define KVCACHE_TESTS_TESTING_DAEMON_PROCESS_H_
+
+#include <sys/types.h>
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace kvcache::testing {
+
+class DaemonProcess {
+ public:
+  // Starts `binary` (a path relative to the test's working directory, e.g.
+  // "kvstore/kvcached") with `--listen=127.0.0.1:0` plus `args`, and waits
+  // until it reports its port. Its stderr goes to the test log.
+  static absl::StatusOr<DaemonProcess> Start(
+      const std::string& binary, const std::vector<std::string>& args);
+
+  DaemonProcess(DaemonProcess&& other) noexcept;
+  DaemonProcess& operator=(DaemonProcess&&) = delete;
+  // Kills the daemon (SIGKILL) if it is still running.
+  ~DaemonProcess();
+
+  // "127.0.0.1:PORT".
+  const std::string& address() const { return address_; }
+  pid_t pid() const { return pid_; }
+
+  void Signal(int signal_number) const;
+
+  // Waits for the daemon to exit; returns its exit code, or
+  // DEADLINE_EXCEEDED if it is still running after `timeout`.
+  absl::StatusOr<int> WaitForExit(absl::Duration timeout);
+
+ private:
+  DaemonProcess(pid_t pid, std::string address)
+      : pid_(pid), address_(std::move(address)) {}
+
+  pid_t pid_ = -1;
+  std::string address_;
+};
+
+}  // namespace kvcache::testing
+
+#endif  // KVCACHE_TESTS_TESTING_DAEMON_PROCESS_H_
