@@ -124,7 +124,7 @@ absl::Status Status(KvCacheClient& client) {
   std::printf("node      %s (kvcached %s) at %s, up %s%s\n",
               info->node_id().c_str(), info->version().c_str(),
               client.options().address.c_str(),
-              absl::FormatDuration(absl::Trunc(uptime, absl::Seconds(1)))
+              absl::FormatDuration(absl::Trunc(uptime, absl::Milliseconds(100)))
                   .c_str(),
               info->draining() ? ", DRAINING" : "");
   for (const v1::TierUsage& tier : usage->tiers()) {

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what building and testing kvcache needs on Debian 12: Bazel and the
+# -dev packages of the libraries it links (all from Debian), and checks for
+# the CUDA toolkit at /usr/local/cuda. Safe to run again: it installs only
+# what is missing.
+set -euo pipefail
+
+PACKAGES=(
+  bazel-bootstrap bazel-rules-java bazel-platforms bazel-skylib
+  g++ clang-format
+  protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev
+  libabsl-dev libssl-dev libzstd-dev zstd nlohmann-json3-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  python3-numpy
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
+    missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x /usr/local/cuda/bin/nvcc ]]; then
+  echo "setup: the CUDA toolkit is missing (expected /usr/local/cuda/bin/nvcc);" \
+       "kvcache's GPU code cannot be compiled without it" >&2
+  exit 1
+fi
+echo "setup: ok ($(bazel --version 2>/dev/null | head -1), $(/usr/local/cuda/bin/nvcc --version | tail -1))"
