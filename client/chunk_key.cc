@@ -23,9 +23,9 @@ class Sha256 {
     EVP_DigestUpdate(ctx_.get(), data, size);
   }
   void UpdateU32(uint32_t v) {
-    const uint8_t le[4] = {static_cast<uint8_t>(v), static_cast<uint8_t>(v >> 8),
-                           static_cast<uint8_t>(v >> 16),
-                           static_cast<uint8_t>(v >> 24)};
+    const uint8_t le[4] = {
+        static_cast<uint8_t>(v), static_cast<uint8_t>(v >> 8),
+        static_cast<uint8_t>(v >> 16), static_cast<uint8_t>(v >> 24)};
     Update(le, sizeof(le));
   }
   // Length-prefixed, so ("ab", "c") and ("a", "bc") hash differently.
@@ -76,15 +76,17 @@ absl::StatusOr<ChunkKey> ChunkKey::FromHex(absl::string_view hex) {
 
 absl::StatusOr<ChunkKey> ChunkKey::FromBytes(absl::string_view bytes) {
   if (bytes.size() != kSize) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "a chunk key is ", kSize, " bytes, got ", bytes.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("a chunk key is ", kSize, " bytes, got ", bytes.size()));
   }
   std::array<uint8_t, kSize> raw;
   std::copy(bytes.begin(), bytes.end(), raw.begin());
   return ChunkKey(raw);
 }
 
-std::string ChunkKey::ToHex() const { return absl::BytesToHexString(AsBytes()); }
+std::string ChunkKey::ToHex() const {
+  return absl::BytesToHexString(AsBytes());
+}
 
 ChunkKey ContentKey(absl::string_view bytes) {
   Sha256 h;

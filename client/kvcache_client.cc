@@ -39,10 +39,10 @@ absl::StatusOr<std::unique_ptr<KvCacheClient>> KvCacheClient::Connect(
   const auto deadline = std::chrono::system_clock::now() +
                         absl::ToChronoMilliseconds(options.connect_timeout);
   if (!channel->WaitForConnected(deadline)) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot reach kvcached at ", options.address, " within ",
-        absl::FormatDuration(options.connect_timeout),
-        "; is the daemon running?"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot reach kvcached at ", options.address, " within ",
+                     absl::FormatDuration(options.connect_timeout),
+                     "; is the daemon running?"));
   }
   return std::unique_ptr<KvCacheClient>(
       new KvCacheClient(options, std::move(channel)));
@@ -56,8 +56,7 @@ std::unique_ptr<grpc::ClientContext> KvCacheClient::NewContext() const {
 }
 
 template <typename Request>
-void KvCacheClient::AddKeys(absl::Span<const ChunkKey> keys,
-                            Request& request) {
+void KvCacheClient::AddKeys(absl::Span<const ChunkKey> keys, Request& request) {
   for (const ChunkKey& key : keys) {
     request.add_keys(std::string(key.AsBytes()));
   }
@@ -92,12 +91,12 @@ absl::Status KvCacheClient::Put(absl::Span<const ChunkToPut> chunks,
     header->set_crc32c(codec::Crc32c(chunk.bytes));
     header->set_pin_ttl_ms(absl::ToInt64Milliseconds(options.pin_ttl));
     bool sent = writer->Write(message);
-    sent = sent && transfer::ForEachPiece(
-                       chunk.bytes, options_.piece_bytes,
-                       [&](absl::string_view piece) {
-                         message.set_data(piece.data(), piece.size());
-                         return writer->Write(message);
-                       });
+    sent = sent &&
+           transfer::ForEachPiece(
+               chunk.bytes, options_.piece_bytes, [&](absl::string_view piece) {
+                 message.set_data(piece.data(), piece.size());
+                 return writer->Write(message);
+               });
     // A failed write means the node ended the call; Finish says why.
     if (!sent) break;
   }
@@ -177,8 +176,8 @@ absl::Status KvCacheClient::Unpin(absl::Span<const ChunkKey> keys) {
   v1::UnpinRequest request;
   AddKeys(keys, request);
   v1::UnpinResponse response;
-  return Annotate(data_->Unpin(NewContext().get(), request, &response),
-                  "unpin", options_.address);
+  return Annotate(data_->Unpin(NewContext().get(), request, &response), "unpin",
+                  options_.address);
 }
 
 absl::StatusOr<v1::StatsResponse> KvCacheClient::Stats() {
@@ -199,8 +198,8 @@ absl::StatusOr<v1::NodeInfoResponse> KvCacheClient::NodeInfo() {
 
 absl::StatusOr<v1::TierUsageResponse> KvCacheClient::TierUsage() {
   v1::TierUsageResponse response;
-  grpc::Status status = admin_->GetTierUsage(
-      NewContext().get(), v1::TierUsageRequest(), &response);
+  grpc::Status status = admin_->GetTierUsage(NewContext().get(),
+                                             v1::TierUsageRequest(), &response);
   if (!status.ok()) return Annotate(status, "tier usage", options_.address);
   return response;
 }

@@ -19,7 +19,8 @@
 namespace kvcache {
 namespace {
 
-constexpr char kUsage[] = R"(usage: kvcachectl [--addr=HOST:PORT] [--timeout=30s] COMMAND [ARGS]
+constexpr char kUsage[] =
+    R"(usage: kvcachectl [--addr=HOST:PORT] [--timeout=30s] COMMAND [ARGS]
 
 commands:
   status                         node, tier usage and counters
@@ -180,8 +181,7 @@ absl::Status Get(KvCacheClient& client, const Args& args) {
   if (args.positional.size() != 2 || !args.flags.count("out")) {
     return absl::InvalidArgumentError("get takes one KEY and --out=FILE");
   }
-  absl::StatusOr<std::vector<ChunkKey>> keys =
-      KeysFrom({args.positional[1]});
+  absl::StatusOr<std::vector<ChunkKey>> keys = KeysFrom({args.positional[1]});
   if (!keys.ok()) return keys.status();
   absl::StatusOr<std::vector<FetchedChunk>> chunks = client.Get(*keys);
   if (!chunks.ok()) return chunks.status();
@@ -193,15 +193,16 @@ absl::Status Get(KvCacheClient& client, const Args& args) {
   }
   std::ofstream file(out, std::ios::binary);
   file.write(bytes.data(), bytes.size());
-  if (!file) return absl::InternalError(absl::StrCat("cannot write '", out, "'"));
+  if (!file)
+    return absl::InternalError(absl::StrCat("cannot write '", out, "'"));
   std::fprintf(stderr, "%zu bytes from tier %s -> %s\n", bytes.size(),
                TierName(chunks->front().tier), out.c_str());
   return absl::OkStatus();
 }
 
 absl::Status Lookup(KvCacheClient& client, const Args& args) {
-  absl::StatusOr<std::vector<ChunkKey>> keys = KeysFrom(
-      {args.positional.begin() + 1, args.positional.end()});
+  absl::StatusOr<std::vector<ChunkKey>> keys =
+      KeysFrom({args.positional.begin() + 1, args.positional.end()});
   if (!keys.ok()) return keys.status();
   absl::StatusOr<LookupResult> result = client.Lookup(*keys);
   if (!result.ok()) return result.status();
@@ -224,12 +225,10 @@ absl::Status PrintKeys(const Args& args) {
   struct {
     const char* name;
     uint32_t* field;
-  } numbers[] = {{"layers", &space.layers},
-                 {"kv_heads", &space.kv_heads},
-                 {"head_dim", &space.head_dim},
-                 {"tp_rank", &space.tp_rank},
-                 {"tp_size", &space.tp_size},
-                 {"chunk_tokens", &space.chunk_tokens}};
+  } numbers[] = {
+      {"layers", &space.layers},     {"kv_heads", &space.kv_heads},
+      {"head_dim", &space.head_dim}, {"tp_rank", &space.tp_rank},
+      {"tp_size", &space.tp_size},   {"chunk_tokens", &space.chunk_tokens}};
   for (const auto& n : numbers) {
     absl::StatusOr<uint32_t> v = UintFlag(args, n.name, *n.field);
     if (!v.ok()) return v.status();
@@ -245,7 +244,8 @@ absl::Status PrintKeys(const Args& args) {
     }
     tokens.push_back(token);
   }
-  absl::StatusOr<std::vector<ChunkKey>> keys = ChunkKeysForTokens(space, tokens);
+  absl::StatusOr<std::vector<ChunkKey>> keys =
+      ChunkKeysForTokens(space, tokens);
   if (!keys.ok()) return keys.status();
   for (const ChunkKey& key : *keys) std::printf("%s\n", key.ToHex().c_str());
   return absl::OkStatus();

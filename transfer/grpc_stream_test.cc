@@ -38,9 +38,8 @@ TEST(GrpcStreamTest, PiecesCoverDataExactly) {
 
 TEST(GrpcStreamTest, StopsWhenEmitFails) {
   int calls = 0;
-  EXPECT_FALSE(ForEachPiece(std::string(10, 'x'), 2, [&](absl::string_view) {
-    return ++calls < 2;
-  }));
+  EXPECT_FALSE(ForEachPiece(std::string(10, 'x'), 2,
+                            [&](absl::string_view) { return ++calls < 2; }));
   EXPECT_EQ(calls, 2);
   EXPECT_TRUE(ForEachPiece("", 2, [](absl::string_view) { return false; }));
 }

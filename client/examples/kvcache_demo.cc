@@ -65,9 +65,10 @@ double RelativeL2(absl::Span<const uint16_t> original,
 }
 
 // Cuts tokens [0, tokens) of `dump` into chunks and encodes each one.
-absl::StatusOr<std::vector<std::string>> EncodePrefix(
-    const codec::KvDump& dump, uint32_t tokens, uint32_t chunk_tokens,
-    codec::Level level) {
+absl::StatusOr<std::vector<std::string>> EncodePrefix(const codec::KvDump& dump,
+                                                      uint32_t tokens,
+                                                      uint32_t chunk_tokens,
+                                                      codec::Level level) {
   std::vector<std::string> encoded;
   for (uint32_t t0 = 0; t0 < tokens; t0 += chunk_tokens) {
     const uint32_t t1 = std::min(tokens, t0 + chunk_tokens);
@@ -103,8 +104,8 @@ absl::Status StoreDump(KvCacheClient& client, const codec::KvDump& dump,
   std::printf(
       "  %-24s %zu chunks  %7.1f KiB fp16 -> %6.1f KiB %-13s (%4.1fx)  "
       "encode %5.2f ms  put %5.2f ms\n",
-      dump.name.c_str(), keys->size(), KiB(dump.shape.RawBytes()),
-      KiB(stored), std::string(codec::LevelName(level)).c_str(),
+      dump.name.c_str(), keys->size(), KiB(dump.shape.RawBytes()), KiB(stored),
+      std::string(codec::LevelName(level)).c_str(),
       static_cast<double>(dump.shape.RawBytes()) / stored, Ms(t1 - t0),
       Ms(t2 - t1));
   return absl::OkStatus();
@@ -119,7 +120,8 @@ absl::Status RestorePrefix(KvCacheClient& client, const codec::KvDump& dump,
                               dump.token_ids.begin() + shared);
   for (uint32_t i = 0; i < 200; ++i) prompt.push_back((7 * i + 3) % 500 + 1);
   const KeySpace space = KeySpaceFor(dump, options.chunk_tokens);
-  absl::StatusOr<std::vector<ChunkKey>> keys = ChunkKeysForTokens(space, prompt);
+  absl::StatusOr<std::vector<ChunkKey>> keys =
+      ChunkKeysForTokens(space, prompt);
   if (!keys.ok()) return keys.status();
 
   const absl::Time t0 = absl::Now();
@@ -134,8 +136,8 @@ absl::Status RestorePrefix(KvCacheClient& client, const codec::KvDump& dump,
       hit->prefix_chunks, hit->prefix_chunks * options.chunk_tokens,
       Ms(t1 - t0));
   if (hit->prefix_chunks != expected) {
-    return absl::InternalError(absl::StrCat("expected a cached prefix of ",
-                                            expected, " chunks"));
+    return absl::InternalError(
+        absl::StrCat("expected a cached prefix of ", expected, " chunks"));
   }
 
   absl::StatusOr<std::vector<FetchedChunk>> fetched =
@@ -152,7 +154,8 @@ absl::Status RestorePrefix(KvCacheClient& client, const codec::KvDump& dump,
     absl::StatusOr<codec::ChunkShape> shape = codec::PeekShape(chunk.bytes);
     if (!shape.ok()) return shape.status();
     std::vector<uint16_t> values(shape->NumValues());
-    if (absl::Status s = codec::DecodeChunk(chunk.bytes, absl::MakeSpan(values));
+    if (absl::Status s =
+            codec::DecodeChunk(chunk.bytes, absl::MakeSpan(values));
         !s.ok()) {
       return s;
     }
@@ -177,8 +180,9 @@ absl::Status RestorePrefix(KvCacheClient& client, const codec::KvDump& dump,
       fetched->size(), KiB(fetched_bytes), Ms(t2 - t1),
       KiB(prefix_shape.RawBytes()), Ms(t3 - t2), worst, max_error);
   if (worst > max_error) {
-    return absl::InternalError("restored KV is further from the original "
-                               "than the level allows");
+    return absl::InternalError(
+        "restored KV is further from the original "
+        "than the level allows");
   }
   return absl::OkStatus();
 }
@@ -232,8 +236,8 @@ absl::Status Run(const DemoOptions& options) {
   std::printf("\n2. a new prompt shares its beginning with a stored one\n");
   // Error bound for the chosen level, with margin over codec/README.md.
   const double lossy_bound = options.level == codec::Level::kLossless ? 0 : 0.5;
-  if (absl::Status s = RestorePrefix(**client, first, options,
-                                     2 * options.chunk_tokens + 44, lossy_bound);
+  if (absl::Status s = RestorePrefix(
+          **client, first, options, 2 * options.chunk_tokens + 44, lossy_bound);
       !s.ok()) {
     return s;
   }

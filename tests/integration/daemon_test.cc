@@ -127,8 +127,8 @@ v1::PutRequest Data(absl::string_view bytes) {
 }
 
 TEST_F(DaemonTest, PutGetIsByteExactFrom1KiBTo64MiB) {
-  for (size_t size : {size_t{1} << 10, (size_t{1} << 20) + 7,
-                      size_t{5} << 20, size_t{64} << 20}) {
+  for (size_t size : {size_t{1} << 10, (size_t{1} << 20) + 7, size_t{5} << 20,
+                      size_t{64} << 20}) {
     const std::string bytes = RandomBytes(size, size);
     const ChunkKey key = ContentKey(bytes);
     ASSERT_TRUE(client_->Put({{key, bytes}}).ok()) << size;
@@ -204,16 +204,20 @@ TEST_F(DaemonTest, MalformedPutsAreInvalidArgumentAndDaemonKeepsServing) {
     grpc::StatusCode code;
   };
   const std::vector<Case> cases = {
-      {"short key", {Header("abc", 3, 0), Data("abc")},
+      {"short key",
+       {Header("abc", 3, 0), Data("abc")},
        grpc::StatusCode::INVALID_ARGUMENT},
       {"data before header", {Data("abc")}, grpc::StatusCode::INVALID_ARGUMENT},
       {"empty message", {v1::PutRequest()}, grpc::StatusCode::INVALID_ARGUMENT},
-      {"oversized chunk", {Header(key, uint64_t{1} << 30, 0)},
+      {"oversized chunk",
+       {Header(key, uint64_t{1} << 30, 0)},
        grpc::StatusCode::INVALID_ARGUMENT},
       {"empty chunk", {Header(key, 0, 0)}, grpc::StatusCode::INVALID_ARGUMENT},
-      {"more data than declared", {Header(key, 2, 0), Data("abc")},
+      {"more data than declared",
+       {Header(key, 2, 0), Data("abc")},
        grpc::StatusCode::INVALID_ARGUMENT},
-      {"stream ends early", {Header(key, 10, 0), Data("abc")},
+      {"stream ends early",
+       {Header(key, 10, 0), Data("abc")},
        grpc::StatusCode::INVALID_ARGUMENT},
       {"header inside a chunk",
        {Header(key, 10, 0), Data("abc"), Header(key, 3, 0)},
@@ -239,8 +243,8 @@ TEST_F(DaemonTest, MalformedKeyListsAreInvalidArgument) {
   std::vector<ChunkKey> too_many(65, ContentKey("x"));
   auto lookup = client_->Lookup(too_many);
   EXPECT_EQ(lookup.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(absl::StrContains(lookup.status().message(),
-                                "max_keys_per_request"))
+  EXPECT_TRUE(
+      absl::StrContains(lookup.status().message(), "max_keys_per_request"))
       << lookup.status();
 
   grpc::ClientContext context;
@@ -265,10 +269,9 @@ TEST_F(DaemonTest, HealthCheckReportsServing) {
   auto health = grpc::health::v1::Health::NewStub(channel_);
   grpc::ClientContext context;
   grpc::health::v1::HealthCheckResponse response;
-  ASSERT_TRUE(health
-                  ->Check(&context, grpc::health::v1::HealthCheckRequest(),
-                          &response)
-                  .ok());
+  ASSERT_TRUE(
+      health->Check(&context, grpc::health::v1::HealthCheckRequest(), &response)
+          .ok());
   EXPECT_EQ(response.status(), grpc::health::v1::HealthCheckResponse::SERVING);
 }
 
@@ -295,13 +298,15 @@ std::pair<int, std::string> RunCtl(const std::string& address,
   std::string out;
   char buffer[4096];
   size_t n;
-  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) out.append(buffer, n);
+  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0)
+    out.append(buffer, n);
   const int status = pclose(pipe);
   return {WEXITSTATUS(status), out};
 }
 
 TEST_F(DaemonTest, KvcachectlPutLookupGetPinRmStatus) {
-  const std::string dir = getenv("TEST_TMPDIR") ? getenv("TEST_TMPDIR") : "/tmp";
+  const std::string dir =
+      getenv("TEST_TMPDIR") ? getenv("TEST_TMPDIR") : "/tmp";
   const std::string in = dir + "/ctl_in.bin", out = dir + "/ctl_out.bin";
   const std::string bytes = RandomBytes(3 << 20, 99);
   std::ofstream(in, std::ios::binary) << bytes;
@@ -311,8 +316,7 @@ TEST_F(DaemonTest, KvcachectlPutLookupGetPinRmStatus) {
   ASSERT_EQ(put_code, 0) << put_out;
   EXPECT_TRUE(absl::StrContains(put_out, key)) << put_out;
 
-  auto [lookup_code, lookup_out] =
-      RunCtl(daemon_->address(), "lookup " + key);
+  auto [lookup_code, lookup_out] = RunCtl(daemon_->address(), "lookup " + key);
   EXPECT_EQ(lookup_code, 0);
   EXPECT_TRUE(absl::StrContains(lookup_out, "prefix 1 of 1")) << lookup_out;
 
@@ -326,8 +330,8 @@ TEST_F(DaemonTest, KvcachectlPutLookupGetPinRmStatus) {
   auto [pin_code, pin_out] =
       RunCtl(daemon_->address(), "pin " + key + " --ttl=5m");
   EXPECT_EQ(pin_code, 0) << pin_out;
-  EXPECT_TRUE(absl::StrContains(RunCtl(daemon_->address(), "lookup " + key).second,
-                                "pinned"));
+  EXPECT_TRUE(absl::StrContains(
+      RunCtl(daemon_->address(), "lookup " + key).second, "pinned"));
 
   auto [status_code, status_out] = RunCtl(daemon_->address(), "status");
   EXPECT_EQ(status_code, 0) << status_out;
@@ -382,17 +386,18 @@ TEST(DaemonEvictionTest, PinnedChunkSurvivesEviction) {
 }
 
 TEST(DaemonShutdownTest, SigtermLetsInFlightPutFinishThenRefuses) {
-  auto daemon = DaemonProcess::Start(kDaemon, {"--set=shutdown_grace_seconds: 5"});
+  auto daemon =
+      DaemonProcess::Start(kDaemon, {"--set=shutdown_grace_seconds: 5"});
   ASSERT_TRUE(daemon.ok()) << daemon.status();
-  auto channel =
-      grpc::CreateChannel(daemon->address(), grpc::InsecureChannelCredentials());
+  auto channel = grpc::CreateChannel(daemon->address(),
+                                     grpc::InsecureChannelCredentials());
   auto stub = v1::KvCache::NewStub(channel);
   const std::string bytes = RandomBytes(2 << 20, 5);
   grpc::ClientContext context;
   v1::PutResponse response;
   auto writer = stub->Put(&context, &response);
-  ASSERT_TRUE(writer->Write(Header(ContentKey(bytes).AsBytes(), bytes.size(),
-                                   codec::Crc32c(bytes))));
+  ASSERT_TRUE(writer->Write(
+      Header(ContentKey(bytes).AsBytes(), bytes.size(), codec::Crc32c(bytes))));
   ASSERT_TRUE(writer->Write(Data(absl::string_view(bytes).substr(0, 1 << 20))));
 
   daemon->Signal(SIGTERM);
@@ -418,8 +423,8 @@ TEST(DaemonShutdownTest, SigtermLetsInFlightPutFinishThenRefuses) {
 }
 
 TEST(DaemonStartupTest, BadConfigFailsWithFieldName) {
-  const std::string command = absl::StrCat(
-      kDaemon, " --set='cpu_tier { capacity_bytes: 0 }' 2>&1");
+  const std::string command =
+      absl::StrCat(kDaemon, " --set='cpu_tier { capacity_bytes: 0 }' 2>&1");
   FILE* pipe = popen(command.c_str(), "r");
   char buffer[1024] = {};
   fread(buffer, 1, sizeof(buffer) - 1, pipe);

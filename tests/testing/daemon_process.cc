@@ -23,8 +23,8 @@ std::string TempDir() {
 absl::StatusOr<DaemonProcess> DaemonProcess::Start(
     const std::string& binary, const std::vector<std::string>& args) {
   static int started = 0;
-  const std::string port_file = absl::StrCat(
-      TempDir(), "/kvcached-", getpid(), "-", started++, ".port");
+  const std::string port_file =
+      absl::StrCat(TempDir(), "/kvcached-", getpid(), "-", started++, ".port");
   std::remove(port_file.c_str());
 
   std::vector<std::string> argv_strings = {binary, "--listen=127.0.0.1:0",
@@ -53,8 +53,8 @@ absl::StatusOr<DaemonProcess> DaemonProcess::Start(
     int status = 0;
     if (waitpid(pid, &status, WNOHANG) == pid) {
       daemon.pid_ = -1;
-      return absl::InternalError(absl::StrCat(
-          binary, " exited during start-up with status ", status));
+      return absl::InternalError(
+          absl::StrCat(binary, " exited during start-up with status ", status));
     }
     absl::SleepFor(absl::Milliseconds(20));
   }
@@ -84,8 +84,7 @@ absl::StatusOr<int> DaemonProcess::WaitForExit(absl::Duration timeout) {
     int status = 0;
     if (waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;
-      return WIFEXITED(status) ? WEXITSTATUS(status)
-                               : 128 + WTERMSIG(status);
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     }
     if (absl::Now() > deadline) {
       return absl::DeadlineExceededError("daemon still running");
