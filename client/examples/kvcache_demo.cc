@@ -56,8 +56,8 @@ double RelativeL2(absl::Span<const uint16_t> original,
                   absl::Span<const uint16_t> decoded) {
   double err = 0, ref = 0;
   for (size_t i = 0; i < original.size(); ++i) {
-    const double a = codec::internal::HalfToFloat(original[i]);
-    const double d = codec::internal::HalfToFloat(decoded[i]) - a;
+    const double a = codec::HalfToFloat(original[i]);
+    const double d = codec::HalfToFloat(decoded[i]) - a;
     err += d * d;
     ref += a * a;
   }

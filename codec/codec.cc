@@ -1,0 +1,152 @@
+#include "codec/codec.h"
+
+#include <limits>
+#include <vector>
+
+#include "codec/byte_io.h"
+#include "codec/crc32c.h"
+#include "codec/format.h"
+#include "codec/group_coder.h"
+#include "codec/levels.h"
+#include "codec/quantize.h"
+
+namespace kvcache::codec {
+namespace {
+
+using internal::Header;
+using internal::PlaneSpec;
+
+// Channel groups own frequency tables and choice bits. Whole heads keep a
+// head's statistics together; at least 64 channels amortize the tables on
+// models with tiny heads.
+uint32_t PickChannelGroup(const ChunkShape& shape) {
+  const uint32_t row = shape.kv_heads * shape.head_dim;
+  for (uint32_t heads = 1; heads <= shape.kv_heads; ++heads) {
+    const uint32_t width = heads * shape.head_dim;
+    if (width > 0xFFFF) break;
+    if (width >= 64 && shape.kv_heads % heads == 0) return width;
+  }
+  return row <= 0xFFFF ? row : shape.head_dim;
+}
+
+}  // namespace
+
+size_t ChunkShape::NumValues() const {
+  return size_t{layers} * 2 * tokens * kv_heads * head_dim;
+}
+size_t ChunkShape::RawBytes() const { return 2 * NumValues(); }
+
+absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
+                                        absl::Span<const uint16_t> values,
+                                        Level level) {
+  if (LevelName(level) == "unknown") {
+    return absl::InvalidArgumentError("unknown level");
+  }
+  Header h;
+  h.shape = shape;
+  h.level = static_cast<uint8_t>(level);
+  h.channel_group = PickChannelGroup(shape);
+  if (absl::Status st = internal::ValidateHeader(h); !st.ok()) return st;
+  if (values.size() != shape.NumValues()) {
+    return absl::InvalidArgumentError("values.size() != shape.NumValues()");
+  }
+  const std::vector<internal::PlanePolicy> policies =
+      internal::PlanePoliciesFor(level, shape.layers);
+  std::vector<PlaneSpec> specs(policies.size());
+  const size_t plane_values = size_t{shape.tokens} * h.Channels();
+  const uint64_t choice_bits =
+      uint64_t{h.Planes()} * h.ChannelGroups() * h.TokenGroups();
+  std::vector<uint8_t> choices((choice_bits + 7) / 8);
+  std::string scales, tables, payload;
+  std::vector<uint32_t> block_ends;
+  std::vector<uint16_t> q(plane_values);
+  internal::GroupEncoder coder;
+  for (uint32_t p = 0; p < h.Planes(); ++p) {
+    specs[p].mode = policies[p].mode;
+    internal::QuantizePlane(h, policies[p].relative_step, &specs[p],
+                            values.data() + p * plane_values, q.data(),
+                            &scales);
+    for (uint32_t cg = 0; cg < h.ChannelGroups(); ++cg) {
+      const internal::GroupView view{
+          &h, specs[p].bits, cg,
+          (uint64_t{p} * h.ChannelGroups() + cg) * h.TokenGroups()};
+      coder.Encode(view, q.data(), &choices, &tables, &payload, &block_ends);
+    }
+    if (payload.size() > std::numeric_limits<uint32_t>::max()) {
+      return absl::InvalidArgumentError("chunk too large for one stream");
+    }
+  }
+  h.tables_bytes = static_cast<uint32_t>(tables.size());
+  h.num_blocks = static_cast<uint32_t>(block_ends.size());
+  h.payload_bytes = static_cast<uint32_t>(payload.size());
+  std::string out;
+  out.reserve(internal::kFixedHeaderBytes + 2 * specs.size() + scales.size() +
+              choices.size() + tables.size() + 4 * block_ends.size() +
+              payload.size() + internal::kChecksumBytes);
+  internal::WriteHeader(h, specs, &out);
+  internal::ByteWriter w(&out);
+  w.Bytes(scales);
+  w.Bytes(absl::string_view(reinterpret_cast<const char*>(choices.data()),
+                            choices.size()));
+  w.Bytes(tables);
+  for (uint32_t end : block_ends) w.U32(end);
+  w.Bytes(payload);
+  w.U32(Crc32c(out));
+  return out;
+}
+
+absl::StatusOr<ChunkShape> PeekShape(absl::string_view bitstream) {
+  absl::StatusOr<internal::Sections> s = internal::ParseSections(bitstream);
+  if (!s.ok()) return s.status();
+  return s->header.shape;
+}
+
+absl::Status DecodeChunk(absl::string_view bitstream,
+                         absl::Span<uint16_t> out) {
+  absl::StatusOr<internal::Sections> parsed =
+      internal::ParseSections(bitstream);
+  if (!parsed.ok()) return parsed.status();
+  const internal::Sections& s = *parsed;
+  const Header& h = s.header;
+  if (out.size() != h.shape.NumValues()) {
+    return absl::InvalidArgumentError(
+        "output size does not match the stream's shape");
+  }
+  const size_t body = bitstream.size() - internal::kChecksumBytes;
+  const uint32_t stored = internal::LoadU32(
+      reinterpret_cast<const uint8_t*>(bitstream.data()) + body);
+  if (Crc32c(bitstream.substr(0, body)) != stored) {
+    return absl::DataLossError("checksum mismatch");
+  }
+  const size_t plane_values = size_t{h.shape.tokens} * h.Channels();
+  std::vector<uint16_t> q(size_t{h.shape.tokens} * h.channel_group);
+  internal::ByteReader tables(s.tables);
+  internal::BlockCursor blocks(s.directory, s.payload);
+  internal::GroupDecoder coder;
+  absl::string_view scales = s.scales;
+  for (uint32_t p = 0; p < h.Planes(); ++p) {
+    const PlaneSpec& spec = s.planes[p];
+    const absl::string_view plane_scales =
+        scales.substr(0, internal::ScaleBytes(h, spec));
+    scales.remove_prefix(plane_scales.size());
+    for (uint32_t cg = 0; cg < h.ChannelGroups(); ++cg) {
+      const internal::GroupView view{
+          &h, spec.bits, cg,
+          (uint64_t{p} * h.ChannelGroups() + cg) * h.TokenGroups()};
+      if (absl::Status st =
+              coder.Decode(view, s.choices, &tables, &blocks, q.data());
+          !st.ok()) {
+        return st;
+      }
+      internal::DequantizeGroup(h, spec, plane_scales, cg, q.data(),
+                                out.data() + p * plane_values);
+    }
+  }
+  if (tables.remaining() != 0 || !blocks.AtEnd() ||
+      blocks.last_end() != s.payload.size()) {
+    return absl::DataLossError("stream has unused tables or blocks");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvcache::codec

@@ -1,0 +1,93 @@
+// KV-cache chunk codec: compresses one chunk of an LLM KV cache
+// ([layers][K,V][tokens][kv_heads * head_dim] of fp16 or bf16) into a
+// self-describing bitstream (format v1, see codec/FORMAT.md) and back.
+//
+// Lossless level: bit-exact for every input, NaN payloads included.
+// Lossy levels: quantize (keys per channel, values per token group), then
+// entropy-code; error bounds per level are listed in codec/README.md. Lossy
+// levels assume finite inputs; non-finite values decode to finite garbage.
+//
+// Thread-safety: all functions are reentrant and keep no shared state; any
+// number of threads may encode and decode concurrently.
+#ifndef KVCACHE_CODEC_CODEC_H_
+#define KVCACHE_CODEC_CODEC_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+namespace kvcache::codec {
+
+// Element type of a chunk; values travel as raw 16-bit patterns.
+enum class DType : uint8_t { kFloat16 = 0, kBFloat16 = 1 };
+
+// Layout of one chunk. Values are ordered [layer][k_or_v][token][channel],
+// channel = kv_head * head_dim + dim, K before V.
+struct ChunkShape {
+  uint32_t layers = 0;
+  uint32_t tokens = 0;
+  uint32_t kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kFloat16;
+
+  // Number of 16-bit values: layers * 2 * tokens * kv_heads * head_dim.
+  size_t NumValues() const;
+  // Size of the uncompressed chunk in bytes (2 * NumValues()).
+  size_t RawBytes() const;
+
+  bool operator==(const ChunkShape& o) const {
+    return layers == o.layers && tokens == o.tokens && kv_heads == o.kv_heads &&
+           head_dim == o.head_dim && dtype == o.dtype;
+  }
+};
+
+// Limits EncodeChunk accepts and decoders trust; anything beyond is rejected
+// before memory is allocated.
+inline constexpr uint32_t kMaxLayers = 4096;
+inline constexpr uint32_t kMaxTokens = 1u << 24;
+inline constexpr uint32_t kMaxChannels = 1u << 20;  // kv_heads * head_dim
+inline constexpr uint64_t kMaxValues = uint64_t{1} << 36;
+
+// Compression levels, from exact to smallest. Measured ratio and error per
+// level on real caches: codec/README.md.
+enum class Level : uint8_t {
+  kLossless = 0,      // "lossless": bit-exact.
+  kNearLossless = 1,  // "near-lossless": 10-bit quantization.
+  kHigh = 2,          // "high": 7-bit.
+  kDefault = 3,       // "default": 4-bit, more for early layers.
+  kCompact = 4,       // "compact": 3-bit.
+  kTiny = 5,          // "tiny": 2-bit.
+};
+inline constexpr Level kDefaultLevel = Level::kDefault;
+
+// Returns the lowercase name above ("lossless", "default", ...).
+absl::string_view LevelName(Level level);
+// Inverse of LevelName; InvalidArgument for unknown names.
+absl::StatusOr<Level> ParseLevel(absl::string_view name);
+
+// Compresses `values` (shape.NumValues() 16-bit patterns in the layout
+// above). Returns the bitstream, or InvalidArgument if the shape is empty,
+// exceeds the limits above, or does not match values.size().
+absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
+                                        absl::Span<const uint16_t> values,
+                                        Level level);
+
+// Returns the shape recorded in `bitstream` after validating its header
+// (magic, version, field ranges, section sizes against the stream length).
+// Does not verify the checksum or decode. DataLoss / Unimplemented on error.
+absl::StatusOr<ChunkShape> PeekShape(absl::string_view bitstream);
+
+// Decodes `bitstream` into `out`, which must hold exactly NumValues() of the
+// recorded shape (InvalidArgument otherwise). Verifies the CRC32C before
+// decoding and every count and offset against the buffer; on any corruption
+// returns DataLoss (contents of `out` are then unspecified) and never reads
+// or writes out of bounds.
+absl::Status DecodeChunk(absl::string_view bitstream, absl::Span<uint16_t> out);
+
+}  // namespace kvcache::codec
+
+#endif  // KVCACHE_CODEC_CODEC_H_

@@ -1,0 +1,237 @@
+#include "codec/group_coder.h"
+
+#include <algorithm>
+#include <array>
+
+namespace kvcache::codec::internal {
+namespace {
+
+enum Mode { kRaw = 0, kDelta = 1 };
+
+uint32_t Mask(uint32_t bits) { return (1u << bits) - 1; }
+
+// Wrapped difference mapped to small unsigned numbers: 0, -1, 1, -2, ...
+// Wrapping keeps the alphabet at 2^bits and stays exact.
+uint32_t ZigZag(uint32_t diff, uint32_t bits) {
+  const uint32_t d = diff & Mask(bits);
+  const uint32_t neg = d >> (bits - 1);  // Top bit set: negative.
+  return ((d << 1) ^ (0u - neg)) & Mask(bits);
+}
+uint32_t UnZigZag(uint32_t z) { return (z >> 1) ^ (0u - (z & 1)); }
+
+// Byte plane k of integer v: the high byte first when there are two.
+uint8_t PlaneByte(uint32_t v, int planes, int k) {
+  return static_cast<uint8_t>(planes == 2 && k == 0 ? v >> 8 : v);
+}
+
+struct Range {
+  uint32_t t0, t1;
+};
+Range GroupTokens(const Header& h, uint32_t tg) {
+  const uint32_t t0 = tg * h.token_group;
+  return {t0, std::min(h.shape.tokens, t0 + h.token_group)};
+}
+
+// Symbols per mode: raw holds every anchor row plus raw groups; delta holds
+// the non-anchor rows of delta groups.
+std::array<size_t, 2> StreamSizes(const GroupView& v,
+                                  absl::string_view choices) {
+  const Header& h = *v.header;
+  std::array<size_t, 2> n{0, 0};
+  for (uint32_t tg = 0; tg < h.TokenGroups(); ++tg) {
+    const Range r = GroupTokens(h, tg);
+    if (ChoiceBit(choices, v.first_choice + tg)) {
+      n[kRaw] += 1;
+      n[kDelta] += r.t1 - r.t0 - 1;
+    } else {
+      n[kRaw] += r.t1 - r.t0;
+    }
+  }
+  n[kRaw] *= h.channel_group;
+  n[kDelta] *= h.channel_group;
+  return n;
+}
+
+}  // namespace
+
+void GroupEncoder::Encode(const GroupView& v, const uint16_t* q,
+                          std::vector<uint8_t>* choices, std::string* tables,
+                          std::string* payload,
+                          std::vector<uint32_t>* block_ends) {
+  const Header& h = *v.header;
+  const uint32_t row = h.Channels();
+  const uint32_t width = h.channel_group;
+  const uint32_t c0 = v.cg * width;
+  const int planes = BytePlanes(v.bits);
+  const uint32_t tokens = h.shape.tokens;
+
+  // Pass 1: delta of every non-anchor integer, and histograms of both
+  // codings as if every group used it.
+  delta_.resize(size_t{tokens} * width);
+  rans::Histogram hist[2][2] = {};
+  for (uint32_t tg = 0; tg < h.TokenGroups(); ++tg) {
+    const Range r = GroupTokens(h, tg);
+    const uint16_t* anchor = q + size_t{r.t0} * row + c0;
+    for (uint32_t t = r.t0 + 1; t < r.t1; ++t) {
+      const uint16_t* qr = q + size_t{t} * row + c0;
+      uint16_t* d = &delta_[size_t{t} * width];
+      for (uint32_t c = 0; c < width; ++c) {
+        d[c] = static_cast<uint16_t>(ZigZag(qr[c] - anchor[c], v.bits));
+        for (int k = 0; k < planes; ++k) {
+          ++hist[kRaw][k][PlaneByte(qr[c], planes, k)];
+          ++hist[kDelta][k][PlaneByte(d[c], planes, k)];
+        }
+      }
+    }
+  }
+  // Pass 2: per group, keep the coding with the lower estimated size.
+  uint32_t cost[2][2][256];
+  for (int m = 0; m < 2; ++m) {
+    for (int k = 0; k < planes; ++k) {
+      const rans::Frequencies f = rans::Normalize(hist[m][k]);
+      for (int s = 0; s < 256; ++s) {
+        cost[m][k][s] =
+            f[s] ? (rans::kProbBits << 8) - rans::Log2Fixed8(f[s]) : 0;
+      }
+    }
+  }
+  for (auto& mode : syms_) {
+    for (auto& plane : mode) plane.clear();
+  }
+  for (uint32_t tg = 0; tg < h.TokenGroups(); ++tg) {
+    const Range r = GroupTokens(h, tg);
+    uint64_t raw_cost = 0, delta_cost = 0;
+    for (uint32_t t = r.t0 + 1; t < r.t1; ++t) {
+      const uint16_t* qr = q + size_t{t} * row + c0;
+      const uint16_t* d = &delta_[size_t{t} * width];
+      for (uint32_t c = 0; c < width; ++c) {
+        for (int k = 0; k < planes; ++k) {
+          raw_cost += cost[kRaw][k][PlaneByte(qr[c], planes, k)];
+          delta_cost += cost[kDelta][k][PlaneByte(d[c], planes, k)];
+        }
+      }
+    }
+    const bool use_delta = delta_cost < raw_cost;
+    if (use_delta) {
+      const uint64_t bit = v.first_choice + tg;
+      (*choices)[bit >> 3] |= static_cast<uint8_t>(1u << (bit & 7));
+    }
+    // Pass 3: gather the symbols in stream order.
+    for (uint32_t t = r.t0; t < r.t1; ++t) {
+      const bool delta_row = use_delta && t > r.t0;
+      const uint16_t* src =
+          delta_row ? &delta_[size_t{t} * width] : q + size_t{t} * row + c0;
+      for (int k = 0; k < planes; ++k) {
+        auto& out = syms_[delta_row ? kDelta : kRaw][k];
+        for (uint32_t c = 0; c < width; ++c) {
+          out.push_back(PlaneByte(src[c], planes, k));
+        }
+      }
+    }
+  }
+  for (int m = 0; m < 2; ++m) {
+    for (int k = 0; k < planes; ++k) {
+      const std::vector<uint8_t>& s = syms_[m][k];
+      rans::Histogram counts{};
+      for (uint8_t b : s) ++counts[b];
+      const rans::Frequencies f =
+          rans::WriteTable(counts, Alphabet(v.bits, k), tables);
+      if (s.empty()) continue;
+      const rans::Encoder enc(f);
+      for (size_t i = 0; i < s.size(); i += h.block_symbols) {
+        enc.EncodeBlock(s.data() + i,
+                        std::min<size_t>(h.block_symbols, s.size() - i),
+                        payload);
+        block_ends->push_back(static_cast<uint32_t>(payload->size()));
+      }
+    }
+  }
+}
+
+absl::Status BlockCursor::Next(absl::string_view* block) {
+  if ((index_ + 1) * 4 > directory_.size()) {
+    return absl::DataLossError("block directory too short");
+  }
+  const uint32_t end =
+      LoadU32(reinterpret_cast<const uint8_t*>(directory_.data()) + 4 * index_);
+  if (end < last_end_ || end > payload_.size()) {
+    return absl::DataLossError("bad block offset");
+  }
+  *block = payload_.substr(last_end_, end - last_end_);
+  last_end_ = end;
+  ++index_;
+  return absl::OkStatus();
+}
+
+absl::Status GroupDecoder::Decode(const GroupView& v, absl::string_view choices,
+                                  ByteReader* tables, BlockCursor* blocks,
+                                  uint16_t* q) {
+  const Header& h = *v.header;
+  const uint32_t width = h.channel_group;
+  const int planes = BytePlanes(v.bits);
+  const std::array<size_t, 2> sizes = StreamSizes(v, choices);
+  for (int m = 0; m < 2; ++m) {
+    for (int k = 0; k < planes; ++k) {
+      rans::Frequencies f;
+      if (absl::Status st = rans::ReadTable(tables, Alphabet(v.bits, k), &f);
+          !st.ok()) {
+        return st;
+      }
+      const bool empty_table =
+          f[0] == 0 &&
+          std::all_of(f.begin(), f.end(), [](uint16_t x) { return x == 0; });
+      if (empty_table != (sizes[m] == 0)) {
+        return absl::DataLossError("table does not match stream size");
+      }
+      std::vector<uint8_t>& s = syms_[m][k];
+      s.resize(sizes[m]);
+      if (sizes[m] == 0) continue;
+      rans_.Reset(f);
+      for (size_t i = 0; i < s.size(); i += h.block_symbols) {
+        absl::string_view block;
+        if (absl::Status st = blocks->Next(&block); !st.ok()) return st;
+        if (absl::Status st = rans_.DecodeBlock(
+                block, s.data() + i,
+                std::min<size_t>(h.block_symbols, s.size() - i));
+            !st.ok()) {
+          return st;
+        }
+      }
+    }
+  }
+  // Reassemble integers in stream order (the inverse of pass 3 above).
+  const uint32_t mask = Mask(v.bits);
+  const uint8_t* next[2][2] = {{syms_[0][0].data(), syms_[0][1].data()},
+                               {syms_[1][0].data(), syms_[1][1].data()}};
+  auto take = [&](int m, uint16_t* dst) {
+    if (planes == 2) {
+      for (uint32_t c = 0; c < width; ++c) {
+        dst[c] = static_cast<uint16_t>(next[m][0][c] << 8 | next[m][1][c]);
+      }
+      next[m][1] += width;
+    } else {
+      std::copy(next[m][0], next[m][0] + width, dst);
+    }
+    next[m][0] += width;
+  };
+  for (uint32_t tg = 0; tg < h.TokenGroups(); ++tg) {
+    const Range r = GroupTokens(h, tg);
+    const bool use_delta = ChoiceBit(choices, v.first_choice + tg);
+    uint16_t* anchor = q + size_t{r.t0} * width;
+    take(kRaw, anchor);
+    for (uint32_t t = r.t0 + 1; t < r.t1; ++t) {
+      uint16_t* dst = q + size_t{t} * width;
+      if (!use_delta) {
+        take(kRaw, dst);
+        continue;
+      }
+      take(kDelta, dst);
+      for (uint32_t c = 0; c < width; ++c) {
+        dst[c] = static_cast<uint16_t>((anchor[c] + UnZigZag(dst[c])) & mask);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvcache::codec::internal

@@ -1,0 +1,41 @@
+// Quantization of one (layer, K/V) plane to unsigned integers and back.
+// Keys get one affine map per channel (their outlier channels get their own
+// range); values get one per (token group, channel group), which tracks
+// per-token magnitude while costing only 4 bytes per group.
+#ifndef KVCACHE_CODEC_QUANTIZE_H_
+#define KVCACHE_CODEC_QUANTIZE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/strings/string_view.h"
+#include "codec/format.h"
+#include "codec/half.h"
+
+namespace kvcache::codec::internal {
+
+inline float ToFloat(uint16_t v, DType dtype) {
+  return dtype == DType::kFloat16 ? HalfToFloat(v) : BFloat16ToFloat(v);
+}
+inline uint16_t FromFloat(float f, DType dtype) {
+  return dtype == DType::kFloat16 ? FloatToHalf(f) : FloatToBFloat16(f);
+}
+
+// Replaces q (tokens x channels, row-major) with the integers for plane
+// values `src` (same layout) and appends the plane's scale section
+// (ScaleBytes(h, *spec) bytes). The quantization step is `relative_step`
+// times the spread of the values (rms deviation from the mean); spec->bits
+// is set to the width the integers need. For kIdentity, q is a copy of src.
+void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
+                   const uint16_t* src, uint16_t* q, std::string* scales);
+
+// Writes channel group `cg` of a plane: integers q (tokens x channel_group,
+// row-major) become values in out (tokens x channels). `plane_scales` is the
+// plane's scale section.
+void DequantizeGroup(const Header& h, const PlaneSpec& spec,
+                     absl::string_view plane_scales, uint32_t cg,
+                     const uint16_t* q, uint16_t* out);
+
+}  // namespace kvcache::codec::internal
+
+#endif  // KVCACHE_CODEC_QUANTIZE_H_

@@ -1,0 +1,121 @@
+// Interleaved rANS entropy coder over a byte alphabet, laid out so a GPU warp
+// can decode one block: up to 32 lanes share one 16-bit word stream, lane i
+// of L codes symbols i, i + L, i + 2L, ... of the block. See FORMAT.md,
+// "Blocks".
+//
+// State is 32 bits, kept in [2^16, 2^32); renormalisation moves one 16-bit
+// word at a time, so each symbol reads or writes at most one word and the
+// decoder needs no inner loop. Probabilities are scaled to 2^12.
+//
+// Tables are normalised with integer arithmetic and a fixed tie order, so any
+// encoder (CPU or GPU) given the same histogram produces the same bytes.
+//
+// Thread-safety: Encoder and Decoder are immutable after construction and may
+// be shared across threads.
+#ifndef KVCACHE_CODEC_RANS_H_
+#define KVCACHE_CODEC_RANS_H_
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "codec/byte_io.h"
+
+namespace kvcache::codec::rans {
+
+inline constexpr int kProbBits = 12;
+inline constexpr uint32_t kProbScale = 1u << kProbBits;
+inline constexpr int kLanes = 32;  // Most lanes a block uses.
+inline constexpr uint32_t kStateLow = 1u << 16;
+// Short blocks use fewer lanes, so the 4-byte final state each lane stores
+// never costs more than 4 bytes per kSymbolsPerLane symbols.
+inline constexpr size_t kSymbolsPerLane = 512;
+
+// Lanes of a block of n symbols: clamp(n / kSymbolsPerLane, 1, kLanes).
+inline int LanesFor(size_t n) {
+  const size_t lanes = n / kSymbolsPerLane;
+  return lanes < 1 ? 1 : lanes > kLanes ? kLanes : static_cast<int>(lanes);
+}
+
+using Histogram = std::array<uint32_t, 256>;
+// Normalised frequencies: all zero (empty stream) or summing to kProbScale.
+using Frequencies = std::array<uint16_t, 256>;
+
+// Table kinds on the wire (FORMAT.md, "Frequency tables").
+enum class TableKind : uint8_t {
+  kEmpty = 0,
+  kSingle = 1,
+  kUniform = 2,  // Every symbol of the stream's alphabet equally likely.
+  kExplicit = 3,
+};
+
+// Returns 256 * log2(x) rounded down, for x >= 1, using integer arithmetic
+// only (so cost estimates, and the decisions they drive, are reproducible).
+uint32_t Log2Fixed8(uint32_t x);
+
+// Returns the cost of coding `counts` with `freqs`, in 1/256 bits. Every
+// symbol with a nonzero count must have a nonzero frequency.
+uint64_t CodedCost(const Histogram& counts, const Frequencies& freqs);
+
+// Scales `counts` so the result sums to kProbScale and every present symbol
+// keeps frequency >= 1. Returns all zeros when `counts` is all zero.
+Frequencies Normalize(const Histogram& counts);
+
+// Picks the cheapest table kind for `counts` (symbols < `alphabet`, a power
+// of two), appends its encoding to `out` and returns the frequencies the
+// symbols must be coded with.
+Frequencies WriteTable(const Histogram& counts, uint32_t alphabet,
+                       std::string* out);
+
+// Parses one table. Fails if it is malformed, if its frequencies do not sum
+// to kProbScale, or if it gives probability to a symbol >= `alphabet` (a
+// power of two, at most 256).
+absl::Status ReadTable(internal::ByteReader* in, uint32_t alphabet,
+                       Frequencies* freqs);
+
+class Encoder {
+ public:
+  // `freqs` must be non-empty (sum to kProbScale).
+  explicit Encoder(const Frequencies& freqs);
+
+  // Appends one block coding syms[0, n) to `out`. Every symbol must have a
+  // nonzero frequency.
+  void EncodeBlock(const uint8_t* syms, size_t n, std::string* out) const;
+
+ private:
+  struct Sym {
+    uint64_t reciprocal;  // ceil(2^64 / freq) for freq > 1; unused for 1.
+    uint32_t freq;
+    uint32_t start;
+  };
+  std::array<Sym, 256> syms_;
+};
+
+class Decoder {
+ public:
+  Decoder() : lut_(kProbScale) {}
+  // `freqs` must be non-empty (sum to kProbScale).
+  explicit Decoder(const Frequencies& freqs) : Decoder() { Reset(freqs); }
+
+  // Switches to another table, reusing the lookup buffer.
+  void Reset(const Frequencies& freqs);
+
+  // Decodes exactly n symbols from `block` into out[0, n). Fails, without
+  // reading outside `block`, unless the block is well formed and ends with
+  // every lane back at the encoder's initial state, all words consumed.
+  absl::Status DecodeBlock(absl::string_view block, uint8_t* out,
+                           size_t n) const;
+
+ private:
+  // Indexed by state & (kProbScale - 1): symbol in bits 0-7, freq - 1 in
+  // bits 8-19, slot - start in bits 20-31. One load per decoded symbol.
+  std::vector<uint32_t> lut_;
+};
+
+}  // namespace kvcache::codec::rans
+
+#endif  // KVCACHE_CODEC_RANS_H_

@@ -1,0 +1,184 @@
+#include "codec/rans.h"
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace kvcache::codec::rans {
+namespace {
+
+Histogram Count(const std::vector<uint8_t>& syms) {
+  Histogram h{};
+  for (uint8_t s : syms) ++h[s];
+  return h;
+}
+
+uint32_t Sum(const Frequencies& f) {
+  uint32_t s = 0;
+  for (uint16_t v : f) s += v;
+  return s;
+}
+
+// Geometric-ish symbols, like quantized residuals.
+std::vector<uint8_t> Skewed(size_t n, uint32_t seed, int alphabet) {
+  std::mt19937 rng(seed);
+  std::geometric_distribution<int> geo(0.3);
+  std::vector<uint8_t> out(n);
+  for (auto& s : out)
+    s = static_cast<uint8_t>(std::min(geo(rng), alphabet - 1));
+  return out;
+}
+
+TEST(Log2Fixed8Test, MatchesLibm) {
+  for (uint32_t x : {1u, 2u, 3u, 5u, 100u, 4095u, 4096u, 65537u, 0xFFFFFFFFu}) {
+    const double want = 256.0 * std::log2(static_cast<double>(x));
+    EXPECT_LE(Log2Fixed8(x), want + 1e-9) << x;
+    EXPECT_GT(Log2Fixed8(x), want - 2.0) << x;
+  }
+}
+
+TEST(NormalizeTest, SumsToScaleAndKeepsEverySymbol) {
+  Histogram h{};
+  EXPECT_EQ(Sum(Normalize(h)), 0u);
+  // Many rare symbols next to one huge one force the overshoot path.
+  for (int s = 0; s < 256; ++s) h[s] = 1;
+  h[7] = 1000000;
+  Frequencies f = Normalize(h);
+  EXPECT_EQ(Sum(f), kProbScale);
+  for (int s = 0; s < 256; ++s) EXPECT_GE(f[s], 1) << s;
+  // Flooring path: proportions are kept to within one unit.
+  Histogram g{};
+  g[0] = 3;
+  g[1] = 5;
+  g[200] = 9;
+  f = Normalize(g);
+  EXPECT_EQ(Sum(f), kProbScale);
+  EXPECT_NEAR(f[1], 5.0 * kProbScale / 17, 2);
+  EXPECT_EQ(f[2], 0);
+  // Deterministic: the same input gives the same table.
+  EXPECT_EQ(Normalize(g), f);
+}
+
+TEST(TableTest, RoundTripsEveryKind) {
+  const std::vector<Histogram> cases = [] {
+    std::vector<Histogram> c(4);
+    c[1][42] = 10;                      // single
+    for (auto& v : c[2]) v = 1000;      // uniform
+    c[3] = Count(Skewed(5000, 1, 16));  // explicit
+    return c;
+  }();
+  const TableKind kinds[] = {TableKind::kEmpty, TableKind::kSingle,
+                             TableKind::kUniform, TableKind::kExplicit};
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::string bytes;
+    const Frequencies written = WriteTable(cases[i], 256, &bytes);
+    EXPECT_EQ(static_cast<TableKind>(bytes[0]), kinds[i]);
+    internal::ByteReader in(bytes);
+    Frequencies read;
+    ASSERT_TRUE(ReadTable(&in, 256, &read).ok()) << i;
+    EXPECT_EQ(read, written);
+    EXPECT_EQ(in.remaining(), 0u);
+  }
+}
+
+TEST(TableTest, RejectsBadTables) {
+  Frequencies f;
+  auto read = [&](std::string bytes, uint32_t alphabet = 256) {
+    internal::ByteReader in(bytes);
+    return ReadTable(&in, alphabet, &f);
+  };
+  EXPECT_FALSE(read("").ok());
+  EXPECT_FALSE(read("\x09").ok());         // unknown kind
+  EXPECT_FALSE(read("\x01").ok());         // truncated single
+  EXPECT_FALSE(read("\x01\x09", 8).ok());  // symbol beyond alphabet
+  ASSERT_TRUE(read("\x02", 16).ok());      // uniform over the alphabet
+  EXPECT_EQ(f[15], kProbScale / 16);
+  EXPECT_EQ(f[16], 0);
+  EXPECT_FALSE(read(std::string("\x03\x05\x04", 3)).ok());  // first > last
+  // Two symbols with 2048 + 2047: one short of the scale.
+  EXPECT_FALSE(read(std::string("\x03\x00\x01\x80\x10\xFF\x0F", 7)).ok());
+  EXPECT_TRUE(read(std::string("\x03\x00\x01\x80\x10\x80\x10", 7)).ok());
+  EXPECT_FALSE(read(std::string("\x03\x00\x01\x80\x10\x80\x10", 7), 1).ok());
+  EXPECT_FALSE(read(std::string("\x03\x00\x01\x80\x10\x80", 6)).ok());
+  EXPECT_FALSE(read(std::string("\x03\x00\x00\x81\x20", 5)).ok());  // > scale
+}
+
+TEST(RansTest, RoundTripsBlocksOfManyLengths) {
+  for (size_t n :
+       {1, 2, 31, 32, 33, 64, 1000, 1024, 1100, 4096, 16384, 16385, 40000}) {
+    const std::vector<uint8_t> syms = Skewed(n, static_cast<uint32_t>(n), 40);
+    const Frequencies f = Normalize(Count(syms));
+    std::string block;
+    Encoder(f).EncodeBlock(syms.data(), syms.size(), &block);
+    std::vector<uint8_t> got(n);
+    ASSERT_TRUE(Decoder(f).DecodeBlock(block, got.data(), n).ok()) << n;
+    EXPECT_EQ(got, syms) << n;
+  }
+}
+
+TEST(RansTest, CompressesNearEntropy) {
+  const std::vector<uint8_t> syms = Skewed(16384, 9, 64);
+  const Histogram h = Count(syms);
+  const Frequencies f = Normalize(h);
+  double entropy_bits = 0;
+  for (uint32_t c : h) {
+    if (c) entropy_bits -= c * std::log2(static_cast<double>(c) / syms.size());
+  }
+  std::string block;
+  Encoder(f).EncodeBlock(syms.data(), syms.size(), &block);
+  EXPECT_LT(8.0 * block.size(), entropy_bits * 1.02 + 8 * 4 * kLanes);
+}
+
+TEST(RansTest, SingleSymbolAndUniformTables) {
+  std::vector<uint8_t> same(777, 5);
+  Frequencies single{};
+  single[5] = kProbScale;
+  std::string block;
+  Encoder(single).EncodeBlock(same.data(), same.size(), &block);
+  EXPECT_EQ(block.size(), 4u * LanesFor(same.size()));  // Only the states.
+  std::vector<uint8_t> got(same.size());
+  ASSERT_TRUE(Decoder(single).DecodeBlock(block, got.data(), got.size()).ok());
+  EXPECT_EQ(got, same);
+
+  std::vector<uint8_t> all(4096);
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<uint8_t>(i * 7);
+  Frequencies uniform;
+  uniform.fill(kProbScale / 256);
+  block.clear();
+  Encoder(uniform).EncodeBlock(all.data(), all.size(), &block);
+  EXPECT_EQ(block.size(), 4u * LanesFor(all.size()) + all.size());
+  got.assign(all.size(), 0);
+  ASSERT_TRUE(Decoder(uniform).DecodeBlock(block, got.data(), got.size()).ok());
+  EXPECT_EQ(got, all);
+}
+
+TEST(RansTest, CorruptBlocksFailCleanly) {
+  const std::vector<uint8_t> syms = Skewed(3000, 3, 30);
+  const Frequencies f = Normalize(Count(syms));
+  std::string block;
+  Encoder(f).EncodeBlock(syms.data(), syms.size(), &block);
+  const Decoder dec(f);
+  std::vector<uint8_t> got(syms.size());
+  // Every truncation fails: words run out or the final states differ.
+  for (size_t len = 0; len < block.size(); len += 2) {
+    EXPECT_FALSE(
+        dec.DecodeBlock(block.substr(0, len), got.data(), got.size()).ok())
+        << len;
+  }
+  EXPECT_FALSE(dec.DecodeBlock(block + "xx", got.data(), got.size()).ok());
+  EXPECT_FALSE(dec.DecodeBlock(block, got.data(), got.size() - 1).ok());
+  int detected = 0;
+  for (size_t pos = 0; pos < block.size(); pos += 13) {
+    std::string bad = block;
+    bad[pos] ^= 0x04;
+    detected += !dec.DecodeBlock(bad, got.data(), got.size()).ok();
+  }
+  // The final-state check catches nearly all flips (the CRC catches the rest).
+  EXPECT_GT(detected, static_cast<int>(block.size() / 13 * 9 / 10));
+}
+
+}  // namespace
+}  // namespace kvcache::codec::rans
