@@ -234,8 +234,10 @@ absl::Status Run(const DemoOptions& options) {
   }
 
   std::printf("\n2. a new prompt shares its beginning with a stored one\n");
-  // Error bound for the chosen level, with margin over codec/README.md.
-  const double lossy_bound = options.level == codec::Level::kLossless ? 0 : 0.5;
+  // The loosest relative-L2 bound codec/README.md documents for a lossy
+  // level (tiny's); lossless must be exact.
+  const double lossy_bound =
+      options.level == codec::Level::kLossless ? 0 : 0.65;
   if (absl::Status s = RestorePrefix(
           **client, first, options, 2 * options.chunk_tokens + 44, lossy_bound);
       !s.ok()) {
