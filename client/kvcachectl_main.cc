@@ -134,6 +134,20 @@ absl::Status Status(KvCacheClient& client) {
                 tier.capacity_bytes() / 1048576.0,
                 static_cast<unsigned long long>(tier.chunks()),
                 static_cast<unsigned long long>(tier.pinned_chunks()));
+    std::printf(
+        "          %llu hits, %llu misses, %llu evictions, %llu promotions, "
+        "%llu demotions, %llu corrupt; read p50/p99 %llu/%llu us, "
+        "write p50/p99 %llu/%llu us\n",
+        static_cast<unsigned long long>(tier.hits()),
+        static_cast<unsigned long long>(tier.misses()),
+        static_cast<unsigned long long>(tier.evictions()),
+        static_cast<unsigned long long>(tier.promotions()),
+        static_cast<unsigned long long>(tier.demotions()),
+        static_cast<unsigned long long>(tier.corrupt_chunks()),
+        static_cast<unsigned long long>(tier.read_p50_us()),
+        static_cast<unsigned long long>(tier.read_p99_us()),
+        static_cast<unsigned long long>(tier.write_p50_us()),
+        static_cast<unsigned long long>(tier.write_p99_us()));
   }
   const uint64_t asked = stats->hits() + stats->misses();
   std::printf(

@@ -10,6 +10,7 @@ PACKAGES=(
   g++ clang-format
   protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev
   libabsl-dev libssl-dev libzstd-dev zstd nlohmann-json3-dev
+  librocksdb-dev liburing-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3-numpy
 )

@@ -57,6 +57,10 @@ void SetDefaultsExplicitly(google::protobuf::Message& message) {
         reflection->SetUInt32(&message, field,
                               reflection->GetUInt32(message, field));
         break;
+      case FieldDescriptor::CPPTYPE_BOOL:
+        reflection->SetBool(&message, field,
+                            reflection->GetBool(message, field));
+        break;
       case FieldDescriptor::CPPTYPE_UINT64:
         reflection->SetUInt64(&message, field,
                               reflection->GetUInt64(message, field));
@@ -97,6 +101,28 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config) {
   if (config.cpu_tier().capacity_bytes() == 0) {
     return FieldError("cpu_tier.capacity_bytes", "must be > 0");
   }
+  if (config.cpu_tier().max_admit_percent() == 0 ||
+      config.cpu_tier().max_admit_percent() > 100) {
+    return FieldError("cpu_tier.max_admit_percent", "must be within [1, 100]");
+  }
+  const v1::NvmeTierConfig& nvme = config.nvme_tier();
+  if (!nvme.data_dir().empty()) {
+    if (nvme.slab_bytes() == 0 || nvme.slab_bytes() % 4096 != 0) {
+      return FieldError(
+          "nvme_tier.slab_bytes",
+          absl::StrCat("must be a positive multiple of 4096, got ",
+                       nvme.slab_bytes()));
+    }
+    if (nvme.slab_count() == 0) {
+      return FieldError("nvme_tier.slab_count", "must be > 0");
+    }
+    if (nvme.queue_depth() == 0 || nvme.queue_depth() > 4096) {
+      return FieldError("nvme_tier.queue_depth", "must be within [1, 4096]");
+    }
+  } else if (nvme.write_through()) {
+    return FieldError("nvme_tier.write_through",
+                      "needs nvme_tier.data_dir to be set");
+  }
   const v1::LimitsConfig& limits = config.limits();
   if (limits.max_chunk_bytes() == 0) {
     return FieldError("limits.max_chunk_bytes", "must be > 0");
@@ -109,10 +135,10 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config) {
       limits.get_piece_bytes() > kMaxPiece) {
     // Above ~3 MiB a piece plus framing would pass gRPC's 4 MiB default
     // message limit on clients that kept it.
-    return FieldError("limits.get_piece_bytes",
-                      absl::StrCat("must be within [", kMinPiece, ", ",
-                                   kMaxPiece, "], got ",
-                                   limits.get_piece_bytes()));
+    return FieldError(
+        "limits.get_piece_bytes",
+        absl::StrCat("must be within [", kMinPiece, ", ", kMaxPiece, "], got ",
+                     limits.get_piece_bytes()));
   }
   return absl::OkStatus();
 }

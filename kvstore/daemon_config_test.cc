@@ -32,8 +32,8 @@ TEST(DaemonConfigTest, FileThenOverrides) {
     listen_address: "127.0.0.1:7000"
     cpu_tier { capacity_bytes: 1000000 }
   )pb");
-  auto config = LoadConfig(path, {"cpu_tier { capacity_bytes: 2000000 }",
-                                  "node_id: \"n1\""});
+  auto config = LoadConfig(
+      path, {"cpu_tier { capacity_bytes: 2000000 }", "node_id: \"n1\""});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->listen_address(), "127.0.0.1:7000");
   EXPECT_EQ(config->cpu_tier().capacity_bytes(), 2000000u);

@@ -62,15 +62,26 @@ grpc::Status ValidateKeys(const RepeatedPtrField<std::string>& keys,
   return grpc::Status::OK;
 }
 
-void FillInfo(absl::string_view key, const ChunkRef& chunk,
+v1::Tier ToProtoTier(TierId tier) {
+  switch (tier) {
+    case TierId::kCpu:
+      return v1::TIER_CPU;
+    case TierId::kNvme:
+      return v1::TIER_NVME;
+  }
+  return v1::TIER_UNSPECIFIED;
+}
+
+void FillInfo(absl::string_view key, const LocatedChunk& located,
               v1::ChunkInfo& info) {
+  const ChunkRef& chunk = located.chunk;
   info.set_key(std::string(key));
-  info.set_size_bytes(chunk.bytes->size());
-  info.set_tier(v1::TIER_CPU);
+  info.set_size_bytes(chunk.size_bytes);
+  info.set_tier(ToProtoTier(located.tier));
   info.set_crc32c(chunk.crc32c);
   info.set_pinned(chunk.pinned);
-  info.set_pin_expires_unix_ms(chunk.pinned ? absl::ToUnixMillis(chunk.pin_expiry)
-                                            : 0);
+  info.set_pin_expires_unix_ms(
+      chunk.pinned ? absl::ToUnixMillis(chunk.pin_expiry) : 0);
 }
 
 absl::Duration CappedTtl(uint64_t ttl_ms, const v1::LimitsConfig& limits) {
@@ -106,16 +117,17 @@ class IncomingChunk {
     if (!open_) return InvalidArgument("put data arrived before a header");
     if (data.size() > header_.size_bytes() - bytes_.size()) {
       return InvalidArgument(absl::StrCat(
-          "put data overruns the chunk: header declared ",
-          header_.size_bytes(), " bytes, got at least ",
-          bytes_.size() + data.size()));
+          "put data overruns the chunk: header declared ", header_.size_bytes(),
+          " bytes, got at least ", bytes_.size() + data.size()));
     }
     bytes_.append(data.data(), data.size());
     return grpc::Status::OK;
   }
 
   bool open() const { return open_; }
-  bool complete() const { return open_ && bytes_.size() == header_.size_bytes(); }
+  bool complete() const {
+    return open_ && bytes_.size() == header_.size_bytes();
+  }
   const v1::PutHeader& header() const { return header_; }
   uint64_t received() const { return bytes_.size(); }
 
@@ -133,11 +145,30 @@ class IncomingChunk {
 
 }  // namespace
 
-NodeState::NodeState(v1::DaemonConfig config)
+absl::StatusOr<std::unique_ptr<NodeState>> NodeState::Create(
+    v1::DaemonConfig config) {
+  TieredStoreOptions options;
+  options.cpu_capacity_bytes = config.cpu_tier().capacity_bytes();
+  options.cpu_max_admit_percent = config.cpu_tier().max_admit_percent();
+  const v1::NvmeTierConfig& nvme = config.nvme_tier();
+  if (!nvme.data_dir().empty()) {
+    options.nvme = NvmeTierOptions{nvme.data_dir(), nvme.slab_bytes(),
+                                   nvme.slab_count(), nvme.queue_depth()};
+    options.write_through = nvme.write_through();
+  }
+  absl::StatusOr<std::unique_ptr<TieredStore>> store =
+      TieredStore::Open(options);
+  if (!store.ok()) return store.status();
+  return std::unique_ptr<NodeState>(
+      new NodeState(std::move(config), std::move(*store)));
+}
+
+NodeState::NodeState(v1::DaemonConfig config,
+                     std::unique_ptr<TieredStore> store)
     : config_(std::move(config)),
       node_id_(config_.node_id().empty() ? HostName() : config_.node_id()),
       started_(absl::Now()),
-      tier_(config_.cpu_tier().capacity_bytes()) {}
+      store_(std::move(store)) {}
 
 grpc::Status KvCacheService::Lookup(grpc::ServerContext*,
                                     const v1::LookupRequest* request,
@@ -150,7 +181,7 @@ grpc::Status KvCacheService::Lookup(grpc::ServerContext*,
   // Collect infos one by one: a chunk evicted between the checks shortens the
   // prefix rather than producing a hole in it.
   for (const std::string& key : request->keys()) {
-    absl::StatusOr<ChunkRef> chunk = node_.tier().Peek(key);
+    absl::StatusOr<LocatedChunk> chunk = node_.store().Peek(key);
     if (!chunk.ok()) break;
     FillInfo(key, *chunk, *response->add_chunks());
   }
@@ -200,8 +231,9 @@ grpc::Status KvCacheService::Put(grpc::ServerContext*,
                        header.crc32c(), "; nothing stored for it"));
     }
     const uint64_t size = bytes.size();
-    if (absl::Status s = node_.tier().Put(header.key(), std::move(bytes), crc,
-                                          CappedTtl(header.pin_ttl_ms(), limits));
+    if (absl::Status s =
+            node_.store().Put(header.key(), std::move(bytes), crc,
+                              CappedTtl(header.pin_ttl_ms(), limits));
         !s.ok()) {
       return ToGrpcStatus(s);
     }
@@ -226,25 +258,31 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
   if (grpc::Status s = ValidateKeys(request->keys(), limits); !s.ok()) return s;
   for (int i = 0; i < request->keys_size(); ++i) {
     const std::string& key = request->keys(i);
-    absl::StatusOr<ChunkRef> chunk = node_.tier().Get(key);
-    if (!chunk.ok()) {
+    absl::StatusOr<LocatedChunk> chunk = node_.store().Get(key);
+    if (absl::IsNotFound(chunk.status())) {
       node_.misses.fetch_add(1, std::memory_order_relaxed);
-      return grpc::Status(
-          grpc::StatusCode::NOT_FOUND,
-          absl::StrCat("keys[", i, "] (", KeyPrefix(key),
-                       "...) is not cached on this node"));
+      return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                          absl::StrCat("keys[", i, "] (", KeyPrefix(key),
+                                       "...) is not cached on this node"));
+    }
+    if (!chunk.ok()) {
+      return ToGrpcStatus(absl::Status(
+          chunk.status().code(),
+          absl::StrCat("keys[", i, "]: ", chunk.status().message())));
     }
     node_.hits.fetch_add(1, std::memory_order_relaxed);
     v1::GetResponse message;
     FillInfo(key, *chunk, *message.mutable_header());
     if (!writer->Write(message)) break;  // the client went away
     const bool sent = transfer::ForEachPiece(
-        *chunk->bytes, limits.get_piece_bytes(), [&](absl::string_view piece) {
+        *chunk->chunk.bytes, limits.get_piece_bytes(),
+        [&](absl::string_view piece) {
           message.set_data(piece.data(), piece.size());
           return !context->IsCancelled() && writer->Write(message);
         });
     if (!sent) break;
-    node_.bytes_out.fetch_add(chunk->bytes->size(), std::memory_order_relaxed);
+    node_.bytes_out.fetch_add(chunk->chunk.size_bytes,
+                              std::memory_order_relaxed);
   }
   return grpc::Status::OK;
 }
@@ -258,7 +296,9 @@ grpc::Status KvCacheService::Delete(grpc::ServerContext*,
   }
   uint32_t deleted = 0;
   for (const std::string& key : request->keys()) {
-    deleted += node_.tier().Delete(key) ? 1 : 0;
+    absl::StatusOr<bool> gone = node_.store().Delete(key);
+    if (!gone.ok()) return ToGrpcStatus(gone.status());
+    deleted += *gone ? 1 : 0;
   }
   response->set_deleted(deleted);
   return grpc::Status::OK;
@@ -275,7 +315,11 @@ grpc::Status KvCacheService::Pin(grpc::ServerContext*,
   const absl::Duration ttl = CappedTtl(request->ttl_ms(), limits);
   absl::Time earliest = absl::InfiniteFuture();
   for (int i = 0; i < request->keys_size(); ++i) {
-    absl::StatusOr<absl::Time> expiry = node_.tier().Pin(request->keys(i), ttl);
+    absl::StatusOr<absl::Time> expiry =
+        node_.store().Pin(request->keys(i), ttl);
+    if (!expiry.ok() && !absl::IsNotFound(expiry.status())) {
+      return ToGrpcStatus(expiry.status());
+    }
     if (!expiry.ok()) {
       return grpc::Status(
           grpc::StatusCode::NOT_FOUND,
@@ -296,7 +340,9 @@ grpc::Status KvCacheService::Unpin(grpc::ServerContext*,
     return s;
   }
   for (int i = 0; i < request->keys_size(); ++i) {
-    if (!node_.tier().Unpin(request->keys(i)).ok()) {
+    const absl::Status s = node_.store().Unpin(request->keys(i));
+    if (!s.ok() && !absl::IsNotFound(s)) return ToGrpcStatus(s);
+    if (!s.ok()) {
       return grpc::Status(
           grpc::StatusCode::NOT_FOUND,
           absl::StrCat("keys[", i, "] (", KeyPrefix(request->keys(i)),
@@ -309,15 +355,18 @@ grpc::Status KvCacheService::Unpin(grpc::ServerContext*,
 grpc::Status KvCacheService::Stats(grpc::ServerContext*,
                                    const v1::StatsRequest*,
                                    v1::StatsResponse* response) {
-  const TierUsage usage = node_.tier().Usage();
+  uint64_t evictions = 0;
+  for (const TierReport& tier : node_.store().Report()) {
+    evictions += tier.usage.evictions;
+  }
   response->set_lookups(node_.lookups.load(std::memory_order_relaxed));
   response->set_hits(node_.hits.load(std::memory_order_relaxed));
   response->set_misses(node_.misses.load(std::memory_order_relaxed));
   response->set_puts(node_.puts.load(std::memory_order_relaxed));
   response->set_bytes_in(node_.bytes_in.load(std::memory_order_relaxed));
   response->set_bytes_out(node_.bytes_out.load(std::memory_order_relaxed));
-  response->set_evictions(usage.evictions);
-  response->set_chunks(usage.chunks);
+  response->set_evictions(evictions);
+  response->set_chunks(node_.store().chunks());
   return grpc::Status::OK;
 }
 
@@ -335,13 +384,25 @@ grpc::Status AdminService::NodeInfo(grpc::ServerContext*,
 grpc::Status AdminService::GetTierUsage(grpc::ServerContext*,
                                         const v1::TierUsageRequest*,
                                         v1::TierUsageResponse* response) {
-  const TierUsage usage = node_.tier().Usage();
-  v1::TierUsage* cpu = response->add_tiers();
-  cpu->set_tier(v1::TIER_CPU);
-  cpu->set_used_bytes(usage.used_bytes);
-  cpu->set_capacity_bytes(usage.capacity_bytes);
-  cpu->set_chunks(usage.chunks);
-  cpu->set_pinned_chunks(usage.pinned_chunks);
+  for (const TierReport& report : node_.store().Report()) {
+    const TierCounters& counters = *report.counters;
+    v1::TierUsage* tier = response->add_tiers();
+    tier->set_tier(ToProtoTier(report.tier));
+    tier->set_used_bytes(report.usage.used_bytes);
+    tier->set_capacity_bytes(report.usage.capacity_bytes);
+    tier->set_chunks(report.usage.chunks);
+    tier->set_pinned_chunks(report.usage.pinned_chunks);
+    tier->set_hits(counters.hits.load(std::memory_order_relaxed));
+    tier->set_misses(counters.misses.load(std::memory_order_relaxed));
+    tier->set_evictions(report.usage.evictions);
+    tier->set_promotions(counters.promotions.load(std::memory_order_relaxed));
+    tier->set_demotions(counters.demotions.load(std::memory_order_relaxed));
+    tier->set_corrupt_chunks(report.usage.corrupt_chunks);
+    tier->set_read_p50_us(counters.read_latency.QuantileMicros(0.5));
+    tier->set_read_p99_us(counters.read_latency.QuantileMicros(0.99));
+    tier->set_write_p50_us(counters.write_latency.QuantileMicros(0.5));
+    tier->set_write_p99_us(counters.write_latency.QuantileMicros(0.99));
+  }
   return grpc::Status::OK;
 }
 
@@ -355,7 +416,7 @@ grpc::Status AdminService::GetConfig(grpc::ServerContext*,
 grpc::Status AdminService::Drain(grpc::ServerContext*, const v1::DrainRequest*,
                                  v1::DrainResponse* response) {
   node_.StartDraining();
-  response->set_chunks_remaining(node_.tier().Usage().chunks);
+  response->set_chunks_remaining(node_.store().chunks());
   return grpc::Status::OK;
 }
 

@@ -1,5 +1,6 @@
 // The gRPC services of a kvcached node: the KvCache data plane and the Admin
-// plane, both over one storage engine (today the in-memory CPU tier).
+// plane, both over one storage engine (TieredStore: memory, then NVMe when
+// configured).
 //
 // Handlers validate every request against the configured limits before
 // touching the store, and answer with the status codes documented in
@@ -10,22 +11,28 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <string>
 
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kvcache/v1/config.pb.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
-#include "kvstore/memory_tier.h"
+#include "kvstore/tiered_store.h"
 
 namespace kvcache::kvstore {
 
 // What both services share: the configuration, the store and the counters.
 class NodeState {
  public:
-  explicit NodeState(v1::DaemonConfig config);
+  // Opens the store the configuration describes; fails (with TieredStore's
+  // message) if the NVMe tier cannot be opened.
+  static absl::StatusOr<std::unique_ptr<NodeState>> Create(
+      v1::DaemonConfig config);
 
   const v1::DaemonConfig& config() const { return config_; }
-  MemoryTier& tier() { return tier_; }
+  TieredStore& store() { return *store_; }
+  const TieredStore& store() const { return *store_; }
   absl::Time started() const { return started_; }
   const std::string& node_id() const { return node_id_; }
 
@@ -41,10 +48,12 @@ class NodeState {
   std::atomic<uint64_t> bytes_out{0};
 
  private:
+  NodeState(v1::DaemonConfig config, std::unique_ptr<TieredStore> store);
+
   const v1::DaemonConfig config_;
   const std::string node_id_;
   const absl::Time started_;
-  MemoryTier tier_;
+  std::unique_ptr<TieredStore> store_;
   std::atomic<bool> draining_{false};
 };
 
@@ -58,8 +67,7 @@ class KvCacheService final : public v1::KvCache::Service {
   grpc::Status Put(grpc::ServerContext* context,
                    grpc::ServerReader<v1::PutRequest>* reader,
                    v1::PutResponse* response) override;
-  grpc::Status Get(grpc::ServerContext* context,
-                   const v1::GetRequest* request,
+  grpc::Status Get(grpc::ServerContext* context, const v1::GetRequest* request,
                    grpc::ServerWriter<v1::GetResponse>* writer) override;
   grpc::Status Delete(grpc::ServerContext* context,
                       const v1::DeleteRequest* request,

@@ -4,8 +4,11 @@
 //            [--port_file=FILE]
 //
 // Serves the KvCache and Admin APIs, gRPC health checking and server
-// reflection on one port. SIGTERM or SIGINT starts a graceful shutdown:
-// new calls are refused, calls in flight get shutdown_grace_seconds to end.
+// reflection on one port, and Prometheus metrics on metrics_address if set.
+// SIGTERM or SIGINT starts a graceful shutdown: new calls are refused, calls
+// in flight get shutdown_grace_seconds to end, then chunks held only in
+// memory are written to the NVMe tier (when configured) so they survive the
+// restart.
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -22,6 +25,8 @@
 #include "absl/time/time.h"
 #include "kvstore/daemon_config.h"
 #include "kvstore/kvcache_service.h"
+#include "kvstore/metrics_http_server.h"
+#include "kvstore/prometheus_metrics.h"
 
 namespace kvcache::kvstore {
 namespace {
@@ -57,7 +62,8 @@ bool ParseFlags(int argc, char** argv, Flags& flags) {
     if (value_of("--set=", value)) {
       flags.overrides.push_back(value);
     } else if (value_of("--listen=", value)) {
-      flags.overrides.push_back(absl::StrCat("listen_address: \"", value, "\""));
+      flags.overrides.push_back(
+          absl::StrCat("listen_address: \"", value, "\""));
     } else {
       std::fprintf(stderr, "kvcached: unknown argument '%s'\n%s", argv[i],
                    kUsage);
@@ -90,9 +96,32 @@ int Run(int argc, char** argv) {
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  NodeState node(*config);
+  absl::StatusOr<std::unique_ptr<NodeState>> node_state =
+      NodeState::Create(*config);
+  if (!node_state.ok()) {
+    std::fprintf(stderr, "kvcached: %s\n",
+                 node_state.status().ToString().c_str());
+    return 1;
+  }
+  NodeState& node = **node_state;
   KvCacheService data_plane(node);
   AdminService admin_plane(node);
+
+  std::unique_ptr<MetricsHttpServer> metrics;
+  if (!config->metrics_address().empty()) {
+    absl::StatusOr<std::unique_ptr<MetricsHttpServer>> started =
+        MetricsHttpServer::Start(config->metrics_address(), [&node] {
+          return RenderPrometheusMetrics(node);
+        });
+    if (!started.ok()) {
+      std::fprintf(stderr, "kvcached: %s\n",
+                   started.status().ToString().c_str());
+      return 1;
+    }
+    metrics = std::move(*started);
+    std::fprintf(stderr, "kvcached: metrics on %s\n",
+                 WithPort(config->metrics_address(), metrics->port()).c_str());
+  }
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -119,14 +148,13 @@ int Run(int argc, char** argv) {
     std::ofstream(tmp) << bound_port << "\n";
     std::rename(tmp.c_str(), flags.port_file.c_str());
   }
-  std::fprintf(stderr,
-               "kvcached: node=%s listening=%s cpu_tier_bytes=%llu "
-               "max_chunk_bytes=%llu\n",
-               node.node_id().c_str(), address.c_str(),
-               static_cast<unsigned long long>(
-                   config->cpu_tier().capacity_bytes()),
-               static_cast<unsigned long long>(
-                   config->limits().max_chunk_bytes()));
+  std::fprintf(
+      stderr,
+      "kvcached: node=%s listening=%s cpu_tier_bytes=%llu "
+      "max_chunk_bytes=%llu\n",
+      node.node_id().c_str(), address.c_str(),
+      static_cast<unsigned long long>(config->cpu_tier().capacity_bytes()),
+      static_cast<unsigned long long>(config->limits().max_chunk_bytes()));
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
@@ -136,6 +164,10 @@ int Run(int argc, char** argv) {
   server->Shutdown(std::chrono::system_clock::now() +
                    std::chrono::seconds(config->shutdown_grace_seconds()));
   server->Wait();
+  if (absl::Status s = node.store().Flush(); !s.ok()) {
+    std::fprintf(stderr, "kvcached: some chunks were not kept: %s\n",
+                 s.ToString().c_str());
+  }
   std::fprintf(stderr, "kvcached: stopped\n");
   return 0;
 }
@@ -143,6 +175,4 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace kvcache::kvstore
 
-int main(int argc, char** argv) {
-  return kvcache::kvstore::Run(argc, argv);
-}
+int main(int argc, char** argv) { return kvcache::kvstore::Run(argc, argv); }

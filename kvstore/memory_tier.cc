@@ -1,5 +1,6 @@
 #include "kvstore/memory_tier.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -18,21 +19,33 @@ uint64_t MemoryTier::ReclaimableBytes(absl::string_view replaced_key) const {
   uint64_t reclaimable = capacity_bytes_ - used_bytes_;
   for (const auto& [key, entry] : entries_) {
     if (key == replaced_key || !IsPinned(entry)) {
-      reclaimable += entry.chunk.bytes->size();
+      reclaimable += entry.chunk.size_bytes;
     }
   }
   return reclaimable;
 }
 
 void MemoryTier::Erase(absl::flat_hash_map<std::string, Entry>::iterator it) {
-  used_bytes_ -= it->second.chunk.bytes->size();
+  used_bytes_ -= it->second.chunk.size_bytes;
   lru_.erase(it->second.recency);
   entries_.erase(it);
 }
 
 absl::Status MemoryTier::Put(absl::string_view key, std::string bytes,
-                             uint32_t crc32c, absl::Duration pin_ttl) {
-  const uint64_t size = bytes.size();
+                             uint32_t crc32c, absl::Duration pin_ttl,
+                             std::vector<EvictedChunk>* evicted) {
+  const absl::Time pin_expiry = pin_ttl > absl::ZeroDuration()
+                                    ? clock_() + pin_ttl
+                                    : absl::InfinitePast();
+  return PutUntil(key, std::make_shared<const std::string>(std::move(bytes)),
+                  crc32c, pin_expiry, evicted);
+}
+
+absl::Status MemoryTier::PutUntil(absl::string_view key,
+                                  std::shared_ptr<const std::string> bytes,
+                                  uint32_t crc32c, absl::Time pin_expiry,
+                                  std::vector<EvictedChunk>* evicted) {
+  const uint64_t size = bytes->size();
   if (size > capacity_bytes_) {
     return absl::ResourceExhaustedError(
         absl::StrCat("chunk of ", size, " bytes exceeds the CPU tier's ",
@@ -59,14 +72,18 @@ absl::Status MemoryTier::Put(absl::string_view key, std::string bytes,
        capacity_bytes_ - used_bytes_ < size && victim != lru_.end();) {
     auto it = entries_.find(*victim++);
     if (IsPinned(it->second)) continue;
+    if (evicted != nullptr) {
+      evicted->push_back(EvictedChunk{it->first, it->second.chunk});
+    }
     Erase(it);
     ++evictions_;
   }
-  chunk.bytes = std::make_shared<const std::string>(std::move(bytes));
+  chunk.bytes = std::move(bytes);
+  chunk.size_bytes = size;
   chunk.crc32c = crc32c;
-  if (pin_ttl > absl::ZeroDuration()) {
+  if (pin_expiry > clock_()) {
     chunk.pinned = true;
-    chunk.pin_expiry = std::max(chunk.pin_expiry, clock_() + pin_ttl);
+    chunk.pin_expiry = std::max(chunk.pin_expiry, pin_expiry);
   }
   lru_.emplace_back(key);
   entries_.emplace(std::string(key), Entry{std::move(chunk), --lru_.end()});
@@ -98,6 +115,11 @@ size_t MemoryTier::LongestPrefix(absl::Span<const std::string> keys) const {
   size_t n = 0;
   while (n < keys.size() && entries_.contains(keys[n])) ++n;
   return n;
+}
+
+std::vector<std::string> MemoryTier::Keys() const {
+  absl::MutexLock lock(&mu_);
+  return std::vector<std::string>(lru_.begin(), lru_.end());
 }
 
 bool MemoryTier::Delete(absl::string_view key) {

@@ -25,25 +25,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "kvstore/chunk_ref.h"
 
 namespace kvcache::kvstore {
-
-// A stored chunk as readers see it. `bytes` stays valid as long as the
-// reference is held, even if the chunk is evicted or deleted meanwhile.
-struct ChunkRef {
-  std::shared_ptr<const std::string> bytes;
-  uint32_t crc32c = 0;
-  bool pinned = false;
-  absl::Time pin_expiry = absl::InfinitePast();
-};
-
-struct TierUsage {
-  uint64_t used_bytes = 0;
-  uint64_t capacity_bytes = 0;
-  uint64_t chunks = 0;
-  uint64_t pinned_chunks = 0;
-  uint64_t evictions = 0;
-};
 
 class MemoryTier {
  public:
@@ -59,9 +43,20 @@ class MemoryTier {
   // it the most recently used. Evicts least recently used unpinned chunks as
   // needed. If `pin_ttl` is positive the chunk is stored pinned for that long.
   // RESOURCE_EXHAUSTED if the chunk cannot fit even after evicting every
-  // unpinned chunk; the tier is then unchanged.
+  // unpinned chunk; the tier is then unchanged. If `evicted` is given, the
+  // chunks evicted for room are appended to it (with their pins) so the
+  // caller can move them to a slower tier.
   absl::Status Put(absl::string_view key, std::string bytes, uint32_t crc32c,
-                   absl::Duration pin_ttl = absl::ZeroDuration());
+                   absl::Duration pin_ttl = absl::ZeroDuration(),
+                   std::vector<EvictedChunk>* evicted = nullptr);
+
+  // Like Put with a pin that lapses at `pin_expiry` (InfinitePast: none);
+  // for chunks coming back from a slower tier with their pin.
+  // The bytes are shared, not copied, with whoever else holds them.
+  absl::Status PutUntil(absl::string_view key,
+                        std::shared_ptr<const std::string> bytes,
+                        uint32_t crc32c, absl::Time pin_expiry,
+                        std::vector<EvictedChunk>* evicted = nullptr);
 
   // The chunk under `key`, now the most recently used; NOT_FOUND if absent.
   absl::StatusOr<ChunkRef> Get(absl::string_view key);
@@ -72,6 +67,9 @@ class MemoryTier {
 
   // How many leading keys are present (all of keys[0, n) are).
   size_t LongestPrefix(absl::Span<const std::string> keys) const;
+
+  // Every key held, least recently used first.
+  std::vector<std::string> Keys() const;
 
   // Removes the chunk; false if it was not there.
   bool Delete(absl::string_view key);

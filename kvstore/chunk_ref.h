@@ -1,0 +1,45 @@
+// What a storage tier hands out: references to chunks, chunks it evicted,
+// and its usage.
+//
+// Thread-compatible value type.
+#ifndef KVCACHE_KVSTORE_CHUNK_REF_H_
+#define KVCACHE_KVSTORE_CHUNK_REF_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/time/time.h"
+
+namespace kvcache::kvstore {
+
+// A stored chunk as readers see it. `bytes` stays valid as long as the
+// reference is held, even if the chunk is evicted or deleted meanwhile; it is
+// null where only the chunk's description was asked for (Peek on a tier that
+// keeps bytes on disk).
+struct ChunkRef {
+  std::shared_ptr<const std::string> bytes;
+  uint64_t size_bytes = 0;
+  uint32_t crc32c = 0;
+  bool pinned = false;
+  absl::Time pin_expiry = absl::InfinitePast();
+};
+
+struct TierUsage {
+  uint64_t used_bytes = 0;
+  uint64_t capacity_bytes = 0;
+  uint64_t chunks = 0;
+  uint64_t pinned_chunks = 0;
+  uint64_t evictions = 0;
+  uint64_t corrupt_chunks = 0;
+};
+
+// A chunk pushed out of the tier to make room, for the caller to demote.
+struct EvictedChunk {
+  std::string key;
+  ChunkRef chunk;
+};
+
+}  // namespace kvcache::kvstore
+
+#endif  // KVCACHE_KVSTORE_CHUNK_REF_H_

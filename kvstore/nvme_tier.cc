@@ -1,0 +1,429 @@
+#include "kvstore/nvme_tier.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <utility>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "codec/crc32c.h"
+#include "kvstore/aligned_buffer.h"
+
+namespace kvcache::kvstore {
+namespace {
+
+std::string KeyPrefix(absl::string_view key) {
+  return absl::BytesToHexString(key.substr(0, 8));
+}
+
+int64_t ToUnixMillisOrZero(absl::Time t) {
+  return t == absl::InfinitePast() ? 0 : absl::ToUnixMillis(t);
+}
+
+absl::Time FromUnixMillisOrPast(int64_t ms) {
+  return ms == 0 ? absl::InfinitePast() : absl::FromUnixMillis(ms);
+}
+
+}  // namespace
+
+NvmeTier::NvmeTier(const NvmeTierOptions& options, Clock clock)
+    : options_(options),
+      clock_(clock ? std::move(clock) : Clock([] { return absl::Now(); })),
+      allocator_(std::make_unique<ExtentAllocator>(options.slab_count,
+                                                   options.slab_bytes)) {}
+
+NvmeTier::~NvmeTier() {
+  {
+    // Leases in the map free into the allocator; release them first.
+    absl::MutexLock lock(&mu_);
+    entries_.clear();
+  }
+  for (int fd : slab_fds_) close(fd);
+}
+
+absl::StatusOr<std::unique_ptr<NvmeTier>> NvmeTier::Open(
+    const NvmeTierOptions& options, Clock clock) {
+  if (options.data_dir.empty()) {
+    return absl::InvalidArgumentError("nvme_tier.data_dir is empty");
+  }
+  if (options.slab_bytes == 0 || options.slab_bytes % kBlockBytes != 0 ||
+      options.slab_count == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("nvme_tier.slab_bytes must be a positive multiple of ",
+                     kBlockBytes, " and slab_count > 0"));
+  }
+  std::error_code error;
+  std::filesystem::create_directories(options.data_dir, error);
+  if (error) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot create nvme_tier.data_dir ", options.data_dir,
+                     ": ", error.message()));
+  }
+  std::unique_ptr<NvmeTier> tier(new NvmeTier(options, std::move(clock)));
+  if (absl::Status s = tier->OpenSlabs(); !s.ok()) return s;
+  UringOptions uring;
+  uring.queue_depth = std::max<uint32_t>(1, options.queue_depth);
+  absl::StatusOr<std::unique_ptr<UringFileIo>> io = UringFileIo::Create(uring);
+  if (!io.ok()) return io.status();
+  tier->io_ = std::move(*io);
+  absl::StatusOr<std::unique_ptr<ChunkIndex>> index =
+      ChunkIndex::Open(options.data_dir + "/index");
+  if (!index.ok()) return index.status();
+  tier->index_ = std::move(*index);
+  if (absl::Status s = tier->LoadIndex(); !s.ok()) return s;
+  return tier;
+}
+
+absl::Status NvmeTier::OpenSlabs() {
+  for (uint32_t i = 0; i < options_.slab_count; ++i) {
+    const std::string path =
+        absl::StrFormat("%s/slab-%03d", options_.data_dir, i);
+    const int fd =
+        open(path.c_str(), O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
+    if (fd < 0 && errno == EINVAL) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "nvme_tier.data_dir ", options_.data_dir,
+          " does not support O_DIRECT (tmpfs or a network filesystem?); put "
+          "it on a local disk filesystem such as ext4 or xfs"));
+    }
+    if (fd < 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot open slab ", path, ": ", std::strerror(errno)));
+    }
+    slab_fds_.push_back(fd);
+    // Reserve the blocks now, so running out of disk shows at start-up and
+    // not as a failed write later.
+    const int rc = posix_fallocate(fd, 0, options_.slab_bytes);
+    if (rc == ENOSPC) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("no disk space to preallocate slab ", path, " of ",
+                       options_.slab_bytes,
+                       " bytes; lower nvme_tier.slab_bytes or slab_count"));
+    }
+    if (rc != 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "cannot preallocate slab ", path, ": ", std::strerror(rc)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NvmeTier::LoadIndex() {
+  struct Loaded {
+    std::string key;
+    IndexRecord record;
+  };
+  std::vector<Loaded> loaded;
+  std::vector<std::string> dropped;
+  absl::Status scan = index_->ForEach(
+      [&](absl::string_view key, const absl::StatusOr<IndexRecord>& record) {
+        if (!record.ok()) {
+          std::fprintf(
+              stderr, "kvcached: nvme tier: dropping chunk %s...: %s\n",
+              KeyPrefix(key).c_str(), record.status().ToString().c_str());
+          dropped.emplace_back(key);
+          return;
+        }
+        loaded.push_back(Loaded{std::string(key), *record});
+      });
+  if (!scan.ok()) return scan;
+  // Rebuild recency from the recorded access times, oldest first.
+  std::sort(loaded.begin(), loaded.end(), [](const Loaded& a, const Loaded& b) {
+    return a.record.last_access_unix_ms < b.record.last_access_unix_ms;
+  });
+  absl::MutexLock lock(&mu_);
+  for (Loaded& chunk : loaded) {
+    if (absl::Status s = allocator_->Claim(chunk.record.extent); !s.ok()) {
+      std::fprintf(stderr, "kvcached: nvme tier: dropping chunk %s...: %s\n",
+                   KeyPrefix(chunk.key).c_str(), s.ToString().c_str());
+      dropped.push_back(std::move(chunk.key));
+      continue;
+    }
+    Entry entry;
+    entry.extent = Lease(chunk.record.extent);
+    entry.size_bytes = chunk.record.size_bytes;
+    entry.crc32c = chunk.record.crc32c;
+    entry.pin_expiry = FromUnixMillisOrPast(chunk.record.pin_expiry_unix_ms);
+    entry.last_access = absl::FromUnixMillis(chunk.record.last_access_unix_ms);
+    entry.recency = lru_.insert(lru_.end(), chunk.key);
+    stored_bytes_ += entry.size_bytes;
+    entries_.emplace(std::move(chunk.key), std::move(entry));
+  }
+  corrupt_chunks_ += dropped.size();
+  std::fprintf(stderr,
+               "kvcached: nvme tier: %s holds %zu chunks (%llu bytes); "
+               "dropped %zu bad index records\n",
+               options_.data_dir.c_str(), entries_.size(),
+               static_cast<unsigned long long>(stored_bytes_), dropped.size());
+  return index_->Delete(dropped);
+}
+
+NvmeTier::ExtentLease NvmeTier::Lease(const Extent& extent) {
+  ExtentAllocator* allocator = allocator_.get();
+  return ExtentLease(new Extent(extent), [allocator](const Extent* e) {
+    allocator->Free(*e);
+    delete e;
+  });
+}
+
+bool NvmeTier::IsPinned(const Entry& entry) const {
+  return entry.pin_expiry > clock_();
+}
+
+ChunkRef NvmeTier::RefOf(const Entry& entry) const {
+  ChunkRef ref;
+  ref.size_bytes = entry.size_bytes;
+  ref.crc32c = entry.crc32c;
+  ref.pinned = IsPinned(entry);
+  ref.pin_expiry = ref.pinned ? entry.pin_expiry : absl::InfinitePast();
+  return ref;
+}
+
+IndexRecord NvmeTier::RecordOf(const Entry& entry) const {
+  IndexRecord record;
+  record.extent = *entry.extent;
+  record.size_bytes = entry.size_bytes;
+  record.crc32c = entry.crc32c;
+  record.last_access_unix_ms = absl::ToUnixMillis(entry.last_access);
+  record.pin_expiry_unix_ms = ToUnixMillisOrZero(entry.pin_expiry);
+  return record;
+}
+
+NvmeTier::ExtentLease NvmeTier::Unlink(EntryMap::iterator it) {
+  ExtentLease extent = std::move(it->second.extent);
+  stored_bytes_ -= it->second.size_bytes;
+  lru_.erase(it->second.recency);
+  entries_.erase(it);
+  return extent;
+}
+
+absl::StatusOr<bool> NvmeTier::EvictFor(uint64_t bytes) {
+  std::vector<std::string> victims;
+  std::vector<ExtentLease> freed;
+  absl::MutexLock lock(&mu_);
+  uint64_t reclaimed = 0;
+  for (auto victim = lru_.begin(); victim != lru_.end() && reclaimed < bytes;) {
+    auto it = entries_.find(*victim++);
+    if (IsPinned(it->second)) continue;
+    reclaimed += it->second.extent->length;
+    victims.push_back(it->first);
+    freed.push_back(Unlink(it));
+  }
+  if (victims.empty()) return false;
+  // The records go before the extents can be reused: `freed` lets go of them
+  // only after this returns.
+  if (absl::Status s = index_->Delete(victims); !s.ok()) return s;
+  evictions_ += victims.size();
+  return true;
+}
+
+absl::StatusOr<NvmeTier::ExtentLease> NvmeTier::MakeRoom(uint64_t bytes) {
+  const uint64_t length = RoundUpToBlock(bytes);
+  if (length > options_.slab_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "chunk of ", bytes, " bytes is larger than an NVMe slab (",
+        options_.slab_bytes, " bytes); raise nvme_tier.slab_bytes"));
+  }
+  while (true) {
+    absl::StatusOr<Extent> extent = allocator_->Allocate(length);
+    if (extent.ok()) return Lease(*extent);
+    // Evict for the missing bytes; if fragmentation still leaves no run long
+    // enough, the next round evicts more.
+    const uint64_t free_bytes =
+        allocator_->capacity_bytes() - allocator_->used_bytes();
+    absl::StatusOr<bool> evicted =
+        EvictFor(length > free_bytes ? length - free_bytes : kBlockBytes);
+    if (!evicted.ok()) return evicted.status();
+    if (!*evicted) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "NVMe tier full: no room for a chunk of ", bytes, " bytes; ",
+          allocator_->used_bytes(), " of ", allocator_->capacity_bytes(),
+          " bytes are pinned or being read; unpin sessions or add NVMe "
+          "slabs (nvme_tier.slab_count)"));
+    }
+  }
+}
+
+absl::Status NvmeTier::WriteDurably(const Extent& extent,
+                                    absl::string_view bytes) {
+  AlignedBuffer buffer(extent.length);
+  std::memcpy(buffer.data(), bytes.data(), bytes.size());
+  // Zero the tail of the last block so no stale heap bytes reach the disk.
+  std::memset(buffer.data() + bytes.size(), 0, extent.length - bytes.size());
+  const int fd = slab_fds_[extent.slab];
+  if (absl::Status s =
+          io_->Write(fd, extent.offset, buffer.data(), extent.length);
+      !s.ok()) {
+    return s;
+  }
+  // O_DIRECT bypasses the page cache but not the device's cache, and the
+  // first write into preallocated blocks changes file metadata.
+  if (fdatasync(fd) != 0) {
+    return absl::ErrnoToStatus(
+        errno, absl::StrFormat("fdatasync of %s/slab-%03d", options_.data_dir,
+                               extent.slab));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NvmeTier::Put(absl::string_view key, absl::string_view bytes,
+                           uint32_t crc32c, absl::Time pin_expiry) {
+  absl::StatusOr<ExtentLease> extent = MakeRoom(bytes.size());
+  if (!extent.ok()) return extent.status();
+  if (absl::Status s = WriteDurably(**extent, bytes); !s.ok()) return s;
+
+  Entry entry;
+  entry.extent = std::move(*extent);
+  entry.size_bytes = bytes.size();
+  entry.crc32c = crc32c;
+  entry.last_access = clock_();
+  ExtentLease replaced;
+  absl::MutexLock lock(&mu_);
+  auto old = entries_.find(key);
+  // A replacement keeps a live pin: the session still owns the key.
+  if (old != entries_.end() && IsPinned(old->second)) {
+    entry.pin_expiry = old->second.pin_expiry;
+  }
+  entry.pin_expiry = std::max(entry.pin_expiry, pin_expiry);
+  // The map changes only once the record is durable, so a failed write
+  // leaves the old chunk in place in both.
+  if (absl::Status s = index_->Put(key, RecordOf(entry), /*sync=*/true);
+      !s.ok()) {
+    return s;
+  }
+  if (old != entries_.end()) replaced = Unlink(old);
+  entry.recency = lru_.insert(lru_.end(), std::string(key));
+  stored_bytes_ += entry.size_bytes;
+  entries_.emplace(std::string(key), std::move(entry));
+  return absl::OkStatus();
+}
+
+void NvmeTier::DropCorrupt(absl::string_view key, const ExtentLease& extent,
+                           absl::string_view why) {
+  std::fprintf(stderr,
+               "kvcached: nvme tier: chunk %s... at slab %u offset %llu is "
+               "damaged (%s); dropped\n",
+               KeyPrefix(key).c_str(), extent->slab,
+               static_cast<unsigned long long>(extent->offset),
+               std::string(why).c_str());
+  absl::MutexLock lock(&mu_);
+  ++corrupt_chunks_;
+  auto it = entries_.find(key);
+  // Only if the key still names the damaged copy, not a newer Put.
+  if (it == entries_.end() || it->second.extent != extent) return;
+  Unlink(it);
+  const std::string keys[] = {std::string(key)};
+  if (absl::Status s = index_->Delete(keys); !s.ok()) {
+    std::fprintf(stderr, "kvcached: nvme tier: %s\n", s.ToString().c_str());
+  }
+}
+
+absl::StatusOr<ChunkRef> NvmeTier::Get(absl::string_view key) {
+  ExtentLease extent;
+  ChunkRef ref;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = entries_.find(key);
+    if (it == entries_.end()) return absl::NotFoundError("chunk not on NVMe");
+    Entry& entry = it->second;
+    lru_.splice(lru_.end(), lru_, entry.recency);
+    entry.last_access = clock_();
+    // Unsynced: a lost access time only blurs recency after a crash.
+    if (absl::Status s = index_->Put(key, RecordOf(entry), /*sync=*/false);
+        !s.ok()) {
+      return s;
+    }
+    extent = entry.extent;
+    ref = RefOf(entry);
+  }
+  AlignedBuffer buffer(extent->length);
+  absl::Status read = io_->Read(slab_fds_[extent->slab], extent->offset,
+                                buffer.data(), extent->length);
+  if (read.code() == absl::StatusCode::kDataLoss) {
+    DropCorrupt(key, extent, read.message());
+    return read;
+  }
+  if (!read.ok()) return read;
+  const uint32_t crc = codec::Crc32cExtend(0, buffer.data(), ref.size_bytes);
+  if (crc != ref.crc32c) {
+    const std::string why =
+        absl::StrCat("CRC32C ", crc, " != recorded ", ref.crc32c);
+    DropCorrupt(key, extent, why);
+    return absl::DataLossError(
+        absl::StrCat("chunk ", KeyPrefix(key), "... is damaged on NVMe (", why,
+                     "); it was dropped, store it again"));
+  }
+  ref.bytes =
+      std::make_shared<const std::string>(buffer.data(), ref.size_bytes);
+  return ref;
+}
+
+absl::StatusOr<ChunkRef> NvmeTier::Peek(absl::string_view key) const {
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(key);
+  if (it == entries_.end()) return absl::NotFoundError("chunk not on NVMe");
+  return RefOf(it->second);
+}
+
+bool NvmeTier::Contains(absl::string_view key) const {
+  absl::MutexLock lock(&mu_);
+  return entries_.contains(key);
+}
+
+absl::StatusOr<bool> NvmeTier::Delete(absl::string_view key) {
+  ExtentLease freed;
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(key);
+  if (it == entries_.end()) return false;
+  freed = Unlink(it);
+  const std::string keys[] = {std::string(key)};
+  if (absl::Status s = index_->Delete(keys); !s.ok()) return s;
+  return true;
+}
+
+absl::StatusOr<absl::Time> NvmeTier::Pin(absl::string_view key,
+                                         absl::Duration ttl) {
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(key);
+  if (it == entries_.end()) return absl::NotFoundError("chunk not on NVMe");
+  Entry& entry = it->second;
+  const absl::Time until = clock_() + ttl;
+  entry.pin_expiry =
+      IsPinned(entry) ? std::max(entry.pin_expiry, until) : until;
+  if (absl::Status s = index_->Put(key, RecordOf(entry), /*sync=*/true);
+      !s.ok()) {
+    return s;
+  }
+  return entry.pin_expiry;
+}
+
+absl::Status NvmeTier::Unpin(absl::string_view key) {
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(key);
+  if (it == entries_.end()) return absl::NotFoundError("chunk not on NVMe");
+  it->second.pin_expiry = absl::InfinitePast();
+  return index_->Put(key, RecordOf(it->second), /*sync=*/true);
+}
+
+TierUsage NvmeTier::Usage() const {
+  absl::MutexLock lock(&mu_);
+  TierUsage usage;
+  usage.used_bytes = allocator_->used_bytes();
+  usage.capacity_bytes = allocator_->capacity_bytes();
+  usage.chunks = entries_.size();
+  usage.evictions = evictions_;
+  usage.corrupt_chunks = corrupt_chunks_;
+  for (const auto& [key, entry] : entries_) {
+    if (IsPinned(entry)) ++usage.pinned_chunks;
+  }
+  return usage;
+}
+
+}  // namespace kvcache::kvstore

@@ -1,0 +1,158 @@
+// The NVMe tier: chunks in preallocated slab files on a local disk, durable
+// across restarts and crashes.
+//
+// Layout of nvme_tier.data_dir:
+//   slab-000 ... slab-NNN   slab files of slab_bytes each, opened O_DIRECT
+//                           and read/written through io_uring
+//   index/                  RocksDB: key -> extent, size, CRC32C, access
+//                           time, pin (format in chunk_index.h)
+//
+// Durability order: a chunk's bytes are written and fdatasync'ed before its
+// index record is written (synced), and the chunk is visible only after
+// that. A crash therefore leaves either no record (the extent is free again
+// on restart, since the allocator is rebuilt from the index alone) or a
+// record over complete bytes. Removal runs the other way: the record is
+// deleted (synced) before the extent may be reused, and an extent stays
+// allocated while a reader is still reading it.
+//
+// Every read is checked against the recorded CRC32C; a mismatch drops the
+// chunk, logs it, counts it in corrupt_chunks and answers DATA_LOSS. The
+// in-memory map answers Peek/Contains, so lookups never touch RocksDB.
+//
+// Eviction is LRU over unpinned chunks (a pin whose expiry passed is no pin);
+// this is the last tier, so evicted chunks are dropped.
+//
+// Thread-safe. Concurrent writes (Put, Delete) of the same key are
+// serialised by the caller (TieredStore); everything else may run
+// concurrently. Destroy only when no call is in flight.
+#ifndef KVCACHE_KVSTORE_NVME_TIER_H_
+#define KVCACHE_KVSTORE_NVME_TIER_H_
+
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "kvstore/chunk_index.h"
+#include "kvstore/chunk_ref.h"
+#include "kvstore/extent_allocator.h"
+#include "kvstore/uring_file_io.h"
+
+namespace kvcache::kvstore {
+
+struct NvmeTierOptions {
+  std::string data_dir;
+  uint64_t slab_bytes = 1 << 30;
+  uint32_t slab_count = 4;
+  uint32_t queue_depth = 32;
+};
+
+class NvmeTier {
+ public:
+  using Clock = std::function<absl::Time()>;
+
+  // Creates or reopens the tier in options.data_dir and rebuilds the
+  // in-memory map from the index; records that are damaged, out of bounds or
+  // overlapping are dropped and logged. FAILED_PRECONDITION naming the
+  // directory if it cannot be used (no O_DIRECT support, e.g. tmpfs; index
+  // locked by another process); RESOURCE_EXHAUSTED if the slabs cannot be
+  // preallocated.
+  static absl::StatusOr<std::unique_ptr<NvmeTier>> Open(
+      const NvmeTierOptions& options, Clock clock = nullptr);
+  ~NvmeTier();
+
+  NvmeTier(const NvmeTier&) = delete;
+  NvmeTier& operator=(const NvmeTier&) = delete;
+
+  // Stores `bytes` durably under `key`, replacing any chunk there, pinned
+  // until `pin_expiry` (InfinitePast: not pinned). Evicts least recently
+  // used unpinned chunks for room. RESOURCE_EXHAUSTED if it cannot fit even
+  // then, or the disk is full; the tier is then unchanged except for what was
+  // evicted.
+  absl::Status Put(absl::string_view key, absl::string_view bytes,
+                   uint32_t crc32c, absl::Time pin_expiry);
+
+  // Reads and verifies the chunk, making it the most recently used.
+  // NOT_FOUND if absent; DATA_LOSS if its bytes on disk are damaged (the
+  // chunk is then dropped).
+  absl::StatusOr<ChunkRef> Get(absl::string_view key);
+
+  // The chunk's description without its bytes and without touching recency;
+  // NOT_FOUND if absent. In-memory only.
+  absl::StatusOr<ChunkRef> Peek(absl::string_view key) const;
+  bool Contains(absl::string_view key) const;
+
+  // Removes the chunk; false if it was not there.
+  absl::StatusOr<bool> Delete(absl::string_view key);
+
+  // Pins until now + ttl (extending, never shortening, a live pin); returns
+  // the expiry. NOT_FOUND if absent.
+  absl::StatusOr<absl::Time> Pin(absl::string_view key, absl::Duration ttl);
+  absl::Status Unpin(absl::string_view key);
+
+  TierUsage Usage() const;
+
+ private:
+  // An extent in use; returned to the allocator when the last holder (the
+  // map, or a reader mid-read) lets go.
+  using ExtentLease = std::shared_ptr<const Extent>;
+
+  struct Entry {
+    ExtentLease extent;
+    uint64_t size_bytes = 0;
+    uint32_t crc32c = 0;
+    absl::Time pin_expiry = absl::InfinitePast();
+    absl::Time last_access;
+    std::list<std::string>::iterator recency;  // position in lru_
+  };
+  using EntryMap = absl::flat_hash_map<std::string, Entry>;
+
+  NvmeTier(const NvmeTierOptions& options, Clock clock);
+  absl::Status OpenSlabs();
+  absl::Status LoadIndex();
+
+  ExtentLease Lease(const Extent& extent);
+  // Allocates room for `bytes`, evicting as needed.
+  absl::StatusOr<ExtentLease> MakeRoom(uint64_t bytes);
+  // Drops least recently used unpinned chunks until at least `bytes` more
+  // would be free, at least one. False if nothing can be evicted.
+  absl::StatusOr<bool> EvictFor(uint64_t bytes);
+  absl::Status WriteDurably(const Extent& extent, absl::string_view bytes);
+  IndexRecord RecordOf(const Entry& entry) const;
+  bool IsPinned(const Entry& entry) const;
+  ChunkRef RefOf(const Entry& entry) const;
+  // Removes the entry from the map; the caller deletes its index record.
+  ExtentLease Unlink(EntryMap::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DropCorrupt(absl::string_view key, const ExtentLease& extent,
+                   absl::string_view why);
+
+  const NvmeTierOptions options_;
+  const Clock clock_;
+  std::vector<int> slab_fds_;
+  std::unique_ptr<UringFileIo> io_;
+  std::unique_ptr<ChunkIndex> index_;
+  // Leases refer back to the allocator, so it outlives the map below.
+  std::unique_ptr<ExtentAllocator> allocator_;
+
+  // Held across index writes so the index and the map change together.
+  mutable absl::Mutex mu_;
+  EntryMap entries_ ABSL_GUARDED_BY(mu_);
+  // Keys from least (front) to most (back) recently used.
+  std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);
+  uint64_t stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t corrupt_chunks_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace kvcache::kvstore
+
+#endif  // KVCACHE_KVSTORE_NVME_TIER_H_

@@ -1,0 +1,139 @@
+// The storage engine of a node: the tiers a chunk can live in and the policy
+// that moves chunks between them. The gRPC service calls only this class.
+//
+// Tiers, fastest first: CPU (MemoryTier, always present) and NVMe (NvmeTier,
+// present when nvme_tier.data_dir is set). A GPU tier would sit above CPU:
+// it would take Put/Get first and hand its evictions to the CPU tier the
+// way the CPU tier hands its own to NVMe (Demote below).
+//
+// Policy:
+//  - LRU per tier; a chunk evicted from CPU is demoted to NVMe instead of
+//    dropped (free when NVMe already holds the same bytes); NVMe, the last
+//    tier, drops its LRU chunks.
+//  - A Get that hits NVMe promotes the chunk to CPU; the NVMe copy stays, so
+//    the next demotion of it costs nothing.
+//  - Pins and TTLs hold in every tier and travel with a chunk when it moves;
+//    an expired pin is no pin.
+//  - Admission: a chunk over cpu_max_admit_percent of the CPU tier goes
+//    straight to NVMe (or is refused without NVMe).
+//  - write_through: every Put is durable on NVMe before it is acknowledged.
+//    Without it, chunks reach NVMe on demotion and at Flush (clean shutdown);
+//    a Put replacing a key drops the key's older NVMe copy so a restart
+//    never brings back stale bytes.
+//
+// Thread-safe. Writes to one key (Put, Delete, demotion, promotion) are
+// serialised by a striped per-key lock, so tiers never disagree on a key's
+// bytes; different keys proceed in parallel.
+#ifndef KVCACHE_KVSTORE_TIERED_STORE_H_
+#define KVCACHE_KVSTORE_TIERED_STORE_H_
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "kvstore/chunk_ref.h"
+#include "kvstore/memory_tier.h"
+#include "kvstore/nvme_tier.h"
+#include "kvstore/tier_metrics.h"
+
+namespace kvcache::kvstore {
+
+enum class TierId { kCpu, kNvme };
+
+struct TieredStoreOptions {
+  uint64_t cpu_capacity_bytes = 1 << 30;
+  // A chunk over this percentage of cpu_capacity_bytes skips the CPU tier.
+  uint32_t cpu_max_admit_percent = 100;
+  // No NVMe tier when absent.
+  std::optional<NvmeTierOptions> nvme;
+  bool write_through = false;
+};
+
+// A chunk and the tier it was found in.
+struct LocatedChunk {
+  ChunkRef chunk;
+  TierId tier = TierId::kCpu;
+};
+
+// One tier's state for status output and metrics.
+struct TierReport {
+  TierId tier;
+  TierUsage usage;
+  const TierCounters* counters;  // lives as long as the store
+};
+
+class TieredStore {
+ public:
+  using Clock = std::function<absl::Time()>;
+
+  // Opens the tiers; errors are NvmeTier::Open's.
+  static absl::StatusOr<std::unique_ptr<TieredStore>> Open(
+      const TieredStoreOptions& options, Clock clock = nullptr);
+
+  TieredStore(const TieredStore&) = delete;
+  TieredStore& operator=(const TieredStore&) = delete;
+
+  // Stores the chunk (pinned for `pin_ttl` if positive), demoting what the
+  // CPU tier evicts for it. RESOURCE_EXHAUSTED with the reason if no tier
+  // has room (everything pinned, NVMe disk full, or over the admission limit
+  // without NVMe); the key then keeps its previous bytes, if any.
+  absl::Status Put(absl::string_view key, std::string bytes, uint32_t crc32c,
+                   absl::Duration pin_ttl);
+
+  // The chunk's bytes from the fastest tier holding it, promoting it to CPU
+  // on an NVMe hit. NOT_FOUND if absent; DATA_LOSS if the only copy was
+  // damaged on disk (it is dropped).
+  absl::StatusOr<LocatedChunk> Get(absl::string_view key);
+
+  // Where the chunk is, without its bytes and without touching recency.
+  // Served from memory only. NOT_FOUND if absent.
+  absl::StatusOr<LocatedChunk> Peek(absl::string_view key) const;
+
+  // Removes the chunk from every tier; false if no tier had it.
+  absl::StatusOr<bool> Delete(absl::string_view key);
+
+  // Pins the chunk in every tier holding it until now + ttl (extending a
+  // live pin); returns the expiry. NOT_FOUND if absent.
+  absl::StatusOr<absl::Time> Pin(absl::string_view key, absl::Duration ttl);
+  absl::Status Unpin(absl::string_view key);
+
+  // Writes every chunk held only in memory to NVMe, least recently used
+  // first, so a clean restart keeps them. No-op without NVMe. Returns the
+  // first error after trying every chunk.
+  absl::Status Flush();
+
+  // Distinct chunks held (a chunk in two tiers counts once).
+  uint64_t chunks() const;
+  std::vector<TierReport> Report() const;
+
+ private:
+  TieredStore(const TieredStoreOptions& options, Clock clock);
+
+  absl::Mutex& KeyLock(absl::string_view key) const;
+  bool AdmittedToCpu(uint64_t size) const;
+  // Moves chunks the CPU tier evicted down to NVMe (or lets them go).
+  void Demote(std::vector<EvictedChunk> evicted);
+  // Copies a chunk read from NVMe into the CPU tier.
+  void Promote(absl::string_view key, const ChunkRef& chunk);
+
+  const TieredStoreOptions options_;
+  const Clock clock_;
+  MemoryTier cpu_;
+  std::unique_ptr<NvmeTier> nvme_;
+  TierCounters cpu_counters_;
+  TierCounters nvme_counters_;
+  mutable std::array<absl::Mutex, 64> key_locks_;
+};
+
+}  // namespace kvcache::kvstore
+
+#endif  // KVCACHE_KVSTORE_TIERED_STORE_H_

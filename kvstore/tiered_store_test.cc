@@ -1,0 +1,238 @@
+#include "kvstore/tiered_store.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+
+#include "codec/crc32c.h"
+
+namespace kvcache::kvstore {
+namespace {
+
+constexpr uint64_t kChunk = 64 << 10;
+
+std::string Bytes(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::string s(n, '\0');
+  for (char& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+class TieredStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* tmp = std::getenv("TEST_TMPDIR");
+    data_dir_ = std::string(tmp ? tmp : "/tmp") + "/tiered-" +
+                ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::filesystem::remove_all(data_dir_);
+    options_.cpu_capacity_bytes = 4 * kChunk;
+    NvmeTierOptions nvme;
+    nvme.data_dir = data_dir_;
+    nvme.slab_bytes = 4 << 20;
+    nvme.slab_count = 1;
+    options_.nvme = nvme;
+    Reopen();
+  }
+
+  void Reopen() {
+    store_.reset();
+    auto store = TieredStore::Open(options_, [this] { return now_; });
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = std::move(*store);
+  }
+
+  absl::Status Put(const std::string& key, const std::string& bytes,
+                   absl::Duration pin = absl::ZeroDuration()) {
+    return store_->Put(key, bytes, codec::Crc32c(bytes), pin);
+  }
+
+  // The tier a Get finds the chunk in, after checking its bytes.
+  TierId GetTier(const std::string& key, const std::string& want) {
+    auto chunk = store_->Get(key);
+    EXPECT_TRUE(chunk.ok()) << key << ": " << chunk.status();
+    if (!chunk.ok()) return TierId::kCpu;
+    EXPECT_EQ(*chunk->chunk.bytes, want) << key;
+    return chunk->tier;
+  }
+
+  const TierCounters& Counters(TierId tier) {
+    for (const TierReport& report : store_->Report()) {
+      if (report.tier == tier) return *report.counters;
+    }
+    ADD_FAILURE() << "no such tier";
+    return *store_->Report().front().counters;
+  }
+
+  std::string data_dir_;
+  TieredStoreOptions options_;
+  absl::Time now_ = absl::FromUnixSeconds(1700000000);
+  std::unique_ptr<TieredStore> store_;
+};
+
+TEST_F(TieredStoreTest, EvictionFromMemoryDemotesToNvmeAndHitsPromote) {
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_TRUE(Put("k" + std::to_string(i), Bytes(kChunk, i)).ok());
+  }
+  // Memory holds four chunks; the two oldest went down to NVMe.
+  EXPECT_EQ(store_->Peek("k0")->tier, TierId::kNvme);
+  EXPECT_EQ(store_->Peek("k1")->tier, TierId::kNvme);
+  EXPECT_EQ(store_->Peek("k5")->tier, TierId::kCpu);
+  EXPECT_EQ(store_->chunks(), 6u);
+  EXPECT_EQ(Counters(TierId::kCpu).demotions.load(), 2u);
+
+  EXPECT_EQ(GetTier("k0", Bytes(kChunk, 0)), TierId::kNvme);
+  // The hit promoted it: the next read is served from memory.
+  EXPECT_EQ(GetTier("k0", Bytes(kChunk, 0)), TierId::kCpu);
+  EXPECT_EQ(Counters(TierId::kCpu).promotions.load(), 1u);
+  EXPECT_EQ(Counters(TierId::kNvme).hits.load(), 1u);
+  // Every chunk is still readable, byte-exact, from some tier.
+  for (int i = 0; i < 6; ++i)
+    GetTier("k" + std::to_string(i), Bytes(kChunk, i));
+  EXPECT_EQ(store_->chunks(), 6u);
+}
+
+TEST_F(TieredStoreTest, CleanRestartKeepsEveryChunkAfterFlush) {
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(Put("k" + std::to_string(i), Bytes(kChunk, i)).ok());
+  }
+  ASSERT_TRUE(store_->Flush().ok());
+  Reopen();
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(GetTier("k" + std::to_string(i), Bytes(kChunk, i)),
+              TierId::kNvme);
+  }
+}
+
+TEST_F(TieredStoreTest, WriteThroughIsDurableWithoutFlush) {
+  options_.write_through = true;
+  Reopen();
+  ASSERT_TRUE(Put("a", Bytes(kChunk, 1)).ok());
+  // No Flush: a crash right after the Put must still find it.
+  Reopen();
+  EXPECT_EQ(GetTier("a", Bytes(kChunk, 1)), TierId::kNvme);
+}
+
+TEST_F(TieredStoreTest, ReplacedChunkNeverComesBackStaleAfterRestart) {
+  ASSERT_TRUE(Put("a", Bytes(kChunk, 1)).ok());
+  ASSERT_TRUE(store_->Flush().ok());
+  ASSERT_TRUE(Put("a", Bytes(kChunk, 2)).ok());
+  Reopen();  // without Flush: the new bytes were only in memory
+  EXPECT_TRUE(absl::IsNotFound(store_->Get("a").status()));
+}
+
+TEST_F(TieredStoreTest, PinsHoldAcrossTiersAndExpire) {
+  ASSERT_TRUE(Put("pinned", Bytes(kChunk, 9), absl::Minutes(5)).ok());
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(Put("k" + std::to_string(i), Bytes(kChunk, i)).ok());
+  }
+  // Never evicted from memory while pinned.
+  EXPECT_EQ(store_->Peek("pinned")->tier, TierId::kCpu);
+  EXPECT_TRUE(store_->Peek("pinned")->chunk.pinned);
+
+  now_ += absl::Minutes(6);
+  for (int i = 8; i < 16; ++i) {
+    ASSERT_TRUE(Put("k" + std::to_string(i), Bytes(kChunk, i)).ok());
+  }
+  // Expired: it was demoted like any other chunk, and is still readable.
+  EXPECT_EQ(store_->Peek("pinned")->tier, TierId::kNvme);
+  GetTier("pinned", Bytes(kChunk, 9));
+}
+
+TEST_F(TieredStoreTest, PinSurvivesRestartOnNvme) {
+  ASSERT_TRUE(Put("session", Bytes(kChunk, 3), absl::Hours(1)).ok());
+  ASSERT_TRUE(store_->Flush().ok());
+  Reopen();
+  auto peek = store_->Peek("session");
+  ASSERT_TRUE(peek.ok()) << peek.status();
+  EXPECT_TRUE(peek->chunk.pinned);
+  EXPECT_EQ(peek->chunk.pin_expiry, now_ + absl::Hours(1));
+}
+
+TEST_F(TieredStoreTest, OversizedChunkSkipsMemoryUnderTheAdmissionLimit) {
+  options_.cpu_max_admit_percent = 50;
+  Reopen();
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(Put("small" + std::to_string(i), Bytes(kChunk, i)).ok());
+  }
+  // Three chunks are 75% of memory: admitted to NVMe only, so the working
+  // set in memory is not flushed out by one big put.
+  ASSERT_TRUE(Put("big", Bytes(3 * kChunk, 7)).ok());
+  EXPECT_EQ(store_->Peek("big")->tier, TierId::kNvme);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(store_->Peek("small" + std::to_string(i))->tier, TierId::kCpu);
+  }
+  EXPECT_EQ(GetTier("big", Bytes(3 * kChunk, 7)), TierId::kNvme);
+}
+
+TEST_F(TieredStoreTest, AdmissionLimitWithoutNvmeIsAClearError) {
+  options_.nvme.reset();
+  options_.cpu_max_admit_percent = 50;
+  Reopen();
+  absl::Status s = Put("big", Bytes(3 * kChunk, 7));
+  EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
+  EXPECT_NE(s.message().find("nvme_tier.data_dir"), std::string::npos) << s;
+}
+
+TEST_F(TieredStoreTest, DamagedChunkOnDiskIsDroppedNotServed) {
+  options_.write_through = true;
+  Reopen();
+  const std::string bytes = Bytes(kChunk, 5);
+  ASSERT_TRUE(Put("a", bytes).ok());
+  store_.reset();
+  // Flip every copy of the chunk's first 64 bytes in the slab files.
+  for (const auto& entry : std::filesystem::directory_iterator(data_dir_)) {
+    if (entry.path().filename().string().rfind("slab-", 0) != 0) continue;
+    std::fstream slab(entry.path(),
+                      std::ios::in | std::ios::out | std::ios::binary);
+    std::string contents((std::istreambuf_iterator<char>(slab)), {});
+    for (size_t at = contents.find(bytes.substr(0, 64));
+         at != std::string::npos;
+         at = contents.find(bytes.substr(0, 64), at + 1)) {
+      slab.seekp(at);
+      slab.put(static_cast<char>(contents[at] ^ 0xFF));
+    }
+  }
+  Reopen();
+  absl::StatusOr<LocatedChunk> got = store_->Get("a");
+  EXPECT_TRUE(absl::IsDataLoss(got.status())) << got.status();
+  // Dropped: it answers NOT_FOUND from now on, and the tier reports it.
+  EXPECT_TRUE(absl::IsNotFound(store_->Get("a").status()));
+  EXPECT_EQ(store_->Report().back().usage.corrupt_chunks, 1u);
+}
+
+TEST_F(TieredStoreTest, DeleteRemovesEveryCopy) {
+  options_.write_through = true;
+  Reopen();
+  ASSERT_TRUE(Put("a", Bytes(kChunk, 1)).ok());
+  EXPECT_TRUE(*store_->Delete("a"));
+  EXPECT_FALSE(*store_->Delete("a"));
+  Reopen();
+  EXPECT_TRUE(absl::IsNotFound(store_->Get("a").status()));
+}
+
+TEST_F(TieredStoreTest, DiskFullWithEverythingPinnedRefusesAndKeepsOldBytes) {
+  options_.cpu_capacity_bytes = kChunk;
+  Reopen();
+  // The 4 MiB slab holds at most 64 pinned chunks of 64 KiB.
+  int stored = 0;
+  absl::Status s;
+  for (; stored < 100; ++stored) {
+    s = Put("p" + std::to_string(stored), Bytes(kChunk, stored),
+            absl::Hours(1));
+    if (!s.ok()) break;
+  }
+  EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
+  EXPECT_GE(stored, 60);
+  EXPECT_LE(stored, 66);
+  // Nothing pinned was lost to make room.
+  for (int i = 0; i < stored; ++i) {
+    GetTier("p" + std::to_string(i), Bytes(kChunk, i));
+  }
+}
+
+}  // namespace
+}  // namespace kvcache::kvstore
