@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "codec/crc32c.h"
 #include "transfer/grpc_stream.h"
+#include "transfer/put_stream.h"
 
 namespace kvcache {
 namespace {
@@ -76,6 +77,25 @@ absl::StatusOr<LookupResult> KvCacheClient::Lookup(
   return result;
 }
 
+absl::StatusOr<std::vector<v1::ChunkInfo>> KvCacheClient::LookupEach(
+    absl::Span<const ChunkKey> keys) {
+  std::vector<v1::ChunkInfo> infos;
+  if (keys.empty()) return infos;
+  v1::LookupEachRequest request;
+  AddKeys(keys, request);
+  v1::LookupEachResponse response;
+  grpc::Status status =
+      data_->LookupEach(NewContext().get(), request, &response);
+  if (!status.ok()) return Annotate(status, "lookup", options_.address);
+  if (response.chunks_size() != static_cast<int>(keys.size())) {
+    return absl::InternalError(
+        absl::StrCat("kvcache lookup at ", options_.address, ": node answered ",
+                     response.chunks_size(), " of ", keys.size(), " keys"));
+  }
+  infos.assign(response.chunks().begin(), response.chunks().end());
+  return infos;
+}
+
 absl::Status KvCacheClient::Put(absl::Span<const ChunkToPut> chunks,
                                 const PutOptions& options) {
   if (chunks.empty()) return absl::OkStatus();
@@ -83,22 +103,14 @@ absl::Status KvCacheClient::Put(absl::Span<const ChunkToPut> chunks,
   v1::PutResponse response;
   std::unique_ptr<grpc::ClientWriter<v1::PutRequest>> writer =
       data_->Put(context.get(), &response);
-  v1::PutRequest message;
   for (const ChunkToPut& chunk : chunks) {
-    v1::PutHeader* header = message.mutable_header();
-    header->set_key(std::string(chunk.key.AsBytes()));
-    header->set_size_bytes(chunk.bytes.size());
-    header->set_crc32c(codec::Crc32c(chunk.bytes));
-    header->set_pin_ttl_ms(absl::ToInt64Milliseconds(options.pin_ttl));
-    bool sent = writer->Write(message);
-    sent = sent &&
-           transfer::ForEachPiece(
-               chunk.bytes, options_.piece_bytes, [&](absl::string_view piece) {
-                 message.set_data(piece.data(), piece.size());
-                 return writer->Write(message);
-               });
     // A failed write means the node ended the call; Finish says why.
-    if (!sent) break;
+    if (!transfer::WritePutChunk(*writer, chunk.key.AsBytes(), chunk.bytes,
+                                 codec::Crc32c(chunk.bytes),
+                                 absl::ToInt64Milliseconds(options.pin_ttl),
+                                 options_.piece_bytes)) {
+      break;
+    }
   }
   writer->WritesDone();
   return Annotate(writer->Finish(), "put", options_.address);

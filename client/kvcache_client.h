@@ -73,6 +73,12 @@ class KvCacheClient {
   // How much of `keys` (a prompt's chunk keys, in order) is cached.
   absl::StatusOr<LookupResult> Lookup(absl::Span<const ChunkKey> keys);
 
+  // For each key on its own (not only a leading prefix): its info if the
+  // node holds it, else an entry with only the key set (tier
+  // TIER_UNSPECIFIED). Does not count towards the node's hits and misses.
+  absl::StatusOr<std::vector<v1::ChunkInfo>> LookupEach(
+      absl::Span<const ChunkKey> keys);
+
   // Stores the chunks in one stream, in order. Each chunk is checksummed
   // (CRC32C) and verified by the node before it becomes visible. On error,
   // chunks before the failing one may have been stored.

@@ -1,4 +1,5 @@
-// kvcachectl: the operator's command line for a kvcached node.
+// kvcachectl: the operator's command line for a kvcached node or cluster.
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -14,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "client/chunk_key.h"
+#include "client/cluster_client.h"
 #include "client/kvcache_client.h"
 
 namespace kvcache {
@@ -21,6 +23,7 @@ namespace {
 
 constexpr char kUsage[] =
     R"(usage: kvcachectl [--addr=HOST:PORT] [--timeout=30s] COMMAND [ARGS]
+       kvcachectl --etcd=HOST:PORT[,HOST:PORT] [--cluster=NAME] COMMAND [ARGS]
 
 commands:
   status                         node, tier usage and counters
@@ -38,6 +41,13 @@ commands:
        [--tp_size=N] [--chunk_tokens=256]
                                  print the chunk keys of a token sequence
   drain                          stop the node from taking new chunks
+
+cluster commands (with --etcd; --cluster defaults to "default"):
+  cluster status                 every node: address, state, chunks, usage,
+                                 hit rate
+  drain NODE [--wait=10m]        take NODE out of the placement and wait
+                                 until its chunks are held by their new
+                                 owners; then it can be stopped
 )";
 
 struct Args {
@@ -265,6 +275,108 @@ absl::Status PrintKeys(const Args& args) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::unique_ptr<ClusterClient>> ConnectCluster(
+    const Args& args, absl::Duration timeout) {
+  ClusterClientOptions options;
+  options.etcd_endpoints =
+      absl::StrSplit(args.Flag("etcd", ""), ',', absl::SkipEmpty());
+  options.cluster_name = args.Flag("cluster", options.cluster_name);
+  options.node.timeout = timeout;
+  return ClusterClient::Connect(options);
+}
+
+const char* StateName(const cluster::NodeRecord& node) {
+  return node.draining ? "draining" : "serving";
+}
+
+absl::Status ClusterStatus(ClusterClient& cluster, const Args& args) {
+  const std::shared_ptr<const cluster::Membership> membership =
+      cluster.Membership();
+  std::printf("cluster %s: %zu nodes\n",
+              args.Flag("cluster", "default").c_str(),
+              membership->nodes.size());
+  std::printf("%-16s %-22s %-9s %9s %10s %10s %9s\n", "NODE", "ADDRESS",
+              "STATE", "CHUNKS", "USED_MiB", "CAP_MiB", "HIT_RATE");
+  for (const cluster::NodeRecord& node : membership->nodes) {
+    absl::StatusOr<KvCacheClient*> client = cluster.Node(node);
+    absl::StatusOr<v1::TierUsageResponse> usage =
+        client.ok() ? (*client)->TierUsage() : client.status();
+    absl::StatusOr<v1::StatsResponse> stats =
+        usage.ok() ? (*client)->Stats() : usage.status();
+    if (!stats.ok()) {
+      std::printf("%-16s %-22s %-9s unreachable: %s\n", node.node_id.c_str(),
+                  node.address.c_str(), StateName(node),
+                  std::string(stats.status().message()).c_str());
+      continue;
+    }
+    uint64_t used = 0, capacity = 0;
+    for (const v1::TierUsage& tier : usage->tiers()) {
+      used += tier.used_bytes();
+      capacity += tier.capacity_bytes();
+    }
+    const uint64_t asked = stats->hits() + stats->misses();
+    std::printf("%-16s %-22s %-9s %9llu %10.1f %10.1f %8.1f%%\n",
+                node.node_id.c_str(), node.address.c_str(), StateName(node),
+                static_cast<unsigned long long>(stats->chunks()),
+                used / 1048576.0, capacity / 1048576.0,
+                asked ? 100.0 * stats->hits() / asked : 0.0);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DrainNode(ClusterClient& cluster, const Args& args) {
+  const std::string& node_id = args.positional[1];
+  absl::StatusOr<absl::Duration> wait = DurationFlag(args, "wait", "10m");
+  if (!wait.ok()) return wait.status();
+  const std::shared_ptr<const cluster::Membership> membership =
+      cluster.Membership();
+  auto node = std::find_if(
+      membership->nodes.begin(), membership->nodes.end(),
+      [&](const cluster::NodeRecord& n) { return n.node_id == node_id; });
+  if (node == membership->nodes.end()) {
+    return absl::NotFoundError(absl::StrCat("no node '", node_id,
+                                            "' in cluster ",
+                                            args.Flag("cluster", "default")));
+  }
+  absl::StatusOr<KvCacheClient*> client = cluster.Node(*node);
+  if (!client.ok()) return client.status();
+  absl::StatusOr<uint64_t> held = (*client)->Drain();
+  if (!held.ok()) return held.status();
+  std::printf("%s draining: handing %llu chunks to their new owners\n",
+              node_id.c_str(), static_cast<unsigned long long>(*held));
+  const absl::Time deadline = absl::Now() + *wait;
+  while (true) {
+    absl::StatusOr<v1::NodeInfoResponse> info = (*client)->NodeInfo();
+    if (!info.ok()) return info.status();
+    if (info->drained()) {
+      std::printf("%s drained: %llu chunks handed off; it can be stopped\n",
+                  node_id.c_str(),
+                  static_cast<unsigned long long>(info->handoff_chunks()));
+      return absl::OkStatus();
+    }
+    if (absl::Now() > deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat(node_id, " is still handing chunks off after ",
+                       absl::FormatDuration(*wait), " (",
+                       info->handoff_chunks(), " so far); see its log"));
+    }
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+}
+
+absl::Status RunCluster(const Args& args, absl::Duration timeout) {
+  absl::StatusOr<std::unique_ptr<ClusterClient>> cluster =
+      ConnectCluster(args, timeout);
+  if (!cluster.ok()) return cluster.status();
+  const std::vector<std::string>& p = args.positional;
+  if (p.size() == 2 && p[0] == "cluster" && p[1] == "status") {
+    return ClusterStatus(**cluster, args);
+  }
+  if (p.size() == 2 && p[0] == "drain") return DrainNode(**cluster, args);
+  return absl::InvalidArgumentError(
+      "with --etcd, the commands are 'cluster status' and 'drain NODE'");
+}
+
 absl::Status Run(const Args& args) {
   if (args.positional.empty()) {
     return absl::InvalidArgumentError("no command given");
@@ -274,6 +386,7 @@ absl::Status Run(const Args& args) {
 
   absl::StatusOr<absl::Duration> timeout = DurationFlag(args, "timeout", "30s");
   if (!timeout.ok()) return timeout.status();
+  if (args.flags.count("etcd")) return RunCluster(args, *timeout);
   ClientOptions options;
   options.address = args.Flag("addr", options.address);
   options.timeout = *timeout;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing kvcache needs on Debian 12: Bazel and the
-# -dev packages of the libraries it links (all from Debian), and checks for
-# the CUDA toolkit at /usr/local/cuda. Safe to run again: it installs only
+# -dev packages of the libraries it links (all from Debian), the tools
+# kvstore_bench compares with (redis-server, fio), and checks for the CUDA
+# toolkit at /usr/local/cuda. Safe to run again: it installs only
 # what is missing.
 set -euo pipefail
 
@@ -12,7 +13,9 @@ PACKAGES=(
   libabsl-dev libssl-dev libzstd-dev zstd nlohmann-json3-dev
   librocksdb-dev liburing-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3-numpy
+  redis-server libhiredis-dev fio
+  etcd-server etcd-client python3-yaml
+  pybind11-dev python3-dev python3-numpy
 )
 
 missing=()

@@ -9,20 +9,26 @@
 #include <memory>
 #include <string>
 
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace kvcache::kvstore {
 
-// A stored chunk as readers see it. `bytes` stays valid as long as the
-// reference is held, even if the chunk is evicted or deleted meanwhile; it is
-// null where only the chunk's description was asked for (Peek on a tier that
-// keeps bytes on disk).
+// A stored chunk as readers see it. `data` keeps the bytes alive (a slice of
+// a tier's arena, or a read buffer) as long as the reference is held, even if
+// the chunk is evicted or deleted meanwhile; it is null where only the
+// chunk's description was asked for (Peek on a tier that keeps bytes on
+// disk).
 struct ChunkRef {
-  std::shared_ptr<const std::string> bytes;
+  std::shared_ptr<const char> data;
   uint64_t size_bytes = 0;
   uint32_t crc32c = 0;
   bool pinned = false;
   absl::Time pin_expiry = absl::InfinitePast();
+
+  absl::string_view bytes() const {
+    return absl::string_view(data.get(), data ? size_bytes : 0);
+  }
 };
 
 struct TierUsage {

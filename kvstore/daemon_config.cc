@@ -73,6 +73,48 @@ void SetDefaultsExplicitly(google::protobuf::Message& message) {
   }
 }
 
+bool IsHostPort(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  uint32_t port = 0;
+  return colon != std::string::npos && colon != 0 &&
+         absl::SimpleAtoi(address.substr(colon + 1), &port) && port <= 65535;
+}
+
+absl::Status ValidateCluster(const v1::ClusterConfig& cluster) {
+  if (cluster.etcd_endpoints().empty()) return absl::OkStatus();
+  for (const std::string& endpoint : cluster.etcd_endpoints()) {
+    if (!IsHostPort(endpoint) || endpoint.find("://") != std::string::npos) {
+      return FieldError(
+          "cluster.etcd_endpoints",
+          absl::StrCat("'", endpoint, "' is not host:port (no http://)"));
+    }
+  }
+  if (cluster.cluster_name().empty() ||
+      cluster.cluster_name().find('/') != std::string::npos) {
+    return FieldError("cluster.cluster_name", "must be non-empty, without '/'");
+  }
+  if (!cluster.advertise_address().empty() &&
+      !IsHostPort(cluster.advertise_address())) {
+    return FieldError(
+        "cluster.advertise_address",
+        absl::StrCat("'", cluster.advertise_address(), "' is not host:port"));
+  }
+  if (cluster.lease_ttl_seconds() < 2) {
+    // Renewals run every third of the TTL; below 2 s a busy node misses them.
+    return FieldError("cluster.lease_ttl_seconds", "must be >= 2");
+  }
+  if (cluster.replication_factor() == 0) {
+    return FieldError("cluster.replication_factor", "must be > 0");
+  }
+  if (cluster.membership_poll_ms() < 50) {
+    return FieldError("cluster.membership_poll_ms", "must be >= 50");
+  }
+  if (cluster.repair_interval_seconds() == 0) {
+    return FieldError("cluster.repair_interval_seconds", "must be > 0");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status MergeConfigText(absl::string_view text, absl::string_view origin,
@@ -90,13 +132,10 @@ absl::Status MergeConfigText(absl::string_view text, absl::string_view origin,
 }
 
 absl::Status ValidateConfig(const v1::DaemonConfig& config) {
-  const std::string& address = config.listen_address();
-  const size_t colon = address.rfind(':');
-  uint32_t port = 0;
-  if (colon == std::string::npos || colon == 0 ||
-      !absl::SimpleAtoi(address.substr(colon + 1), &port) || port > 65535) {
-    return FieldError("listen_address",
-                      absl::StrCat("'", address, "' is not host:port"));
+  if (!IsHostPort(config.listen_address())) {
+    return FieldError(
+        "listen_address",
+        absl::StrCat("'", config.listen_address(), "' is not host:port"));
   }
   if (config.cpu_tier().capacity_bytes() == 0) {
     return FieldError("cpu_tier.capacity_bytes", "must be > 0");
@@ -123,6 +162,7 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config) {
     return FieldError("nvme_tier.write_through",
                       "needs nvme_tier.data_dir to be set");
   }
+  if (absl::Status s = ValidateCluster(config.cluster()); !s.ok()) return s;
   const v1::LimitsConfig& limits = config.limits();
   if (limits.max_chunk_bytes() == 0) {
     return FieldError("limits.max_chunk_bytes", "must be > 0");

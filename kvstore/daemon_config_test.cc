@@ -71,6 +71,16 @@ TEST(DaemonConfigTest, ValidationNamesTheField) {
            {"limits { max_keys_per_request: 0 }",
             "limits.max_keys_per_request"},
            {"limits { get_piece_bytes: 100 }", "limits.get_piece_bytes"},
+           {"cluster { etcd_endpoints: \"http://e:2379\" }",
+            "cluster.etcd_endpoints"},
+           {"cluster { etcd_endpoints: \"e:2379\" cluster_name: \"a/b\" }",
+            "cluster.cluster_name"},
+           {"cluster { etcd_endpoints: \"e:2379\" lease_ttl_seconds: 1 }",
+            "cluster.lease_ttl_seconds"},
+           {"cluster { etcd_endpoints: \"e:2379\" replication_factor: 0 }",
+            "cluster.replication_factor"},
+           {"cluster { etcd_endpoints: \"e:2379\" advertise_address: \"x\" }",
+            "cluster.advertise_address"},
        }) {
     auto config = LoadConfig("", {c.text});
     ASSERT_FALSE(config.ok()) << c.text;
@@ -97,6 +107,13 @@ TEST(DaemonConfigTest, PrintedConfigShowsDefaultsAndParsesBack) {
 TEST(DaemonConfigTest, ShippedExampleConfigIsValid) {
   auto config = LoadConfig("deploy/kvcached.textproto", {});
   ASSERT_TRUE(config.ok()) << config.status();
+}
+
+TEST(DaemonConfigTest, ClusterExampleLoads) {
+  auto config = LoadConfig("deploy/kvcached-cluster.textproto", {});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster().etcd_endpoints_size(), 1);
+  EXPECT_EQ(config->cluster().replication_factor(), 2u);
 }
 
 }  // namespace

@@ -170,6 +170,11 @@ NodeState::NodeState(v1::DaemonConfig config,
       started_(absl::Now()),
       store_(std::move(store)) {}
 
+bool NodeState::drained() const {
+  const bool alone = config_.cluster().etcd_endpoints().empty();
+  return draining() && (alone || handoff_done.load());
+}
+
 grpc::Status KvCacheService::Lookup(grpc::ServerContext*,
                                     const v1::LookupRequest* request,
                                     v1::LookupResponse* response) {
@@ -190,6 +195,25 @@ grpc::Status KvCacheService::Lookup(grpc::ServerContext*,
   node_.hits.fetch_add(found, std::memory_order_relaxed);
   node_.misses.fetch_add(request->keys_size() - found,
                          std::memory_order_relaxed);
+  return grpc::Status::OK;
+}
+
+grpc::Status KvCacheService::LookupEach(grpc::ServerContext*,
+                                        const v1::LookupEachRequest* request,
+                                        v1::LookupEachResponse* response) {
+  if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
+      !s.ok()) {
+    return s;
+  }
+  for (const std::string& key : request->keys()) {
+    v1::ChunkInfo* info = response->add_chunks();
+    absl::StatusOr<LocatedChunk> chunk = node_.store().Peek(key);
+    if (chunk.ok()) {
+      FillInfo(key, *chunk, *info);
+    } else {
+      info->set_key(key);
+    }
+  }
   return grpc::Status::OK;
 }
 
@@ -275,7 +299,7 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
     FillInfo(key, *chunk, *message.mutable_header());
     if (!writer->Write(message)) break;  // the client went away
     const bool sent = transfer::ForEachPiece(
-        *chunk->chunk.bytes, limits.get_piece_bytes(),
+        chunk->chunk.bytes(), limits.get_piece_bytes(),
         [&](absl::string_view piece) {
           message.set_data(piece.data(), piece.size());
           return !context->IsCancelled() && writer->Write(message);
@@ -378,6 +402,8 @@ grpc::Status AdminService::NodeInfo(grpc::ServerContext*,
   response->set_listen_address(node_.config().listen_address());
   response->set_started_unix_ms(absl::ToUnixMillis(node_.started()));
   response->set_draining(node_.draining());
+  response->set_handoff_chunks(node_.handoff_chunks.load());
+  response->set_drained(node_.drained());
   return grpc::Status::OK;
 }
 

@@ -38,6 +38,8 @@ class NodeState {
 
   bool draining() const { return draining_.load(); }
   void StartDraining() { draining_.store(true); }
+  // Draining and nothing left to hand to other nodes; see NodeInfo.drained.
+  bool drained() const;
 
   // Counters reported by Stats; relaxed atomics, read as a loose snapshot.
   std::atomic<uint64_t> lookups{0};
@@ -46,6 +48,13 @@ class NodeState {
   std::atomic<uint64_t> puts{0};
   std::atomic<uint64_t> bytes_in{0};
   std::atomic<uint64_t> bytes_out{0};
+  // In a cluster: chunks copied to peers to restore their replica count, and
+  // chunks handed to new owners while draining.
+  std::atomic<uint64_t> repaired_chunks{0};
+  std::atomic<uint64_t> handoff_chunks{0};
+  // Set by the cluster member once a drained node's chunks are all held by
+  // their new owners.
+  std::atomic<bool> handoff_done{false};
 
  private:
   NodeState(v1::DaemonConfig config, std::unique_ptr<TieredStore> store);
@@ -80,6 +89,9 @@ class KvCacheService final : public v1::KvCache::Service {
   grpc::Status Stats(grpc::ServerContext* context,
                      const v1::StatsRequest* request,
                      v1::StatsResponse* response) override;
+  grpc::Status LookupEach(grpc::ServerContext* context,
+                          const v1::LookupEachRequest* request,
+                          v1::LookupEachResponse* response) override;
 
  private:
   NodeState& node_;

@@ -5,7 +5,9 @@
 //
 // Serves the KvCache and Admin APIs, gRPC health checking and server
 // reflection on one port, and Prometheus metrics on metrics_address if set.
-// SIGTERM or SIGINT starts a graceful shutdown: new calls are refused, calls
+// With a `cluster` section it joins that cluster (kvstore/cluster_member.h).
+// SIGTERM or SIGINT starts a graceful shutdown: it leaves the cluster, new
+// calls are refused, calls
 // in flight get shutdown_grace_seconds to end, then chunks held only in
 // memory are written to the NVMe tier (when configured) so they survive the
 // restart.
@@ -13,6 +15,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
@@ -23,6 +26,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "kvstore/cluster_member.h"
 #include "kvstore/daemon_config.h"
 #include "kvstore/kvcache_service.h"
 #include "kvstore/metrics_http_server.h"
@@ -76,6 +80,20 @@ bool ParseFlags(int argc, char** argv, Flags& flags) {
 // Replaces the port in "host:port".
 std::string WithPort(const std::string& address, int port) {
   return absl::StrCat(address.substr(0, address.rfind(':')), ":", port);
+}
+
+// Where peers and clients reach this node: the configured address, else the
+// bound one with a wildcard host replaced by the host name.
+std::string AdvertiseAddress(const v1::DaemonConfig& config, int port) {
+  if (!config.cluster().advertise_address().empty()) {
+    return config.cluster().advertise_address();
+  }
+  const std::string host =
+      config.listen_address().substr(0, config.listen_address().rfind(':'));
+  if (host != "0.0.0.0" && host != "[::]") return WithPort(host + ":0", port);
+  char name[256] = {};
+  gethostname(name, sizeof(name) - 1);
+  return absl::StrCat(name, ":", port);
 }
 
 int Run(int argc, char** argv) {
@@ -156,10 +174,19 @@ int Run(int argc, char** argv) {
       static_cast<unsigned long long>(config->cpu_tier().capacity_bytes()),
       static_cast<unsigned long long>(config->limits().max_chunk_bytes()));
 
+  std::unique_ptr<ClusterMember> cluster;
+  if (!config->cluster().etcd_endpoints().empty()) {
+    cluster = std::make_unique<ClusterMember>(
+        node, AdvertiseAddress(*config, bound_port));
+  }
+
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
   std::fprintf(stderr, "kvcached: signal=%d shutting down, grace=%us\n",
                signal_number, config->shutdown_grace_seconds());
+  // Leave the cluster first, so clients send new calls elsewhere while the
+  // ones in flight finish.
+  cluster.reset();
   server->GetHealthCheckService()->SetServingStatus(false);
   server->Shutdown(std::chrono::system_clock::now() +
                    std::chrono::seconds(config->shutdown_grace_seconds()));

@@ -1,14 +1,15 @@
 #include "kvstore/memory_tier.h"
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 
 namespace kvcache::kvstore {
 
-MemoryTier::MemoryTier(uint64_t capacity_bytes, Clock clock)
-    : capacity_bytes_(capacity_bytes),
+MemoryTier::MemoryTier(std::shared_ptr<HostArena> arena, Clock clock)
+    : arena_(std::move(arena)),
       clock_(clock ? std::move(clock) : Clock([] { return absl::Now(); })) {}
 
 bool MemoryTier::IsPinned(const Entry& entry) const {
@@ -16,13 +17,26 @@ bool MemoryTier::IsPinned(const Entry& entry) const {
 }
 
 uint64_t MemoryTier::ReclaimableBytes(absl::string_view replaced_key) const {
-  uint64_t reclaimable = capacity_bytes_ - used_bytes_;
+  uint64_t reclaimable = arena_->capacity_bytes() - arena_->used_bytes();
   for (const auto& [key, entry] : entries_) {
     if (key == replaced_key || !IsPinned(entry)) {
-      reclaimable += entry.chunk.size_bytes;
+      reclaimable += RoundUpToBlock(entry.chunk.size_bytes);
     }
   }
   return reclaimable;
+}
+
+void MemoryTier::EvictFor(uint64_t bytes, absl::string_view keep,
+                          std::vector<EvictedChunk>* victims) {
+  uint64_t freed = 0;
+  for (auto victim = lru_.begin(); freed < bytes && victim != lru_.end();) {
+    auto it = entries_.find(*victim++);
+    if (it->first == keep || IsPinned(it->second)) continue;
+    freed += RoundUpToBlock(it->second.chunk.size_bytes);
+    victims->push_back(EvictedChunk{it->first, it->second.chunk});
+    Erase(it);
+    ++evictions_;
+  }
 }
 
 void MemoryTier::Erase(absl::flat_hash_map<std::string, Entry>::iterator it) {
@@ -31,60 +45,85 @@ void MemoryTier::Erase(absl::flat_hash_map<std::string, Entry>::iterator it) {
   entries_.erase(it);
 }
 
-absl::Status MemoryTier::Put(absl::string_view key, std::string bytes,
+absl::Status MemoryTier::Put(absl::string_view key, absl::string_view bytes,
                              uint32_t crc32c, absl::Duration pin_ttl,
-                             std::vector<EvictedChunk>* evicted) {
+                             const EvictionSink& sink) {
   const absl::Time pin_expiry = pin_ttl > absl::ZeroDuration()
                                     ? clock_() + pin_ttl
                                     : absl::InfinitePast();
-  return PutUntil(key, std::make_shared<const std::string>(std::move(bytes)),
-                  crc32c, pin_expiry, evicted);
+  return PutUntil(key, bytes, crc32c, pin_expiry, sink);
 }
 
 absl::Status MemoryTier::PutUntil(absl::string_view key,
-                                  std::shared_ptr<const std::string> bytes,
-                                  uint32_t crc32c, absl::Time pin_expiry,
-                                  std::vector<EvictedChunk>* evicted) {
-  const uint64_t size = bytes->size();
-  if (size > capacity_bytes_) {
+                                  absl::string_view bytes, uint32_t crc32c,
+                                  absl::Time pin_expiry,
+                                  const EvictionSink& sink) {
+  const uint64_t size = bytes.size();
+  const uint64_t footprint = RoundUpToBlock(std::max<uint64_t>(size, 1));
+  if (footprint > arena_->capacity_bytes()) {
     return absl::ResourceExhaustedError(
         absl::StrCat("chunk of ", size, " bytes exceeds the CPU tier's ",
-                     "capacity of ", capacity_bytes_, " bytes"));
+                     "capacity of ", arena_->capacity_bytes(), " bytes"));
   }
-  absl::MutexLock lock(&mu_);
-  // Check before evicting anything, so a put that cannot succeed leaves the
-  // tier as it was.
-  if (capacity_bytes_ - used_bytes_ < size && ReclaimableBytes(key) < size) {
+  auto no_room = [&] {
     return absl::ResourceExhaustedError(absl::StrCat(
         "no room for a chunk of ", size, " bytes: the CPU tier holds ",
-        used_bytes_, " of ", capacity_bytes_,
-        " bytes and the rest is pinned; unpin sessions or raise "
-        "cpu_tier.capacity_bytes"));
+        used_bytes_, " of ", arena_->capacity_bytes(),
+        " bytes and the rest is pinned or still being read; unpin sessions "
+        "or raise cpu_tier.capacity_bytes"));
+  };
+  {
+    // Checked before evicting anything, so a put that clearly cannot
+    // succeed leaves the tier as it was.
+    absl::MutexLock lock(&mu_);
+    if (ReclaimableBytes(key) < footprint) return no_room();
   }
+  // A pin on the bytes being replaced carries over: the session still owns
+  // the key.
+  absl::Time carried_pin = absl::InfinitePast();
+  std::shared_ptr<char> slice;
+  while (slice == nullptr) {
+    absl::StatusOr<std::shared_ptr<char>> allocated = arena_->Allocate(size);
+    if (allocated.ok()) {
+      slice = *std::move(allocated);
+      break;
+    }
+    std::vector<EvictedChunk> victims;
+    {
+      absl::MutexLock lock(&mu_);
+      EvictFor(footprint, key, &victims);
+      if (victims.empty()) {
+        // Last resort: the bytes this put replaces. Never demoted: they are
+        // stale once the put succeeds.
+        auto old = entries_.find(key);
+        if (old == entries_.end()) return no_room();
+        if (old->second.chunk.pinned) {
+          carried_pin = std::max(carried_pin, old->second.chunk.pin_expiry);
+        }
+        Erase(old);
+        continue;
+      }
+    }
+    if (sink) sink(std::move(victims));
+  }
+  std::memcpy(slice.get(), bytes.data(), size);
+
+  absl::MutexLock lock(&mu_);
   ChunkRef chunk;
+  chunk.pin_expiry = carried_pin;
   if (auto old = entries_.find(key); old != entries_.end()) {
-    // A replacement keeps an existing pin: the session still owns the key.
-    chunk.pinned = old->second.chunk.pinned;
-    chunk.pin_expiry = old->second.chunk.pin_expiry;
+    if (old->second.chunk.pinned) {
+      chunk.pin_expiry =
+          std::max(chunk.pin_expiry, old->second.chunk.pin_expiry);
+    }
     Erase(old);
   }
-  for (auto victim = lru_.begin();
-       capacity_bytes_ - used_bytes_ < size && victim != lru_.end();) {
-    auto it = entries_.find(*victim++);
-    if (IsPinned(it->second)) continue;
-    if (evicted != nullptr) {
-      evicted->push_back(EvictedChunk{it->first, it->second.chunk});
-    }
-    Erase(it);
-    ++evictions_;
-  }
-  chunk.bytes = std::move(bytes);
+  chunk.pin_expiry = std::max(chunk.pin_expiry, pin_expiry);
+  chunk.pinned = chunk.pin_expiry > clock_();
+  if (!chunk.pinned) chunk.pin_expiry = absl::InfinitePast();
+  chunk.data = std::move(slice);
   chunk.size_bytes = size;
   chunk.crc32c = crc32c;
-  if (pin_expiry > clock_()) {
-    chunk.pinned = true;
-    chunk.pin_expiry = std::max(chunk.pin_expiry, pin_expiry);
-  }
   lru_.emplace_back(key);
   entries_.emplace(std::string(key), Entry{std::move(chunk), --lru_.end()});
   used_bytes_ += size;
@@ -156,7 +195,7 @@ TierUsage MemoryTier::Usage() const {
   absl::MutexLock lock(&mu_);
   TierUsage usage;
   usage.used_bytes = used_bytes_;
-  usage.capacity_bytes = capacity_bytes_;
+  usage.capacity_bytes = arena_->capacity_bytes();
   usage.chunks = entries_.size();
   usage.evictions = evictions_;
   for (const auto& [key, entry] : entries_) {

@@ -1,10 +1,12 @@
-// The in-memory CPU tier: chunk bytes in host memory under a byte budget,
-// evicting the least recently used unpinned chunk to make room.
+// The in-memory CPU tier: chunk bytes in a HostArena (one region reserved at
+// start-up, no allocation per chunk), evicting the least recently used
+// unpinned chunk to make room.
 //
 // Chunks are immutable once stored and handed out as shared references, so a
 // Get can stream a chunk without holding the tier's lock while a concurrent
-// Put evicts it. Pins (a chat session's history) keep a chunk from eviction
-// until they lapse; an expired pin is treated as no pin.
+// Put evicts it; the arena space of such a chunk is reused once the reader
+// lets go. Pins (a chat session's history) keep a chunk from eviction until
+// they lapse; an expired pin is treated as no pin.
 //
 // Thread-safe: all methods may be called concurrently.
 #ifndef KVCACHE_KVSTORE_MEMORY_TIER_H_
@@ -26,37 +28,42 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "kvstore/chunk_ref.h"
+#include "kvstore/host_arena.h"
 
 namespace kvcache::kvstore {
 
 class MemoryTier {
  public:
   using Clock = std::function<absl::Time()>;
+  // Receives chunks evicted to make room, to move them to a slower tier.
+  // Called without the tier's lock; the chunks' arena space is reused once
+  // it returns and drops them.
+  using EvictionSink = std::function<void(std::vector<EvictedChunk>)>;
 
-  // `clock` defaults to absl::Now; tests pass their own to age pins.
-  explicit MemoryTier(uint64_t capacity_bytes, Clock clock = nullptr);
+  // Holds chunks in `arena`, whose capacity is the tier's. `clock` defaults
+  // to absl::Now; tests pass their own to age pins.
+  explicit MemoryTier(std::shared_ptr<HostArena> arena, Clock clock = nullptr);
 
   MemoryTier(const MemoryTier&) = delete;
   MemoryTier& operator=(const MemoryTier&) = delete;
 
-  // Stores `bytes` under `key`, replacing any chunk already there, and makes
-  // it the most recently used. Evicts least recently used unpinned chunks as
-  // needed. If `pin_ttl` is positive the chunk is stored pinned for that long.
+  // Copies `bytes` into the arena under `key`, replacing any chunk already
+  // there, and makes it the most recently used. Evicts least recently used
+  // unpinned chunks as needed, handing them to `sink` (if any). If `pin_ttl`
+  // is positive the chunk is stored pinned for that long.
   // RESOURCE_EXHAUSTED if the chunk cannot fit even after evicting every
-  // unpinned chunk; the tier is then unchanged. If `evicted` is given, the
-  // chunks evicted for room are appended to it (with their pins) so the
-  // caller can move them to a slower tier.
-  absl::Status Put(absl::string_view key, std::string bytes, uint32_t crc32c,
+  // unpinned chunk; if that is clear up front, nothing is evicted, and the
+  // key keeps its previous bytes in any case.
+  absl::Status Put(absl::string_view key, absl::string_view bytes,
+                   uint32_t crc32c,
                    absl::Duration pin_ttl = absl::ZeroDuration(),
-                   std::vector<EvictedChunk>* evicted = nullptr);
+                   const EvictionSink& sink = nullptr);
 
   // Like Put with a pin that lapses at `pin_expiry` (InfinitePast: none);
   // for chunks coming back from a slower tier with their pin.
-  // The bytes are shared, not copied, with whoever else holds them.
-  absl::Status PutUntil(absl::string_view key,
-                        std::shared_ptr<const std::string> bytes,
+  absl::Status PutUntil(absl::string_view key, absl::string_view bytes,
                         uint32_t crc32c, absl::Time pin_expiry,
-                        std::vector<EvictedChunk>* evicted = nullptr);
+                        const EvictionSink& sink = nullptr);
 
   // The chunk under `key`, now the most recently used; NOT_FOUND if absent.
   absl::StatusOr<ChunkRef> Get(absl::string_view key);
@@ -90,19 +97,26 @@ class MemoryTier {
   };
 
   bool IsPinned(const Entry& entry) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Bytes that eviction could free for a chunk replacing `replaced_key`.
+  // Arena bytes that eviction could free for a chunk replacing
+  // `replaced_key`.
   uint64_t ReclaimableBytes(absl::string_view replaced_key) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Unlinks least recently used unpinned chunks (never `keep`) holding at
+  // least `bytes` of arena, at least one if any; appends them to `victims`.
+  void EvictFor(uint64_t bytes, absl::string_view keep,
+                std::vector<EvictedChunk>* victims)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Erase(absl::flat_hash_map<std::string, Entry>::iterator it)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  const uint64_t capacity_bytes_;
+  const std::shared_ptr<HostArena> arena_;
   const Clock clock_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
   // Keys from least (front) to most (back) recently used.
   std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);
+  // Bytes of the chunks held (their arena extents are rounded up to blocks).
   uint64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
 };

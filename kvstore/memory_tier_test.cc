@@ -8,6 +8,9 @@
 namespace kvcache::kvstore {
 namespace {
 
+// The arena hands out whole blocks, so sizes here are in blocks.
+constexpr size_t kB = kBlockBytes;
+
 class FakeClock {
  public:
   absl::Time Now() const { return now_; }
@@ -20,34 +23,40 @@ class FakeClock {
   absl::Time now_ = absl::FromUnixSeconds(1'700'000'000);
 };
 
+std::shared_ptr<HostArena> Arena(uint64_t bytes) {
+  auto arena = HostArena::Create(bytes, /*pin_for_gpu=*/false);
+  EXPECT_TRUE(arena.ok()) << arena.status();
+  return *arena;
+}
+
 std::string Bytes(size_t n, char fill = 'x') { return std::string(n, fill); }
 
 TEST(MemoryTierTest, StoresAndReturnsBytes) {
-  MemoryTier tier(1000);
+  MemoryTier tier(Arena(10 * kB));
   ASSERT_TRUE(tier.Put("a", "hello", 42).ok());
   auto chunk = tier.Get("a");
   ASSERT_TRUE(chunk.ok()) << chunk.status();
-  EXPECT_EQ(*chunk->bytes, "hello");
+  EXPECT_EQ(chunk->bytes(), "hello");
   EXPECT_EQ(chunk->crc32c, 42u);
   EXPECT_EQ(tier.Get("missing").status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST(MemoryTierTest, NeverExceedsCapacity) {
-  MemoryTier tier(1000);
+  MemoryTier tier(Arena(10 * kB));
   for (int i = 0; i < 50; ++i) {
-    ASSERT_TRUE(tier.Put(std::to_string(i), Bytes(97 + i % 7), 0).ok());
-    EXPECT_LE(tier.Usage().used_bytes, 1000u);
+    ASSERT_TRUE(tier.Put(std::to_string(i), Bytes(kB - i % 7), 0).ok());
+    EXPECT_LE(tier.Usage().used_bytes, 10 * kB);
   }
   EXPECT_GT(tier.Usage().evictions, 0u);
 }
 
 TEST(MemoryTierTest, EvictsLeastRecentlyUsedFirst) {
-  MemoryTier tier(300);
-  ASSERT_TRUE(tier.Put("a", Bytes(100), 0).ok());
-  ASSERT_TRUE(tier.Put("b", Bytes(100), 0).ok());
-  ASSERT_TRUE(tier.Put("c", Bytes(100), 0).ok());
+  MemoryTier tier(Arena(3 * kB));
+  ASSERT_TRUE(tier.Put("a", Bytes(kB), 0).ok());
+  ASSERT_TRUE(tier.Put("b", Bytes(kB), 0).ok());
+  ASSERT_TRUE(tier.Put("c", Bytes(kB), 0).ok());
   ASSERT_TRUE(tier.Get("a").ok());  // a is now the most recent
-  ASSERT_TRUE(tier.Put("d", Bytes(100), 0).ok());
+  ASSERT_TRUE(tier.Put("d", Bytes(kB), 0).ok());
   EXPECT_TRUE(tier.Peek("a").ok());
   EXPECT_FALSE(tier.Peek("b").ok());  // the least recently used went
   EXPECT_TRUE(tier.Peek("c").ok());
@@ -56,40 +65,40 @@ TEST(MemoryTierTest, EvictsLeastRecentlyUsedFirst) {
 }
 
 TEST(MemoryTierTest, PeekDoesNotChangeRecency) {
-  MemoryTier tier(200);
-  ASSERT_TRUE(tier.Put("a", Bytes(100), 0).ok());
-  ASSERT_TRUE(tier.Put("b", Bytes(100), 0).ok());
+  MemoryTier tier(Arena(2 * kB));
+  ASSERT_TRUE(tier.Put("a", Bytes(kB), 0).ok());
+  ASSERT_TRUE(tier.Put("b", Bytes(kB), 0).ok());
   ASSERT_TRUE(tier.Peek("a").ok());
   EXPECT_EQ(tier.LongestPrefix({"a", "b"}), 2u);
-  ASSERT_TRUE(tier.Put("c", Bytes(100), 0).ok());
+  ASSERT_TRUE(tier.Put("c", Bytes(kB), 0).ok());
   EXPECT_FALSE(tier.Peek("a").ok());
 }
 
 TEST(MemoryTierTest, EvictsSeveralToFitALargeChunk) {
-  MemoryTier tier(300);
+  MemoryTier tier(Arena(3 * kB));
   for (const char* key : {"a", "b", "c"}) {
-    ASSERT_TRUE(tier.Put(key, Bytes(100), 0).ok());
+    ASSERT_TRUE(tier.Put(key, Bytes(kB), 0).ok());
   }
-  ASSERT_TRUE(tier.Put("big", Bytes(250), 0).ok());
+  ASSERT_TRUE(tier.Put("big", Bytes(5 * kB / 2), 0).ok());
   EXPECT_EQ(tier.Usage().chunks, 1u);
-  EXPECT_EQ(tier.Usage().used_bytes, 250u);
+  EXPECT_EQ(tier.Usage().used_bytes, 5 * kB / 2);
 }
 
 TEST(MemoryTierTest, ReplacingAKeyAccountsOnce) {
-  MemoryTier tier(300);
-  ASSERT_TRUE(tier.Put("a", Bytes(200), 0).ok());
-  ASSERT_TRUE(tier.Put("a", Bytes(250, 'y'), 0).ok());
-  EXPECT_EQ(tier.Usage().used_bytes, 250u);
-  EXPECT_EQ(*tier.Get("a")->bytes, Bytes(250, 'y'));
+  MemoryTier tier(Arena(3 * kB));
+  ASSERT_TRUE(tier.Put("a", Bytes(2 * kB), 0).ok());
+  ASSERT_TRUE(tier.Put("a", Bytes(5 * kB / 2, 'y'), 0).ok());
+  EXPECT_EQ(tier.Usage().used_bytes, 5 * kB / 2);
+  EXPECT_EQ(tier.Get("a")->bytes(), Bytes(5 * kB / 2, 'y'));
 }
 
 TEST(MemoryTierTest, PinnedChunkSurvivesEviction) {
   FakeClock clock;
-  MemoryTier tier(300, clock.AsClock());
-  ASSERT_TRUE(tier.Put("session", Bytes(100), 0).ok());
+  MemoryTier tier(Arena(3 * kB), clock.AsClock());
+  ASSERT_TRUE(tier.Put("session", Bytes(kB), 0).ok());
   ASSERT_TRUE(tier.Pin("session", absl::Minutes(10)).ok());
   for (int i = 0; i < 10; ++i) {
-    ASSERT_TRUE(tier.Put(std::to_string(i), Bytes(100), 0).ok());
+    ASSERT_TRUE(tier.Put(std::to_string(i), Bytes(kB), 0).ok());
   }
   EXPECT_TRUE(tier.Peek("session").ok());
   EXPECT_TRUE(tier.Peek("session")->pinned);
@@ -98,18 +107,18 @@ TEST(MemoryTierTest, PinnedChunkSurvivesEviction) {
 
 TEST(MemoryTierTest, ExpiredPinNoLongerProtects) {
   FakeClock clock;
-  MemoryTier tier(200, clock.AsClock());
-  ASSERT_TRUE(tier.Put("session", Bytes(100), 0, absl::Seconds(30)).ok());
-  ASSERT_TRUE(tier.Put("x", Bytes(100), 0).ok());
+  MemoryTier tier(Arena(2 * kB), clock.AsClock());
+  ASSERT_TRUE(tier.Put("session", Bytes(kB), 0, absl::Seconds(30)).ok());
+  ASSERT_TRUE(tier.Put("x", Bytes(kB), 0).ok());
   clock.Advance(absl::Seconds(31));
   EXPECT_FALSE(tier.Peek("session")->pinned);
-  ASSERT_TRUE(tier.Put("y", Bytes(100), 0).ok());
+  ASSERT_TRUE(tier.Put("y", Bytes(kB), 0).ok());
   EXPECT_FALSE(tier.Peek("session").ok());
 }
 
 TEST(MemoryTierTest, PinExtendsButNeverShortens) {
   FakeClock clock;
-  MemoryTier tier(200, clock.AsClock());
+  MemoryTier tier(Arena(2 * kB), clock.AsClock());
   ASSERT_TRUE(tier.Put("a", Bytes(10), 0).ok());
   auto long_pin = tier.Pin("a", absl::Hours(1));
   auto short_pin = tier.Pin("a", absl::Minutes(1));
@@ -120,42 +129,87 @@ TEST(MemoryTierTest, PinExtendsButNeverShortens) {
 }
 
 TEST(MemoryTierTest, UnpinMakesChunkEvictable) {
-  MemoryTier tier(200);
-  ASSERT_TRUE(tier.Put("a", Bytes(100), 0, absl::Hours(1)).ok());
+  MemoryTier tier(Arena(2 * kB));
+  ASSERT_TRUE(tier.Put("a", Bytes(kB), 0, absl::Hours(1)).ok());
   ASSERT_TRUE(tier.Unpin("a").ok());
-  ASSERT_TRUE(tier.Put("b", Bytes(100), 0).ok());
-  ASSERT_TRUE(tier.Put("c", Bytes(100), 0).ok());
+  ASSERT_TRUE(tier.Put("b", Bytes(kB), 0).ok());
+  ASSERT_TRUE(tier.Put("c", Bytes(kB), 0).ok());
   EXPECT_FALSE(tier.Peek("a").ok());
 }
 
 TEST(MemoryTierTest, FullOfPinsRefusesAndChangesNothing) {
-  MemoryTier tier(200);
-  ASSERT_TRUE(tier.Put("a", Bytes(100), 0, absl::Hours(1)).ok());
-  ASSERT_TRUE(tier.Put("b", Bytes(60), 0).ok());
-  const absl::Status status = tier.Put("c", Bytes(150), 0);
+  MemoryTier tier(Arena(2 * kB));
+  ASSERT_TRUE(tier.Put("a", Bytes(kB), 0, absl::Hours(1)).ok());
+  ASSERT_TRUE(tier.Put("b", Bytes(kB / 2), 0).ok());
+  const absl::Status status = tier.Put("c", Bytes(3 * kB / 2), 0);
   EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(tier.Peek("b").ok());  // nothing was evicted for a failed put
-  EXPECT_EQ(tier.Usage().used_bytes, 160u);
+  EXPECT_EQ(tier.Usage().used_bytes, kB + kB / 2);
 }
 
 TEST(MemoryTierTest, ChunkLargerThanTierIsRefused) {
-  MemoryTier tier(100);
-  EXPECT_EQ(tier.Put("a", Bytes(101), 0).code(),
+  MemoryTier tier(Arena(kB));
+  EXPECT_EQ(tier.Put("a", Bytes(kB + 1), 0).code(),
             absl::StatusCode::kResourceExhausted);
 }
 
 TEST(MemoryTierTest, ReaderKeepsBytesAfterEviction) {
-  MemoryTier tier(100);
-  ASSERT_TRUE(tier.Put("a", Bytes(100, 'a'), 0).ok());
+  MemoryTier tier(Arena(2 * kB));
+  ASSERT_TRUE(tier.Put("a", Bytes(kB, 'a'), 0).ok());
   auto held = tier.Get("a");
   ASSERT_TRUE(held.ok());
-  ASSERT_TRUE(tier.Put("b", Bytes(100, 'b'), 0).ok());
+  ASSERT_TRUE(tier.Put("b", Bytes(kB, 'b'), 0).ok());
+  // a is evicted, but its block is still being read: b goes too, and c
+  // takes b's block.
+  ASSERT_TRUE(tier.Put("c", Bytes(kB, 'c'), 0).ok());
   EXPECT_FALSE(tier.Peek("a").ok());
-  EXPECT_EQ(*held->bytes, Bytes(100, 'a'));
+  EXPECT_FALSE(tier.Peek("b").ok());
+  EXPECT_EQ(held->bytes(), Bytes(kB, 'a'));
+  EXPECT_EQ(tier.Get("c")->bytes(), Bytes(kB, 'c'));
+}
+
+TEST(MemoryTierTest, SpaceHeldByAReaderIsReusedOnceReleased) {
+  MemoryTier tier(Arena(kB));
+  ASSERT_TRUE(tier.Put("a", Bytes(kB, 'a'), 0).ok());
+  auto held = tier.Get("a");
+  ASSERT_TRUE(held.ok());
+  EXPECT_EQ(tier.Put("b", Bytes(kB, 'b'), 0).code(),
+            absl::StatusCode::kResourceExhausted);
+  held = absl::NotFoundError("released");
+  ASSERT_TRUE(tier.Put("b", Bytes(kB, 'b'), 0).ok());
+  EXPECT_EQ(tier.Get("b")->bytes(), Bytes(kB, 'b'));
+}
+
+TEST(MemoryTierTest, EvictedChunksReachTheSinkWithTheirBytes) {
+  FakeClock clock;
+  MemoryTier tier(Arena(2 * kB), clock.AsClock());
+  ASSERT_TRUE(tier.Put("a", Bytes(kB, 'a'), 7, absl::Seconds(5)).ok());
+  ASSERT_TRUE(tier.Put("b", Bytes(kB, 'b'), 8).ok());
+  clock.Advance(absl::Seconds(10));  // a's pin lapsed
+  // Copies: a sink that kept the chunks would keep their space too.
+  struct Seen {
+    std::string key, bytes;
+    uint32_t crc32c;
+  };
+  std::vector<Seen> seen;
+  ASSERT_TRUE(tier.Put("c", Bytes(2 * kB, 'c'), 9, absl::ZeroDuration(),
+                       [&](std::vector<EvictedChunk> evicted) {
+                         for (const EvictedChunk& e : evicted) {
+                           seen.push_back({e.key, std::string(e.chunk.bytes()),
+                                           e.chunk.crc32c});
+                         }
+                       })
+                  .ok());
+  ASSERT_EQ(seen.size(), 2u);
+  EXPECT_EQ(seen[0].key, "a");
+  EXPECT_EQ(seen[0].bytes, Bytes(kB, 'a'));
+  EXPECT_EQ(seen[0].crc32c, 7u);
+  EXPECT_EQ(seen[1].key, "b");
+  EXPECT_EQ(tier.Usage().evictions, 2u);
 }
 
 TEST(MemoryTierTest, LongestPrefixStopsAtFirstGap) {
-  MemoryTier tier(1000);
+  MemoryTier tier(Arena(10 * kB));
   for (const char* key : {"k0", "k1", "k3"}) {
     ASSERT_TRUE(tier.Put(key, Bytes(10), 0).ok());
   }
@@ -165,8 +219,8 @@ TEST(MemoryTierTest, LongestPrefixStopsAtFirstGap) {
 }
 
 TEST(MemoryTierTest, DeleteFreesSpace) {
-  MemoryTier tier(100);
-  ASSERT_TRUE(tier.Put("a", Bytes(100), 0).ok());
+  MemoryTier tier(Arena(kB));
+  ASSERT_TRUE(tier.Put("a", Bytes(kB), 0).ok());
   EXPECT_TRUE(tier.Delete("a"));
   EXPECT_FALSE(tier.Delete("a"));
   EXPECT_EQ(tier.Usage().used_bytes, 0u);

@@ -343,15 +343,15 @@ absl::StatusOr<ChunkRef> NvmeTier::Get(absl::string_view key) {
     extent = entry.extent;
     ref = RefOf(entry);
   }
-  AlignedBuffer buffer(extent->length);
+  auto buffer = std::make_shared<AlignedBuffer>(extent->length);
   absl::Status read = io_->Read(slab_fds_[extent->slab], extent->offset,
-                                buffer.data(), extent->length);
+                                buffer->data(), extent->length);
   if (read.code() == absl::StatusCode::kDataLoss) {
     DropCorrupt(key, extent, read.message());
     return read;
   }
   if (!read.ok()) return read;
-  const uint32_t crc = codec::Crc32cExtend(0, buffer.data(), ref.size_bytes);
+  const uint32_t crc = codec::Crc32cExtend(0, buffer->data(), ref.size_bytes);
   if (crc != ref.crc32c) {
     const std::string why =
         absl::StrCat("CRC32C ", crc, " != recorded ", ref.crc32c);
@@ -360,8 +360,8 @@ absl::StatusOr<ChunkRef> NvmeTier::Get(absl::string_view key) {
         absl::StrCat("chunk ", KeyPrefix(key), "... is damaged on NVMe (", why,
                      "); it was dropped, store it again"));
   }
-  ref.bytes =
-      std::make_shared<const std::string>(buffer.data(), ref.size_bytes);
+  // The reader holds the read buffer itself: no copy.
+  ref.data = std::shared_ptr<const char>(buffer, buffer->data());
   return ref;
 }
 
@@ -410,6 +410,11 @@ absl::Status NvmeTier::Unpin(absl::string_view key) {
   if (it == entries_.end()) return absl::NotFoundError("chunk not on NVMe");
   it->second.pin_expiry = absl::InfinitePast();
   return index_->Put(key, RecordOf(it->second), /*sync=*/true);
+}
+
+std::vector<std::string> NvmeTier::Keys() const {
+  absl::MutexLock lock(&mu_);
+  return std::vector<std::string>(lru_.begin(), lru_.end());
 }
 
 TierUsage NvmeTier::Usage() const {

@@ -91,6 +91,9 @@ class NvmeTier {
   absl::StatusOr<ChunkRef> Peek(absl::string_view key) const;
   bool Contains(absl::string_view key) const;
 
+  // Every key held, least recently used first.
+  std::vector<std::string> Keys() const;
+
   // Removes the chunk; false if it was not there.
   absl::StatusOr<bool> Delete(absl::string_view key);
 

@@ -51,7 +51,7 @@ class NvmeTierTest : public ::testing::Test {
   std::string GetBytes(const std::string& key) {
     auto chunk = tier_->Get(key);
     EXPECT_TRUE(chunk.ok()) << chunk.status();
-    return chunk.ok() ? *chunk->bytes : "";
+    return chunk.ok() ? std::string(chunk->bytes()) : "";
   }
 
   NvmeTierOptions options_;
@@ -69,7 +69,7 @@ TEST_F(NvmeTierTest, RoundTripThroughIoUringIsByteExact) {
     auto peek = tier_->Peek(key);
     ASSERT_TRUE(peek.ok());
     EXPECT_EQ(peek->size_bytes, size);
-    EXPECT_EQ(peek->bytes, nullptr);
+    EXPECT_EQ(peek->data, nullptr);
   }
 }
 
@@ -110,7 +110,7 @@ TEST_F(NvmeTierTest, DamagedBytesAreDataLossAndDropped) {
   for (const char* key : {"x", "y"}) {
     auto chunk = tier_->Get(key);
     if (chunk.ok()) {
-      EXPECT_EQ(*chunk->bytes, bytes);
+      EXPECT_EQ(chunk->bytes(), bytes);
       continue;
     }
     ++damaged;

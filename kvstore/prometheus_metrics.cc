@@ -71,9 +71,14 @@ uint64_t Load(const std::atomic<uint64_t>& counter) {
 std::string RenderPrometheusMetrics(NodeState& node) {
   std::string out;
   const std::pair<const char*, const std::atomic<uint64_t>*> node_counters[] = {
-      {"lookups", &node.lookups},   {"hits", &node.hits},
-      {"misses", &node.misses},     {"puts", &node.puts},
-      {"bytes_in", &node.bytes_in}, {"bytes_out", &node.bytes_out}};
+      {"lookups", &node.lookups},
+      {"hits", &node.hits},
+      {"misses", &node.misses},
+      {"puts", &node.puts},
+      {"bytes_in", &node.bytes_in},
+      {"bytes_out", &node.bytes_out},
+      {"repaired_chunks", &node.repaired_chunks},
+      {"handoff_chunks", &node.handoff_chunks}};
   for (const auto& [name, counter] : node_counters) {
     const std::string metric = absl::StrCat("kvcache_", name, "_total");
     Family(out, metric, "counter", "KvCache API counter since start-up");

@@ -47,6 +47,9 @@ struct TierCounters {
   std::atomic<uint64_t> misses{0};
   std::atomic<uint64_t> promotions{0};
   std::atomic<uint64_t> demotions{0};
+  // Evicted chunks that could not be demoted (their key was busy) and were
+  // dropped instead.
+  std::atomic<uint64_t> dropped{0};
   LatencyHistogram read_latency;
   LatencyHistogram write_latency;
 

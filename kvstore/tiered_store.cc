@@ -18,12 +18,15 @@ std::string KeyPrefix(absl::string_view key) {
 
 TieredStore::TieredStore(const TieredStoreOptions& options, Clock clock)
     : options_(options),
-      clock_(clock ? std::move(clock) : Clock([] { return absl::Now(); })),
-      cpu_(options.cpu_capacity_bytes, clock_) {}
+      clock_(clock ? std::move(clock) : Clock([] { return absl::Now(); })) {}
 
 absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(
     const TieredStoreOptions& options, Clock clock) {
   std::unique_ptr<TieredStore> store(new TieredStore(options, clock));
+  absl::StatusOr<std::shared_ptr<HostArena>> arena =
+      HostArena::Create(options.cpu_capacity_bytes, options.pin_cpu_memory);
+  if (!arena.ok()) return arena.status();
+  store->cpu_ = std::make_unique<MemoryTier>(*std::move(arena), store->clock_);
   if (options.nvme.has_value()) {
     absl::StatusOr<std::unique_ptr<NvmeTier>> nvme =
         NvmeTier::Open(*options.nvme, store->clock_);
@@ -48,9 +51,9 @@ absl::Status TieredStore::Put(absl::string_view key, std::string bytes,
                               uint32_t crc32c, absl::Duration pin_ttl) {
   absl::Time pin_expiry = pin_ttl > absl::ZeroDuration() ? clock_() + pin_ttl
                                                          : absl::InfinitePast();
-  std::vector<EvictedChunk> evicted;
   {
-    absl::MutexLock lock(&KeyLock(key));
+    absl::Mutex& key_lock = KeyLock(key);
+    absl::MutexLock lock(&key_lock);
     if (!AdmittedToCpu(bytes.size()) && !nvme_) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "chunk of ", bytes.size(), " bytes is over ",
@@ -72,7 +75,7 @@ absl::Status TieredStore::Put(absl::string_view key, std::string bytes,
       }
       if (!AdmittedToCpu(bytes.size())) {
         if (absl::Status s = put_nvme(); !s.ok()) return s;
-        cpu_.Delete(key);
+        cpu_->Delete(key);
         return absl::OkStatus();
       }
       absl::Status on_nvme =
@@ -80,34 +83,42 @@ absl::Status TieredStore::Put(absl::string_view key, std::string bytes,
       if (!on_nvme.ok()) return on_nvme;
     }
     const absl::Time start = absl::Now();
-    auto shared = std::make_shared<const std::string>(std::move(bytes));
-    absl::Status s = cpu_.PutUntil(key, shared, crc32c, pin_expiry, &evicted);
+    absl::Status s = cpu_->PutUntil(key, bytes, crc32c, pin_expiry,
+                                    [&](std::vector<EvictedChunk> evicted) {
+                                      Demote(std::move(evicted), &key_lock);
+                                    });
     cpu_counters_.write_latency.Record(absl::Now() - start);
     if (s.code() == absl::StatusCode::kResourceExhausted && nvme_) {
       // Memory is full of pinned chunks: NVMe takes the chunk instead.
       if (options_.write_through) return absl::OkStatus();
-      bytes = *shared;
       s = put_nvme();
     }
-    if (!s.ok()) return s;
+    return s;
   }
-  Demote(std::move(evicted));
-  return absl::OkStatus();
 }
 
-void TieredStore::Demote(std::vector<EvictedChunk> evicted) {
+void TieredStore::Demote(std::vector<EvictedChunk> evicted, absl::Mutex* held) {
+  if (!nvme_) return;
   for (EvictedChunk& victim : evicted) {
-    if (!nvme_) continue;
-    absl::MutexLock lock(&KeyLock(victim.key));
-    // Put again since it was evicted: the newer bytes are authoritative.
-    if (cpu_.Peek(victim.key).ok()) continue;
+    // This runs inside a write holding `held`. Waiting for another key's
+    // lock could deadlock with a write demoting the other way, so a victim
+    // whose lock is busy is dropped instead: it is only a cache entry.
+    absl::Mutex& lock = KeyLock(victim.key);
+    const bool already_held = &lock == held;
+    if (!already_held && !lock.TryLock()) {
+      TierCounters::Add(cpu_counters_.dropped);
+      continue;
+    }
     absl::Status s;
-    if (!nvme_->Contains(victim.key)) {  // else NVMe has the same bytes
+    // Put again since it was evicted: the newer bytes are authoritative.
+    // NVMe may already have the same bytes.
+    if (!cpu_->Peek(victim.key).ok() && !nvme_->Contains(victim.key)) {
       const absl::Time start = absl::Now();
-      s = nvme_->Put(victim.key, *victim.chunk.bytes, victim.chunk.crc32c,
+      s = nvme_->Put(victim.key, victim.chunk.bytes(), victim.chunk.crc32c,
                      victim.chunk.pin_expiry);
       nvme_counters_.write_latency.Record(absl::Now() - start);
     }
+    if (!already_held) lock.Unlock();
     if (s.ok()) {
       TierCounters::Add(cpu_counters_.demotions);
     } else {
@@ -120,28 +131,27 @@ void TieredStore::Demote(std::vector<EvictedChunk> evicted) {
 
 void TieredStore::Promote(absl::string_view key, const ChunkRef& chunk) {
   if (!AdmittedToCpu(chunk.size_bytes)) return;
-  std::vector<EvictedChunk> evicted;
-  {
-    absl::MutexLock lock(&KeyLock(key));
-    // Skip if a Put or another promotion got there first, or the key was
-    // deleted or replaced on NVMe since this read.
-    absl::StatusOr<ChunkRef> now = nvme_->Peek(key);
-    if (cpu_.Peek(key).ok() || !now.ok() || now->crc32c != chunk.crc32c) {
-      return;
-    }
-    if (!cpu_.PutUntil(key, chunk.bytes, chunk.crc32c, now->pin_expiry,
-                       &evicted)
-             .ok()) {
-      return;  // memory is full of pinned chunks; NVMe keeps serving it
-    }
+  absl::Mutex& key_lock = KeyLock(key);
+  absl::MutexLock lock(&key_lock);
+  // Skip if a Put or another promotion got there first, or the key was
+  // deleted or replaced on NVMe since this read.
+  absl::StatusOr<ChunkRef> now = nvme_->Peek(key);
+  if (cpu_->Peek(key).ok() || !now.ok() || now->crc32c != chunk.crc32c) {
+    return;
+  }
+  // On failure memory is full of pinned chunks; NVMe keeps serving it.
+  if (cpu_->PutUntil(key, chunk.bytes(), chunk.crc32c, now->pin_expiry,
+                     [&](std::vector<EvictedChunk> evicted) {
+                       Demote(std::move(evicted), &key_lock);
+                     })
+          .ok()) {
     TierCounters::Add(cpu_counters_.promotions);
   }
-  Demote(std::move(evicted));
 }
 
 absl::StatusOr<LocatedChunk> TieredStore::Get(absl::string_view key) {
   absl::Time start = absl::Now();
-  if (absl::StatusOr<ChunkRef> chunk = cpu_.Get(key); chunk.ok()) {
+  if (absl::StatusOr<ChunkRef> chunk = cpu_->Get(key); chunk.ok()) {
     cpu_counters_.read_latency.Record(absl::Now() - start);
     TierCounters::Add(cpu_counters_.hits);
     return LocatedChunk{*std::move(chunk), TierId::kCpu};
@@ -162,7 +172,7 @@ absl::StatusOr<LocatedChunk> TieredStore::Get(absl::string_view key) {
 }
 
 absl::StatusOr<LocatedChunk> TieredStore::Peek(absl::string_view key) const {
-  if (absl::StatusOr<ChunkRef> chunk = cpu_.Peek(key); chunk.ok()) {
+  if (absl::StatusOr<ChunkRef> chunk = cpu_->Peek(key); chunk.ok()) {
     return LocatedChunk{*std::move(chunk), TierId::kCpu};
   }
   if (!nvme_) return absl::NotFoundError("chunk not cached");
@@ -173,7 +183,7 @@ absl::StatusOr<LocatedChunk> TieredStore::Peek(absl::string_view key) const {
 
 absl::StatusOr<bool> TieredStore::Delete(absl::string_view key) {
   absl::MutexLock lock(&KeyLock(key));
-  bool deleted = cpu_.Delete(key);
+  bool deleted = cpu_->Delete(key);
   if (nvme_) {
     absl::StatusOr<bool> on_nvme = nvme_->Delete(key);
     if (!on_nvme.ok()) return on_nvme.status();
@@ -185,7 +195,7 @@ absl::StatusOr<bool> TieredStore::Delete(absl::string_view key) {
 absl::StatusOr<absl::Time> TieredStore::Pin(absl::string_view key,
                                             absl::Duration ttl) {
   absl::MutexLock lock(&KeyLock(key));
-  absl::StatusOr<absl::Time> in_cpu = cpu_.Pin(key, ttl);
+  absl::StatusOr<absl::Time> in_cpu = cpu_->Pin(key, ttl);
   absl::StatusOr<absl::Time> on_nvme =
       nvme_ ? nvme_->Pin(key, ttl) : absl::NotFoundError("no NVMe tier");
   if (!on_nvme.ok() && !absl::IsNotFound(on_nvme.status()))
@@ -199,7 +209,7 @@ absl::StatusOr<absl::Time> TieredStore::Pin(absl::string_view key,
 
 absl::Status TieredStore::Unpin(absl::string_view key) {
   absl::MutexLock lock(&KeyLock(key));
-  absl::Status in_cpu = cpu_.Unpin(key);
+  absl::Status in_cpu = cpu_->Unpin(key);
   absl::Status on_nvme =
       nvme_ ? nvme_->Unpin(key) : absl::NotFoundError("no NVMe tier");
   if (!on_nvme.ok() && !absl::IsNotFound(on_nvme)) return on_nvme;
@@ -210,12 +220,12 @@ absl::Status TieredStore::Flush() {
   if (!nvme_) return absl::OkStatus();
   absl::Status first_error;
   size_t written = 0;
-  for (const std::string& key : cpu_.Keys()) {
+  for (const std::string& key : cpu_->Keys()) {
     absl::MutexLock lock(&KeyLock(key));
-    absl::StatusOr<ChunkRef> chunk = cpu_.Peek(key);
+    absl::StatusOr<ChunkRef> chunk = cpu_->Peek(key);
     if (!chunk.ok() || nvme_->Contains(key)) continue;
     absl::Status s =
-        nvme_->Put(key, *chunk->bytes, chunk->crc32c, chunk->pin_expiry);
+        nvme_->Put(key, chunk->bytes(), chunk->crc32c, chunk->pin_expiry);
     written += s.ok() ? 1 : 0;
     first_error.Update(s);
   }
@@ -225,17 +235,26 @@ absl::Status TieredStore::Flush() {
 }
 
 uint64_t TieredStore::chunks() const {
-  if (!nvme_) return cpu_.Usage().chunks;
+  if (!nvme_) return cpu_->Usage().chunks;
   uint64_t only_in_memory = 0;
-  for (const std::string& key : cpu_.Keys()) {
+  for (const std::string& key : cpu_->Keys()) {
     only_in_memory += nvme_->Contains(key) ? 0 : 1;
   }
   return nvme_->Usage().chunks + only_in_memory;
 }
 
+std::vector<std::string> TieredStore::Keys() const {
+  std::vector<std::string> keys = cpu_->Keys();
+  if (!nvme_) return keys;
+  for (std::string& key : nvme_->Keys()) {
+    if (!cpu_->Peek(key).ok()) keys.push_back(std::move(key));
+  }
+  return keys;
+}
+
 std::vector<TierReport> TieredStore::Report() const {
   std::vector<TierReport> reports = {
-      TierReport{TierId::kCpu, cpu_.Usage(), &cpu_counters_}};
+      TierReport{TierId::kCpu, cpu_->Usage(), &cpu_counters_}};
   if (nvme_) {
     reports.push_back(
         TierReport{TierId::kNvme, nvme_->Usage(), &nvme_counters_});

@@ -8,8 +8,9 @@
 //
 // Policy:
 //  - LRU per tier; a chunk evicted from CPU is demoted to NVMe instead of
-//    dropped (free when NVMe already holds the same bytes); NVMe, the last
-//    tier, drops its LRU chunks.
+//    dropped (free when NVMe already holds the same bytes; dropped only if
+//    another write holds its key at that moment); NVMe, the last tier,
+//    drops its LRU chunks.
 //  - A Get that hits NVMe promotes the chunk to CPU; the NVMe copy stays, so
 //    the next demotion of it costs nothing.
 //  - Pins and TTLs hold in every tier and travel with a chunk when it moves;
@@ -56,6 +57,8 @@ struct TieredStoreOptions {
   // No NVMe tier when absent.
   std::optional<NvmeTierOptions> nvme;
   bool write_through = false;
+  // Page-lock the CPU tier for fast copies to a GPU, where one is present.
+  bool pin_cpu_memory = true;
 };
 
 // A chunk and the tier it was found in.
@@ -113,6 +116,8 @@ class TieredStore {
 
   // Distinct chunks held (a chunk in two tiers counts once).
   uint64_t chunks() const;
+  // The keys of those chunks, a snapshot in no particular order.
+  std::vector<std::string> Keys() const;
   std::vector<TierReport> Report() const;
 
  private:
@@ -120,14 +125,15 @@ class TieredStore {
 
   absl::Mutex& KeyLock(absl::string_view key) const;
   bool AdmittedToCpu(uint64_t size) const;
-  // Moves chunks the CPU tier evicted down to NVMe (or lets them go).
-  void Demote(std::vector<EvictedChunk> evicted);
+  // Moves chunks the CPU tier evicted down to NVMe (or lets them go),
+  // from inside a write that holds the key lock `held`.
+  void Demote(std::vector<EvictedChunk> evicted, absl::Mutex* held);
   // Copies a chunk read from NVMe into the CPU tier.
   void Promote(absl::string_view key, const ChunkRef& chunk);
 
   const TieredStoreOptions options_;
   const Clock clock_;
-  MemoryTier cpu_;
+  std::unique_ptr<MemoryTier> cpu_;
   std::unique_ptr<NvmeTier> nvme_;
   TierCounters cpu_counters_;
   TierCounters nvme_counters_;

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -55,7 +56,7 @@ class TieredStoreTest : public ::testing::Test {
     auto chunk = store_->Get(key);
     EXPECT_TRUE(chunk.ok()) << key << ": " << chunk.status();
     if (!chunk.ok()) return TierId::kCpu;
-    EXPECT_EQ(*chunk->chunk.bytes, want) << key;
+    EXPECT_EQ(chunk->chunk.bytes(), want) << key;
     return chunk->tier;
   }
 
@@ -93,6 +94,17 @@ TEST_F(TieredStoreTest, EvictionFromMemoryDemotesToNvmeAndHitsPromote) {
   for (int i = 0; i < 6; ++i)
     GetTier("k" + std::to_string(i), Bytes(kChunk, i));
   EXPECT_EQ(store_->chunks(), 6u);
+}
+
+TEST_F(TieredStoreTest, KeysListsEveryChunkOnceWhateverItsTier) {
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_TRUE(Put("k" + std::to_string(i), Bytes(kChunk, i)).ok());
+  }
+  GetTier("k0", Bytes(kChunk, 0));  // now in memory and on NVMe
+  std::vector<std::string> keys = store_->Keys();
+  std::sort(keys.begin(), keys.end());
+  EXPECT_EQ(keys,
+            (std::vector<std::string>{"k0", "k1", "k2", "k3", "k4", "k5"}));
 }
 
 TEST_F(TieredStoreTest, CleanRestartKeepsEveryChunkAfterFlush) {

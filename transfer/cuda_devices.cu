@@ -67,4 +67,15 @@ double MeasurePinnedHostToDeviceGBps(int device, uint64_t bytes, int repeats,
   return gbps;
 }
 
+bool RegisterHostMemory(void* host, uint64_t bytes, std::string* error) {
+  int count = 0;
+  if (!Check(cudaGetDeviceCount(&count), "cudaGetDeviceCount", error)) {
+    return false;
+  }
+  return Check(cudaHostRegister(host, bytes, cudaHostRegisterPortable),
+               "cudaHostRegister", error);
+}
+
+void UnregisterHostMemory(void* host) { cudaHostUnregister(host); }
+
 }  // namespace kvcache::transfer

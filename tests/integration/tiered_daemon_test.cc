@@ -26,6 +26,7 @@ namespace kvcache {
 namespace {
 
 using ::kvcache::testing::DaemonProcess;
+using ::kvcache::testing::FreeLoopbackPort;
 
 constexpr char kDaemon[] = "kvstore/kvcached";
 
@@ -42,19 +43,6 @@ std::unique_ptr<KvCacheClient> ConnectTo(const DaemonProcess& daemon) {
   auto client = KvCacheClient::Connect(options);
   EXPECT_TRUE(client.ok()) << client.status();
   return client.ok() ? std::move(*client) : nullptr;
-}
-
-// A port nothing listens on right now, for the metrics endpoint.
-int FreeLoopbackPort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
 }
 
 std::string HttpGet(int port, const std::string& path) {

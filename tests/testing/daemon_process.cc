@@ -1,6 +1,9 @@
 #include "tests/testing/daemon_process.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -20,15 +23,9 @@ std::string TempDir() {
 
 }  // namespace
 
-absl::StatusOr<DaemonProcess> DaemonProcess::Start(
+absl::StatusOr<DaemonProcess> DaemonProcess::Spawn(
     const std::string& binary, const std::vector<std::string>& args) {
-  static int started = 0;
-  const std::string port_file =
-      absl::StrCat(TempDir(), "/kvcached-", getpid(), "-", started++, ".port");
-  std::remove(port_file.c_str());
-
-  std::vector<std::string> argv_strings = {binary, "--listen=127.0.0.1:0",
-                                           "--port_file=" + port_file};
+  std::vector<std::string> argv_strings = {binary};
   argv_strings.insert(argv_strings.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (std::string& s : argv_strings) argv.push_back(s.data());
@@ -41,18 +38,32 @@ absl::StatusOr<DaemonProcess> DaemonProcess::Start(
     std::perror(("exec " + binary).c_str());
     _exit(127);
   }
+  return DaemonProcess(pid, "");
+}
 
-  DaemonProcess daemon(pid, "");
+absl::StatusOr<DaemonProcess> DaemonProcess::Start(
+    const std::string& binary, const std::vector<std::string>& args) {
+  static int started = 0;
+  const std::string port_file =
+      absl::StrCat(TempDir(), "/kvcached-", getpid(), "-", started++, ".port");
+  std::remove(port_file.c_str());
+
+  std::vector<std::string> daemon_args = {"--listen=127.0.0.1:0",
+                                          "--port_file=" + port_file};
+  daemon_args.insert(daemon_args.end(), args.begin(), args.end());
+  absl::StatusOr<DaemonProcess> daemon = Spawn(binary, daemon_args);
+  if (!daemon.ok()) return daemon.status();
+
   const absl::Time deadline = absl::Now() + absl::Seconds(20);
   while (absl::Now() < deadline) {
     int port = 0;
     if (std::ifstream(port_file) >> port && port > 0) {
-      daemon.address_ = absl::StrCat("127.0.0.1:", port);
+      daemon->address_ = absl::StrCat("127.0.0.1:", port);
       return daemon;
     }
     int status = 0;
-    if (waitpid(pid, &status, WNOHANG) == pid) {
-      daemon.pid_ = -1;
+    if (waitpid(daemon->pid_, &status, WNOHANG) == daemon->pid_) {
+      daemon->pid_ = -1;
       return absl::InternalError(
           absl::StrCat(binary, " exited during start-up with status ", status));
     }
@@ -92,6 +103,18 @@ absl::StatusOr<int> DaemonProcess::WaitForExit(absl::Duration timeout) {
     absl::SleepFor(absl::Milliseconds(20));
   }
   return absl::FailedPreconditionError("daemon not running");
+}
+
+int FreeLoopbackPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
 }
 
 }  // namespace kvcache::testing

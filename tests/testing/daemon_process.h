@@ -1,5 +1,6 @@
-// Starts a real kvcached binary on a free loopback port for a test and stops
-// it again, so whole-system tests talk to the daemon exactly as workers do.
+// Starts a real kvcached binary on a free loopback port and stops it again,
+// so whole-system tests and benchmarks talk to the daemon exactly as workers
+// do. Also runs the other programs they compare with (redis-server, fio).
 #ifndef KVCACHE_TESTS_TESTING_DAEMON_PROCESS_H_
 #define KVCACHE_TESTS_TESTING_DAEMON_PROCESS_H_
 
@@ -20,6 +21,12 @@ class DaemonProcess {
   // "kvstore/kvcached") with `--listen=127.0.0.1:0` plus `args`, and waits
   // until it reports its port. Its stderr goes to the test log.
   static absl::StatusOr<DaemonProcess> Start(
+      const std::string& binary, const std::vector<std::string>& args);
+
+  // Starts `binary` with exactly `args` and returns at once, for programs
+  // that are not kvcached; the caller knows when they are ready. address()
+  // is empty.
+  static absl::StatusOr<DaemonProcess> Spawn(
       const std::string& binary, const std::vector<std::string>& args);
 
   DaemonProcess(DaemonProcess&& other) noexcept;
@@ -44,6 +51,10 @@ class DaemonProcess {
   pid_t pid_ = -1;
   std::string address_;
 };
+
+// A loopback TCP port nothing listens on right now (for servers that need
+// their port up front).
+int FreeLoopbackPort();
 
 }  // namespace kvcache::testing
 

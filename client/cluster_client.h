@@ -1,0 +1,92 @@
+// A client for a cluster of kvcached nodes, with the same calls as
+// KvCacheClient (client/kvcache_client.h).
+//
+// It follows the cluster's membership in etcd (cluster/membership.h) and
+// places chunks by rendezvous hashing (cluster/placement.h), exactly as the
+// nodes do:
+//  - Put writes each chunk to its `replication_factor` replicas in parallel;
+//    it succeeds once every chunk is on at least one (the nodes' repair loop
+//    restores the missing copies).
+//  - Get reads each chunk from its first replica, then the other replicas,
+//    then every other node (a draining node, or a previous owner that has
+//    not yet handed the chunk to a node that just joined). A dead node costs
+//    a fast UNAVAILABLE and a retry elsewhere, not a failed fetch.
+//  - Lookup asks every replica of the prompt's chunks in parallel and
+//    returns the longest prefix whose every chunk some replica holds.
+//  - Delete, Pin and Unpin apply to every node holding the chunk.
+// While etcd is unreachable it keeps using the last membership it read.
+//
+// Thread-safe; meant to be shared. Errors are KvCacheClient's, with the
+// node named; NOT_FOUND from Get names the key and every node asked.
+#ifndef KVCACHE_CLIENT_CLUSTER_CLIENT_H_
+#define KVCACHE_CLIENT_CLUSTER_CLIENT_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "client/chunk_key.h"
+#include "client/kvcache_client.h"
+#include "cluster/membership.h"
+
+namespace kvcache {
+
+struct ClusterClientOptions {
+  // host:port of etcd client endpoints.
+  std::vector<std::string> etcd_endpoints = {"127.0.0.1:2379"};
+  std::string cluster_name = "default";
+  // Must match the nodes' cluster.replication_factor.
+  uint32_t replication_factor = 2;
+  // How often membership is re-read from etcd.
+  absl::Duration membership_poll = absl::Seconds(1);
+  // Settings for the call to each node; `address` is ignored (membership
+  // says where nodes are). A short connect_timeout keeps a node that died
+  // but is still listed from stalling calls.
+  ClientOptions node = {.connect_timeout = absl::Seconds(1)};
+};
+
+class ClusterClient {
+ public:
+  // Reads the membership once. UNAVAILABLE if etcd cannot be read or the
+  // cluster has no nodes.
+  static absl::StatusOr<std::unique_ptr<ClusterClient>> Connect(
+      const ClusterClientOptions& options);
+
+  absl::StatusOr<LookupResult> Lookup(absl::Span<const ChunkKey> keys);
+  absl::Status Put(absl::Span<const ChunkToPut> chunks,
+                   const PutOptions& options = {});
+  absl::StatusOr<std::vector<FetchedChunk>> Get(
+      absl::Span<const ChunkKey> keys);
+  // Returns how many of the keys some node held.
+  absl::StatusOr<uint32_t> Delete(absl::Span<const ChunkKey> keys);
+  absl::StatusOr<absl::Time> Pin(absl::Span<const ChunkKey> keys,
+                                 absl::Duration ttl);
+  absl::Status Unpin(absl::Span<const ChunkKey> keys);
+
+  // The membership as last read.
+  std::shared_ptr<const cluster::Membership> Membership() const {
+    return membership_->Current();
+  }
+  // The client for one node (connected on first use), e.g. for Admin calls.
+  absl::StatusOr<KvCacheClient*> Node(const cluster::NodeRecord& node);
+
+ private:
+  explicit ClusterClient(const ClusterClientOptions& options);
+
+  const ClusterClientOptions options_;
+  std::unique_ptr<cluster::MembershipView> membership_;
+  absl::Mutex mu_;
+  // By address.
+  absl::flat_hash_map<std::string, std::unique_ptr<KvCacheClient>> nodes_
+      ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_CLIENT_CLUSTER_CLIENT_H_

@@ -1,0 +1,69 @@
+// A client for the few etcd v3 calls cluster membership needs: put, prefix
+// range, and leases (grant, keep alive, revoke).
+//
+// It speaks etcd's JSON gateway (HTTP on the client port, /v3/...), so it
+// needs no etcd protos or extra libraries. Each call tries the endpoints in
+// turn, starting with the last one that answered, and gives up after one
+// round. Thread-safe.
+#ifndef KVCACHE_CLUSTER_ETCD_CLIENT_H_
+#define KVCACHE_CLUSTER_ETCD_CLIENT_H_
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+
+namespace kvcache::cluster {
+
+struct EtcdOptions {
+  // host:port of etcd client endpoints, e.g. "127.0.0.1:2379".
+  std::vector<std::string> endpoints;
+  // Deadline of one HTTP request to one endpoint.
+  absl::Duration timeout = absl::Seconds(2);
+};
+
+struct KeyValue {
+  std::string key;
+  std::string value;
+};
+
+// Errors: UNAVAILABLE (or DEADLINE_EXCEEDED) naming every endpoint tried when
+// none answers; otherwise etcd's own code and message (NOT_FOUND for a lease
+// that expired or was revoked).
+class EtcdClient {
+ public:
+  explicit EtcdClient(EtcdOptions options);
+
+  // A new lease of `ttl` (whole seconds, at least 1); returns its id.
+  absl::StatusOr<int64_t> GrantLease(absl::Duration ttl);
+  // Restarts the lease's TTL. NOT_FOUND if it has already expired.
+  absl::Status KeepAlive(int64_t lease);
+  // Ends the lease now; the keys attached to it vanish.
+  absl::Status RevokeLease(int64_t lease);
+
+  // Sets `key` to `value`, attached to `lease` (0: no lease).
+  absl::Status Put(absl::string_view key, absl::string_view value,
+                   int64_t lease = 0);
+  // Every key starting with `prefix` (non-empty), in key order.
+  absl::StatusOr<std::vector<KeyValue>> RangePrefix(absl::string_view prefix);
+
+  const EtcdOptions& options() const { return options_; }
+
+ private:
+  // POSTs the JSON `request` to `path`; returns the response body of a 200.
+  absl::StatusOr<std::string> Call(absl::string_view path,
+                                   const std::string& request);
+
+  const EtcdOptions options_;
+  // Index of the endpoint that answered last; tried first next time.
+  std::atomic<size_t> preferred_{0};
+};
+
+}  // namespace kvcache::cluster
+
+#endif  // KVCACHE_CLUSTER_ETCD_CLIENT_H_

@@ -1,0 +1,87 @@
+#include "kvstore/peer_client.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "transfer/grpc_stream.h"
+#include "transfer/put_stream.h"
+
+namespace kvcache::kvstore {
+namespace {
+
+absl::Status PeerError(const grpc::Status& status, absl::string_view call,
+                       absl::string_view address) {
+  const absl::Status s = transfer::FromGrpcStatus(status);
+  return absl::Status(
+      s.code(), absl::StrCat("peer ", address, " ", call, ": ", s.message()));
+}
+
+}  // namespace
+
+v1::KvCache::Stub& PeerClient::StubFor(const std::string& address) {
+  std::unique_ptr<v1::KvCache::Stub>& stub = stubs_[address];
+  if (!stub) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(8 << 20);
+    stub = v1::KvCache::NewStub(grpc::CreateCustomChannel(
+        address, grpc::InsecureChannelCredentials(), args));
+  }
+  return *stub;
+}
+
+absl::StatusOr<std::vector<bool>> PeerClient::Holds(
+    const std::string& address, const std::vector<std::string>& keys) {
+  v1::LookupEachRequest request;
+  for (const std::string& key : keys) request.add_keys(key);
+  v1::LookupEachResponse response;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       absl::ToChronoMilliseconds(timeout_));
+  const grpc::Status status =
+      StubFor(address).LookupEach(&context, request, &response);
+  if (!status.ok()) return PeerError(status, "lookup", address);
+  if (response.chunks_size() != static_cast<int>(keys.size())) {
+    return absl::InternalError(absl::StrCat("peer ", address, " answered ",
+                                            response.chunks_size(), " of ",
+                                            keys.size(), " keys"));
+  }
+  std::vector<bool> held;
+  held.reserve(keys.size());
+  for (const v1::ChunkInfo& info : response.chunks()) {
+    held.push_back(info.tier() != v1::TIER_UNSPECIFIED);
+  }
+  return held;
+}
+
+absl::StatusOr<size_t> PeerClient::Copy(const std::string& address,
+                                        const std::vector<std::string>& keys,
+                                        TieredStore& store) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       absl::ToChronoMilliseconds(timeout_));
+  v1::PutResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::PutRequest>> writer =
+      StubFor(address).Put(&context, &response);
+  const absl::Time now = absl::Now();
+  for (const std::string& key : keys) {
+    absl::StatusOr<LocatedChunk> located = store.Get(key);
+    if (!located.ok()) continue;  // evicted or deleted since the scan
+    const ChunkRef& chunk = located->chunk;
+    const int64_t pin_ms =
+        chunk.pinned ? std::max<int64_t>(
+                           1, absl::ToInt64Milliseconds(chunk.pin_expiry - now))
+                     : 0;
+    if (!transfer::WritePutChunk(*writer, key, chunk.bytes(), chunk.crc32c,
+                                 pin_ms, transfer::kDefaultPieceBytes)) {
+      break;  // Finish says why
+    }
+  }
+  writer->WritesDone();
+  const grpc::Status status = writer->Finish();
+  if (!status.ok()) return PeerError(status, "put", address);
+  return response.chunks_stored();
+}
+
+}  // namespace kvcache::kvstore

@@ -1,0 +1,48 @@
+// The calls a node makes to its peers in a cluster: which chunks a peer
+// holds, and copying chunks from this node's store into it through the
+// peer's ordinary Put API (so the peer checks them like any client's).
+//
+// Channels are opened on first use and kept; a peer that has died fails its
+// calls fast with UNAVAILABLE. Not thread-safe: one repair loop uses it.
+#ifndef KVCACHE_KVSTORE_PEER_CLIENT_H_
+#define KVCACHE_KVSTORE_PEER_CLIENT_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "kvcache/v1/kvcache.grpc.pb.h"
+#include "kvstore/tiered_store.h"
+
+namespace kvcache::kvstore {
+
+class PeerClient {
+ public:
+  explicit PeerClient(absl::Duration timeout) : timeout_(timeout) {}
+
+  // For each of `keys`, whether the peer at `address` holds it. Errors are
+  // the peer's (UNAVAILABLE naming it when it cannot be reached).
+  absl::StatusOr<std::vector<bool>> Holds(const std::string& address,
+                                          const std::vector<std::string>& keys);
+
+  // Copies the chunks under `keys` from `store` to the peer, keeping their
+  // pins. Keys the store no longer holds are skipped. Returns how many were
+  // copied; on error some before the failing one may have been.
+  absl::StatusOr<size_t> Copy(const std::string& address,
+                              const std::vector<std::string>& keys,
+                              TieredStore& store);
+
+ private:
+  v1::KvCache::Stub& StubFor(const std::string& address);
+
+  const absl::Duration timeout_;
+  absl::flat_hash_map<std::string, std::unique_ptr<v1::KvCache::Stub>> stubs_;
+};
+
+}  // namespace kvcache::kvstore
+
+#endif  // KVCACHE_KVSTORE_PEER_CLIENT_H_

@@ -1,0 +1,361 @@
+// A cluster of real kvcached processes around a real etcd, on loopback:
+// chunks survive a node killed with SIGKILL, a node joining and a node
+// draining while a reader fetches all the time, and an etcd outage.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "client/chunk_key.h"
+#include "client/cluster_client.h"
+#include "client/kvcache_client.h"
+#include "cluster/placement.h"
+#include "tests/testing/daemon_process.h"
+#include "tests/testing/etcd_process.h"
+
+namespace kvcache {
+namespace {
+
+using ::kvcache::testing::DaemonProcess;
+using ::kvcache::testing::EtcdProcess;
+
+constexpr char kDaemon[] = "kvstore/kvcached";
+constexpr char kCtl[] = "client/kvcachectl";
+constexpr char kCluster[] = "test";
+constexpr int kPrompts = 12;
+constexpr int kChunksPerPrompt = 4;
+constexpr size_t kChunkBytes = 48 << 10;
+
+struct Prompt {
+  std::vector<ChunkKey> keys;
+  std::vector<std::string> chunks;
+};
+
+std::vector<Prompt> MakePrompts(int count, int seed) {
+  std::mt19937_64 rng(seed);
+  KeySpace space;
+  space.model_id = "cluster-test";
+  space.chunk_tokens = 4;
+  std::vector<Prompt> prompts(count);
+  for (int p = 0; p < count; ++p) {
+    std::vector<int32_t> tokens(4 * kChunksPerPrompt);
+    for (size_t t = 0; t < tokens.size(); ++t) {
+      tokens[t] = seed * 100000 + p * 100 + t;
+    }
+    prompts[p].keys = *ChunkKeysForTokens(space, tokens);
+    for (int c = 0; c < kChunksPerPrompt; ++c) {
+      std::string bytes(kChunkBytes, '\0');
+      for (size_t i = 0; i < bytes.size(); i += 8) {
+        const uint64_t v = rng();
+        std::memcpy(&bytes[i], &v, 8);
+      }
+      prompts[p].chunks.push_back(std::move(bytes));
+    }
+  }
+  return prompts;
+}
+
+// Polls `done` every 100 ms until it holds or `timeout` passes.
+template <typename Predicate>
+bool WaitFor(Predicate done, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    if (done()) return true;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  return done();
+}
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto etcd = EtcdProcess::Start();
+    ASSERT_TRUE(etcd.ok()) << etcd.status();
+    etcd_ = std::move(*etcd);
+  }
+
+  // Starts node `id`; short lease and quick repairs keep the test short.
+  void StartNode(const std::string& id) {
+    auto daemon = DaemonProcess::Start(
+        kDaemon,
+        {absl::StrCat("--set=node_id: \"", id, "\""),
+         "--set=cpu_tier { capacity_bytes: 268435456 }",
+         absl::StrCat("--set=cluster { etcd_endpoints: \"", etcd_->endpoint(),
+                      "\" cluster_name: \"", kCluster,
+                      "\" lease_ttl_seconds: 2 replication_factor: 2 "
+                      "membership_poll_ms: 100 repair_interval_seconds: 2 }")});
+    ASSERT_TRUE(daemon.ok()) << daemon.status();
+    nodes_.emplace(id, std::make_unique<DaemonProcess>(std::move(*daemon)));
+  }
+
+  // Connects once some node has registered (nodes register just after
+  // they start serving).
+  std::unique_ptr<ClusterClient> Connect() {
+    ClusterClientOptions options;
+    options.etcd_endpoints = {etcd_->endpoint()};
+    options.cluster_name = kCluster;
+    options.membership_poll = absl::Milliseconds(100);
+    absl::StatusOr<std::unique_ptr<ClusterClient>> client;
+    WaitFor(
+        [&] {
+          client = ClusterClient::Connect(options);
+          return client.ok();
+        },
+        absl::Seconds(10));
+    EXPECT_TRUE(client.ok()) << client.status();
+    return client.ok() ? std::move(*client) : nullptr;
+  }
+
+  // Node ids `client` currently sees, in order, draining ones marked.
+  static std::string Members(const ClusterClient& client) {
+    std::string ids;
+    for (const cluster::NodeRecord& node : client.Membership()->nodes) {
+      absl::StrAppend(&ids, ids.empty() ? "" : ",", node.node_id,
+                      node.draining ? "(draining)" : "");
+    }
+    return ids;
+  }
+
+  bool WaitForMembers(const ClusterClient& client, const std::string& ids) {
+    const bool ok =
+        WaitFor([&] { return Members(client) == ids; }, absl::Seconds(15));
+    EXPECT_TRUE(ok) << "members " << Members(client) << ", want " << ids;
+    return ok;
+  }
+
+  void PutAll(ClusterClient& client, const std::vector<Prompt>& prompts) {
+    for (const Prompt& prompt : prompts) {
+      std::vector<ChunkToPut> chunks;
+      for (int c = 0; c < kChunksPerPrompt; ++c) {
+        chunks.push_back({prompt.keys[c], prompt.chunks[c]});
+      }
+      ASSERT_TRUE(client.Put(chunks).ok());
+    }
+  }
+
+  // Looks up and fetches every prompt, checking bytes; "" if all is well.
+  static std::string FetchAll(ClusterClient& client,
+                              const std::vector<Prompt>& prompts) {
+    for (size_t p = 0; p < prompts.size(); ++p) {
+      auto hit = client.Lookup(prompts[p].keys);
+      if (!hit.ok()) return hit.status().ToString();
+      if (hit->prefix_chunks != kChunksPerPrompt) {
+        return absl::StrCat("prompt ", p, ": lookup found ", hit->prefix_chunks,
+                            " chunks");
+      }
+      auto chunks = client.Get(prompts[p].keys);
+      if (!chunks.ok()) return chunks.status().ToString();
+      for (int c = 0; c < kChunksPerPrompt; ++c) {
+        if ((*chunks)[c].bytes != prompts[p].chunks[c]) {
+          return absl::StrCat("prompt ", p, " chunk ", c, " differs");
+        }
+      }
+    }
+    return "";
+  }
+
+  // Per node id, which keys of `prompts` it holds (asking each node).
+  std::map<std::string, std::vector<bool>> Holdings(
+      const std::vector<Prompt>& prompts) {
+    std::vector<ChunkKey> keys;
+    for (const Prompt& prompt : prompts) {
+      keys.insert(keys.end(), prompt.keys.begin(), prompt.keys.end());
+    }
+    std::map<std::string, std::vector<bool>> held;
+    for (const auto& [id, daemon] : nodes_) {
+      auto client = KvCacheClient::Connect({.address = daemon->address()});
+      if (!client.ok()) continue;
+      auto infos = (*client)->LookupEach(keys);
+      if (!infos.ok()) continue;
+      for (const v1::ChunkInfo& info : *infos) {
+        held[id].push_back(info.tier() != v1::TIER_UNSPECIFIED);
+      }
+    }
+    return held;
+  }
+
+  // True when every chunk is held by exactly its replicas under the
+  // membership `client` sees (and by no other node).
+  bool ExactlyOnReplicas(const ClusterClient& client,
+                         const std::vector<Prompt>& prompts) {
+    const auto membership = client.Membership();
+    const cluster::Placement placement(membership->nodes, 2);
+    const auto held = Holdings(prompts);
+    size_t k = 0;
+    for (const Prompt& prompt : prompts) {
+      for (const ChunkKey& key : prompt.keys) {
+        std::vector<std::string> want, have;
+        for (const auto* node : placement.Replicas(key.AsBytes())) {
+          want.push_back(node->node_id);
+        }
+        for (const auto& [id, bits] : held) {
+          if (bits[k]) have.push_back(id);
+        }
+        std::sort(want.begin(), want.end());
+        if (want.size() != 2 || want != have) return false;
+        ++k;
+      }
+    }
+    return true;
+  }
+
+  void KillNode(const std::string& id) {
+    nodes_[id]->Signal(SIGKILL);
+    ASSERT_TRUE(nodes_[id]->WaitForExit(absl::Seconds(10)).ok());
+    nodes_.erase(id);
+  }
+
+  // Runs kvcachectl against the cluster; returns its output, or "" with a
+  // test failure if it exits non-zero.
+  std::string Ctl(const std::string& args) {
+    const std::string command =
+        absl::StrCat(kCtl, " --etcd=", etcd_->endpoint(),
+                     " --cluster=", kCluster, " ", args, " 2>&1");
+    FILE* pipe = popen(command.c_str(), "r");
+    std::string out;
+    char buffer[4096];
+    while (size_t n = fread(buffer, 1, sizeof(buffer), pipe)) {
+      out.append(buffer, n);
+    }
+    EXPECT_EQ(pclose(pipe), 0) << command << "\n" << out;
+    return out;
+  }
+
+  std::unique_ptr<EtcdProcess> etcd_;
+  std::map<std::string, std::unique_ptr<DaemonProcess>> nodes_;
+};
+
+TEST_F(ClusterTest, NodeKilledWithSigkillLosesNoPrefix) {
+  for (const char* id : {"n1", "n2", "n3"}) StartNode(id);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n2,n3"));
+  const std::vector<Prompt> prompts = MakePrompts(kPrompts, 1);
+  PutAll(*client, prompts);
+  EXPECT_TRUE(ExactlyOnReplicas(*client, prompts));
+
+  KillNode("n2");
+  // Before its lease runs out n2 is still listed: reads fall back to the
+  // other replica.
+  EXPECT_EQ(FetchAll(*client, prompts), "");
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n3"));
+  EXPECT_EQ(FetchAll(*client, prompts), "");
+  // The survivors copy what n2 held so every chunk has two copies again.
+  EXPECT_TRUE(WaitFor([&] { return ExactlyOnReplicas(*client, prompts); },
+                      absl::Seconds(20)));
+}
+
+TEST_F(ClusterTest, JoinAndDrainWithoutFailedFetches) {
+  for (const char* id : {"n1", "n2", "n3"}) StartNode(id);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n2,n3"));
+  const std::vector<Prompt> prompts = MakePrompts(kPrompts, 2);
+  PutAll(*client, prompts);
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> fetches{0};
+  std::vector<std::string> failures;
+  std::thread fetcher([&] {
+    auto reader = Connect();
+    while (reader && !stop.load()) {
+      const std::string error = FetchAll(*reader, prompts);
+      if (!error.empty()) failures.push_back(error);
+      ++fetches;
+    }
+  });
+
+  StartNode("n4");
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n2,n3,n4"));
+  // Old owners hand n4 its share and drop their extra copies.
+  EXPECT_TRUE(WaitFor([&] { return ExactlyOnReplicas(*client, prompts); },
+                      absl::Seconds(30)));
+
+  const std::string drained = Ctl("drain n2 --wait=60s");
+  EXPECT_TRUE(absl::StrContains(drained, "n2 drained")) << drained;
+  const int fetches_before_stop = fetches.load();
+  nodes_["n2"]->Signal(SIGTERM);
+  EXPECT_EQ(*nodes_["n2"]->WaitForExit(absl::Seconds(20)), 0);
+  nodes_.erase("n2");
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n3,n4"));
+  EXPECT_TRUE(WaitFor([&] { return ExactlyOnReplicas(*client, prompts); },
+                      absl::Seconds(30)));
+  // Keep reading a little after n2 left.
+  WaitFor([&] { return fetches.load() > fetches_before_stop + 3; },
+          absl::Seconds(20));
+  stop = true;
+  fetcher.join();
+  EXPECT_GT(fetches.load(), 3);
+  EXPECT_TRUE(failures.empty())
+      << failures.size() << " failed, first: " << failures.front();
+}
+
+TEST_F(ClusterTest, KeepsServingThroughEtcdOutage) {
+  for (const char* id : {"n1", "n2", "n3"}) StartNode(id);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n2,n3"));
+  const std::vector<Prompt> before = MakePrompts(kPrompts, 3);
+  PutAll(*client, before);
+
+  etcd_->Kill();
+  // Longer than the lease TTL: nobody may drop out for lack of etcd.
+  absl::SleepFor(absl::Seconds(3));
+  EXPECT_EQ(Members(*client), "n1,n2,n3");
+  EXPECT_EQ(FetchAll(*client, before), "");
+  const std::vector<Prompt> during = MakePrompts(4, 4);
+  PutAll(*client, during);
+  EXPECT_EQ(FetchAll(*client, during), "");
+
+  ASSERT_TRUE(etcd_->Restart().ok());
+  // Nodes renew their leases (or register afresh) and a new client sees
+  // the whole cluster.
+  absl::SleepFor(absl::Seconds(3));
+  auto fresh = Connect();
+  ASSERT_NE(fresh, nullptr);
+  ASSERT_TRUE(WaitForMembers(*fresh, "n1,n2,n3"));
+  EXPECT_EQ(FetchAll(*fresh, before), "");
+  EXPECT_EQ(FetchAll(*fresh, during), "");
+
+  const std::string status = Ctl("cluster status");
+  for (const char* id : {"n1", "n2", "n3"}) {
+    EXPECT_TRUE(absl::StrContains(status, id)) << status;
+  }
+  EXPECT_TRUE(absl::StrContains(status, "3 nodes")) << status;
+}
+
+TEST_F(ClusterTest, ClearErrorsForUnknownKeysAndMissingEtcd) {
+  StartNode("n1");
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(WaitForMembers(*client, "n1"));
+  const std::vector<Prompt> absent = MakePrompts(1, 5);
+  auto got = client->Get(absent[0].keys);
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(
+      absl::StrContains(got.status().message(), "is held by no reachable node"))
+      << got.status();
+  EXPECT_EQ(client->Lookup(absent[0].keys)->prefix_chunks, 0u);
+
+  ClusterClientOptions options;
+  options.etcd_endpoints = {
+      absl::StrCat("127.0.0.1:", testing::FreeLoopbackPort())};
+  auto no_etcd = ClusterClient::Connect(options);
+  EXPECT_EQ(no_etcd.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(absl::StrContains(no_etcd.status().message(), "etcd"))
+      << no_etcd.status();
+}
+
+}  // namespace
+}  // namespace kvcache

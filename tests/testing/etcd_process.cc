@@ -1,0 +1,74 @@
+#include "tests/testing/etcd_process.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "cluster/etcd_client.h"
+
+namespace kvcache::testing {
+namespace {
+
+constexpr char kEtcd[] = "/usr/bin/etcd";
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<EtcdProcess>> EtcdProcess::Start() {
+  if (access(kEtcd, X_OK) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(kEtcd, " is missing; install Debian's etcd-server"));
+  }
+  static int started = 0;
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  std::unique_ptr<EtcdProcess> etcd(new EtcdProcess);
+  etcd->data_dir_ =
+      absl::StrCat(tmp ? tmp : "/tmp", "/etcd-", getpid(), "-", started++);
+  etcd->client_port_ = FreeLoopbackPort();
+  etcd->peer_port_ = FreeLoopbackPort();
+  etcd->endpoint_ = absl::StrCat("127.0.0.1:", etcd->client_port_);
+  if (absl::Status s = etcd->Launch(); !s.ok()) return s;
+  return etcd;
+}
+
+absl::Status EtcdProcess::Launch() {
+  const std::string client_url = absl::StrCat("http://", endpoint_);
+  const std::string peer_url = absl::StrCat("http://127.0.0.1:", peer_port_);
+  absl::StatusOr<DaemonProcess> process =
+      DaemonProcess::Spawn(kEtcd, {"--name=test", "--data-dir=" + data_dir_,
+                                   "--listen-client-urls=" + client_url,
+                                   "--advertise-client-urls=" + client_url,
+                                   "--listen-peer-urls=" + peer_url,
+                                   "--initial-advertise-peer-urls=" + peer_url,
+                                   "--initial-cluster=test=" + peer_url,
+                                   "--logger=zap", "--log-level=error"});
+  if (!process.ok()) return process.status();
+  process_ = std::make_unique<DaemonProcess>(std::move(*process));
+
+  cluster::EtcdClient client({{endpoint_}, absl::Milliseconds(500)});
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  absl::Status last;
+  while (absl::Now() < deadline) {
+    last = client.RangePrefix("/").status();
+    if (last.ok()) return absl::OkStatus();
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return absl::DeadlineExceededError(absl::StrCat(
+      "etcd on ", endpoint_, " not ready within 20s: ", last.message()));
+}
+
+void EtcdProcess::Kill() {
+  if (!process_) return;
+  process_->Signal(SIGKILL);
+  process_->WaitForExit(absl::Seconds(10)).IgnoreError();
+  process_.reset();
+}
+
+absl::Status EtcdProcess::Restart() {
+  Kill();
+  return Launch();
+}
+
+}  // namespace kvcache::testing

@@ -1,0 +1,44 @@
+// Runs a real single-member etcd (Debian's etcd-server) on free loopback
+// ports for cluster tests, with its data in a fresh directory under the
+// test's scratch space, and can kill and restart it on the same ports and
+// data to simulate an outage.
+#ifndef KVCACHE_TESTS_TESTING_ETCD_PROCESS_H_
+#define KVCACHE_TESTS_TESTING_ETCD_PROCESS_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "tests/testing/daemon_process.h"
+
+namespace kvcache::testing {
+
+class EtcdProcess {
+ public:
+  // Starts etcd and waits until its JSON gateway answers. FAILED_PRECONDITION
+  // if /usr/bin/etcd is missing (install etcd-server).
+  static absl::StatusOr<std::unique_ptr<EtcdProcess>> Start();
+
+  // "127.0.0.1:PORT", its client endpoint.
+  const std::string& endpoint() const { return endpoint_; }
+
+  // SIGKILLs etcd and waits for it to exit.
+  void Kill();
+  // Starts it again on the same ports and data and waits until it answers.
+  absl::Status Restart();
+
+ private:
+  EtcdProcess() = default;
+  absl::Status Launch();
+
+  std::string data_dir_;
+  int client_port_ = 0;
+  int peer_port_ = 0;
+  std::string endpoint_;
+  std::unique_ptr<DaemonProcess> process_;
+};
+
+}  // namespace kvcache::testing
+
+#endif  // KVCACHE_TESTS_TESTING_ETCD_PROCESS_H_
