@@ -96,6 +96,19 @@ absl::StatusOr<std::vector<v1::ChunkInfo>> KvCacheClient::LookupEach(
   return infos;
 }
 
+std::vector<ChunkToPut> PromptChunks(absl::Span<const ChunkKey> keys,
+                                     size_t first,
+                                     absl::Span<const std::string> bytes) {
+  std::vector<ChunkToPut> chunks;
+  chunks.reserve(bytes.size());
+  for (size_t i = first; i < first + bytes.size(); ++i) {
+    ChunkToPut chunk{keys[i], bytes[i - first]};
+    if (i > 0) chunk.parent = keys[i - 1];
+    chunks.push_back(std::move(chunk));
+  }
+  return chunks;
+}
+
 absl::Status KvCacheClient::Put(absl::Span<const ChunkToPut> chunks,
                                 const PutOptions& options) {
   if (chunks.empty()) return absl::OkStatus();
@@ -105,9 +118,14 @@ absl::Status KvCacheClient::Put(absl::Span<const ChunkToPut> chunks,
       data_->Put(context.get(), &response);
   for (const ChunkToPut& chunk : chunks) {
     // A failed write means the node ended the call; Finish says why.
-    if (!transfer::WritePutChunk(*writer, chunk.key.AsBytes(), chunk.bytes,
-                                 codec::Crc32c(chunk.bytes),
-                                 absl::ToInt64Milliseconds(options.pin_ttl),
+    v1::PutHeader header;
+    header.set_key(std::string(chunk.key.AsBytes()));
+    header.set_crc32c(codec::Crc32c(chunk.bytes));
+    header.set_pin_ttl_ms(absl::ToInt64Milliseconds(options.pin_ttl));
+    if (chunk.parent.has_value()) {
+      header.set_parent_key(std::string(chunk.parent->AsBytes()));
+    }
+    if (!transfer::WritePutChunk(*writer, header, chunk.bytes,
                                  options_.piece_bytes)) {
       break;
     }

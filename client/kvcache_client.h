@@ -15,6 +15,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,7 +44,17 @@ struct ClientOptions {
 struct ChunkToPut {
   ChunkKey key;
   absl::string_view bytes;  // borrowed for the duration of the call
+  // The chunk this one extends in its prompt (keys[i - 1] of
+  // ChunkKeysForTokens); none for a prompt's first chunk. The node evicts
+  // a prefix's later chunks before the ones they extend.
+  std::optional<ChunkKey> parent;
 };
+
+// Chunks keys[first, first + bytes.size()) of a prompt, chunk i holding
+// bytes[i - first] and naming keys[i - 1] as its parent, ready for Put.
+std::vector<ChunkToPut> PromptChunks(absl::Span<const ChunkKey> keys,
+                                     size_t first,
+                                     absl::Span<const std::string> bytes);
 
 struct PutOptions {
   // If positive, the chunks are stored pinned for this long (chat sessions).

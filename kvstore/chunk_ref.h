@@ -25,6 +25,9 @@ struct ChunkRef {
   uint32_t crc32c = 0;
   bool pinned = false;
   absl::Time pin_expiry = absl::InfinitePast();
+  // The chunk this one extends in its prompt, if its writer said so; kept
+  // by the CPU tier (prefix-aware eviction), not by the NVMe index.
+  std::string parent_key;
 
   absl::string_view bytes() const {
     return absl::string_view(data.get(), data ? size_bytes : 0);

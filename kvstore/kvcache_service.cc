@@ -97,6 +97,13 @@ class IncomingChunk {
     if (grpc::Status s = ValidateKey(header.key(), "put header key"); !s.ok()) {
       return s;
     }
+    if (!header.parent_key().empty()) {
+      if (grpc::Status s =
+              ValidateKey(header.parent_key(), "put header parent_key");
+          !s.ok()) {
+        return s;
+      }
+    }
     if (header.size_bytes() == 0) {
       return InvalidArgument("put header declares an empty chunk");
     }
@@ -255,9 +262,9 @@ grpc::Status KvCacheService::Put(grpc::ServerContext*,
                        header.crc32c(), "; nothing stored for it"));
     }
     const uint64_t size = bytes.size();
-    if (absl::Status s =
-            node_.store().Put(header.key(), std::move(bytes), crc,
-                              CappedTtl(header.pin_ttl_ms(), limits));
+    if (absl::Status s = node_.store().Put(
+            header.key(), std::move(bytes), crc,
+            CappedTtl(header.pin_ttl_ms(), limits), header.parent_key());
         !s.ok()) {
       return ToGrpcStatus(s);
     }

@@ -29,17 +29,27 @@ uint64_t MemoryTier::ReclaimableBytes(absl::string_view replaced_key) const {
 void MemoryTier::EvictFor(uint64_t bytes, absl::string_view keep,
                           std::vector<EvictedChunk>* victims) {
   uint64_t freed = 0;
-  for (auto victim = lru_.begin(); freed < bytes && victim != lru_.end();) {
-    auto it = entries_.find(*victim++);
-    if (it->first == keep || IsPinned(it->second)) continue;
-    freed += RoundUpToBlock(it->second.chunk.size_bytes);
-    victims->push_back(EvictedChunk{it->first, it->second.chunk});
-    Erase(it);
-    ++evictions_;
+  for (const bool leaves_only : {true, false}) {
+    for (auto victim = lru_.begin(); freed < bytes && victim != lru_.end();) {
+      auto it = entries_.find(*victim++);
+      if (it->first == keep || IsPinned(it->second) ||
+          (leaves_only && children_.contains(it->first))) {
+        continue;
+      }
+      freed += RoundUpToBlock(it->second.chunk.size_bytes);
+      victims->push_back(EvictedChunk{it->first, it->second.chunk});
+      Erase(it);
+      ++evictions_;
+    }
   }
 }
 
 void MemoryTier::Erase(absl::flat_hash_map<std::string, Entry>::iterator it) {
+  if (const std::string& parent = it->second.chunk.parent_key;
+      !parent.empty()) {
+    auto count = children_.find(parent);
+    if (--count->second == 0) children_.erase(count);
+  }
   used_bytes_ -= it->second.chunk.size_bytes;
   lru_.erase(it->second.recency);
   entries_.erase(it);
@@ -47,17 +57,19 @@ void MemoryTier::Erase(absl::flat_hash_map<std::string, Entry>::iterator it) {
 
 absl::Status MemoryTier::Put(absl::string_view key, absl::string_view bytes,
                              uint32_t crc32c, absl::Duration pin_ttl,
-                             const EvictionSink& sink) {
+                             const EvictionSink& sink,
+                             absl::string_view parent_key) {
   const absl::Time pin_expiry = pin_ttl > absl::ZeroDuration()
                                     ? clock_() + pin_ttl
                                     : absl::InfinitePast();
-  return PutUntil(key, bytes, crc32c, pin_expiry, sink);
+  return PutUntil(key, bytes, crc32c, pin_expiry, sink, parent_key);
 }
 
 absl::Status MemoryTier::PutUntil(absl::string_view key,
                                   absl::string_view bytes, uint32_t crc32c,
                                   absl::Time pin_expiry,
-                                  const EvictionSink& sink) {
+                                  const EvictionSink& sink,
+                                  absl::string_view parent_key) {
   const uint64_t size = bytes.size();
   const uint64_t footprint = RoundUpToBlock(std::max<uint64_t>(size, 1));
   if (footprint > arena_->capacity_bytes()) {
@@ -124,6 +136,11 @@ absl::Status MemoryTier::PutUntil(absl::string_view key,
   chunk.data = std::move(slice);
   chunk.size_bytes = size;
   chunk.crc32c = crc32c;
+  // A chunk naming itself would never be a leaf.
+  if (!parent_key.empty() && parent_key != key) {
+    chunk.parent_key = std::string(parent_key);
+    ++children_[chunk.parent_key];
+  }
   lru_.emplace_back(key);
   entries_.emplace(std::string(key), Entry{std::move(chunk), --lru_.end()});
   used_bytes_ += size;

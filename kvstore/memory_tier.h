@@ -54,16 +54,21 @@ class MemoryTier {
   // RESOURCE_EXHAUSTED if the chunk cannot fit even after evicting every
   // unpinned chunk; if that is clear up front, nothing is evicted, and the
   // key keeps its previous bytes in any case.
+  // `parent_key` names the chunk this one extends in its prompt (empty if
+  // none): eviction takes chunks no other held chunk extends first, least
+  // recently used among them, so a prefix shrinks from its end.
   absl::Status Put(absl::string_view key, absl::string_view bytes,
                    uint32_t crc32c,
                    absl::Duration pin_ttl = absl::ZeroDuration(),
-                   const EvictionSink& sink = nullptr);
+                   const EvictionSink& sink = nullptr,
+                   absl::string_view parent_key = {});
 
   // Like Put with a pin that lapses at `pin_expiry` (InfinitePast: none);
   // for chunks coming back from a slower tier with their pin.
   absl::Status PutUntil(absl::string_view key, absl::string_view bytes,
                         uint32_t crc32c, absl::Time pin_expiry,
-                        const EvictionSink& sink = nullptr);
+                        const EvictionSink& sink = nullptr,
+                        absl::string_view parent_key = {});
 
   // The chunk under `key`, now the most recently used; NOT_FOUND if absent.
   absl::StatusOr<ChunkRef> Get(absl::string_view key);
@@ -101,8 +106,10 @@ class MemoryTier {
   // `replaced_key`.
   uint64_t ReclaimableBytes(absl::string_view replaced_key) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Unlinks least recently used unpinned chunks (never `keep`) holding at
-  // least `bytes` of arena, at least one if any; appends them to `victims`.
+  // Unlinks unpinned chunks (never `keep`) holding at least `bytes` of
+  // arena, at least one if any, and appends them to `victims`: least
+  // recently used first among chunks no held chunk extends, then among the
+  // rest.
   void EvictFor(uint64_t bytes, absl::string_view keep,
                 std::vector<EvictedChunk>* victims)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -118,6 +125,8 @@ class MemoryTier {
   std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);
   // Bytes of the chunks held (their arena extents are rounded up to blocks).
   uint64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // For each key some held chunk names as its parent: how many do.
+  absl::flat_hash_map<std::string, uint32_t> children_ ABSL_GUARDED_BY(mu_);
   uint64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

@@ -64,6 +64,35 @@ TEST(MemoryTierTest, EvictsLeastRecentlyUsedFirst) {
   EXPECT_EQ(tier.Usage().evictions, 1u);
 }
 
+TEST(MemoryTierTest, EvictsAPrefixFromItsEnd) {
+  MemoryTier tier(Arena(4 * kB));
+  // A prompt's chunks p0 <- p1 <- p2, stored in order: p0 is the least
+  // recently used, yet the last to go.
+  ASSERT_TRUE(tier.Put("p0", Bytes(kB), 0).ok());
+  ASSERT_TRUE(tier.Put("p1", Bytes(kB), 0, {}, nullptr, "p0").ok());
+  ASSERT_TRUE(tier.Put("p2", Bytes(kB), 0, {}, nullptr, "p1").ok());
+  ASSERT_TRUE(tier.Put("other", Bytes(kB), 0).ok());
+  ASSERT_TRUE(tier.Put("x", Bytes(kB), 0).ok());
+  EXPECT_FALSE(tier.Peek("p2").ok());
+  EXPECT_EQ(tier.LongestPrefix({"p0", "p1", "p2"}), 2u);
+  ASSERT_TRUE(tier.Put("y", Bytes(kB), 0).ok());
+  EXPECT_FALSE(tier.Peek("p1").ok());
+  EXPECT_TRUE(tier.Peek("p0").ok());
+  // Nothing extends p0 any more: it is now simply the oldest chunk.
+  ASSERT_TRUE(tier.Put("z", Bytes(kB), 0).ok());
+  EXPECT_FALSE(tier.Peek("p0").ok());
+  EXPECT_TRUE(tier.Peek("other").ok());
+}
+
+TEST(MemoryTierTest, AncestorsGoWhenNothingElseCan) {
+  MemoryTier tier(Arena(2 * kB));
+  ASSERT_TRUE(tier.Put("p0", Bytes(kB), 0).ok());
+  ASSERT_TRUE(tier.Put("p1", Bytes(kB), 0, absl::Hours(1), nullptr, "p0").ok());
+  ASSERT_TRUE(tier.Put("x", Bytes(kB), 0).ok());
+  EXPECT_FALSE(tier.Peek("p0").ok());
+  EXPECT_TRUE(tier.Peek("p1").ok());  // pinned
+}
+
 TEST(MemoryTierTest, PeekDoesNotChangeRecency) {
   MemoryTier tier(Arena(2 * kB));
   ASSERT_TRUE(tier.Put("a", Bytes(kB), 0).ok());

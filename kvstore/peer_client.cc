@@ -73,8 +73,13 @@ absl::StatusOr<size_t> PeerClient::Copy(const std::string& address,
         chunk.pinned ? std::max<int64_t>(
                            1, absl::ToInt64Milliseconds(chunk.pin_expiry - now))
                      : 0;
-    if (!transfer::WritePutChunk(*writer, key, chunk.bytes(), chunk.crc32c,
-                                 pin_ms, transfer::kDefaultPieceBytes)) {
+    v1::PutHeader header;
+    header.set_key(key);
+    header.set_crc32c(chunk.crc32c);
+    header.set_pin_ttl_ms(pin_ms);
+    header.set_parent_key(chunk.parent_key);
+    if (!transfer::WritePutChunk(*writer, header, chunk.bytes(),
+                                 transfer::kDefaultPieceBytes)) {
       break;  // Finish says why
     }
   }

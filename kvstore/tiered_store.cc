@@ -48,7 +48,8 @@ bool TieredStore::AdmittedToCpu(uint64_t size) const {
 }
 
 absl::Status TieredStore::Put(absl::string_view key, std::string bytes,
-                              uint32_t crc32c, absl::Duration pin_ttl) {
+                              uint32_t crc32c, absl::Duration pin_ttl,
+                              absl::string_view parent_key) {
   absl::Time pin_expiry = pin_ttl > absl::ZeroDuration() ? clock_() + pin_ttl
                                                          : absl::InfinitePast();
   {
@@ -83,10 +84,12 @@ absl::Status TieredStore::Put(absl::string_view key, std::string bytes,
       if (!on_nvme.ok()) return on_nvme;
     }
     const absl::Time start = absl::Now();
-    absl::Status s = cpu_->PutUntil(key, bytes, crc32c, pin_expiry,
-                                    [&](std::vector<EvictedChunk> evicted) {
-                                      Demote(std::move(evicted), &key_lock);
-                                    });
+    absl::Status s = cpu_->PutUntil(
+        key, bytes, crc32c, pin_expiry,
+        [&](std::vector<EvictedChunk> evicted) {
+          Demote(std::move(evicted), &key_lock);
+        },
+        parent_key);
     cpu_counters_.write_latency.Record(absl::Now() - start);
     if (s.code() == absl::StatusCode::kResourceExhausted && nvme_) {
       // Memory is full of pinned chunks: NVMe takes the chunk instead.
@@ -140,10 +143,12 @@ void TieredStore::Promote(absl::string_view key, const ChunkRef& chunk) {
     return;
   }
   // On failure memory is full of pinned chunks; NVMe keeps serving it.
-  if (cpu_->PutUntil(key, chunk.bytes(), chunk.crc32c, now->pin_expiry,
-                     [&](std::vector<EvictedChunk> evicted) {
-                       Demote(std::move(evicted), &key_lock);
-                     })
+  if (cpu_->PutUntil(
+              key, chunk.bytes(), chunk.crc32c, now->pin_expiry,
+              [&](std::vector<EvictedChunk> evicted) {
+                Demote(std::move(evicted), &key_lock);
+              },
+              chunk.parent_key)
           .ok()) {
     TierCounters::Add(cpu_counters_.promotions);
   }

@@ -90,7 +90,7 @@ class TieredStore {
   // has room (everything pinned, NVMe disk full, or over the admission limit
   // without NVMe); the key then keeps its previous bytes, if any.
   absl::Status Put(absl::string_view key, std::string bytes, uint32_t crc32c,
-                   absl::Duration pin_ttl);
+                   absl::Duration pin_ttl, absl::string_view parent_key = {});
 
   // The chunk's bytes from the fastest tier holding it, promoting it to CPU
   // on an NVMe hit. NOT_FOUND if absent; DATA_LOSS if the only copy was

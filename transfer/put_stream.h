@@ -13,12 +13,12 @@
 
 namespace kvcache::transfer {
 
-// Writes one chunk: its header (key, size, `crc32c`, `pin_ttl_ms`, 0 for no
-// pin), then its bytes in pieces of `piece_bytes`. False once the stream is
-// broken; the call's Finish says why.
+// Writes one chunk: `header` (its size_bytes set to the bytes' size), then
+// its bytes in pieces of `piece_bytes`. False once the stream is broken; the
+// call's Finish says why.
 bool WritePutChunk(grpc::ClientWriterInterface<v1::PutRequest>& writer,
-                   absl::string_view key, absl::string_view bytes,
-                   uint32_t crc32c, uint64_t pin_ttl_ms, size_t piece_bytes);
+                   const v1::PutHeader& header, absl::string_view bytes,
+                   size_t piece_bytes);
 
 }  // namespace kvcache::transfer
 

@@ -93,13 +93,11 @@ absl::Status StoreDump(KvCacheClient& client, const codec::KvDump& dump,
       EncodePrefix(dump, dump.shape.tokens, options.chunk_tokens, level);
   if (!encoded.ok()) return encoded.status();
   const absl::Time t1 = absl::Now();
-  std::vector<ChunkToPut> chunks;
   size_t stored = 0;
-  for (size_t i = 0; i < keys->size(); ++i) {
-    chunks.push_back({(*keys)[i], (*encoded)[i]});
-    stored += (*encoded)[i].size();
+  for (const std::string& chunk : *encoded) stored += chunk.size();
+  if (absl::Status s = client.Put(PromptChunks(*keys, 0, *encoded)); !s.ok()) {
+    return s;
   }
-  if (absl::Status s = client.Put(chunks); !s.ok()) return s;
   const absl::Time t2 = absl::Now();
   std::printf(
       "  %-24s %zu chunks  %7.1f KiB fp16 -> %6.1f KiB %-13s (%4.1fx)  "

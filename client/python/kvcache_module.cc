@@ -85,7 +85,9 @@ std::vector<ChunkKey> ToKeys(const std::vector<py::bytes>& keys) {
   return out;
 }
 
-py::bytes ToBytes(const ChunkKey& key) { return py::bytes(std::string(key.AsBytes())); }
+py::bytes ToBytes(const ChunkKey& key) {
+  return py::bytes(std::string(key.AsBytes()));
+}
 
 absl::Duration Seconds(double s) { return absl::Seconds(s); }
 
@@ -129,10 +131,11 @@ class Client {
   }
 
   void Put(const std::vector<py::bytes>& keys,
-           const std::vector<py::bytes>& chunks, double pin_ttl_s) {
+           const std::vector<py::bytes>& chunks, double pin_ttl_s,
+           bool chained) {
     if (keys.size() != chunks.size()) {
-      Raise(absl::InvalidArgumentError(absl::StrCat(
-          keys.size(), " keys but ", chunks.size(), " chunks")));
+      Raise(absl::InvalidArgumentError(
+          absl::StrCat(keys.size(), " keys but ", chunks.size(), " chunks")));
     }
     const std::vector<ChunkKey> parsed = ToKeys(keys);
     std::vector<ChunkToPut> puts;
@@ -141,6 +144,7 @@ class Client {
       Py_ssize_t size = 0;
       PyBytes_AsStringAndSize(chunks[i].ptr(), &data, &size);
       puts.push_back({parsed[i], absl::string_view(data, size)});
+      if (chained && i > 0) puts.back().parent = parsed[i - 1];
     }
     absl::Status status;
     {
@@ -182,8 +186,7 @@ class Client {
       py::gil_scoped_release release;
       result = client_->Pin(parsed, Seconds(ttl_s));
     }
-    return absl::ToDoubleSeconds(Value(std::move(result)) -
-                                 absl::UnixEpoch());
+    return absl::ToDoubleSeconds(Value(std::move(result)) - absl::UnixEpoch());
   }
 
   void Unpin(const std::vector<py::bytes>& keys) {
@@ -244,9 +247,8 @@ std::vector<py::bytes> ChunkKeys(const std::vector<int32_t>& tokens,
 codec::DType ParseDType(const std::string& name) {
   if (name == "float16") return codec::DType::kFloat16;
   if (name == "bfloat16") return codec::DType::kBFloat16;
-  Raise(absl::InvalidArgumentError(
-      absl::StrCat("dtype must be \"float16\" or \"bfloat16\", not \"", name,
-                   "\"")));
+  Raise(absl::InvalidArgumentError(absl::StrCat(
+      "dtype must be \"float16\" or \"bfloat16\", not \"", name, "\"")));
 }
 
 // A chunk is a C-contiguous array of 16-bit patterns shaped
@@ -256,13 +258,12 @@ py::bytes Encode(py::array values, uint32_t kv_heads, uint32_t head_dim,
                  const std::string& level, const std::string& dtype) {
   if (values.itemsize() != 2 || values.ndim() != 4 || values.shape(1) != 2 ||
       !(values.flags() & py::array::c_style)) {
-      Raise(absl::InvalidArgumentError(
+    Raise(absl::InvalidArgumentError(
         "values must be a C-contiguous 16-bit array shaped [layers, 2, "
         "tokens, kv_heads * head_dim]"));
   }
   if (head_dim == 0 ||
-      static_cast<uint64_t>(values.shape(3)) !=
-          uint64_t{kv_heads} * head_dim) {
+      static_cast<uint64_t>(values.shape(3)) != uint64_t{kv_heads} * head_dim) {
     Raise(absl::InvalidArgumentError(
         absl::StrCat("last dimension is ", values.shape(3), ", not kv_heads ",
                      kv_heads, " x head_dim ", head_dim)));
@@ -278,8 +279,8 @@ py::bytes Encode(py::array values, uint32_t kv_heads, uint32_t head_dim,
   absl::StatusOr<std::string> stream;
   {
     py::gil_scoped_release release;
-    stream = codec::EncodeChunk(
-        shape, absl::MakeConstSpan(data, values.size()), parsed_level);
+    stream = codec::EncodeChunk(shape, absl::MakeConstSpan(data, values.size()),
+                                parsed_level);
   }
   return py::bytes(Value(std::move(stream)));
 }
@@ -310,8 +311,7 @@ py::dict PeekShape(const py::bytes& stream) {
   out["tokens"] = shape.tokens;
   out["kv_heads"] = shape.kv_heads;
   out["head_dim"] = shape.head_dim;
-  out["dtype"] =
-      shape.dtype == codec::DType::kFloat16 ? "float16" : "bfloat16";
+  out["dtype"] = shape.dtype == codec::DType::kFloat16 ? "float16" : "bfloat16";
   return out;
 }
 
@@ -336,9 +336,8 @@ void DefineModule(py::module_& m) {
   types.invalid_argument = subclass(
       "InvalidArgumentError", "A malformed request: bad key, shape or option.",
       PyExc_ValueError);
-  types.not_found =
-      subclass("NotFoundError", "A chunk the daemon does not hold.",
-               PyExc_KeyError);
+  types.not_found = subclass(
+      "NotFoundError", "A chunk the daemon does not hold.", PyExc_KeyError);
   types.resource_exhausted = subclass(
       "ResourceExhaustedError",
       "No room even after eviction (everything pinned, or a chunk too big).",
@@ -349,9 +348,9 @@ void DefineModule(py::module_& m) {
   types.data_loss = subclass(
       "DataLossError",
       "Damaged bytes: a checksum mismatch or a corrupt codec stream.", nullptr);
-  types.unavailable = subclass(
-      "UnavailableError", "The daemon cannot be reached or timed out.",
-      PyExc_ConnectionError);
+  types.unavailable =
+      subclass("UnavailableError", "The daemon cannot be reached or timed out.",
+               PyExc_ConnectionError);
   exceptions = &types;
   m.attr("Error") = types.error;
   m.attr("InvalidArgumentError") = types.invalid_argument;
@@ -383,9 +382,11 @@ void DefineModule(py::module_& m) {
            "The longest cached prefix of `keys`: {'prefix_chunks': n, "
            "'chunks': [{'size_bytes', 'tier', 'pinned'}, ...]}.")
       .def("put", &Client::Put, py::arg("keys"), py::arg("chunks"),
-           py::arg("pin_ttl_s") = 0.0,
+           py::arg("pin_ttl_s") = 0.0, py::arg("chained") = true,
            "Stores chunks[i] under keys[i]; pinned for pin_ttl_s seconds if "
-           "positive (a chat session).")
+           "positive (a chat session).\nchained: keys are consecutive chunks "
+           "of one prompt (as from chunk_keys), so the node evicts\nthe "
+           "prefix from its end; pass False for unrelated chunks.")
       .def("get", &Client::Get, py::arg("keys"),
            "The chunks' bytes, in order; NotFoundError if any is missing, "
            "DataLossError if one was found damaged.")

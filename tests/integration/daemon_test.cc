@@ -239,6 +239,17 @@ TEST_F(DaemonTest, MalformedPutsAreInvalidArgumentAndDaemonKeepsServing) {
   ExpectStillServing();
 }
 
+TEST_F(DaemonTest, MalformedParentKeyIsInvalidArgument) {
+  v1::PutRequest header =
+      Header(ContentKey("child").AsBytes(), 5, codec::Crc32c("child"));
+  header.mutable_header()->set_parent_key("too short");
+  const grpc::Status status = RawPut({header, Data("child")});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "parent_key"))
+      << status.error_message();
+  ExpectStillServing();
+}
+
 TEST_F(DaemonTest, MalformedKeyListsAreInvalidArgument) {
   std::vector<ChunkKey> too_many(65, ContentKey("x"));
   auto lookup = client_->Lookup(too_many);
@@ -383,6 +394,28 @@ TEST(DaemonEvictionTest, PinnedChunkSurvivesEviction) {
   const std::string big = RandomBytes(2 << 20, 77);
   EXPECT_EQ(client->Put({{ContentKey(big), big}}).code(),
             absl::StatusCode::kResourceExhausted);
+}
+
+TEST(DaemonEvictionTest, PromptsAreEvictedFromTheirEnd) {
+  auto daemon = DaemonProcess::Start(
+      kDaemon, {"--set=cpu_tier { capacity_bytes: 4194304 }"});
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  auto client = ConnectTo(*daemon);
+  ASSERT_NE(client, nullptr);
+  const std::vector<ChunkKey> keys = PromptKeys(3);
+  std::vector<std::string> chunks;
+  for (int i = 0; i < 3; ++i) chunks.push_back(RandomBytes(1 << 20, 40 + i));
+  ASSERT_TRUE(client->Put(PromptChunks(keys, 0, chunks)).ok());
+  // The second unrelated chunk needs room: plain LRU would take the
+  // prompt's first chunk and leave nothing usable; the prompt loses its last
+  // chunk instead.
+  for (int i = 0; i < 2; ++i) {
+    const std::string other = RandomBytes(1 << 20, 50 + i);
+    ASSERT_TRUE(client->Put({{ContentKey(other), other}}).ok());
+  }
+  auto lookup = client->Lookup(keys);
+  ASSERT_TRUE(lookup.ok()) << lookup.status();
+  EXPECT_EQ(lookup->prefix_chunks, 2u);
 }
 
 TEST(DaemonShutdownTest, SigtermLetsInFlightPutFinishThenRefuses) {

@@ -135,13 +135,11 @@ absl::StatusOr<StoreStats> ChatSession::Store(
 
   start = absl::Now();
   if (!encoded.empty()) {
-    std::vector<ChunkToPut> puts;
-    for (size_t i = kept; i < keys->size(); ++i) {
-      puts.push_back({(*keys)[i], encoded[i - kept]});
-    }
     PutOptions put_options;
     put_options.pin_ttl = options_.pin_ttl;
-    if (absl::Status status = client_->Put(puts, put_options); !status.ok()) {
+    if (absl::Status status =
+            client_->Put(PromptChunks(*keys, kept, encoded), put_options);
+        !status.ok()) {
       return status;
     }
   }
