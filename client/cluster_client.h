@@ -51,23 +51,26 @@ struct ClusterClientOptions {
   ClientOptions node = {.connect_timeout = absl::Seconds(1)};
 };
 
-class ClusterClient {
+class ClusterClient : public ChunkStore {
  public:
   // Reads the membership once. UNAVAILABLE if etcd cannot be read or the
   // cluster has no nodes.
   static absl::StatusOr<std::unique_ptr<ClusterClient>> Connect(
       const ClusterClientOptions& options);
 
-  absl::StatusOr<LookupResult> Lookup(absl::Span<const ChunkKey> keys);
+  // Lookup asks the owners of the keys in parallel and merges; Put writes
+  // to every replica (it succeeds once each chunk is on one); Get tries the
+  // replicas, then every other node. Delete returns how many of the keys
+  // some node held.
+  absl::StatusOr<LookupResult> Lookup(absl::Span<const ChunkKey> keys) override;
   absl::Status Put(absl::Span<const ChunkToPut> chunks,
-                   const PutOptions& options = {});
+                   const PutOptions& options = {}) override;
   absl::StatusOr<std::vector<FetchedChunk>> Get(
-      absl::Span<const ChunkKey> keys);
-  // Returns how many of the keys some node held.
-  absl::StatusOr<uint32_t> Delete(absl::Span<const ChunkKey> keys);
+      absl::Span<const ChunkKey> keys) override;
+  absl::StatusOr<uint32_t> Delete(absl::Span<const ChunkKey> keys) override;
   absl::StatusOr<absl::Time> Pin(absl::Span<const ChunkKey> keys,
-                                 absl::Duration ttl);
-  absl::Status Unpin(absl::Span<const ChunkKey> keys);
+                                 absl::Duration ttl) override;
+  absl::Status Unpin(absl::Span<const ChunkKey> keys) override;
 
   // The membership as last read.
   std::shared_ptr<const cluster::Membership> Membership() const {

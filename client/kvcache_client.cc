@@ -96,19 +96,6 @@ absl::StatusOr<std::vector<v1::ChunkInfo>> KvCacheClient::LookupEach(
   return infos;
 }
 
-std::vector<ChunkToPut> PromptChunks(absl::Span<const ChunkKey> keys,
-                                     size_t first,
-                                     absl::Span<const std::string> bytes) {
-  std::vector<ChunkToPut> chunks;
-  chunks.reserve(bytes.size());
-  for (size_t i = first; i < first + bytes.size(); ++i) {
-    ChunkToPut chunk{keys[i], bytes[i - first]};
-    if (i > 0) chunk.parent = keys[i - 1];
-    chunks.push_back(std::move(chunk));
-  }
-  return chunks;
-}
-
 absl::Status KvCacheClient::Put(absl::Span<const ChunkToPut> chunks,
                                 const PutOptions& options) {
   if (chunks.empty()) return absl::OkStatus();

@@ -2,11 +2,8 @@
 // kvcached node.
 //
 // A KvCacheClient holds one gRPC channel; it is thread-safe and meant to be
-// shared. Every call has a deadline (ClientOptions::timeout) and returns an
-// absl::Status whose code is the daemon's (NOT_FOUND for a key it does not
-// hold, INVALID_ARGUMENT for a malformed request, DATA_LOSS for a chunk that
-// arrived damaged, UNAVAILABLE or DEADLINE_EXCEEDED when the node cannot be
-// reached) and whose message says what went wrong.
+// shared. Every call has a deadline (ClientOptions::timeout); errors are as
+// ChunkStore describes.
 //
 // Chunk keys come from ChunkKeysForTokens (client/chunk_key.h).
 #ifndef KVCACHE_CLIENT_KVCACHE_CLIENT_H_
@@ -15,7 +12,6 @@
 #include <grpcpp/grpcpp.h>
 
 #include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +21,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "client/chunk_key.h"
+#include "client/chunk_store.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
 
 namespace kvcache {
@@ -40,49 +37,14 @@ struct ClientOptions {
   size_t piece_bytes = 1 << 20;
 };
 
-// One chunk to store.
-struct ChunkToPut {
-  ChunkKey key;
-  absl::string_view bytes;  // borrowed for the duration of the call
-  // The chunk this one extends in its prompt (keys[i - 1] of
-  // ChunkKeysForTokens); none for a prompt's first chunk. The node evicts
-  // a prefix's later chunks before the ones they extend.
-  std::optional<ChunkKey> parent;
-};
-
-// Chunks keys[first, first + bytes.size()) of a prompt, chunk i holding
-// bytes[i - first] and naming keys[i - 1] as its parent, ready for Put.
-std::vector<ChunkToPut> PromptChunks(absl::Span<const ChunkKey> keys,
-                                     size_t first,
-                                     absl::Span<const std::string> bytes);
-
-struct PutOptions {
-  // If positive, the chunks are stored pinned for this long (chat sessions).
-  absl::Duration pin_ttl = absl::ZeroDuration();
-};
-
-// A fetched chunk: its bytes and where the node kept it.
-struct FetchedChunk {
-  ChunkKey key;
-  std::string bytes;
-  v1::Tier tier = v1::TIER_UNSPECIFIED;
-};
-
-struct LookupResult {
-  // keys[0, prefix_chunks) are cached.
-  size_t prefix_chunks = 0;
-  std::vector<v1::ChunkInfo> chunks;  // one per cached prefix chunk
-};
-
-class KvCacheClient {
+class KvCacheClient : public ChunkStore {
  public:
   // Opens a channel and waits until the node answers. UNAVAILABLE (naming the
   // address) if it does not within connect_timeout.
   static absl::StatusOr<std::unique_ptr<KvCacheClient>> Connect(
       const ClientOptions& options);
 
-  // How much of `keys` (a prompt's chunk keys, in order) is cached.
-  absl::StatusOr<LookupResult> Lookup(absl::Span<const ChunkKey> keys);
+  absl::StatusOr<LookupResult> Lookup(absl::Span<const ChunkKey> keys) override;
 
   // For each key on its own (not only a leading prefix): its info if the
   // node holds it, else an entry with only the key set (tier
@@ -90,26 +52,17 @@ class KvCacheClient {
   absl::StatusOr<std::vector<v1::ChunkInfo>> LookupEach(
       absl::Span<const ChunkKey> keys);
 
-  // Stores the chunks in one stream, in order. Each chunk is checksummed
-  // (CRC32C) and verified by the node before it becomes visible. On error,
-  // chunks before the failing one may have been stored.
+  // Sends the chunks in one stream, in order; chunks before a failing one
+  // may have been stored.
   absl::Status Put(absl::Span<const ChunkToPut> chunks,
-                   const PutOptions& options = {});
-
-  // Fetches the chunks in one stream, verifying each one's CRC32C. NOT_FOUND
-  // if any key is absent (the message names which); DATA_LOSS if a chunk
-  // arrived damaged.
+                   const PutOptions& options = {}) override;
+  // Fetches the chunks in one stream.
   absl::StatusOr<std::vector<FetchedChunk>> Get(
-      absl::Span<const ChunkKey> keys);
-
-  // Removes the chunks; returns how many were present.
-  absl::StatusOr<uint32_t> Delete(absl::Span<const ChunkKey> keys);
-
-  // Pins the chunks for `ttl` (capped by the node); returns when the first
-  // pin lapses. NOT_FOUND if a key is absent.
+      absl::Span<const ChunkKey> keys) override;
+  absl::StatusOr<uint32_t> Delete(absl::Span<const ChunkKey> keys) override;
   absl::StatusOr<absl::Time> Pin(absl::Span<const ChunkKey> keys,
-                                 absl::Duration ttl);
-  absl::Status Unpin(absl::Span<const ChunkKey> keys);
+                                 absl::Duration ttl) override;
+  absl::Status Unpin(absl::Span<const ChunkKey> keys) override;
 
   absl::StatusOr<v1::StatsResponse> Stats();
   absl::StatusOr<v1::NodeInfoResponse> NodeInfo();

@@ -114,13 +114,8 @@ class TieredDaemonTest : public ::testing::Test {
     }
   }
 
-  std::string data_dir_;
-  std::vector<std::string> chunks_;
-  std::vector<ChunkKey> keys_;
-};
-
-TEST_F(TieredDaemonTest, KillDashNineWithWriteThroughLosesNothing) {
-  {
+  // Stores every chunk through a write-through daemon, then kill -9s it.
+  void StoreAllThenKill() {
     auto daemon = StartDaemon(/*write_through=*/true);
     ASSERT_TRUE(daemon.ok()) << daemon.status();
     auto client = ConnectTo(*daemon);
@@ -129,11 +124,23 @@ TEST_F(TieredDaemonTest, KillDashNineWithWriteThroughLosesNothing) {
     daemon->Signal(SIGKILL);
     ASSERT_TRUE(daemon->WaitForExit(absl::Seconds(10)).ok());
   }
-  auto daemon = StartDaemon(/*write_through=*/true);
-  ASSERT_TRUE(daemon.ok()) << daemon.status();
-  auto client = ConnectTo(*daemon);
-  ASSERT_NE(client, nullptr);
-  ExpectAllServedByteExact(*client);
+
+  void RestartAndExpectAllServed(bool write_through) {
+    auto daemon = StartDaemon(write_through);
+    ASSERT_TRUE(daemon.ok()) << daemon.status();
+    auto client = ConnectTo(*daemon);
+    ASSERT_NE(client, nullptr);
+    ExpectAllServedByteExact(*client);
+  }
+
+  std::string data_dir_;
+  std::vector<std::string> chunks_;
+  std::vector<ChunkKey> keys_;
+};
+
+TEST_F(TieredDaemonTest, KillDashNineWithWriteThroughLosesNothing) {
+  ASSERT_NO_FATAL_FAILURE(StoreAllThenKill());
+  RestartAndExpectAllServed(/*write_through=*/true);
 }
 
 TEST_F(TieredDaemonTest, CleanRestartKeepsChunksHeldOnlyInMemory) {
@@ -152,23 +159,11 @@ TEST_F(TieredDaemonTest, CleanRestartKeepsChunksHeldOnlyInMemory) {
     ASSERT_TRUE(exit_code.ok()) << exit_code.status();
     EXPECT_EQ(*exit_code, 0);
   }
-  auto daemon = StartDaemon(/*write_through=*/false);
-  ASSERT_TRUE(daemon.ok()) << daemon.status();
-  auto client = ConnectTo(*daemon);
-  ASSERT_NE(client, nullptr);
-  ExpectAllServedByteExact(*client);
+  RestartAndExpectAllServed(/*write_through=*/false);
 }
 
 TEST_F(TieredDaemonTest, DamagedChunkIsDataLossThenGoneAndOthersServe) {
-  {
-    auto daemon = StartDaemon(/*write_through=*/true);
-    ASSERT_TRUE(daemon.ok()) << daemon.status();
-    auto client = ConnectTo(*daemon);
-    ASSERT_NE(client, nullptr);
-    PutAll(*client);
-    daemon->Signal(SIGKILL);
-    ASSERT_TRUE(daemon->WaitForExit(absl::Seconds(10)).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(StoreAllThenKill());
   // Damage chunk 3 on disk, wherever the daemon put it.
   const std::string needle = chunks_[3].substr(1000, 64);
   int flipped = 0;

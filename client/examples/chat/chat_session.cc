@@ -58,7 +58,7 @@ absl::StatusOr<KeySpace> ChatKeySpace(const std::string& checkpoint_path,
 }
 
 absl::StatusOr<ChatSession> ChatSession::Create(
-    PagedKvCache* cache, KvCacheClient* client, const KeySpace& key_space,
+    PagedKvCache* cache, ChunkStore* client, const KeySpace& key_space,
     const ChatSessionOptions& options) {
   const KvCacheShape& shape = cache->shape();
   if (key_space.layers != static_cast<uint32_t>(shape.layers) ||

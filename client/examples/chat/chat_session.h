@@ -21,7 +21,8 @@
 // caller recomputes. A cache must never be the reason a turn fails.
 //
 // Threading: a ChatSession drives one worker thread's PagedKvCache, so it is
-// used by that thread only; the KvCacheClient it borrows may be shared.
+// used by that thread only; the ChunkStore it borrows (one node or a
+// cluster) may be shared.
 #ifndef KVCACHE_CLIENT_EXAMPLES_CHAT_CHAT_SESSION_H_
 #define KVCACHE_CLIENT_EXAMPLES_CHAT_CHAT_SESSION_H_
 
@@ -37,9 +38,9 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "client/chunk_key.h"
+#include "client/chunk_store.h"
 #include "client/examples/chat/llama_model.h"
 #include "client/examples/chat/paged_kv_cache.h"
-#include "client/kvcache_client.h"
 #include "codec/codec.h"
 
 namespace kvcache::chat {
@@ -94,7 +95,7 @@ class ChatSession {
   // (layers, kv heads, head dim, fp16, no tensor parallelism) or its chunk
   // size is zero. The cache and client must outlive the session.
   static absl::StatusOr<ChatSession> Create(PagedKvCache* cache,
-                                            KvCacheClient* client,
+                                            ChunkStore* client,
                                             const KeySpace& key_space,
                                             const ChatSessionOptions& options);
 
@@ -116,7 +117,7 @@ class ChatSession {
                                        absl::Span<const int32_t> tokens);
 
  private:
-  ChatSession(PagedKvCache* cache, KvCacheClient* client, KeySpace key_space,
+  ChatSession(PagedKvCache* cache, ChunkStore* client, KeySpace key_space,
               const ChatSessionOptions& options)
       : cache_(cache),
         client_(client),
@@ -129,7 +130,7 @@ class ChatSession {
                      size_t chunks, int total_tokens, RestoreStats& stats);
 
   PagedKvCache* cache_;
-  KvCacheClient* client_;
+  ChunkStore* client_;
   KeySpace key_space_;
   ChatSessionOptions options_;
   // The partial tail chunk the last Store put, to unpin once superseded.
