@@ -8,7 +8,15 @@ with the CUDA runtime. Code is built for Hopper (sm_90: H100, H200).
 CUDA_HOME = "/usr/local/cuda"
 CUDA_ARCH_FLAGS = "-gencode=arch=compute_90,code=sm_90"
 
-def cuda_library(name, srcs, hdrs = [], deps = [], nvcc_flags = []):
+def cuda_library(
+        name,
+        srcs,
+        hdrs = [],
+        deps = [],
+        nvcc_flags = [],
+        nvcc_inputs = [],
+        alwayslink = False,
+        testonly = False):
     """A cc_library whose .cu sources are compiled by nvcc.
 
     Args:
@@ -18,13 +26,19 @@ def cuda_library(name, srcs, hdrs = [], deps = [], nvcc_flags = []):
       deps: cc_library targets needed to link (their headers must be on the
         default include path or under this repository).
       nvcc_flags: extra nvcc flags.
+      nvcc_inputs: other files the .cu files include (headers of deps), so
+        editing them recompiles.
+      alwayslink: link every object even if nothing references it (test
+        registrations, main).
+      testonly: as for cc_library.
     """
     objs = []
     for src in srcs:
         obj = src.replace(".cu", ".cu.o")
         native.genrule(
             name = name + "_" + src.replace("/", "_").replace(".", "_"),
-            srcs = [src] + hdrs,
+            srcs = [src] + hdrs + nvcc_inputs,
+            testonly = testonly,
             outs = [obj],
             cmd = " ".join([
                 CUDA_HOME + "/bin/nvcc",
@@ -49,4 +63,6 @@ def cuda_library(name, srcs, hdrs = [], deps = [], nvcc_flags = []):
             "-lcudart",
         ],
         deps = deps,
+        alwayslink = alwayslink,
+        testonly = testonly,
     )

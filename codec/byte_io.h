@@ -9,6 +9,8 @@
 #include <string>
 
 #include "absl/strings/string_view.h"
+#include "codec/hd.h"
+#include "codec/rans_math.h"
 
 namespace kvcache::codec::internal {
 
@@ -68,18 +70,10 @@ class ByteReader {
   }
   // Rejects encodings longer than five bytes or overflowing 32 bits.
   bool Varint(uint32_t* v) {
-    uint32_t result = 0;
-    for (int shift = 0; shift < 35; shift += 7) {
-      uint8_t b;
-      if (!U8(&b)) return false;
-      if (shift == 28 && b > 0x0F) return false;
-      result |= uint32_t{b & 0x7Fu} << shift;
-      if (!(b & 0x80)) {
-        *v = result;
-        return true;
-      }
-    }
-    return false;
+    const int n = rans::ReadVarint(
+        reinterpret_cast<const uint8_t*>(data_.data()) + pos_, remaining(), v);
+    pos_ += n;
+    return n != 0;
   }
   bool Bytes(size_t n, absl::string_view* v) {
     if (remaining() < n) return false;
@@ -95,11 +89,11 @@ class ByteReader {
 
 // Unaligned little-endian loads/stores on raw buffers the caller has already
 // bounds-checked.
-inline uint32_t LoadU32(const uint8_t* p) {
+KVCACHE_HD inline uint32_t LoadU32(const uint8_t* p) {
   return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 |
          uint32_t{p[3]} << 24;
 }
-inline uint16_t LoadU16(const uint8_t* p) {
+KVCACHE_HD inline uint16_t LoadU16(const uint8_t* p) {
   return static_cast<uint16_t>(p[0] | p[1] << 8);
 }
 

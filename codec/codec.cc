@@ -16,19 +16,6 @@ namespace {
 using internal::Header;
 using internal::PlaneSpec;
 
-// Channel groups own frequency tables and choice bits. Whole heads keep a
-// head's statistics together; at least 64 channels amortize the tables on
-// models with tiny heads.
-uint32_t PickChannelGroup(const ChunkShape& shape) {
-  const uint32_t row = shape.kv_heads * shape.head_dim;
-  for (uint32_t heads = 1; heads <= shape.kv_heads; ++heads) {
-    const uint32_t width = heads * shape.head_dim;
-    if (width > 0xFFFF) break;
-    if (width >= 64 && shape.kv_heads % heads == 0) return width;
-  }
-  return row <= 0xFFFF ? row : shape.head_dim;
-}
-
 }  // namespace
 
 size_t ChunkShape::NumValues() const {
@@ -45,7 +32,7 @@ absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
   Header h;
   h.shape = shape;
   h.level = static_cast<uint8_t>(level);
-  h.channel_group = PickChannelGroup(shape);
+  h.channel_group = internal::PickChannelGroup(shape);
   if (absl::Status st = internal::ValidateHeader(h); !st.ok()) return st;
   if (values.size() != shape.NumValues()) {
     return absl::InvalidArgumentError("values.size() != shape.NumValues()");

@@ -10,11 +10,16 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "codec/byte_io.h"
 #include "codec/codec.h"
+#include "codec/group_layout.h"
+#include "codec/hd.h"
+#include "codec/rans_math.h"
 
 namespace kvcache::codec::internal {
 
 inline constexpr char kMagic[4] = {'K', 'V', 'C', 'G'};
+inline constexpr uint32_t kMagicLE = 0x4743564B;  // kMagic as a LE u32.
 inline constexpr uint8_t kVersion = 1;
 inline constexpr size_t kFixedHeaderBytes = 52;
 inline constexpr size_t kChecksumBytes = 4;
@@ -44,23 +49,116 @@ struct Header {
   uint32_t num_blocks = 0;
   uint32_t payload_bytes = 0;
 
-  uint32_t Channels() const { return shape.kv_heads * shape.head_dim; }
-  uint32_t ChannelGroups() const { return Channels() / channel_group; }
-  uint32_t TokenGroups() const {
+  KVCACHE_HD uint32_t Channels() const {
+    return shape.kv_heads * shape.head_dim;
+  }
+  KVCACHE_HD uint32_t ChannelGroups() const {
+    return Channels() / channel_group;
+  }
+  KVCACHE_HD uint32_t TokenGroups() const {
     return (shape.tokens + token_group - 1) / token_group;
   }
-  uint32_t Planes() const { return shape.layers * 2; }
+  KVCACHE_HD uint32_t Planes() const { return shape.layers * 2; }
+  // Bits of the choice section.
+  KVCACHE_HD uint64_t ChoiceBits() const {
+    return uint64_t{Planes()} * ChannelGroups() * TokenGroups();
+  }
 };
 
-// Number of byte planes a `bits`-wide integer is split into.
-inline int BytePlanes(int bits) { return bits > 8 ? 2 : 1; }
-// Alphabet size of byte plane `k` (0 = high byte when there are two).
-inline uint32_t Alphabet(int bits, int k) {
-  if (bits <= 8) return 1u << bits;
-  return k == 0 ? 1u << (bits - 8) : 256u;
-}
 // Bytes of scale parameters one plane carries.
-uint64_t ScaleBytes(const Header& h, const PlaneSpec& spec);
+KVCACHE_HD inline uint64_t ScaleBytes(const Header& h, const PlaneSpec& spec) {
+  switch (spec.mode) {
+    case ScaleMode::kIdentity:
+      return 0;
+    case ScaleMode::kPerChannel:
+      return uint64_t{4} * h.Channels();
+    case ScaleMode::kPerGroup:
+      return uint64_t{4} * h.TokenGroups() * h.ChannelGroups();
+  }
+  return 0;
+}
+
+// Whether a plane descriptor is valid: identity iff 16 bits.
+KVCACHE_HD inline bool ValidPlane(uint8_t bits, uint8_t mode) {
+  return bits >= 1 && bits <= 16 && mode <= 2 && (mode == 0) == (bits == 16);
+}
+
+// What is wrong with a header, if anything; ValidateHeader and ParseSections
+// turn these into statuses, the CUDA decoder into per-chunk error codes.
+enum class HeaderCheck : uint8_t {
+  kOk,
+  kTruncated,
+  kBadMagic,
+  kBadVersion,
+  kBadDtype,
+  kBadEntropyParameters,
+  kEmptyShape,
+  kTooLarge,
+  kTransform,
+  kBadGroups,
+  kBadBlockSize,
+};
+
+// Checks a header's shape and parameters (the fields ValidateHeader covers).
+KVCACHE_HD inline HeaderCheck CheckHeader(const Header& h) {
+  const ChunkShape& s = h.shape;
+  if (s.layers == 0 || s.tokens == 0 || s.kv_heads == 0 || s.head_dim == 0) {
+    return HeaderCheck::kEmptyShape;
+  }
+  if (s.dtype != DType::kFloat16 && s.dtype != DType::kBFloat16) {
+    return HeaderCheck::kBadDtype;
+  }
+  if (s.layers > kMaxLayers || s.tokens > kMaxTokens ||
+      uint64_t{s.kv_heads} * s.head_dim > kMaxChannels ||
+      uint64_t{s.layers} * 2 * s.tokens * s.kv_heads * s.head_dim >
+          kMaxValues) {
+    return HeaderCheck::kTooLarge;
+  }
+  if (h.transform_id != 0 || h.transform_fingerprint != 0) {
+    return HeaderCheck::kTransform;
+  }
+  if (h.token_group == 0 || h.token_group > 0xFFFF || h.channel_group == 0 ||
+      h.channel_group > 0xFFFF || h.Channels() % h.channel_group != 0) {
+    return HeaderCheck::kBadGroups;
+  }
+  if (h.block_symbols == 0 || h.block_symbols % rans::kLanes != 0 ||
+      h.block_symbols > kMaxBlockSymbols) {
+    return HeaderCheck::kBadBlockSize;
+  }
+  return HeaderCheck::kOk;
+}
+
+// Reads and checks the kFixedHeaderBytes bytes at p (the caller has checked
+// they exist). Sets *version to the stored version.
+KVCACHE_HD inline HeaderCheck ReadFixedHeader(const uint8_t* p, Header* h,
+                                              uint8_t* version) {
+  if (LoadU32(p) != kMagicLE) return HeaderCheck::kBadMagic;
+  *version = p[4];
+  const uint8_t dtype = p[5];
+  h->level = p[6];
+  h->transform_id = p[7];
+  h->transform_fingerprint = LoadU32(p + 8);
+  h->shape.layers = LoadU32(p + 12);
+  h->shape.tokens = LoadU32(p + 16);
+  h->shape.kv_heads = LoadU32(p + 20);
+  h->shape.head_dim = LoadU32(p + 24);
+  h->token_group = LoadU16(p + 28);
+  h->channel_group = LoadU16(p + 30);
+  h->block_symbols = LoadU32(p + 32);
+  const uint8_t prob_bits = p[36];
+  const uint8_t lanes = p[37];
+  const uint16_t reserved = LoadU16(p + 38);
+  h->tables_bytes = LoadU32(p + 40);
+  h->num_blocks = LoadU32(p + 44);
+  h->payload_bytes = LoadU32(p + 48);
+  if (*version != kVersion) return HeaderCheck::kBadVersion;
+  if (dtype > 1) return HeaderCheck::kBadDtype;
+  h->shape.dtype = static_cast<DType>(dtype);
+  if (prob_bits != rans::kProbBits || lanes != rans::kLanes || reserved != 0) {
+    return HeaderCheck::kBadEntropyParameters;
+  }
+  return CheckHeader(*h);
+}
 
 // A stream split into its sections; views point into the caller's buffer.
 struct Sections {
@@ -78,9 +176,45 @@ struct Sections {
 // writes what the decoder would reject) and by ParseSections.
 absl::Status ValidateHeader(const Header& h);
 
+// Writes the kFixedHeaderBytes bytes of h's fixed header at p.
+KVCACHE_HD inline void WriteFixedHeader(const Header& h, uint8_t* p) {
+  auto u16 = [&](int at, uint32_t v) {
+    p[at] = static_cast<uint8_t>(v);
+    p[at + 1] = static_cast<uint8_t>(v >> 8);
+  };
+  auto u32 = [&](int at, uint32_t v) {
+    u16(at, v & 0xFFFF);
+    u16(at + 2, v >> 16);
+  };
+  u32(0, kMagicLE);
+  p[4] = kVersion;
+  p[5] = static_cast<uint8_t>(h.shape.dtype);
+  p[6] = h.level;
+  p[7] = h.transform_id;
+  u32(8, h.transform_fingerprint);
+  u32(12, h.shape.layers);
+  u32(16, h.shape.tokens);
+  u32(20, h.shape.kv_heads);
+  u32(24, h.shape.head_dim);
+  u16(28, h.token_group);
+  u16(30, h.channel_group);
+  u32(32, h.block_symbols);
+  p[36] = rans::kProbBits;
+  p[37] = rans::kLanes;
+  u16(38, 0);
+  u32(40, h.tables_bytes);
+  u32(44, h.num_blocks);
+  u32(48, h.payload_bytes);
+}
+
 // Appends the fixed header and plane descriptors.
 void WriteHeader(const Header& h, const std::vector<PlaneSpec>& planes,
                  std::string* out);
+
+// The channel group the encoder uses for a shape: whole heads keep a head's
+// statistics together; at least 64 channels amortize the tables on models
+// with tiny heads.
+uint32_t PickChannelGroup(const ChunkShape& shape);
 
 // Splits `stream` into sections after validating every header field and
 // that the section sizes add up to exactly the stream length. Does not check

@@ -8,22 +8,6 @@ namespace {
 
 enum Mode { kRaw = 0, kDelta = 1 };
 
-uint32_t Mask(uint32_t bits) { return (1u << bits) - 1; }
-
-// Wrapped difference mapped to small unsigned numbers: 0, -1, 1, -2, ...
-// Wrapping keeps the alphabet at 2^bits and stays exact.
-uint32_t ZigZag(uint32_t diff, uint32_t bits) {
-  const uint32_t d = diff & Mask(bits);
-  const uint32_t neg = d >> (bits - 1);  // Top bit set: negative.
-  return ((d << 1) ^ (0u - neg)) & Mask(bits);
-}
-uint32_t UnZigZag(uint32_t z) { return (z >> 1) ^ (0u - (z & 1)); }
-
-// Byte plane k of integer v: the high byte first when there are two.
-uint8_t PlaneByte(uint32_t v, int planes, int k) {
-  return static_cast<uint8_t>(planes == 2 && k == 0 ? v >> 8 : v);
-}
-
 struct Range {
   uint32_t t0, t1;
 };
@@ -37,19 +21,16 @@ Range GroupTokens(const Header& h, uint32_t tg) {
 std::array<size_t, 2> StreamSizes(const GroupView& v,
                                   absl::string_view choices) {
   const Header& h = *v.header;
-  std::array<size_t, 2> n{0, 0};
-  for (uint32_t tg = 0; tg < h.TokenGroups(); ++tg) {
-    const Range r = GroupTokens(h, tg);
-    if (ChoiceBit(choices, v.first_choice + tg)) {
-      n[kRaw] += 1;
-      n[kDelta] += r.t1 - r.t0 - 1;
-    } else {
-      n[kRaw] += r.t1 - r.t0;
-    }
+  const uint32_t groups = h.TokenGroups();
+  uint32_t delta_before_last = 0;
+  for (uint32_t tg = 0; tg + 1 < groups; ++tg) {
+    delta_before_last += ChoiceBit(choices, v.first_choice + tg);
   }
-  n[kRaw] *= h.channel_group;
-  n[kDelta] *= h.channel_group;
-  return n;
+  const StreamRows rows =
+      RowsOfAll(h.shape.tokens, h.token_group, groups, delta_before_last,
+                ChoiceBit(choices, v.first_choice + groups - 1));
+  return {size_t{rows.raw} * h.channel_group,
+          size_t{rows.delta} * h.channel_group};
 }
 
 }  // namespace
@@ -90,8 +71,7 @@ void GroupEncoder::Encode(const GroupView& v, const uint16_t* q,
     for (int k = 0; k < planes; ++k) {
       const rans::Frequencies f = rans::Normalize(hist[m][k]);
       for (int s = 0; s < 256; ++s) {
-        cost[m][k][s] =
-            f[s] ? (rans::kProbBits << 8) - rans::Log2Fixed8(f[s]) : 0;
+        cost[m][k][s] = f[s] ? rans::SymbolCost(f[s]) : 0;
       }
     }
   }

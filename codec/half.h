@@ -1,28 +1,43 @@
 // Conversions between float and the two 16-bit formats a chunk may hold,
 // for the codec and for workers that keep their KV in fp16 or bf16.
-// Both round to nearest-even, so the CPU and a GPU decoder (which uses the
-// same IEEE rounding in __float2half_rn / __float2bfloat16_rn) agree bit for
-// bit.
+// Both round to nearest-even. CUDA code runs these same functions, which
+// use the hardware conversions (same rounding) for everything but NaN, so
+// CPU and GPU agree bit for bit, NaN payloads included.
 #ifndef KVCACHE_CODEC_HALF_H_
 #define KVCACHE_CODEC_HALF_H_
 
 #include <cstdint>
 #include <cstring>
 
+#include "codec/hd.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace kvcache::codec {
 
-inline uint32_t FloatBits(float f) {
+KVCACHE_HD inline uint32_t FloatBits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
+#endif
 }
-inline float BitsFloat(uint32_t u) {
+KVCACHE_HD inline float BitsFloat(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, 4);
   return f;
+#endif
 }
 
-inline float HalfToFloat(uint16_t h) {
+KVCACHE_HD inline float HalfToFloat(uint16_t h) {
   const uint32_t sign = uint32_t{h & 0x8000u} << 16;
   const uint32_t rest = h & 0x7FFFu;
   if (rest >= 0x7C00u) {  // Inf / NaN: keep the payload.
@@ -34,8 +49,14 @@ inline float HalfToFloat(uint16_t h) {
                    FloatBits(BitsFloat(rest << 13) * BitsFloat(0x77800000u)));
 }
 
-inline uint16_t FloatToHalf(float f) {
+KVCACHE_HD inline uint16_t FloatToHalf(float f) {
   const uint32_t u = FloatBits(f);
+#if defined(__CUDA_ARCH__)
+  // The hardware rounds the same way; only NaNs are made quiet differently.
+  if ((u & 0x7FFFFFFFu) <= 0x7F800000u) {
+    return __half_as_ushort(__float2half_rn(f));
+  }
+#endif
   const uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t a = u & 0x7FFFFFFFu;
   if (a >= 0x47800000u) {  // Overflow to Inf, or NaN (quieted).
@@ -52,16 +73,20 @@ inline uint16_t FloatToHalf(float f) {
   return static_cast<uint16_t>(sign | (a >> 13));
 }
 
-inline float BFloat16ToFloat(uint16_t b) {
+KVCACHE_HD inline float BFloat16ToFloat(uint16_t b) {
   return BitsFloat(uint32_t{b} << 16);
 }
 
-inline uint16_t FloatToBFloat16(float f) {
+KVCACHE_HD inline uint16_t FloatToBFloat16(float f) {
   const uint32_t u = FloatBits(f);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
     return static_cast<uint16_t>((u >> 16) | 0x40u);  // Quiet NaN.
   }
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+#endif
 }
 
 }  // namespace kvcache::codec

@@ -1,8 +1,6 @@
 #include "codec/quantize.h"
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <vector>
 
 #include "codec/byte_io.h"
@@ -10,90 +8,13 @@
 namespace kvcache::codec::internal {
 namespace {
 
-struct Affine {
-  float offset;
-  float step;
-};
-
-// Relative precision of a stored offset, used to widen the integer range so
-// rounding the offset can never push a value out of it.
-float OffsetPrecision(DType dtype) {
-  return dtype == DType::kFloat16 ? 1.0f / 2048 : 1.0f / 256;
-}
-
-// Integers needed to cover [center - dev, center + dev] with `step`, plus
-// margin for the rounding of the stored offset and step.
-float LevelsNeeded(float center, float dev, float step, DType dtype) {
-  if (!(step > 0)) return 1;
-  const float offset = std::fabs(center) + dev;
-  return 2 * dev / step + 2 * offset * OffsetPrecision(dtype) / step + 4;
-}
-
-// Stores offset = center - 2^(bits-1) * step (so the center maps to the
-// middle integer and raw symbols of every channel pool around the same
-// value), appends both 16-bit patterns and returns the map as stored.
+// Fits the map for a set and appends its stored form to `out`.
 Affine Fit(float center, float step, int bits, DType dtype, std::string* out) {
-  uint16_t step_bits = 0;
-  if (std::isfinite(step) && step > 0) step_bits = FromFloat(step, dtype);
-  const float s = ToFloat(step_bits, dtype);
-  const float half = static_cast<float>(1u << (bits - 1));
-  uint16_t offset_bits = FromFloat(center - half * s, dtype);
-  if (!std::isfinite(ToFloat(offset_bits, dtype))) offset_bits = 0;
+  const StoredAffine a = FitAffine(center, step, bits, dtype);
   ByteWriter w(out);
-  w.U16(offset_bits);
-  w.U16(step_bits);
-  return {ToFloat(offset_bits, dtype), s};
-}
-
-class Quantizer {
- public:
-  Quantizer(Affine a, int bits)
-      : offset_(a.offset),
-        inv_step_(a.step > 0 && std::isfinite(a.step) ? 1.0f / a.step : 0.0f),
-        max_q_(static_cast<float>((1u << bits) - 1)) {}
-
-  uint16_t operator()(float x) const {
-    float v = (x - offset_) * inv_step_ + 0.5f;
-    // Written so NaN lands on 0: the cast below must see a valid range.
-    v = v >= 0.0f ? v : 0.0f;
-    v = v <= max_q_ ? v : max_q_;
-    return static_cast<uint16_t>(v);
-  }
-
- private:
-  float offset_;
-  float inv_step_;
-  float max_q_;
-};
-
-// Mean, standard deviation and largest deviation from the mean of a set.
-struct Stats {
-  double sum = 0, sum_sq = 0;
-  float lo = std::numeric_limits<float>::infinity();
-  float hi = -std::numeric_limits<float>::infinity();
-  uint32_t n = 0;
-  void Add(float x) {
-    sum += x;
-    sum_sq += double{x} * x;
-    lo = std::min(lo, x);
-    hi = std::max(hi, x);
-    ++n;
-  }
-  float Mean() const { return n ? static_cast<float>(sum / n) : 0.0f; }
-  double Variance() const {
-    return n ? std::max(0.0, sum_sq / n - (sum / n) * (sum / n)) : 0.0;
-  }
-  float MaxDev() const {
-    const float m = Mean();
-    return n ? std::max(hi - m, m - lo) : 0.0f;
-  }
-};
-
-// Smallest integer width whose range holds `levels` integers.
-uint8_t BitsFor(float levels) {
-  uint8_t bits = 1;
-  while (bits < 16 && static_cast<float>(1u << bits) < levels) ++bits;
-  return bits;
+  w.U16(a.offset_bits);
+  w.U16(a.step_bits);
+  return a.map;
 }
 
 Affine ReadAffine(absl::string_view scales, size_t index, DType dtype) {
@@ -130,8 +51,7 @@ void DequantizeGroupT(const Header& h, const PlaneSpec& spec,
       const uint16_t* qr = q + size_t{t} * width;
       uint16_t* o = out + size_t{t} * row + c0;
       for (uint32_t c = 0; c < width; ++c) {
-        const float v = offset[c] + static_cast<float>(qr[c]) * step[c];
-        o[c] = kType == DType::kFloat16 ? FloatToHalf(v) : FloatToBFloat16(v);
+        o[c] = Dequantize({offset[c], step[c]}, qr[c], kType);
       }
     }
   }
@@ -172,21 +92,17 @@ void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
   // token magnitudes vary.
   double plane_var = 0;
   for (const Stats& st : stats) plane_var += st.Variance();
-  const float plane_step =
-      relative_step * static_cast<float>(std::sqrt(plane_var / groups));
+  const float plane_step = SpreadStep(relative_step, plane_var / groups);
   std::vector<float> step(groups);
   float levels = 1;
   for (uint32_t g = 0; g < groups; ++g) {
-    step[g] = per_channel
-                  ? plane_step
-                  : relative_step *
-                        static_cast<float>(std::sqrt(stats[g].Variance()));
-    if (!std::isfinite(step[g])) step[g] = 0;
-    const float need =
-        LevelsNeeded(stats[g].Mean(), stats[g].MaxDev(), step[g], dtype);
-    // Past 16 bits the step grows instead, so the widest set still fits.
-    if (need > 65535) step[g] *= need / 65535;
-    levels = std::max(levels, std::min(need, 65535.0f));
+    const SetFit fit =
+        FitSet(stats[g],
+               per_channel ? plane_step
+                           : SpreadStep(relative_step, stats[g].Variance()),
+               dtype);
+    step[g] = fit.step;
+    levels = levels < fit.levels ? fit.levels : levels;
   }
   spec->bits = BitsFor(levels);
   std::vector<Quantizer> quant;

@@ -10,16 +10,9 @@
 
 #include "absl/strings/string_view.h"
 #include "codec/format.h"
-#include "codec/half.h"
+#include "codec/quant_math.h"
 
 namespace kvcache::codec::internal {
-
-inline float ToFloat(uint16_t v, DType dtype) {
-  return dtype == DType::kFloat16 ? HalfToFloat(v) : BFloat16ToFloat(v);
-}
-inline uint16_t FromFloat(float f, DType dtype) {
-  return dtype == DType::kFloat16 ? FloatToHalf(f) : FloatToBFloat16(f);
-}
 
 // Replaces q (tokens x channels, row-major) with the integers for plane
 // values `src` (same layout) and appends the plane's scale section

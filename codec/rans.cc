@@ -1,7 +1,6 @@
 #include "codec/rans.h"
 
 #include <algorithm>
-#include <numeric>
 
 #include "absl/strings/str_cat.h"
 
@@ -9,18 +8,8 @@ namespace kvcache::codec::rans {
 namespace {
 
 using internal::ByteReader;
-using internal::ByteWriter;
 using internal::LoadU16;
 using internal::LoadU32;
-
-uint32_t VarintSize(uint32_t v) {
-  uint32_t n = 1;
-  while (v >= 0x80) {
-    v >>= 7;
-    ++n;
-  }
-  return n;
-}
 
 // Every symbol of a power-of-two alphabet equally likely.
 Frequencies Uniform(uint32_t alphabet) {
@@ -32,104 +21,13 @@ Frequencies Uniform(uint32_t alphabet) {
 
 }  // namespace
 
-uint32_t Log2Fixed8(uint32_t x) {
-  const int whole = 31 - __builtin_clz(x);
-  // Mantissa in Q1.31; squaring it doubles the log, so each square that
-  // crosses 2.0 yields one more fractional bit.
-  uint64_t m = uint64_t{x} << (31 - whole);
-  uint32_t frac = 0;
-  for (int i = 0; i < 8; ++i) {
-    m = (m * m) >> 31;
-    frac <<= 1;
-    if (m >= (uint64_t{1} << 32)) {
-      m >>= 1;
-      frac |= 1;
-    }
-  }
-  return static_cast<uint32_t>(whole) << 8 | frac;
-}
-
-uint64_t CodedCost(const Histogram& counts, const Frequencies& freqs) {
-  uint64_t cost = 0;
-  for (int s = 0; s < 256; ++s) {
-    if (counts[s] == 0) continue;
-    cost += uint64_t{counts[s]} * ((kProbBits << 8) - Log2Fixed8(freqs[s]));
-  }
-  return cost;
-}
-
-Frequencies Normalize(const Histogram& counts) {
-  Frequencies freqs{};
-  uint64_t total = 0;
-  for (uint32_t c : counts) total += c;
-  if (total == 0) return freqs;
-  uint32_t sum = 0;
-  int most = 0;
-  for (int s = 0; s < 256; ++s) {
-    if (counts[s] == 0) continue;
-    freqs[s] = static_cast<uint16_t>(
-        std::max<uint64_t>(1, uint64_t{counts[s]} * kProbScale / total));
-    sum += freqs[s];
-    if (counts[s] > counts[most]) most = s;
-  }
-  if (sum <= kProbScale) {
-    // Flooring lost less than one unit per symbol; the most frequent symbol
-    // absorbs it at the least relative distortion.
-    freqs[most] += static_cast<uint16_t>(kProbScale - sum);
-    return freqs;
-  }
-  // Raising rare symbols to 1 overshot: take units back from the largest
-  // frequencies first, in a fixed (freq desc, symbol asc) order.
-  std::array<uint8_t, 256> order;
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](uint8_t a, uint8_t b) {
-    return freqs[a] != freqs[b] ? freqs[a] > freqs[b] : a < b;
-  });
-  while (sum > kProbScale) {
-    for (uint8_t s : order) {
-      if (sum == kProbScale) break;
-      if (freqs[s] > 1) {
-        --freqs[s];
-        --sum;
-      }
-    }
-  }
-  return freqs;
-}
-
 Frequencies WriteTable(const Histogram& counts, uint32_t alphabet,
                        std::string* out) {
-  ByteWriter w(out);
-  Frequencies freqs = Normalize(counts);
-  int first = 256, last = -1;
-  for (int s = 0; s < 256; ++s) {
-    if (freqs[s] == 0) continue;
-    first = std::min(first, s);
-    last = s;
-  }
-  if (last < 0) {
-    w.U8(static_cast<uint8_t>(TableKind::kEmpty));
-    return freqs;
-  }
-  if (first == last) {
-    w.U8(static_cast<uint8_t>(TableKind::kSingle));
-    w.U8(static_cast<uint8_t>(first));
-    return freqs;
-  }
-  uint32_t explicit_bytes = 3;
-  for (int s = first; s <= last; ++s) explicit_bytes += VarintSize(freqs[s]);
-  const Frequencies uniform = Uniform(alphabet);
-  const uint64_t explicit_cost =
-      CodedCost(counts, freqs) + (uint64_t{explicit_bytes} << 11);
-  const uint64_t uniform_cost = CodedCost(counts, uniform) + (1 << 11);
-  if (uniform_cost < explicit_cost) {
-    w.U8(static_cast<uint8_t>(TableKind::kUniform));
-    return uniform;
-  }
-  w.U8(static_cast<uint8_t>(TableKind::kExplicit));
-  w.U8(static_cast<uint8_t>(first));
-  w.U8(static_cast<uint8_t>(last));
-  for (int s = first; s <= last; ++s) w.Varint(freqs[s]);
+  Frequencies freqs;
+  const TableChoice t = ChooseTable(counts.data(), alphabet, freqs.data());
+  const size_t at = out->size();
+  out->resize(at + t.bytes);
+  WriteTableBytes(t, freqs.data(), reinterpret_cast<uint8_t*>(&(*out)[at]));
   return freqs;
 }
 
@@ -203,7 +101,7 @@ void Encoder::EncodeBlock(const uint8_t* syms, size_t n,
     for (int lane = active - 1; lane >= 0; --lane) {
       const Sym& s = syms_[syms[base + lane]];
       uint32_t x = state[lane];
-      if (uint64_t{x} >= uint64_t{s.freq} << (32 - kProbBits)) {
+      if (EncodeEmits(x, s.freq)) {
         words.push_back(static_cast<uint16_t>(x));
         x >>= 16;
       }
@@ -213,7 +111,7 @@ void Encoder::EncodeBlock(const uint8_t* syms, size_t n,
               ? static_cast<uint32_t>(
                     (static_cast<unsigned __int128>(x) * s.reciprocal) >> 64)
               : x;
-      state[lane] = x + s.start + q * (kProbScale - s.freq);
+      state[lane] = EncodeAdvance(x, q, s.freq, s.start);
     }
   }
   const size_t base = out->size();
@@ -262,7 +160,7 @@ absl::Status Decoder::DecodeBlock(absl::string_view block, uint8_t* out,
       uint32_t x = state[lane];
       const uint32_t e = lut[x & (kProbScale - 1)];
       out[i] = static_cast<uint8_t>(e);
-      x = ((e >> 8 & 0xFFF) + 1) * (x >> kProbBits) + (e >> 20);
+      x = DecodeAdvance(x, (e >> 8 & 0xFFF) + 1, e >> 20);
       const uint32_t refill = x < kStateLow;
       const uint32_t word = LoadU16(p);
       x = refill ? (x << 16 | word) : x;
@@ -276,7 +174,7 @@ absl::Status Decoder::DecodeBlock(absl::string_view block, uint8_t* out,
     uint32_t x = state[lane];
     const uint32_t e = lut[x & (kProbScale - 1)];
     out[i] = static_cast<uint8_t>(e);
-    x = ((e >> 8 & 0xFFF) + 1) * (x >> kProbBits) + (e >> 20);
+    x = DecodeAdvance(x, (e >> 8 & 0xFFF) + 1, e >> 20);
     if (x < kStateLow) {
       if (p == end) return absl::DataLossError("rANS block overrun");
       x = x << 16 | LoadU16(p);

@@ -24,46 +24,21 @@
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "codec/byte_io.h"
+#include "codec/rans_math.h"
 
 namespace kvcache::codec::rans {
-
-inline constexpr int kProbBits = 12;
-inline constexpr uint32_t kProbScale = 1u << kProbBits;
-inline constexpr int kLanes = 32;  // Most lanes a block uses.
-inline constexpr uint32_t kStateLow = 1u << 16;
-// Short blocks use fewer lanes, so the 4-byte final state each lane stores
-// never costs more than 4 bytes per kSymbolsPerLane symbols.
-inline constexpr size_t kSymbolsPerLane = 512;
-
-// Lanes of a block of n symbols: clamp(n / kSymbolsPerLane, 1, kLanes).
-inline int LanesFor(size_t n) {
-  const size_t lanes = n / kSymbolsPerLane;
-  return lanes < 1 ? 1 : lanes > kLanes ? kLanes : static_cast<int>(lanes);
-}
 
 using Histogram = std::array<uint32_t, 256>;
 // Normalised frequencies: all zero (empty stream) or summing to kProbScale.
 using Frequencies = std::array<uint16_t, 256>;
 
-// Table kinds on the wire (FORMAT.md, "Frequency tables").
-enum class TableKind : uint8_t {
-  kEmpty = 0,
-  kSingle = 1,
-  kUniform = 2,  // Every symbol of the stream's alphabet equally likely.
-  kExplicit = 3,
-};
-
-// Returns 256 * log2(x) rounded down, for x >= 1, using integer arithmetic
-// only (so cost estimates, and the decisions they drive, are reproducible).
-uint32_t Log2Fixed8(uint32_t x);
-
-// Returns the cost of coding `counts` with `freqs`, in 1/256 bits. Every
-// symbol with a nonzero count must have a nonzero frequency.
-uint64_t CodedCost(const Histogram& counts, const Frequencies& freqs);
-
 // Scales `counts` so the result sums to kProbScale and every present symbol
 // keeps frequency >= 1. Returns all zeros when `counts` is all zero.
-Frequencies Normalize(const Histogram& counts);
+inline Frequencies Normalize(const Histogram& counts) {
+  Frequencies freqs;
+  Normalize(counts.data(), freqs.data());
+  return freqs;
+}
 
 // Picks the cheapest table kind for `counts` (symbols < `alphabet`, a power
 // of two), appends its encoding to `out` and returns the frequencies the

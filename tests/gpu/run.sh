@@ -10,14 +10,21 @@
 #   tests/gpu/run.sh         # both, on a GPU host that can also build
 #
 # The GPU host needs only the NVIDIA driver and glibc >= 2.36; gRPC, Abseil,
-# GoogleTest and the CUDA runtime travel in .gpu/lib.
+# GoogleTest and the CUDA runtime travel in .gpu/lib, the real KV dumps
+# (../shared/kvdata, or $KVCACHE_KVDATA) in .gpu/kvdata.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-# Each entry: a Bazel target and the arguments it runs with on the GPU host.
+# Each entry: a Bazel target, the arguments it runs with on the GPU host and,
+# optionally, "memcheck" to run it under compute-sanitizer (skipped where the
+# host has none).
 TARGETS=(
   "//transfer:gpu_probe|"
+  "//codec/cuda:codec_gpu_test|"
+  "//codec/cuda:codec_gpu_test||memcheck"
+  "//codec/cuda:codec_gpu_bench|"
 )
+SANITIZER=/usr/local/cuda/bin/compute-sanitizer
 
 # Libraries every GPU host has; everything else a binary links is carried.
 HOST_LIBS='^(libc|libm|libdl|librt|libpthread|ld-linux-x86-64|libstdc\+\+|libgcc_s|libcuda|libnccl|linux-vdso)\.so'
@@ -26,6 +33,7 @@ build() {
   deploy/setup.sh || return 1
   local labels=()
   for entry in "${TARGETS[@]}"; do labels+=("${entry%%|*}"); done
+  mapfile -t labels < <(printf '%s\n' "${labels[@]}" | sort -u)
   bazel build -c opt "${labels[@]}" || return 1
   rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib
   for label in "${labels[@]}"; do
@@ -36,6 +44,11 @@ build() {
       [[ $name =~ $HOST_LIBS ]] || cp -Ln "$file" .gpu/lib/ 2>/dev/null || true
     done
   done
+  local kvdata=${KVCACHE_KVDATA:-../shared/kvdata}
+  if [[ -d $kvdata ]]; then
+    mkdir -p .gpu/kvdata
+    cp "$kvdata"/*.json "$kvdata"/*.kv "$kvdata"/*.q.f16 .gpu/kvdata/
+  fi
   echo "gpu: packed $(ls .gpu/bin | wc -l) binaries, $(du -sh .gpu/lib | cut -f1) of libraries in .gpu/"
 }
 
@@ -44,15 +57,27 @@ run() {
   local results=${OUT:-.gpu/results}
   mkdir -p "$results"
   export LD_LIBRARY_PATH="$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  [[ -d .gpu/kvdata ]] && export KVCACHE_KVDATA=${KVCACHE_KVDATA:-$PWD/.gpu/kvdata}
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader |
     tee "$results/gpu.txt"
   local passed=0 failed=0
   for entry in "${TARGETS[@]}"; do
-    local label=${entry%%|*} args=${entry#*|}
-    local name=${label##*:}
-    echo "=== $name $args"
+    local label=${entry%%|*} rest=${entry#*|}
+    local args=${rest%%|*} wrap=""
+    [[ $rest == *"|"* ]] && wrap=${rest#*|}
+    local name=${label##*:} log=${label##*:}
+    local cmd=(".gpu/bin/$name")
+    if [[ $wrap == memcheck ]]; then
+      log+=.memcheck
+      if [[ ! -x $SANITIZER ]]; then
+        echo "=== $name $args under memcheck: skipped, no $SANITIZER"
+        continue
+      fi
+      cmd=("$SANITIZER" --tool memcheck --error-exitcode 1 "${cmd[@]}")
+    fi
+    echo "=== $name $args${wrap:+ ($wrap)}"
     # shellcheck disable=SC2086
-    if ".gpu/bin/$name" $args 2>&1 | tee "$results/$name.log"; then
+    if "${cmd[@]}" $args 2>&1 | tee "$results/$log.log"; then
       passed=$((passed + 1))
     else
       failed=$((failed + 1))

@@ -1,0 +1,147 @@
+// CUDA batch decoder and encoder for codec bitstreams (format v1,
+// codec/FORMAT.md). Bit-exact with the CPU codec: DecodeBatch writes the
+// values DecodeChunk would, EncodeBatch the bytes EncodeChunk would.
+//
+// A batch is any number of chunks of one model (layers, KV heads, head dim,
+// dtype); each chunk has its own token count and its own place in a KV
+// layout: a contiguous [layers][K,V][tokens][channels] buffer, or slots of a
+// paged cache named by a block table. All pointers in jobs and layouts are
+// device pointers, except the job arrays themselves, which stay on the host.
+//
+// Both calls only enqueue work on the given stream: they never synchronize
+// with the device, and the host may reuse the job arrays once they return.
+// Each chunk gets a ChunkError code in a device array; a failed chunk leaves
+// its destination untouched and never stops the rest of the batch.
+//
+// Thread-safety: calls keep no state; concurrent calls need their own
+// workspaces.
+#ifndef KVCACHE_CODEC_CUDA_GPU_CODEC_H_
+#define KVCACHE_CODEC_CUDA_GPU_CODEC_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "codec/codec.h"
+
+// cudaStream_t without the CUDA headers, so host-only code can hold one.
+struct CUstream_st;
+
+namespace kvcache::codec::gpu {
+
+using Stream = CUstream_st*;  // Same type as cudaStream_t.
+
+// Per-chunk result, in the int32_t status array the calls fill.
+enum ChunkError : int32_t {
+  kOk = 0,
+  kBadHeader = 1,       // Magic, header fields or section sizes.
+  kUnsupported = 2,     // Format version or transform this code lacks.
+  kShapeMismatch = 3,   // Stream's shape or dtype differs from the layout's.
+  kChecksum = 4,        // CRC32C mismatch.
+  kBadTables = 5,       // Choice bits, frequency tables or block directory.
+  kBadBlock = 6,        // A rANS block.
+  kBadDestination = 7,  // A block id outside the paged cache.
+  kOutputTooSmall = 8,  // Encoder: the stream exceeds the job's capacity.
+};
+// Returns a short name for a status code ("ok", "checksum", ...).
+const char* ChunkErrorName(int32_t code);
+
+// Where KV values live. Element (layer l, kv = 0 for K / 1 for V, token t,
+// channel c = kv_head * head_dim + dim) of a chunk is at:
+//   kContiguous: chunk.values[((2 * l + kv) * chunk.tokens + t) * C + c]
+//   kPaged: with slot = chunk.first_slot + t,
+//           b = chunk.block_ids[slot / block_tokens],
+//           s = slot % block_tokens,
+//     layer_base(l)[b * block_stride + kv * kv_stride + s * token_stride + c]
+//     where layer_base(l) = layer_bases[l] if set, else base + l *
+//     layer_stride.
+// Strides count 16-bit elements; C = kv_heads * head_dim.
+struct KvLayout {
+  enum class Kind { kContiguous, kPaged };
+  Kind kind = Kind::kContiguous;
+  uint32_t layers = 0;
+  uint32_t kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kFloat16;
+  // kPaged only.
+  uint16_t* const* layer_bases = nullptr;  // Device array of `layers`.
+  uint16_t* base = nullptr;
+  int64_t layer_stride = 0;
+  int64_t block_stride = 0;
+  int64_t kv_stride = 0;
+  int64_t token_stride = 0;
+  uint32_t block_tokens = 0;
+  uint32_t num_blocks = 0;  // Block ids must be in [0, num_blocks).
+
+  uint32_t Channels() const { return kv_heads * head_dim; }
+
+  static KvLayout Contiguous(uint32_t layers, uint32_t kv_heads,
+                             uint32_t head_dim, DType dtype);
+  // One cache per layer, each [num_blocks][2][block_tokens][kv_heads]
+  // [head_dim] (vLLM / FlashInfer); `layer_bases` is a device array.
+  static KvLayout PagedPerLayer(uint16_t* const* layer_bases,
+                                uint32_t num_blocks, uint32_t block_tokens,
+                                uint32_t layers, uint32_t kv_heads,
+                                uint32_t head_dim, DType dtype);
+  // One allocation [layers][num_blocks][2][block_tokens][kv_heads][head_dim].
+  static KvLayout PagedLayerMajor(uint16_t* base, uint32_t num_blocks,
+                                  uint32_t block_tokens, uint32_t layers,
+                                  uint32_t kv_heads, uint32_t head_dim,
+                                  DType dtype);
+};
+
+// One chunk's place in a layout.
+struct KvChunkRef {
+  uint32_t tokens = 0;
+  uint16_t* values = nullptr;          // kContiguous (read-only to encode).
+  const int32_t* block_ids = nullptr;  // kPaged.
+  uint32_t first_slot = 0;             // kPaged: slot of token 0.
+};
+
+// Largest chunk (values) the GPU codec takes; bigger ones are rejected.
+inline constexpr uint64_t kMaxGpuChunkValues = uint64_t{1} << 30;
+
+struct DecodeJob {
+  const uint8_t* stream = nullptr;  // Device copy of the bitstream.
+  uint64_t stream_bytes = 0;
+  KvChunkRef dest;  // dest.tokens must match the stream.
+};
+
+// Device workspace DecodeBatch needs for `jobs`, in bytes.
+uint64_t DecodeWorkspaceBytes(const KvLayout& layout,
+                              absl::Span<const DecodeJob> jobs);
+
+// Decodes jobs[i].stream into its destination and sets status[i] (device,
+// jobs.size() entries). Returns InvalidArgument for a bad layout, job or
+// workspace and Internal if a launch fails; corrupt streams are reported
+// only through `status`.
+absl::Status DecodeBatch(const KvLayout& layout,
+                         absl::Span<const DecodeJob> jobs, void* workspace,
+                         uint64_t workspace_bytes, int32_t* status,
+                         Stream stream);
+
+struct EncodeJob {
+  KvChunkRef src;
+  uint8_t* out = nullptr;  // Device buffer for the bitstream.
+  uint64_t out_capacity = 0;
+};
+
+// Bytes a chunk's bitstream can take at most; a capacity this large never
+// fails with kOutputTooSmall.
+uint64_t MaxEncodedBytes(const ChunkShape& shape);
+
+// Device workspace EncodeBatch needs for `jobs`, in bytes.
+uint64_t EncodeWorkspaceBytes(const KvLayout& layout,
+                              absl::Span<const EncodeJob> jobs);
+
+// Encodes each job's chunk at `level` into jobs[i].out, sets out_bytes[i]
+// to the stream's length and status[i] (both device arrays of jobs.size()).
+// Errors as for DecodeBatch.
+absl::Status EncodeBatch(const KvLayout& layout,
+                         absl::Span<const EncodeJob> jobs, Level level,
+                         void* workspace, uint64_t workspace_bytes,
+                         uint64_t* out_bytes, int32_t* status, Stream stream);
+
+}  // namespace kvcache::codec::gpu
+
+#endif  // KVCACHE_CODEC_CUDA_GPU_CODEC_H_
