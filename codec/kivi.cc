@@ -10,7 +10,6 @@ namespace {
 
 constexpr uint32_t kGroup = 32;
 
-
 }  // namespace
 
 KiviResult KiviRoundTrip(const ChunkShape& shape,

@@ -8,7 +8,6 @@
 namespace kvcache::codec {
 namespace {
 
-
 struct SumSq {
   double err = 0, ref = 0;
   void Add(double want, double got) {

@@ -27,7 +27,7 @@ constexpr Level kAllLevels[] = {Level::kLossless, Level::kNearLossless,
 constexpr uint16_t kPoison = 0x7E55;
 
 // A GPU test without a GPU fails: it is run on purpose, by tests/gpu/run.sh.
-#define REQUIRE_GPU() \
+#define REQUIRE_GPU()                                                      \
   ASSERT_TRUE(HaveGpu()) << "no CUDA device: run this on a GPU host with " \
                             "tests/gpu/run.sh"
 
