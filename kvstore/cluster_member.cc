@@ -20,6 +20,9 @@ using ::kvcache::cluster::NodeRecord;
 constexpr size_t kBatchKeys = 256;
 // How soon an incomplete pass is retried.
 constexpr absl::Duration kRetryDelay = absl::Seconds(1);
+// How many passes a missing copy is left to a holder ahead of this node
+// before this node sends it too.
+constexpr int kPassesLeftToOthers = 3;
 
 cluster::EtcdOptions EtcdOptionsOf(const v1::ClusterConfig& config) {
   cluster::EtcdOptions etcd;
@@ -150,6 +153,7 @@ ClusterMember::PassResult ClusterMember::RunPass(const Membership& membership) {
   // Our own record may lag behind a drain that just started.
   self->draining = node_.draining();
   const std::vector<std::string> keys = node_.store().Keys();
+  next_deferred_.clear();
   for (size_t i = 0; i < keys.size(); i += kBatchKeys) {
     const std::vector<std::string> batch(
         keys.begin() + i, keys.begin() + std::min(keys.size(), i + kBatchKeys));
@@ -157,6 +161,7 @@ ClusterMember::PassResult ClusterMember::RunPass(const Membership& membership) {
     absl::MutexLock lock(&mu_);
     if (stopping_) break;
   }
+  deferred_.swap(next_deferred_);
   return result;
 }
 
@@ -179,30 +184,44 @@ void ClusterMember::PlaceBatch(const std::vector<std::string>& keys,
       }
     }
   }
+  // Which peers lack which keys.
+  std::vector<std::pair<std::string, std::vector<size_t>>> missing_by_peer;
+  std::vector<std::vector<std::string>> missing_on(keys.size());
   for (const auto& [address, indices] : by_peer) {
     std::vector<std::string> asked;
     for (size_t i : indices) asked.push_back(keys[i]);
     absl::StatusOr<std::vector<bool>> held = peers_.Holds(address, asked);
     if (!held.ok()) continue;  // counted as unconfirmed below
-    std::vector<std::string> missing;
-    std::vector<size_t> missing_indices;
+    std::vector<size_t> missing;
     for (size_t j = 0; j < indices.size(); ++j) {
       if ((*held)[j]) {
         ++confirmed[indices[j]];
       } else {
-        missing.push_back(asked[j]);
-        missing_indices.push_back(indices[j]);
+        missing.push_back(indices[j]);
+        missing_on[indices[j]].push_back(address);
       }
     }
-    if (missing.empty()) continue;
+    if (!missing.empty()) missing_by_peer.emplace_back(address, missing);
+  }
+  const std::vector<bool> sent_elsewhere =
+      SentByAnotherHolder(keys, missing_on, placement, self);
+  for (const auto& [address, indices] : missing_by_peer) {
+    std::vector<std::string> to_copy;
+    std::vector<size_t> copied_indices;
+    for (size_t i : indices) {
+      if (sent_elsewhere[i]) continue;
+      to_copy.push_back(keys[i]);
+      copied_indices.push_back(i);
+    }
+    if (to_copy.empty()) continue;
     absl::StatusOr<size_t> copied =
-        peers_.Copy(address, missing, node_.store());
+        peers_.Copy(address, to_copy, node_.store());
     if (!copied.ok()) {
       std::fprintf(stderr, "kvcached: cluster: %s\n",
                    copied.status().ToString().c_str());
       continue;
     }
-    for (size_t i : missing_indices) {
+    for (size_t i : copied_indices) {
       ++confirmed[i];
       ++(ours[i] ? result.repaired : result.handed_off);
     }
@@ -219,6 +238,49 @@ void ClusterMember::PlaceBatch(const std::vector<std::string>& keys,
       node_.store().Delete(keys[i]).IgnoreError();
     }
   }
+}
+
+std::vector<bool> ClusterMember::SentByAnotherHolder(
+    const std::vector<std::string>& keys,
+    const std::vector<std::vector<std::string>>& missing_on,
+    const cluster::Placement& placement, const NodeRecord& self) {
+  // Per node ahead of us in a key's read order (not one lacking the key):
+  // the keys to ask it about.
+  absl::flat_hash_map<std::string, std::vector<size_t>> ask;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (missing_on[i].empty()) continue;
+    for (const NodeRecord* node : placement.ReadOrder(keys[i])) {
+      if (node->node_id == self.node_id) break;
+      if (std::find(missing_on[i].begin(), missing_on[i].end(),
+                    node->address) == missing_on[i].end()) {
+        ask[node->address].push_back(i);
+      }
+    }
+  }
+  std::vector<bool> sent(keys.size(), false);
+  for (const auto& [address, indices] : ask) {
+    std::vector<std::string> asked;
+    for (size_t i : indices) asked.push_back(keys[i]);
+    absl::StatusOr<std::vector<bool>> held = peers_.Holds(address, asked);
+    if (!held.ok()) continue;  // unreachable: it sends nothing
+    for (size_t j = 0; j < indices.size(); ++j) {
+      if ((*held)[j]) sent[indices[j]] = true;
+    }
+  }
+  // Left to another holder for several passes and still missing: that
+  // holder cannot reach the peer, or its view of the cluster differs. Send
+  // it ourselves.
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (!sent[i]) continue;
+    auto it = deferred_.find(keys[i]);
+    const int passes = it == deferred_.end() ? 0 : it->second;
+    if (passes >= kPassesLeftToOthers) {
+      sent[i] = false;
+    } else {
+      next_deferred_[keys[i]] = passes + 1;
+    }
+  }
+  return sent;
 }
 
 }  // namespace kvcache::kvstore

@@ -20,10 +20,13 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "cluster/membership.h"
 #include "cluster/node_registration.h"
+#include "cluster/placement.h"
 #include "kvstore/kvcache_service.h"
 #include "kvstore/peer_client.h"
 
@@ -56,12 +59,25 @@ class ClusterMember {
   void PlaceBatch(const std::vector<std::string>& keys,
                   const std::vector<cluster::NodeRecord>& nodes,
                   const cluster::NodeRecord& self, PassResult& result);
+  // For each key some peers lack (missing_on[i] names them): whether a node
+  // ahead of this one in the key's read order holds it, and so sends it
+  // instead, so that each missing copy crosses the network once. A key left
+  // to another holder for a few passes is sent by this node after all.
+  std::vector<bool> SentByAnotherHolder(
+      const std::vector<std::string>& keys,
+      const std::vector<std::vector<std::string>>& missing_on,
+      const cluster::Placement& placement, const cluster::NodeRecord& self);
 
   NodeState& node_;
   const v1::ClusterConfig& config_;
   cluster::MembershipView membership_;
   PeerClient peers_;
   std::unique_ptr<cluster::NodeRegistration> registration_;
+
+  // Keys left to another holder, with how many passes in a row, as of the
+  // last pass and of this one; used by the loop thread only.
+  absl::flat_hash_map<std::string, int> deferred_;
+  absl::flat_hash_map<std::string, int> next_deferred_;
 
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

@@ -1,7 +1,7 @@
 // Runs a real single-member etcd (Debian's etcd-server) on free loopback
-// ports for cluster tests, with its data in a fresh directory under the
-// test's scratch space, and can kill and restart it on the same ports and
-// data to simulate an outage.
+// ports for cluster tests and cluster_bench, with its data in a fresh
+// directory under TEST_TMPDIR (else /tmp), and can kill and restart it on the
+// same ports and data to simulate an outage.
 #ifndef KVCACHE_TESTS_TESTING_ETCD_PROCESS_H_
 #define KVCACHE_TESTS_TESTING_ETCD_PROCESS_H_
 
