@@ -61,10 +61,13 @@ struct Affine {
 };
 
 // Reconstruction of integer q (FORMAT.md): one multiply, one add, rounded
-// to the dtype.
+// to the dtype. A NaN (only a stream with non-finite scales makes one) is
+// stored as the dtype's canonical quiet NaN: which NaN an operation on two
+// NaNs returns differs between processors and even instruction choices.
 KVCACHE_HD inline uint16_t Dequantize(Affine a, uint32_t q, DType dtype) {
-  return FromFloat(AddRn(a.offset, MulRn(static_cast<float>(q), a.step)),
-                   dtype);
+  const float v = AddRn(a.offset, MulRn(static_cast<float>(q), a.step));
+  if (v != v) return dtype == DType::kFloat16 ? 0x7E00 : 0x7FC0;
+  return FromFloat(v, dtype);
 }
 
 // Mean, standard deviation and largest deviation from the mean of a set.

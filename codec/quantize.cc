@@ -1,5 +1,9 @@
 #include "codec/quantize.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <vector>
 
@@ -21,6 +25,51 @@ Affine ReadAffine(absl::string_view scales, size_t index, DType dtype) {
   const auto* p = reinterpret_cast<const uint8_t*>(scales.data()) + 4 * index;
   return {ToFloat(LoadU16(p), dtype), ToFloat(LoadU16(p + 2), dtype)};
 }
+
+// One row of a channel group: out[c] = Dequantize({offset[c], step[c]}, q[c]).
+template <DType kType>
+void DequantizeRow(const float* offset, const float* step, const uint16_t* q,
+                   uint32_t width, uint16_t* out) {
+  for (uint32_t c = 0; c < width; ++c) {
+    out[c] = Dequantize({offset[c], step[c]}, q[c], kType);
+  }
+}
+
+#if defined(__x86_64__)
+// The same for fp16, eight values at a time: a multiply then an add (never
+// fused, as the format requires), rounded to fp16 by the F16C instruction,
+// which rounds to nearest-even exactly as FloatToHalf does for every
+// non-NaN value. Eight values holding a NaN take the scalar path, so NaN
+// payloads match the CPU and GPU reference too.
+__attribute__((target("avx2,f16c"))) void DequantizeRowF16C(const float* offset,
+                                                            const float* step,
+                                                            const uint16_t* q,
+                                                            uint32_t width,
+                                                            uint16_t* out) {
+  uint32_t c = 0;
+  for (; c + 8 <= width; c += 8) {
+    const __m128i qi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c));
+    const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(qi));
+    const __m256 v =
+        _mm256_add_ps(_mm256_loadu_ps(offset + c),
+                      _mm256_mul_ps(qf, _mm256_loadu_ps(step + c)));
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) {
+      DequantizeRow<DType::kFloat16>(offset + c, step + c, q + c, 8, out + c);
+      continue;
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  DequantizeRow<DType::kFloat16>(offset + c, step + c, q + c, width - c,
+                                 out + c);
+}
+
+bool HaveF16C() {
+  static const bool have =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return have;
+}
+#endif
 
 template <DType kType>
 void DequantizeGroupT(const Header& h, const PlaneSpec& spec,
@@ -50,9 +99,13 @@ void DequantizeGroupT(const Header& h, const PlaneSpec& spec,
     for (uint32_t t = t0; t < t1; ++t) {
       const uint16_t* qr = q + size_t{t} * width;
       uint16_t* o = out + size_t{t} * row + c0;
-      for (uint32_t c = 0; c < width; ++c) {
-        o[c] = Dequantize({offset[c], step[c]}, qr[c], kType);
+#if defined(__x86_64__)
+      if (kType == DType::kFloat16 && HaveF16C()) {
+        DequantizeRowF16C(offset.data(), step.data(), qr, width, o);
+        continue;
       }
+#endif
+      DequantizeRow<kType>(offset.data(), step.data(), qr, width, o);
     }
   }
 }
