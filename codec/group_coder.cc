@@ -33,6 +33,26 @@ std::array<size_t, 2> StreamSizes(const GroupView& v,
           size_t{rows.delta} * h.channel_group};
 }
 
+// Symbol counts of a stream. Quantized streams repeat symbols a lot, and one
+// table would make each increment wait for the previous one to the same
+// entry; four tables, summed at the end, keep four in flight.
+rans::Histogram CountSymbols(const std::vector<uint8_t>& symbols) {
+  uint32_t partial[4][256] = {};
+  size_t i = 0;
+  for (; i + 4 <= symbols.size(); i += 4) {
+    ++partial[0][symbols[i]];
+    ++partial[1][symbols[i + 1]];
+    ++partial[2][symbols[i + 2]];
+    ++partial[3][symbols[i + 3]];
+  }
+  for (; i < symbols.size(); ++i) ++partial[0][symbols[i]];
+  rans::Histogram counts;
+  for (int b = 0; b < 256; ++b) {
+    counts[b] = partial[0][b] + partial[1][b] + partial[2][b] + partial[3][b];
+  }
+  return counts;
+}
+
 }  // namespace
 
 void GroupEncoder::Encode(const GroupView& v, const uint16_t* q,
@@ -103,8 +123,11 @@ void GroupEncoder::Encode(const GroupView& v, const uint16_t* q,
           delta_row ? &delta_[size_t{t} * width] : q + size_t{t} * row + c0;
       for (int k = 0; k < planes; ++k) {
         auto& out = syms_[delta_row ? kDelta : kRaw][k];
+        const size_t start = out.size();
+        out.resize(start + width);
+        uint8_t* dst = out.data() + start;
         for (uint32_t c = 0; c < width; ++c) {
-          out.push_back(PlaneByte(src[c], planes, k));
+          dst[c] = PlaneByte(src[c], planes, k);
         }
       }
     }
@@ -112,8 +135,7 @@ void GroupEncoder::Encode(const GroupView& v, const uint16_t* q,
   for (int m = 0; m < 2; ++m) {
     for (int k = 0; k < planes; ++k) {
       const std::vector<uint8_t>& s = syms_[m][k];
-      rans::Histogram counts{};
-      for (uint8_t b : s) ++counts[b];
+      const rans::Histogram counts = CountSymbols(s);
       const rans::Frequencies f =
           rans::WriteTable(counts, Alphabet(v.bits, k), tables);
       if (s.empty()) continue;

@@ -64,12 +64,40 @@ __attribute__((target("avx2,f16c"))) void DequantizeRowF16C(const float* offset,
                                  out + c);
 }
 
+// Converts fp16 values eight at a time while none is Inf or NaN (F16C
+// would quiet a signalling NaN's payload, which HalfToFloat keeps); returns
+// how many it converted.
+__attribute__((target("avx2,f16c"))) size_t HalfsToFloatF16C(
+    const uint16_t* src, size_t n, float* x) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m128i exponent = _mm_and_si128(h, _mm_set1_epi16(0x7C00));
+    if (_mm_movemask_epi8(_mm_cmpeq_epi16(exponent, _mm_set1_epi16(0x7C00))) !=
+        0) {
+      break;
+    }
+    _mm256_storeu_ps(x + i, _mm256_cvtph_ps(h));
+  }
+  return i;
+}
+
 bool HaveF16C() {
   static const bool have =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return have;
 }
 #endif
+
+// x[i] = ToFloat(src[i], dtype) for i < n.
+void ValuesToFloat(const uint16_t* src, size_t n, DType dtype, float* x) {
+  size_t i = 0;
+#if defined(__x86_64__)
+  if (dtype == DType::kFloat16 && HaveF16C()) i = HalfsToFloatF16C(src, n, x);
+#endif
+  for (; i < n; ++i) x[i] = ToFloat(src[i], dtype);
+}
 
 template <DType kType>
 void DequantizeGroupT(const Header& h, const PlaneSpec& spec,
@@ -123,22 +151,33 @@ void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
     return;
   }
   std::vector<float> x(size_t{tokens} * row);
-  for (size_t i = 0; i < x.size(); ++i) x[i] = ToFloat(src[i], dtype);
+  ValuesToFloat(src, x.size(), dtype, x.data());
   // The sets sharing one affine map: channels, or (token group, channel
   // group) tiles.
   const bool per_channel = spec->mode == ScaleMode::kPerChannel;
   const uint32_t width = h.channel_group;
   const uint32_t groups =
       per_channel ? row : h.TokenGroups() * h.ChannelGroups();
-  auto set_of = [&](uint32_t t, uint32_t c) {
-    return per_channel ? c
-                       : (t / h.token_group) * h.ChannelGroups() + c / width;
+  // Calls fn(set, i) for every value i, token by token and channel by
+  // channel: the order the statistics must be summed in. Loops, not a
+  // per-value division, find each value's set.
+  auto for_each_value = [&](auto fn) {
+    for (uint32_t t = 0; t < tokens; ++t) {
+      const size_t row_start = size_t{t} * row;
+      if (per_channel) {
+        for (uint32_t c = 0; c < row; ++c) fn(c, row_start + c);
+        continue;
+      }
+      const uint32_t first_set = (t / h.token_group) * h.ChannelGroups();
+      for (uint32_t cg = 0, c = 0; cg < h.ChannelGroups(); ++cg) {
+        for (const uint32_t end = c + width; c < end; ++c) {
+          fn(first_set + cg, row_start + c);
+        }
+      }
+    }
   };
   std::vector<Stats> stats(groups);
-  for (uint32_t t = 0; t < tokens; ++t) {
-    for (uint32_t c = 0; c < row; ++c)
-      stats[set_of(t, c)].Add(x[size_t{t} * row + c]);
-  }
+  for_each_value([&](uint32_t set, size_t i) { stats[set].Add(x[i]); });
   // Keys share one step across the plane: equal distortion per channel is
   // what minimizes squared error at a given rate, and outlier channels only
   // widen their own integer range. Values scale per tile, tracking how
@@ -164,12 +203,7 @@ void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
     quant.emplace_back(Fit(stats[g].Mean(), step[g], spec->bits, dtype, scales),
                        spec->bits);
   }
-  for (uint32_t t = 0; t < tokens; ++t) {
-    for (uint32_t c = 0; c < row; ++c) {
-      const size_t i = size_t{t} * row + c;
-      q[i] = quant[set_of(t, c)](x[i]);
-    }
-  }
+  for_each_value([&](uint32_t set, size_t i) { q[i] = quant[set](x[i]); });
 }
 
 void DequantizeGroup(const Header& h, const PlaneSpec& spec,
