@@ -18,7 +18,7 @@ struct LevelInfo {
 // Tuned on the real dumps against KIVI at equal size; see README.md.
 constexpr std::array<LevelInfo, 6> kLevels = {{
     {Level::kLossless, "lossless", 0, 0, 1},
-    {Level::kNearLossless, "near-lossless", 0.014f, 0.014f, 1},
+    {Level::kNearLossless, "near-lossless", 0.011f, 0.019f, 1},
     {Level::kHigh, "high", 0.22f, 0.22f, 1},
     {Level::kDefault, "default", 1.1f, 1.1f, 0.6f},
     {Level::kCompact, "compact", 1.5f, 1.5f, 0.6f},
