@@ -35,6 +35,7 @@ absl::StatusOr<std::unique_ptr<KvCacheClient>> KvCacheClient::Connect(
   grpc::ChannelArguments args;
   // Get streams carry pieces of up to limits.get_piece_bytes (max 3 MiB).
   args.SetMaxReceiveMessageSize(8 << 20);
+  transfer::SetChunkStreamWindow(args);
   std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
       options.address, grpc::InsecureChannelCredentials(), args);
   const auto deadline = std::chrono::system_clock::now() +
@@ -131,7 +132,13 @@ absl::StatusOr<std::vector<FetchedChunk>> KvCacheClient::Get(
   std::unique_ptr<grpc::ClientReader<v1::GetResponse>> reader =
       data_->Get(context.get(), request);
   chunks.reserve(keys.size());
-  std::vector<uint32_t> expected_crc;
+  // Each chunk's CRC32C grows as its pieces arrive, so checking it overlaps
+  // the transfer instead of following it.
+  struct Checksum {
+    uint32_t expected;
+    uint32_t received = 0;
+  };
+  std::vector<Checksum> checksums;
   v1::GetResponse message;
   while (reader->Read(&message)) {
     if (message.has_header()) {
@@ -144,9 +151,12 @@ absl::StatusOr<std::vector<FetchedChunk>> KvCacheClient::Get(
       }
       chunks.push_back(FetchedChunk{keys[i], {}, message.header().tier()});
       chunks.back().bytes.reserve(message.header().size_bytes());
-      expected_crc.push_back(message.header().crc32c());
+      checksums.push_back({message.header().crc32c()});
     } else if (!chunks.empty()) {
-      chunks.back().bytes.append(message.data());
+      const std::string& data = message.data();
+      chunks.back().bytes.append(data);
+      checksums.back().received = codec::Crc32cExtend(checksums.back().received,
+                                                      data.data(), data.size());
     }
   }
   if (absl::Status s = Annotate(reader->Finish(), "get", options_.address);
@@ -159,7 +169,7 @@ absl::StatusOr<std::vector<FetchedChunk>> KvCacheClient::Get(
         chunks.size(), " of ", keys.size(), " chunks"));
   }
   for (size_t i = 0; i < chunks.size(); ++i) {
-    if (codec::Crc32c(chunks[i].bytes) != expected_crc[i]) {
+    if (checksums[i].received != checksums[i].expected) {
       return absl::DataLossError(absl::StrCat(
           "kvcache get at ", options_.address, ": chunk ", i, " (",
           keys[i].ToHex().substr(0, 16), "...) failed its CRC32C check"));

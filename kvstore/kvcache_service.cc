@@ -116,6 +116,7 @@ class IncomingChunk {
     // Grow as data arrives rather than trusting the declared size up front:
     // a client that declares a huge chunk and sends nothing costs nothing.
     bytes_.clear();
+    crc32c_ = 0;
     open_ = true;
     return grpc::Status::OK;
   }
@@ -128,6 +129,8 @@ class IncomingChunk {
           " bytes, got at least ", bytes_.size() + data.size()));
     }
     bytes_.append(data.data(), data.size());
+    // Checksummed piece by piece while the next piece is still in flight.
+    crc32c_ = codec::Crc32cExtend(crc32c_, data.data(), data.size());
     return grpc::Status::OK;
   }
 
@@ -137,6 +140,8 @@ class IncomingChunk {
   }
   const v1::PutHeader& header() const { return header_; }
   uint64_t received() const { return bytes_.size(); }
+  // CRC32C of the bytes received so far.
+  uint32_t crc32c() const { return crc32c_; }
 
   // Hands over the finished chunk's bytes and closes it.
   std::string Take() {
@@ -147,6 +152,7 @@ class IncomingChunk {
  private:
   v1::PutHeader header_;
   std::string bytes_;
+  uint32_t crc32c_ = 0;
   bool open_ = false;
 };
 
@@ -252,8 +258,8 @@ grpc::Status KvCacheService::Put(grpc::ServerContext*,
     if (!chunk.complete()) continue;
 
     const v1::PutHeader header = chunk.header();
+    const uint32_t crc = chunk.crc32c();
     std::string bytes = chunk.Take();
-    const uint32_t crc = codec::Crc32c(bytes);
     if (crc != header.crc32c()) {
       return grpc::Status(
           grpc::StatusCode::DATA_LOSS,

@@ -29,8 +29,10 @@
 #include "kvstore/cluster_member.h"
 #include "kvstore/daemon_config.h"
 #include "kvstore/kvcache_service.h"
+#include "kvstore/malloc_options.h"
 #include "kvstore/metrics_http_server.h"
 #include "kvstore/prometheus_metrics.h"
+#include "transfer/grpc_stream.h"
 
 namespace kvcache::kvstore {
 namespace {
@@ -99,6 +101,7 @@ std::string AdvertiseAddress(const v1::DaemonConfig& config, int port) {
 int Run(int argc, char** argv) {
   Flags flags;
   if (!ParseFlags(argc, argv, flags)) return 2;
+  KeepLargeBlocksForReuse();
   absl::StatusOr<v1::DaemonConfig> config =
       LoadConfig(flags.config_path, flags.overrides);
   if (!config.ok()) {
@@ -150,6 +153,7 @@ int Run(int argc, char** argv) {
   // Put data arrives in pieces; a piece of up to limits.get_piece_bytes plus
   // framing must always fit, whatever the client's piece size.
   builder.SetMaxReceiveMessageSize(8 << 20);
+  transfer::SetChunkStreamWindow(builder);
   builder.RegisterService(&data_plane);
   builder.RegisterService(&admin_plane);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();

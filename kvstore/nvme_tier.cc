@@ -344,14 +344,22 @@ absl::StatusOr<ChunkRef> NvmeTier::Get(absl::string_view key) {
     ref = RefOf(entry);
   }
   auto buffer = std::make_shared<AlignedBuffer>(extent->length);
-  absl::Status read = io_->Read(slab_fds_[extent->slab], extent->offset,
-                                buffer->data(), extent->length);
+  // Checksummed piece by piece while the rest of the chunk is still being
+  // read; the extent's last block is padding.
+  uint32_t crc = 0;
+  uint64_t checked = 0;
+  absl::Status read =
+      io_->Read(slab_fds_[extent->slab], extent->offset, buffer->data(),
+                extent->length, [&](absl::string_view piece) {
+                  piece = piece.substr(0, ref.size_bytes - checked);
+                  crc = codec::Crc32cExtend(crc, piece.data(), piece.size());
+                  checked += piece.size();
+                });
   if (read.code() == absl::StatusCode::kDataLoss) {
     DropCorrupt(key, extent, read.message());
     return read;
   }
   if (!read.ok()) return read;
-  const uint32_t crc = codec::Crc32cExtend(0, buffer->data(), ref.size_bytes);
   if (crc != ref.crc32c) {
     const std::string why =
         absl::StrCat("CRC32C ", crc, " != recorded ", ref.crc32c);

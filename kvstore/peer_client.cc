@@ -25,6 +25,7 @@ v1::KvCache::Stub& PeerClient::StubFor(const std::string& address) {
   if (!stub) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(8 << 20);
+    transfer::SetChunkStreamWindow(args);
     stub = v1::KvCache::NewStub(grpc::CreateCustomChannel(
         address, grpc::InsecureChannelCredentials(), args));
   }

@@ -1,9 +1,11 @@
 // Block I/O on O_DIRECT files through io_uring.
 //
 // A chunk's read or write is split into operations of at most `op_bytes`,
-// and up to `queue_depth` of them are submitted with one io_uring_enter, so
-// one large chunk keeps the device's queue busy. Short transfers are resumed;
-// errors come back as the errno's status (ENOSPC is RESOURCE_EXHAUSTED).
+// and up to `queue_depth` of them are kept in flight, so one large chunk
+// keeps the device's queue busy. A read reports each piece as soon as it and
+// all before it have landed, so the caller can checksum it while the rest is
+// still being read. Short transfers are resumed; errors come back as the
+// errno's status (ENOSPC is RESOURCE_EXHAUSTED).
 //
 // Thread-safe: several rings serve concurrent callers; each call takes one
 // ring for its duration, so up to `rings` calls proceed in parallel.
@@ -18,8 +20,10 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 
 namespace kvcache::kvstore {
@@ -44,8 +48,10 @@ class UringFileIo {
   // Transfers `length` bytes between `buffer` and `fd` at `offset`. All
   // three must be multiples of the block size for an O_DIRECT fd. A read past
   // the end of the file is DATA_LOSS (the slab is shorter than the index
-  // says).
-  absl::Status Read(int fd, uint64_t offset, char* buffer, uint64_t length);
+  // says). Read calls `on_read` with consecutive pieces of `buffer`, in
+  // order, each as soon as it has been read; not after an error.
+  absl::Status Read(int fd, uint64_t offset, char* buffer, uint64_t length,
+                    absl::FunctionRef<void(absl::string_view)> on_read);
   absl::Status Write(int fd, uint64_t offset, const char* buffer,
                      uint64_t length);
 
@@ -56,8 +62,14 @@ class UringFileIo {
   };
 
   explicit UringFileIo(const UringOptions& options) : options_(options) {}
+  // Locks a ring that no other call holds, if there is one; else waits for
+  // the next one in turn. The caller unlocks it.
+  Ring& AcquireRing();
+  // Moves the bytes on one ring, calling `on_done` with each operation's
+  // piece of `buffer` once it and all before it have completed.
   absl::Status Transfer(bool write, int fd, uint64_t offset, char* buffer,
-                        uint64_t length);
+                        uint64_t length,
+                        absl::FunctionRef<void(absl::string_view)> on_done);
 
   const UringOptions options_;
   std::vector<std::unique_ptr<Ring>> rings_;

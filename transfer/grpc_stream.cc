@@ -3,6 +3,22 @@
 #include <string>
 
 namespace kvcache::transfer {
+namespace {
+
+constexpr int kChunkStreamWindowBytes = 4 << 20;
+
+}  // namespace
+
+void SetChunkStreamWindow(grpc::ChannelArguments& args) {
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, kChunkStreamWindowBytes);
+}
+
+void SetChunkStreamWindow(grpc::ServerBuilder& builder) {
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES,
+                             kChunkStreamWindowBytes);
+}
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;

@@ -19,6 +19,14 @@ namespace kvcache::transfer {
 // per-message overhead is noise, small enough to stay far below 4 MiB.
 inline constexpr size_t kDefaultPieceBytes = 1 << 20;
 
+// HTTP/2 flow control for connections that stream chunks; both ends apply
+// it. By default gRPC sizes a stream's window from its bandwidth-delay
+// estimate, which on a short path (loopback, one rack) stays at a fraction
+// of a chunk, so the sender keeps stopping mid-chunk for window updates. A
+// fixed window of a few pieces keeps a chunk flowing.
+void SetChunkStreamWindow(grpc::ChannelArguments& args);
+void SetChunkStreamWindow(grpc::ServerBuilder& builder);
+
 // gRPC and absl share code numbering, so the conversion keeps codes exactly.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 absl::Status FromGrpcStatus(const grpc::Status& status);

@@ -58,6 +58,7 @@
 #include "client/kvcache_client.h"
 #include "cluster/membership.h"
 #include "cluster/placement.h"
+#include "tests/testing/bench_payloads.h"
 #include "tests/testing/daemon_process.h"
 #include "tests/testing/etcd_process.h"
 
@@ -140,31 +141,8 @@ bool ParseFlags(int argc, char** argv, Flags& flags) {
   return true;
 }
 
-std::string SizeName(uint64_t bytes) {
-  return bytes >= kMiB ? absl::StrCat(bytes / kMiB, " MiB")
-                       : absl::StrCat(bytes / kKiB, " KiB");
-}
-
-// Random bytes that payloads are cut from, at offsets that differ from chunk
-// to chunk; incompressible, like codec output.
-class Payloads {
- public:
-  explicit Payloads(uint64_t bytes) : pool_(bytes, '\0') {
-    std::mt19937_64 rng(20240607);
-    for (uint64_t i = 0; i + 8 <= bytes; i += 8) {
-      const uint64_t word = rng();
-      std::memcpy(&pool_[i], &word, sizeof(word));
-    }
-  }
-
-  absl::string_view Chunk(uint64_t index, uint64_t size) const {
-    const uint64_t offset = index * 1000003 % (pool_.size() - size + 1);
-    return absl::string_view(pool_).substr(offset, size);
-  }
-
- private:
-  std::string pool_;
-};
+using ::kvcache::testing::Payloads;
+using ::kvcache::testing::SizeName;
 
 // Random keys, so that placement spreads them as it spreads real prompts'
 // SHA-256 keys.

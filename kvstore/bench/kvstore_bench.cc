@@ -1,0 +1,641 @@
+// Benchmarks kvcache's storage engine against the standard tools, side by
+// side in one run on this machine:
+//
+//  1. Put/Get over loopback: a real kvcached (gRPC, CPU tier) against Redis
+//     (redis-server driven through hiredis, no persistence), with the same
+//     payloads and the same number of client threads. Each Redis client has
+//     its own connection; each kvcache client its own KvCacheClient, whose
+//     calls gRPC multiplexes over one HTTP/2 connection to the node.
+//     Throughput is payload bytes over wall time; latency is per chunk.
+//  2. NVMe tier reads: NvmeTier::Get of random chunks, in this process,
+//     against fio (io_uring, O_DIRECT, randread) on the same slab file with
+//     the same block size and queue depth. O_DIRECT keeps the page cache out
+//     of both.
+//
+// Payloads are random bytes, incompressible like codec output; neither store
+// looks inside them.
+//
+// Each comparison alternates its two sides over several rounds, so that a
+// burst of other load on the machine (or of the disk's own variance) hits
+// both rather than one.
+//
+// Usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]
+//                      [--nvme_seconds=N] [--rounds=N]
+//                      [--part=all|store|nvme]
+// Needs redis-server and fio (deploy/setup.sh installs them) and a data_dir
+// on a local disk filesystem such as ext4 or xfs (not tmpfs).
+#include <hiredis/hiredis.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "client/chunk_key.h"
+#include "client/kvcache_client.h"
+#include "codec/crc32c.h"
+#include "kvstore/malloc_options.h"
+#include "kvstore/nvme_tier.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/bench_payloads.h"
+#include "tests/testing/daemon_process.h"
+
+namespace kvcache::kvstore {
+namespace {
+
+using ::kvcache::testing::DaemonProcess;
+
+constexpr char kDaemon[] = "kvstore/kvcached";
+constexpr char kRedisServer[] = "/usr/bin/redis-server";
+constexpr char kFio[] = "/usr/bin/fio";
+constexpr uint64_t kKiB = 1 << 10;
+constexpr uint64_t kMiB = 1 << 20;
+constexpr uint64_t kGiB = 1 << 30;
+
+constexpr char kUsage[] =
+    "usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]\n"
+    "                     [--nvme_seconds=N] [--rounds=N]\n"
+    "                     [--part=all|store|nvme]\n"
+    "  --data_dir      local disk directory for the NVMe slab and Redis\n"
+    "                  (default /var/tmp/kvstore_bench; not tmpfs)\n"
+    "  --case_mib      payload MiB per Put/Get case (default 1024; a quarter\n"
+    "                  of it for 256 KiB chunks)\n"
+    "  --nvme_mib      MiB of 4 MiB chunks the NVMe tier is filled with\n"
+    "                  (default 1024)\n"
+    "  --nvme_seconds  seconds of NVMe reads per side and queue depth\n"
+    "                  (default 12)\n"
+    "  --rounds        rounds each comparison alternates its sides over\n"
+    "                  (default 3)\n"
+    "  --part          which comparisons to run (default all)\n";
+
+struct Flags {
+  std::string data_dir = "/var/tmp/kvstore_bench";
+  uint64_t case_mib = 1024;
+  uint64_t nvme_mib = 1024;
+  int nvme_seconds = 12;
+  int rounds = 3;
+  std::string part = "all";
+};
+
+bool ParseFlags(int argc, char** argv, Flags& flags) {
+  for (int i = 1; i < argc; ++i) {
+    const absl::string_view arg = argv[i];
+    auto value_of = [&](absl::string_view name, absl::string_view& out) {
+      if (!absl::StartsWith(arg, name)) return false;
+      out = arg.substr(name.size());
+      return true;
+    };
+    absl::string_view value;
+    bool ok = true;
+    if (value_of("--data_dir=", value)) {
+      flags.data_dir = std::string(value);
+    } else if (value_of("--case_mib=", value)) {
+      ok = absl::SimpleAtoi(value, &flags.case_mib) && flags.case_mib > 0;
+    } else if (value_of("--nvme_mib=", value)) {
+      ok = absl::SimpleAtoi(value, &flags.nvme_mib) && flags.nvme_mib >= 4;
+    } else if (value_of("--nvme_seconds=", value)) {
+      ok = absl::SimpleAtoi(value, &flags.nvme_seconds) &&
+           flags.nvme_seconds > 0;
+    } else if (value_of("--rounds=", value)) {
+      ok = absl::SimpleAtoi(value, &flags.rounds) && flags.rounds > 0;
+    } else if (value_of("--part=", value)) {
+      flags.part = std::string(value);
+      ok = value == "all" || value == "store" || value == "nvme";
+    } else {
+      ok = false;
+    }
+    if (!ok) {
+      std::fprintf(stderr, "kvstore_bench: bad argument '%s'\n%s", argv[i],
+                   kUsage);
+      return false;
+    }
+  }
+  // `bazel run` starts us in the runfiles tree; relative paths mean the
+  // caller's directory.
+  const char* caller_dir = std::getenv("BUILD_WORKING_DIRECTORY");
+  if (caller_dir != nullptr && !flags.data_dir.empty() &&
+      flags.data_dir.front() != '/') {
+    flags.data_dir = absl::StrCat(caller_dir, "/", flags.data_dir);
+  }
+  return true;
+}
+
+using ::kvcache::testing::Payloads;
+using ::kvcache::testing::SizeName;
+
+ChunkKey KeyOf(uint64_t id) {
+  std::array<uint8_t, ChunkKey::kSize> bytes{};
+  std::memcpy(bytes.data(), &id, sizeof(id));
+  return ChunkKey(bytes);
+}
+
+// Timings of one kind of call, accumulated over rounds.
+struct Samples {
+  uint64_t bytes = 0;
+  double seconds = 0;
+  std::vector<double> latency_ms;  // one per call; empty where not known
+
+  void Add(const Samples& other) {
+    bytes += other.bytes;
+    seconds += other.seconds;
+    latency_ms.insert(latency_ms.end(), other.latency_ms.begin(),
+                      other.latency_ms.end());
+  }
+  double GbPerSecond() const { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
+  double LatencyMs(double quantile) {
+    if (latency_ms.empty()) return 0;
+    std::sort(latency_ms.begin(), latency_ms.end());
+    const size_t at = static_cast<size_t>(quantile * latency_ms.size());
+    return latency_ms[std::min(latency_ms.size() - 1, at)];
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Put/Get over loopback.
+
+// One client connection to a store under test.
+class StoreConnection {
+ public:
+  virtual ~StoreConnection() = default;
+  virtual absl::Status Put(const ChunkKey& key, absl::string_view bytes) = 0;
+  // Fetches the chunk and checks that `size` bytes came back.
+  virtual absl::Status Get(const ChunkKey& key, uint64_t size) = 0;
+  // Drops the chunks after a round (untimed).
+  virtual absl::Status Clear(absl::Span<const ChunkKey> keys) = 0;
+};
+
+class KvCacheConnection final : public StoreConnection {
+ public:
+  explicit KvCacheConnection(std::unique_ptr<KvCacheClient> client)
+      : client_(std::move(client)) {}
+
+  absl::Status Put(const ChunkKey& key, absl::string_view bytes) override {
+    const ChunkToPut chunk{key, bytes};
+    return client_->Put({&chunk, 1});
+  }
+
+  absl::Status Get(const ChunkKey& key, uint64_t size) override {
+    absl::StatusOr<std::vector<FetchedChunk>> chunks = client_->Get({&key, 1});
+    if (!chunks.ok()) return chunks.status();
+    if ((*chunks)[0].bytes.size() != size) {
+      return absl::DataLossError("kvcached returned a chunk of the wrong size");
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Clear(absl::Span<const ChunkKey> keys) override {
+    return client_->Delete(keys).status();
+  }
+
+ private:
+  std::unique_ptr<KvCacheClient> client_;
+};
+
+class RedisConnection final : public StoreConnection {
+ public:
+  // Connects to Redis on loopback; UNAVAILABLE if nothing answers there.
+  static absl::StatusOr<std::unique_ptr<RedisConnection>> Connect(int port) {
+    redisContext* context = redisConnect("127.0.0.1", port);
+    if (context == nullptr || context->err != 0) {
+      const std::string why = context ? context->errstr : "out of memory";
+      redisFree(context);
+      return absl::UnavailableError(
+          absl::StrCat("cannot reach redis on port ", port, ": ", why));
+    }
+    return std::unique_ptr<RedisConnection>(new RedisConnection(context));
+  }
+  ~RedisConnection() override { redisFree(context_); }
+
+  absl::Status Put(const ChunkKey& key, absl::string_view bytes) override {
+    const absl::string_view k = key.AsBytes();
+    return Command("SET %b %b", k.data(), k.size(), bytes.data(), bytes.size())
+        .status();
+  }
+
+  absl::Status Get(const ChunkKey& key, uint64_t size) override {
+    const absl::string_view k = key.AsBytes();
+    absl::StatusOr<Reply> reply = Command("GET %b", k.data(), k.size());
+    if (!reply.ok()) return reply.status();
+    if ((*reply)->type != REDIS_REPLY_STRING || (*reply)->len != size) {
+      return absl::DataLossError("redis returned no chunk or a wrong size");
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Clear(absl::Span<const ChunkKey>) override {
+    return Command("FLUSHALL").status();
+  }
+
+  absl::Status Ping() { return Command("PING").status(); }
+
+ private:
+  struct FreeReply {
+    void operator()(redisReply* reply) const { freeReplyObject(reply); }
+  };
+  using Reply = std::unique_ptr<redisReply, FreeReply>;
+
+  explicit RedisConnection(redisContext* context) : context_(context) {}
+
+  template <typename... Args>
+  absl::StatusOr<Reply> Command(const char* format, Args... args) {
+    Reply reply(
+        static_cast<redisReply*>(redisCommand(context_, format, args...)));
+    if (reply == nullptr) {
+      return absl::UnavailableError(absl::StrCat("redis: ", context_->errstr));
+    }
+    if (reply->type == REDIS_REPLY_ERROR) {
+      return absl::InternalError(absl::StrCat("redis: ", reply->str));
+    }
+    return reply;
+  }
+
+  redisContext* context_;
+};
+
+// Starts redis-server as a pure in-memory cache on a free loopback port and
+// waits until it answers.
+absl::StatusOr<DaemonProcess> StartRedis(const std::string& dir,
+                                         uint64_t max_memory, int& port) {
+  port = testing::FreeLoopbackPort();
+  absl::StatusOr<DaemonProcess> redis = DaemonProcess::Spawn(
+      kRedisServer,
+      {"--bind", "127.0.0.1", "--port", absl::StrCat(port), "--save", "",
+       "--appendonly", "no", "--maxmemory", absl::StrCat(max_memory),
+       "--proto-max-bulk-len", "512mb", "--dir", dir, "--loglevel", "warning"});
+  if (!redis.ok()) return redis.status();
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (absl::Now() < deadline) {
+    absl::StatusOr<std::unique_ptr<RedisConnection>> connection =
+        RedisConnection::Connect(port);
+    if (connection.ok() && (*connection)->Ping().ok()) return redis;
+    if (redis->WaitForExit(absl::ZeroDuration()).ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(kRedisServer, " exited during start-up"));
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return absl::DeadlineExceededError("redis-server did not answer within 10s");
+}
+
+struct Store {
+  std::string name;
+  std::function<absl::StatusOr<std::unique_ptr<StoreConnection>>()> connect;
+};
+
+// Put and Get timings of one store in one case.
+struct CaseSamples {
+  Samples put;
+  Samples get;
+};
+
+// Runs op(connection c, key, payload index) for every key of every
+// connection, one thread per connection, and times the whole and each call.
+absl::StatusOr<Samples> RunPhase(
+    absl::Span<const std::unique_ptr<StoreConnection>> connections,
+    const std::vector<std::vector<ChunkKey>>& keys, uint64_t chunk_bytes,
+    const std::function<absl::Status(StoreConnection&, const ChunkKey&,
+                                     uint64_t)>& op) {
+  std::vector<Samples> samples(connections.size());
+  std::vector<absl::Status> status(connections.size());
+  const absl::Time start = absl::Now();
+  std::vector<std::thread> threads;
+  for (size_t c = 0; c < connections.size(); ++c) {
+    threads.emplace_back([&, c] {
+      for (size_t i = 0; i < keys[c].size() && status[c].ok(); ++i) {
+        const absl::Time t0 = absl::Now();
+        status[c] = op(*connections[c], keys[c][i], c * keys[c].size() + i);
+        samples[c].latency_ms.push_back(
+            absl::ToDoubleMilliseconds(absl::Now() - t0));
+        samples[c].bytes += chunk_bytes;
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  Samples all;
+  for (size_t c = 0; c < connections.size(); ++c) {
+    if (!status[c].ok()) return status[c];
+    all.Add(samples[c]);
+  }
+  all.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  return all;
+}
+
+// Puts `bytes` of chunks through `clients` connections, gets them all back
+// the same way, then drops them.
+absl::StatusOr<CaseSamples> RunRound(const Store& store,
+                                     const Payloads& payloads,
+                                     uint64_t chunk_bytes, int clients,
+                                     uint64_t bytes, uint64_t& next_key) {
+  std::vector<std::unique_ptr<StoreConnection>> connections;
+  std::vector<std::vector<ChunkKey>> keys(clients);
+  std::vector<ChunkKey> all_keys;
+  const uint64_t per_client =
+      std::max<uint64_t>(1, bytes / chunk_bytes / clients);
+  for (int c = 0; c < clients; ++c) {
+    absl::StatusOr<std::unique_ptr<StoreConnection>> connection =
+        store.connect();
+    if (!connection.ok()) return connection.status();
+    connections.push_back(std::move(*connection));
+    for (uint64_t i = 0; i < per_client; ++i) {
+      keys[c].push_back(KeyOf(next_key++));
+      all_keys.push_back(keys[c].back());
+    }
+  }
+  absl::StatusOr<Samples> put = RunPhase(
+      connections, keys, chunk_bytes,
+      [&](StoreConnection& connection, const ChunkKey& key, uint64_t index) {
+        return connection.Put(key, payloads.Chunk(index, chunk_bytes));
+      });
+  if (!put.ok()) return put.status();
+  absl::StatusOr<Samples> get =
+      RunPhase(connections, keys, chunk_bytes,
+               [&](StoreConnection& connection, const ChunkKey& key, uint64_t) {
+                 return connection.Get(key, chunk_bytes);
+               });
+  if (!get.ok()) return get.status();
+  if (absl::Status s = connections[0]->Clear(all_keys); !s.ok()) return s;
+  return CaseSamples{*std::move(put), *std::move(get)};
+}
+
+absl::Status RunStoreComparison(const Flags& flags) {
+  const std::vector<uint64_t> chunk_sizes = {256 * kKiB, 4 * kMiB, 32 * kMiB};
+  const uint64_t case_bytes = flags.case_mib * kMiB;
+  // Room for a whole case plus allocator slack; both stores are emptied
+  // after every round.
+  const uint64_t capacity = std::max<uint64_t>(4 * kGiB, 2 * case_bytes);
+  const Payloads payloads(64 * kMiB + chunk_sizes.back());
+
+  absl::StatusOr<DaemonProcess> kvcached = DaemonProcess::Start(
+      kDaemon,
+      {absl::StrCat("--set=cpu_tier { capacity_bytes: ", capacity, " }")});
+  if (!kvcached.ok()) return kvcached.status();
+  int redis_port = 0;
+  absl::StatusOr<DaemonProcess> redis =
+      StartRedis(flags.data_dir, capacity, redis_port);
+  if (!redis.ok()) return redis.status();
+
+  const std::string kvcached_address = kvcached->address();
+  const Store stores[] = {
+      {"kvcache (gRPC)",
+       [&]() -> absl::StatusOr<std::unique_ptr<StoreConnection>> {
+         ClientOptions options;
+         options.address = kvcached_address;
+         options.timeout = absl::Minutes(2);
+         absl::StatusOr<std::unique_ptr<KvCacheClient>> client =
+             KvCacheClient::Connect(options);
+         if (!client.ok()) return client.status();
+         return std::make_unique<KvCacheConnection>(std::move(*client));
+       }},
+      {"Redis (hiredis)",
+       [&]() -> absl::StatusOr<std::unique_ptr<StoreConnection>> {
+         absl::StatusOr<std::unique_ptr<RedisConnection>> connection =
+             RedisConnection::Connect(redis_port);
+         if (!connection.ok()) return connection.status();
+         return std::unique_ptr<StoreConnection>(std::move(*connection));
+       }},
+  };
+
+  std::printf(
+      "## Put/Get over loopback\n\n"
+      "%llu MiB per case (%llu MiB for 256 KiB chunks) in %d rounds, random "
+      "payloads, one client per thread; latency per chunk.\n\n"
+      "| chunk | clients | store | put GB/s | put p50 ms | put p99 ms | "
+      "get GB/s | get p50 ms | get p99 ms |\n"
+      "|---|---:|---|---:|---:|---:|---:|---:|---:|\n",
+      static_cast<unsigned long long>(flags.case_mib),
+      static_cast<unsigned long long>(flags.case_mib / 4), flags.rounds);
+  std::fflush(stdout);
+  uint64_t next_key = 1;
+  for (uint64_t chunk_bytes : chunk_sizes) {
+    const uint64_t bytes = chunk_bytes < kMiB ? case_bytes / 4 : case_bytes;
+    for (int clients : {1, 8}) {
+      std::vector<CaseSamples> results(std::size(stores));
+      for (int round = 0; round < flags.rounds; ++round) {
+        for (size_t s = 0; s < std::size(stores); ++s) {
+          absl::StatusOr<CaseSamples> r =
+              RunRound(stores[s], payloads, chunk_bytes, clients,
+                       bytes / flags.rounds, next_key);
+          if (!r.ok()) {
+            return absl::Status(
+                r.status().code(),
+                absl::StrCat(stores[s].name, ", ", SizeName(chunk_bytes), " x ",
+                             clients, ": ", r.status().message()));
+          }
+          results[s].put.Add(r->put);
+          results[s].get.Add(r->get);
+        }
+      }
+      for (size_t s = 0; s < std::size(stores); ++s) {
+        Samples& put = results[s].put;
+        Samples& get = results[s].get;
+        std::printf(
+            "| %s | %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n",
+            SizeName(chunk_bytes).c_str(), clients, stores[s].name.c_str(),
+            put.GbPerSecond(), put.LatencyMs(0.5), put.LatencyMs(0.99),
+            get.GbPerSecond(), get.LatencyMs(0.5), get.LatencyMs(0.99));
+      }
+      std::fflush(stdout);
+    }
+  }
+  std::printf("\n");
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// NVMe tier reads against fio.
+
+// Reads random chunks with `threads` threads for `duration`.
+absl::StatusOr<Samples> ReadRandomChunks(NvmeTier& tier,
+                                         const std::vector<ChunkKey>& keys,
+                                         uint64_t chunk_bytes, int threads,
+                                         absl::Duration duration) {
+  std::vector<Samples> samples(threads);
+  std::vector<absl::Status> status(threads);
+  const absl::Time start = absl::Now();
+  const absl::Time deadline = start + duration;
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      std::mt19937 rng(t + 1);
+      while (status[t].ok() && absl::Now() < deadline) {
+        const ChunkKey& key = keys[rng() % keys.size()];
+        const absl::Time t0 = absl::Now();
+        absl::StatusOr<ChunkRef> chunk = tier.Get(key.AsBytes());
+        samples[t].latency_ms.push_back(
+            absl::ToDoubleMilliseconds(absl::Now() - t0));
+        samples[t].bytes += chunk_bytes;
+        if (!chunk.ok()) {
+          status[t] = chunk.status();
+        } else if (chunk->bytes().size() != chunk_bytes) {
+          status[t] = absl::DataLossError("NVMe tier returned a wrong size");
+        }
+      }
+    });
+  }
+  for (std::thread& worker : workers) worker.join();
+  Samples all;
+  for (int t = 0; t < threads; ++t) {
+    if (!status[t].ok()) return status[t];
+    all.Add(samples[t]);
+  }
+  all.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  return all;
+}
+
+// Runs fio's random O_DIRECT reads over the first `bytes` of `file` for
+// `duration`; returns the bytes it read and its run time.
+absl::StatusOr<Samples> RunFio(const std::string& file, uint64_t bytes,
+                               uint64_t block_bytes, int depth,
+                               absl::Duration duration,
+                               const std::string& report_path) {
+  absl::StatusOr<DaemonProcess> fio = DaemonProcess::Spawn(
+      kFio,
+      {"--name=randread", "--filename=" + file, absl::StrCat("--size=", bytes),
+       "--rw=randread", absl::StrCat("--bs=", block_bytes), "--direct=1",
+       "--ioengine=io_uring", absl::StrCat("--iodepth=", depth), "--time_based",
+       absl::StrCat("--runtime=", absl::ToInt64Milliseconds(duration), "ms"),
+       "--output-format=json", "--output=" + report_path});
+  if (!fio.ok()) return fio.status();
+  absl::StatusOr<int> exit_code = fio->WaitForExit(duration + absl::Minutes(1));
+  if (!exit_code.ok()) return exit_code.status();
+  if (*exit_code != 0) {
+    return absl::InternalError(absl::StrCat("fio exited with ", *exit_code));
+  }
+  try {
+    const nlohmann::json report =
+        nlohmann::json::parse(std::ifstream(report_path));
+    const nlohmann::json& read = report.at("jobs").at(0).at("read");
+    Samples samples;
+    samples.bytes = read.at("io_bytes").get<uint64_t>();
+    samples.seconds = read.at("runtime").get<double>() / 1e3;
+    return samples;
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InternalError(
+        absl::StrCat("cannot read fio's report ", report_path, ": ", e.what()));
+  }
+}
+
+absl::Status RunNvmeComparison(const Flags& flags) {
+  constexpr uint64_t kChunkBytes = 4 * kMiB;
+  const uint64_t fill_bytes = flags.nvme_mib / 4 * 4 * kMiB;
+  const std::string dir = flags.data_dir + "/nvme";
+  const std::string report = flags.data_dir + "/fio.json";
+  std::filesystem::remove_all(dir);
+  // One slab exactly as large as the chunks, so they fill it from start to
+  // end and fio reads the very same blocks.
+  NvmeTierOptions options;
+  options.data_dir = dir;
+  options.slab_bytes = fill_bytes;
+  options.slab_count = 1;
+  absl::StatusOr<std::unique_ptr<NvmeTier>> tier = NvmeTier::Open(options);
+  if (!tier.ok()) return tier.status();
+
+  const Payloads payloads(64 * kMiB);
+  std::vector<ChunkKey> keys;
+  for (uint64_t i = 0; i < fill_bytes / kChunkBytes; ++i) {
+    keys.push_back(KeyOf(i + 1));
+    const absl::string_view bytes = payloads.Chunk(i, kChunkBytes);
+    if (absl::Status s =
+            (*tier)->Put(keys.back().AsBytes(), bytes, codec::Crc32c(bytes),
+                         absl::InfinitePast());
+        !s.ok()) {
+      return s;
+    }
+  }
+
+  std::printf(
+      "## NVMe tier random reads\n\n"
+      "%s of 4 MiB chunks in %s/slab-000. kvcache: NvmeTier::Get of random "
+      "chunks from N threads, each read into a buffer the caller keeps and "
+      "CRC32C-checked; fio: randread, bs=4m, iodepth=N, io_uring, O_DIRECT, "
+      "same file. %d s per side and depth, alternating in %d rounds.\n\n"
+      "| queue depth | kvcache GB/s | fio GB/s | kvcache / fio | "
+      "kvcache p50 ms | kvcache p99 ms |\n"
+      "|---:|---:|---:|---:|---:|---:|\n",
+      SizeName(fill_bytes).c_str(), dir.c_str(), flags.nvme_seconds,
+      flags.rounds);
+  std::fflush(stdout);
+  const absl::Duration round = absl::Seconds(flags.nvme_seconds) / flags.rounds;
+  for (int depth : {1, 4}) {
+    Samples ours, theirs;
+    for (int r = 0; r < flags.rounds; ++r) {
+      absl::StatusOr<Samples> read =
+          ReadRandomChunks(**tier, keys, kChunkBytes, depth, round);
+      if (!read.ok()) return read.status();
+      ours.Add(*read);
+      absl::StatusOr<Samples> fio = RunFio(dir + "/slab-000", fill_bytes,
+                                           kChunkBytes, depth, round, report);
+      if (!fio.ok()) return fio.status();
+      theirs.Add(*fio);
+    }
+    std::printf("| %d | %.2f | %.2f | %.0f%% | %.2f | %.2f |\n", depth,
+                ours.GbPerSecond(), theirs.GbPerSecond(),
+                100 * ours.GbPerSecond() / theirs.GbPerSecond(),
+                ours.LatencyMs(0.5), ours.LatencyMs(0.99));
+    std::fflush(stdout);
+  }
+  std::printf("\n");
+  tier->reset();
+  std::filesystem::remove_all(dir);
+  std::filesystem::remove(report);
+  return absl::OkStatus();
+}
+
+std::string LoadAverage() {
+  std::string one, five, fifteen;
+  std::ifstream("/proc/loadavg") >> one >> five >> fifteen;
+  return absl::StrCat(one, " ", five, " ", fifteen);
+}
+
+int Run(int argc, char** argv) {
+  Flags flags;
+  if (!ParseFlags(argc, argv, flags)) return 2;
+  std::error_code error;
+  std::filesystem::create_directories(flags.data_dir, error);
+  if (error) {
+    std::fprintf(stderr, "kvstore_bench: cannot create %s: %s\n",
+                 flags.data_dir.c_str(), error.message().c_str());
+    return 1;
+  }
+  // This process is the worker side of both clients and hosts the NVMe tier
+  // under test; it keeps freed buffers for reuse as kvcached does, so that
+  // glibc handing them back to the kernel after every call dominates neither
+  // client's numbers.
+  KeepLargeBlocksForReuse();
+  std::printf("# kvstore_bench: %u cores, load average %s at start\n\n",
+              std::thread::hardware_concurrency(), LoadAverage().c_str());
+  std::fflush(stdout);
+  absl::Status status;
+  if (flags.part != "nvme") status = RunStoreComparison(flags);
+  if (status.ok() && flags.part != "store") status = RunNvmeComparison(flags);
+  std::printf("load average %s at end\n", LoadAverage().c_str());
+  if (!status.ok()) {
+    std::fprintf(stderr, "kvstore_bench: %s\n", status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvcache::kvstore
+
+int main(int argc, char** argv) { return kvcache::kvstore::Run(argc, argv); }
