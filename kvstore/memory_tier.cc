@@ -33,7 +33,7 @@ void MemoryTier::EvictFor(uint64_t bytes, absl::string_view keep,
     for (auto victim = lru_.begin(); freed < bytes && victim != lru_.end();) {
       auto it = entries_.find(*victim++);
       if (it->first == keep || IsPinned(it->second) ||
-          (leaves_only && children_.contains(it->first))) {
+          (leaves_only && links_.Extended(it->first))) {
         continue;
       }
       freed += RoundUpToBlock(it->second.chunk.size_bytes);
@@ -45,11 +45,7 @@ void MemoryTier::EvictFor(uint64_t bytes, absl::string_view keep,
 }
 
 void MemoryTier::Erase(absl::flat_hash_map<std::string, Entry>::iterator it) {
-  if (const std::string& parent = it->second.chunk.parent_key;
-      !parent.empty()) {
-    auto count = children_.find(parent);
-    if (--count->second == 0) children_.erase(count);
-  }
+  links_.Remove(it->first, it->second.chunk.parent_key);
   used_bytes_ -= it->second.chunk.size_bytes;
   lru_.erase(it->second.recency);
   entries_.erase(it);
@@ -136,11 +132,8 @@ absl::Status MemoryTier::PutUntil(absl::string_view key,
   chunk.data = std::move(slice);
   chunk.size_bytes = size;
   chunk.crc32c = crc32c;
-  // A chunk naming itself would never be a leaf.
-  if (!parent_key.empty() && parent_key != key) {
-    chunk.parent_key = std::string(parent_key);
-    ++children_[chunk.parent_key];
-  }
+  chunk.parent_key = std::string(parent_key);
+  links_.Add(key, parent_key);
   lru_.emplace_back(key);
   entries_.emplace(std::string(key), Entry{std::move(chunk), --lru_.end()});
   used_bytes_ += size;

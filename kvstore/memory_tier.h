@@ -29,6 +29,7 @@
 #include "absl/types/span.h"
 #include "kvstore/chunk_ref.h"
 #include "kvstore/host_arena.h"
+#include "kvstore/prefix_links.h"
 
 namespace kvcache::kvstore {
 
@@ -125,8 +126,7 @@ class MemoryTier {
   std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);
   // Bytes of the chunks held (their arena extents are rounded up to blocks).
   uint64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  // For each key some held chunk names as its parent: how many do.
-  absl::flat_hash_map<std::string, uint32_t> children_ ABSL_GUARDED_BY(mu_);
+  PrefixLinks links_ ABSL_GUARDED_BY(mu_);
   uint64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

@@ -183,6 +183,7 @@ ChunkRef NvmeTier::RefOf(const Entry& entry) const {
   ref.crc32c = entry.crc32c;
   ref.pinned = IsPinned(entry);
   ref.pin_expiry = ref.pinned ? entry.pin_expiry : absl::InfinitePast();
+  ref.parent_key = entry.parent_key;
   return ref;
 }
 
@@ -198,6 +199,7 @@ IndexRecord NvmeTier::RecordOf(const Entry& entry) const {
 
 NvmeTier::ExtentLease NvmeTier::Unlink(EntryMap::iterator it) {
   ExtentLease extent = std::move(it->second.extent);
+  links_.Remove(it->first, it->second.parent_key);
   stored_bytes_ -= it->second.size_bytes;
   lru_.erase(it->second.recency);
   entries_.erase(it);
@@ -209,12 +211,18 @@ absl::StatusOr<bool> NvmeTier::EvictFor(uint64_t bytes) {
   std::vector<ExtentLease> freed;
   absl::MutexLock lock(&mu_);
   uint64_t reclaimed = 0;
-  for (auto victim = lru_.begin(); victim != lru_.end() && reclaimed < bytes;) {
-    auto it = entries_.find(*victim++);
-    if (IsPinned(it->second)) continue;
-    reclaimed += it->second.extent->length;
-    victims.push_back(it->first);
-    freed.push_back(Unlink(it));
+  // Chunks nothing extends first, then any unpinned one.
+  for (const bool leaves_only : {true, false}) {
+    for (auto victim = lru_.begin();
+         victim != lru_.end() && reclaimed < bytes;) {
+      auto it = entries_.find(*victim++);
+      if (IsPinned(it->second) || (leaves_only && links_.Extended(it->first))) {
+        continue;
+      }
+      reclaimed += it->second.extent->length;
+      victims.push_back(it->first);
+      freed.push_back(Unlink(it));
+    }
   }
   if (victims.empty()) return false;
   // The records go before the extents can be reused: `freed` lets go of them
@@ -274,7 +282,8 @@ absl::Status NvmeTier::WriteDurably(const Extent& extent,
 }
 
 absl::Status NvmeTier::Put(absl::string_view key, absl::string_view bytes,
-                           uint32_t crc32c, absl::Time pin_expiry) {
+                           uint32_t crc32c, absl::Time pin_expiry,
+                           absl::string_view parent_key) {
   absl::StatusOr<ExtentLease> extent = MakeRoom(bytes.size());
   if (!extent.ok()) return extent.status();
   if (absl::Status s = WriteDurably(**extent, bytes); !s.ok()) return s;
@@ -284,6 +293,7 @@ absl::Status NvmeTier::Put(absl::string_view key, absl::string_view bytes,
   entry.size_bytes = bytes.size();
   entry.crc32c = crc32c;
   entry.last_access = clock_();
+  entry.parent_key = std::string(parent_key);
   ExtentLease replaced;
   absl::MutexLock lock(&mu_);
   auto old = entries_.find(key);
@@ -299,6 +309,7 @@ absl::Status NvmeTier::Put(absl::string_view key, absl::string_view bytes,
     return s;
   }
   if (old != entries_.end()) replaced = Unlink(old);
+  links_.Add(key, entry.parent_key);
   entry.recency = lru_.insert(lru_.end(), std::string(key));
   stored_bytes_ += entry.size_bytes;
   entries_.emplace(std::string(key), std::move(entry));

@@ -19,8 +19,11 @@
 // chunk, logs it, counts it in corrupt_chunks and answers DATA_LOSS. The
 // in-memory map answers Peek/Contains, so lookups never touch RocksDB.
 //
-// Eviction is LRU over unpinned chunks (a pin whose expiry passed is no pin);
-// this is the last tier, so evicted chunks are dropped.
+// Eviction is LRU over unpinned chunks (a pin whose expiry passed is no pin),
+// taking chunks that no held chunk extends first (the parent links that
+// puts carry; they are kept in memory, not in the index, so after a restart
+// eviction is plain LRU until chunks are written again); this is the last
+// tier, so evicted chunks are dropped.
 //
 // Thread-safe. Concurrent writes (Put, Delete) of the same key are
 // serialised by the caller (TieredStore); everything else may run
@@ -45,6 +48,7 @@
 #include "kvstore/chunk_index.h"
 #include "kvstore/chunk_ref.h"
 #include "kvstore/extent_allocator.h"
+#include "kvstore/prefix_links.h"
 #include "kvstore/uring_file_io.h"
 
 namespace kvcache::kvstore {
@@ -78,8 +82,10 @@ class NvmeTier {
   // used unpinned chunks for room. RESOURCE_EXHAUSTED if it cannot fit even
   // then, or the disk is full; the tier is then unchanged except for what was
   // evicted.
+  // `parent_key`: the chunk this one extends in its prompt, if known.
   absl::Status Put(absl::string_view key, absl::string_view bytes,
-                   uint32_t crc32c, absl::Time pin_expiry);
+                   uint32_t crc32c, absl::Time pin_expiry,
+                   absl::string_view parent_key = {});
 
   // Reads and verifies the chunk, making it the most recently used.
   // NOT_FOUND if absent; DATA_LOSS if its bytes on disk are damaged (the
@@ -115,6 +121,7 @@ class NvmeTier {
     uint32_t crc32c = 0;
     absl::Time pin_expiry = absl::InfinitePast();
     absl::Time last_access;
+    std::string parent_key;
     std::list<std::string>::iterator recency;  // position in lru_
   };
   using EntryMap = absl::flat_hash_map<std::string, Entry>;
@@ -152,6 +159,7 @@ class NvmeTier {
   // Keys from least (front) to most (back) recently used.
   std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);
   uint64_t stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  PrefixLinks links_ ABSL_GUARDED_BY(mu_);
   uint64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t corrupt_chunks_ ABSL_GUARDED_BY(mu_) = 0;
 };

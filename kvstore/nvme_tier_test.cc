@@ -165,6 +165,24 @@ TEST_F(NvmeTierTest, EvictsLeastRecentlyUsedUnpinnedAndNeverExceedsCapacity) {
             absl::StatusCode::kResourceExhausted);
 }
 
+TEST_F(NvmeTierTest, EvictsAPromptFromItsEnd) {
+  options_.slab_bytes = 4 * kB;
+  options_.slab_count = 1;
+  Reopen();
+  // p0 <- p1 <- p2, written in order: p0 is the least recently used.
+  ASSERT_TRUE(tier_->Put("p0", Bytes(kB, 1), 0, absl::InfinitePast()).ok());
+  ASSERT_TRUE(
+      tier_->Put("p1", Bytes(kB, 2), 0, absl::InfinitePast(), "p0").ok());
+  ASSERT_TRUE(
+      tier_->Put("p2", Bytes(kB, 3), 0, absl::InfinitePast(), "p1").ok());
+  ASSERT_TRUE(Put("other", Bytes(kB, 4)).ok());
+  ASSERT_TRUE(Put("x", Bytes(kB, 5)).ok());
+  EXPECT_FALSE(tier_->Contains("p2"));
+  EXPECT_TRUE(tier_->Contains("p0"));
+  EXPECT_TRUE(tier_->Contains("p1"));
+  EXPECT_EQ(tier_->Peek("p1")->parent_key, "p0");
+}
+
 TEST_F(NvmeTierTest, DirectoryThatCannotBeCreatedIsNamed) {
   options_.data_dir = "/proc/kvcache-no-such-dir";
   auto tier = NvmeTier::Open(options_);

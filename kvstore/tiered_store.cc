@@ -65,7 +65,7 @@ absl::Status TieredStore::Put(absl::string_view key, std::string bytes,
     }
     auto put_nvme = [&]() {
       const absl::Time start = absl::Now();
-      absl::Status s = nvme_->Put(key, bytes, crc32c, pin_expiry);
+      absl::Status s = nvme_->Put(key, bytes, crc32c, pin_expiry, parent_key);
       nvme_counters_.write_latency.Record(absl::Now() - start);
       return s;
     };
@@ -118,7 +118,7 @@ void TieredStore::Demote(std::vector<EvictedChunk> evicted, absl::Mutex* held) {
     if (!cpu_->Peek(victim.key).ok() && !nvme_->Contains(victim.key)) {
       const absl::Time start = absl::Now();
       s = nvme_->Put(victim.key, victim.chunk.bytes(), victim.chunk.crc32c,
-                     victim.chunk.pin_expiry);
+                     victim.chunk.pin_expiry, victim.chunk.parent_key);
       nvme_counters_.write_latency.Record(absl::Now() - start);
     }
     if (!already_held) lock.Unlock();
@@ -229,8 +229,8 @@ absl::Status TieredStore::Flush() {
     absl::MutexLock lock(&KeyLock(key));
     absl::StatusOr<ChunkRef> chunk = cpu_->Peek(key);
     if (!chunk.ok() || nvme_->Contains(key)) continue;
-    absl::Status s =
-        nvme_->Put(key, chunk->bytes(), chunk->crc32c, chunk->pin_expiry);
+    absl::Status s = nvme_->Put(key, chunk->bytes(), chunk->crc32c,
+                                chunk->pin_expiry, chunk->parent_key);
     written += s.ok() ? 1 : 0;
     first_error.Update(s);
   }
