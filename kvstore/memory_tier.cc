@@ -82,9 +82,13 @@ absl::Status MemoryTier::PutUntil(absl::string_view key,
   };
   {
     // Checked before evicting anything, so a put that clearly cannot
-    // succeed leaves the tier as it was.
+    // succeed leaves the tier as it was. The scan over every chunk runs only
+    // when the arena is short of room.
     absl::MutexLock lock(&mu_);
-    if (ReclaimableBytes(key) < footprint) return no_room();
+    if (arena_->capacity_bytes() - arena_->used_bytes() < footprint &&
+        ReclaimableBytes(key) < footprint) {
+      return no_room();
+    }
   }
   // A pin on the bytes being replaced carries over: the session still owns
   // the key.

@@ -54,6 +54,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "client/chunk_key.h"
+#include "client/chunk_store.h"
 #include "client/cluster_client.h"
 #include "client/kvcache_client.h"
 #include "cluster/membership.h"
@@ -371,47 +372,11 @@ class BenchCluster {
 };
 
 // What the benchmark drives: a cluster through ClusterClient, or one node
-// through a plain KvCacheClient.
+// through a plain KvCacheClient, both as a ChunkStore.
 struct Target {
   std::string name;
-  std::function<absl::Status(absl::Span<const ChunkToPut>)> put;
-  std::function<absl::StatusOr<std::vector<FetchedChunk>>(
-      absl::Span<const ChunkKey>)>
-      get;
-  std::function<absl::Status(absl::Span<const ChunkKey>)> remove;
-  std::function<absl::StatusOr<LookupResult>(absl::Span<const ChunkKey>)>
-      lookup;
+  ChunkStore* store;
 };
-
-Target ClusterTarget(const std::string& name, ClusterClient& client) {
-  return {
-      name,
-      [&client](absl::Span<const ChunkToPut> chunks) {
-        return client.Put(chunks);
-      },
-      [&client](absl::Span<const ChunkKey> keys) { return client.Get(keys); },
-      [&client](absl::Span<const ChunkKey> keys) {
-        return client.Delete(keys).status();
-      },
-      [&client](absl::Span<const ChunkKey> keys) {
-        return client.Lookup(keys);
-      }};
-}
-
-Target NodeTarget(const std::string& name, KvCacheClient& client) {
-  return {
-      name,
-      [&client](absl::Span<const ChunkToPut> chunks) {
-        return client.Put(chunks);
-      },
-      [&client](absl::Span<const ChunkKey> keys) { return client.Get(keys); },
-      [&client](absl::Span<const ChunkKey> keys) {
-        return client.Delete(keys).status();
-      },
-      [&client](absl::Span<const ChunkKey> keys) {
-        return client.Lookup(keys);
-      }};
-}
 
 // Bytes and chunks moved in some seconds, summed over rounds.
 struct Throughput {
@@ -466,13 +431,13 @@ absl::StatusOr<PutGet> RunPutGet(const Target& target, const Payloads& payloads,
   absl::StatusOr<Throughput> put =
       RunThreads(count, threads, chunk_bytes, [&](size_t i) {
         const ChunkToPut chunk{keys[i], payloads.Chunk(i, chunk_bytes)};
-        return target.put({&chunk, 1});
+        return target.store->Put({&chunk, 1});
       });
   if (!put.ok()) return put.status();
   absl::StatusOr<Throughput> get =
       RunThreads(count, threads, chunk_bytes, [&](size_t i) -> absl::Status {
         absl::StatusOr<std::vector<FetchedChunk>> chunks =
-            target.get({&keys[i], 1});
+            target.store->Get({&keys[i], 1});
         if (!chunks.ok()) return chunks.status();
         if ((*chunks)[0].bytes.size() != chunk_bytes) {
           return absl::DataLossError("a chunk came back with a wrong size");
@@ -480,7 +445,7 @@ absl::StatusOr<PutGet> RunPutGet(const Target& target, const Payloads& payloads,
         return absl::OkStatus();
       });
   if (!get.ok()) return get.status();
-  if (absl::Status s = target.remove(keys); !s.ok()) return s;
+  if (absl::Status s = target.store->Delete(keys).status(); !s.ok()) return s;
   return PutGet{*put, *get};
 }
 
@@ -569,7 +534,7 @@ absl::Status RunLookups(const Flags& flags, absl::Span<const Target> targets) {
   // replaces the same bytes.
   std::vector<std::vector<double>> latency_ms(targets.size());
   for (const Target& target : targets) {
-    if (absl::Status s = target.put(chunks); !s.ok()) return s;
+    if (absl::Status s = target.store->Put(chunks); !s.ok()) return s;
   }
   // Lookups are short: the clusters take turns one lookup at a time, each
   // turn starting with the next cluster.
@@ -577,7 +542,7 @@ absl::Status RunLookups(const Flags& flags, absl::Span<const Target> targets) {
     for (size_t turn = 0; turn < targets.size(); ++turn) {
       const size_t t = (turn + i) % targets.size();
       const absl::Time start = absl::Now();
-      absl::StatusOr<LookupResult> hit = targets[t].lookup(*keys);
+      absl::StatusOr<LookupResult> hit = targets[t].store->Lookup(*keys);
       latency_ms[t].push_back(absl::ToDoubleMilliseconds(absl::Now() - start));
       if (!hit.ok()) return hit.status();
       if (hit->prefix_chunks != kPromptChunks) {
@@ -604,7 +569,7 @@ absl::Status RunLookups(const Flags& flags, absl::Span<const Target> targets) {
   std::printf("\n");
   std::fflush(stdout);
   for (const Target& target : targets) {
-    target.remove(*keys).IgnoreError();
+    target.store->Delete(*keys).status().IgnoreError();
   }
   return absl::OkStatus();
 }
@@ -776,12 +741,12 @@ absl::Status RunAll(const Flags& flags, int log_fd) {
       clusters.push_back(std::move(*cluster));
     }
     targets.push_back(
-        NodeTarget("1 node, no cluster client", clusters[0]->direct("n1")));
+        {"1 node, no cluster client", &clusters[0]->direct("n1")});
     for (size_t i = 0; i < clusters.size(); ++i) {
-      targets.push_back(ClusterTarget(
-          absl::StrCat(specs[i].nodes, specs[i].nodes == 1 ? " node" : " nodes",
-                       ", replication ", specs[i].replication),
-          clusters[i]->client()));
+      targets.push_back({absl::StrCat(specs[i].nodes,
+                                      specs[i].nodes == 1 ? " node" : " nodes",
+                                      ", replication ", specs[i].replication),
+                         &clusters[i]->client()});
     }
     if (absl::Status s = RunThroughput(flags, targets); !s.ok()) return s;
     if (absl::Status s = RunLookups(flags, targets); !s.ok()) return s;

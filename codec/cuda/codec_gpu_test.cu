@@ -213,6 +213,16 @@ TEST(GpuDecodeTest, RealDumpsEveryLevelBothDtypes) {
 
 // Paged destinations: chunks land in shuffled blocks, starting mid-block;
 // every other slot of the cache must keep its poison.
+// First element of (plane p, slot) in a layer-major paged cache
+// [layers][blocks][K,V][block_tokens][channels] with block table `table`.
+uint64_t PagedRow(const std::vector<int32_t>& table, uint32_t p, uint32_t slot,
+                  uint32_t block_tokens, uint32_t channels,
+                  uint64_t layer_elems) {
+  const uint64_t block = static_cast<uint64_t>(table[slot / block_tokens]);
+  return p / 2 * layer_elems +
+         ((block * 2 + p % 2) * block_tokens + slot % block_tokens) * channels;
+}
+
 TEST(GpuDecodeTest, PagedLayouts) {
   REQUIRE_GPU();
   const ChunkShape shape{3, 0, 2, 16, DType::kBFloat16};
@@ -289,14 +299,8 @@ TEST(GpuDecodeTest, PagedLayouts) {
       size_t k = 0;
       for (uint32_t p = 0; p < 2 * shape.layers; ++p) {
         for (uint32_t t = 0; t < tokens[i]; ++t) {
-          const uint32_t slot = first_slot[i] + t;
-          const uint64_t row =
-              p / 2 * layer_elems +
-              ((static_cast<uint64_t>(tables[i][slot / block_tokens]) * 2 +
-                p % 2) *
-                   block_tokens +
-               slot % block_tokens) *
-                  channels;
+          const uint64_t row = PagedRow(tables[i], p, first_slot[i] + t,
+                                        block_tokens, channels, layer_elems);
           for (uint32_t c = 0; c < channels; ++c, ++k) {
             ASSERT_EQ(got[row + c], want[i][k])
                 << "layer_major " << layer_major << " chunk " << i << " plane "
@@ -517,14 +521,8 @@ TEST(GpuEncodeTest, PagedSourceAndSmallOutput) {
     size_t k = 0;
     for (uint32_t p = 0; p < 2 * shape.layers; ++p) {
       for (uint32_t t = 0; t < tokens[i]; ++t) {
-        const uint32_t slot = first_slot[i] + t;
-        const uint64_t row =
-            p / 2 * layer_elems +
-            ((static_cast<uint64_t>(tables[i][slot / block_tokens]) * 2 +
-              p % 2) *
-                 block_tokens +
-             slot % block_tokens) *
-                channels;
+        const uint64_t row = PagedRow(tables[i], p, first_slot[i] + t,
+                                      block_tokens, channels, layer_elems);
         for (uint32_t c = 0; c < channels; ++c) cache[row + c] = chunks[i][k++];
       }
     }

@@ -50,6 +50,12 @@ inline DeviceLayout ToDevice(const KvLayout& l) {
           l.num_blocks};
 }
 
+// Values per thread in the kernels that walk a chunk's elements: eight (one
+// 16-byte access) when a token's channels come in whole eights, else one.
+inline int VecFor(const KvLayout& layout) {
+  return layout.Channels() % 8 == 0 ? 8 : 1;
+}
+
 // Where chunk element (plane p = 2 * layer + kv, token t, channel c) lives.
 __device__ inline uint16_t* ElementPtr(const DeviceLayout& l, uint16_t* values,
                                        const int32_t* block_ids,

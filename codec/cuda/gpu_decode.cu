@@ -887,10 +887,6 @@ absl::Status PlanDecode(const KvLayout& layout,
   return absl::OkStatus();
 }
 
-int VecFor(const KvLayout& layout) {
-  return layout.Channels() % 8 == 0 ? 8 : 1;
-}
-
 absl::Status RunDecode(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
                        void* workspace, uint64_t workspace_bytes,
                        int32_t* status, cudaStream_t s) {

@@ -953,10 +953,6 @@ absl::Status PlanEncode(const KvLayout& layout,
   return absl::OkStatus();
 }
 
-int VecFor(const KvLayout& layout) {
-  return layout.Channels() % 8 == 0 ? 8 : 1;
-}
-
 uint32_t Blocks(uint64_t threads) {
   return static_cast<uint32_t>((threads + kThreads - 1) / kThreads);
 }
