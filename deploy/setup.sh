@@ -14,7 +14,7 @@ PACKAGES=(
   librocksdb-dev liburing-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   redis-server libhiredis-dev fio
-  etcd-server etcd-client python3-yaml
+  etcd-server etcd-client iproute2 python3-yaml
   pybind11-dev python3-dev python3-numpy
 )
 

@@ -1,6 +1,8 @@
 // A cluster of real kvcached processes around a real etcd, on loopback:
-// chunks survive a node killed with SIGKILL, a node joining and a node
-// draining while a reader fetches all the time, and an etcd outage.
+// chunks survive a node killed with SIGKILL, a node frozen (SIGSTOP) and
+// back, a node joining and a node draining while a reader fetches all the
+// time, and an etcd outage. PartitionTest runs one node in a network
+// namespace of its own to cut it off the network while it runs.
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -23,12 +25,14 @@
 #include "cluster/placement.h"
 #include "tests/testing/daemon_process.h"
 #include "tests/testing/etcd_process.h"
+#include "tests/testing/network_namespace.h"
 
 namespace kvcache {
 namespace {
 
 using ::kvcache::testing::DaemonProcess;
 using ::kvcache::testing::EtcdProcess;
+using ::kvcache::testing::NetworkNamespace;
 
 constexpr char kDaemon[] = "kvstore/kvcached";
 constexpr char kCtl[] = "client/kvcachectl";
@@ -80,13 +84,18 @@ bool WaitFor(Predicate done, absl::Duration timeout) {
 class ClusterTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto etcd = EtcdProcess::Start();
+    auto etcd = EtcdProcess::Start(host_);
     ASSERT_TRUE(etcd.ok()) << etcd.status();
     etcd_ = std::move(*etcd);
   }
 
-  // Starts node `id`; short lease and quick repairs keep the test short.
-  void StartNode(const std::string& id) {
+  // Starts node `id`, on a host of its own if `netns` is given; short lease
+  // and quick repairs keep the test short.
+  void StartNode(const std::string& id,
+                 const NetworkNamespace* netns = nullptr) {
+    testing::StartOptions options;
+    options.host = netns ? netns->address() : host_;
+    if (netns) options.network_namespace = netns->name();
     auto daemon = DaemonProcess::Start(
         kDaemon,
         {absl::StrCat("--set=node_id: \"", id, "\""),
@@ -94,7 +103,8 @@ class ClusterTest : public ::testing::Test {
          absl::StrCat("--set=cluster { etcd_endpoints: \"", etcd_->endpoint(),
                       "\" cluster_name: \"", kCluster,
                       "\" lease_ttl_seconds: 2 replication_factor: 2 "
-                      "membership_poll_ms: 100 repair_interval_seconds: 2 }")});
+                      "membership_poll_ms: 100 repair_interval_seconds: 2 }")},
+        options);
     ASSERT_TRUE(daemon.ok()) << daemon.status();
     nodes_.emplace(id, std::make_unique<DaemonProcess>(std::move(*daemon)));
   }
@@ -106,6 +116,9 @@ class ClusterTest : public ::testing::Test {
     options.etcd_endpoints = {etcd_->endpoint()};
     options.cluster_name = kCluster;
     options.membership_poll = absl::Milliseconds(100);
+    // A call to a node that is cut off hangs until its deadline before the
+    // client turns to another replica; workers want that in seconds.
+    options.node.timeout = absl::Seconds(5);
     absl::StatusOr<std::unique_ptr<ClusterClient>> client;
     WaitFor(
         [&] {
@@ -174,7 +187,12 @@ class ClusterTest : public ::testing::Test {
     }
     std::map<std::string, std::vector<bool>> held;
     for (const auto& [id, daemon] : nodes_) {
-      auto client = KvCacheClient::Connect({.address = daemon->address()});
+      // A node cut off from the network is skipped within seconds (its
+      // channel may share a connection made before it was cut off).
+      auto client =
+          KvCacheClient::Connect({.address = daemon->address(),
+                                  .timeout = absl::Seconds(3),
+                                  .connect_timeout = absl::Seconds(1)});
       if (!client.ok()) continue;
       auto infos = (*client)->LookupEach(keys);
       if (!infos.ok()) continue;
@@ -232,8 +250,60 @@ class ClusterTest : public ::testing::Test {
     return out;
   }
 
+  // A worker fetching every prompt over and over on a client of its own,
+  // from construction until Stop().
+  class Reader {
+   public:
+    Reader(std::unique_ptr<ClusterClient> client, std::vector<Prompt> prompts)
+        : client_(std::move(client)),
+          prompts_(std::move(prompts)),
+          thread_([this] {
+            while (!stop_.load()) {
+              const std::string error = FetchAll(*client_, prompts_);
+              if (!error.empty()) failures_.push_back(error);
+              ++rounds_;
+            }
+          }) {}
+    ~Reader() { Stop(); }
+
+    // Rounds of fetching everything so far.
+    int rounds() const { return rounds_.load(); }
+    // Stops and returns the errors of the rounds that failed.
+    std::vector<std::string> Stop() {
+      stop_ = true;
+      if (thread_.joinable()) thread_.join();
+      return failures_;
+    }
+
+   private:
+    const std::unique_ptr<ClusterClient> client_;
+    const std::vector<Prompt> prompts_;
+    std::atomic<bool> stop_{false};
+    std::atomic<int> rounds_{0};
+    std::vector<std::string> failures_;  // written by the thread only
+    std::thread thread_;
+  };
+
+  // Where etcd and the nodes not in a namespace of their own listen.
+  std::string host_ = "127.0.0.1";
+  // Declared first so that it goes last, after the processes in it.
+  std::unique_ptr<NetworkNamespace> netns_;
   std::unique_ptr<EtcdProcess> etcd_;
   std::map<std::string, std::unique_ptr<DaemonProcess>> nodes_;
+};
+
+// Runs node n2 on a host of its own (a network namespace) that the test can
+// cut off from etcd and the other nodes while n2 keeps running; etcd and the
+// other nodes listen on this side's end of its link.
+class PartitionTest : public ClusterTest {
+ protected:
+  void SetUp() override {
+    auto netns = NetworkNamespace::Create();
+    ASSERT_TRUE(netns.ok()) << netns.status();
+    netns_ = std::move(*netns);
+    host_ = netns_->host_address();
+    ClusterTest::SetUp();
+  }
 };
 
 TEST_F(ClusterTest, NodeKilledWithSigkillLosesNoPrefix) {
@@ -256,7 +326,7 @@ TEST_F(ClusterTest, NodeKilledWithSigkillLosesNoPrefix) {
                       absl::Seconds(20)));
 }
 
-TEST_F(ClusterTest, NodeCutOffAndBackHealsWithoutLossOrDuplicates) {
+TEST_F(ClusterTest, FrozenNodeAndBackHealsWithoutLossOrDuplicates) {
   for (const char* id : {"n1", "n2", "n3"}) StartNode(id);
   auto client = Connect();
   ASSERT_NE(client, nullptr);
@@ -264,8 +334,8 @@ TEST_F(ClusterTest, NodeCutOffAndBackHealsWithoutLossOrDuplicates) {
   std::vector<Prompt> prompts = MakePrompts(kPrompts, 4);
   PutAll(*client, prompts);
 
-  // SIGSTOP cuts n2 off from everyone, etcd included, with its sockets and
-  // its chunks kept: what a partition or a hung host looks like to peers.
+  // A hung host: n2 stops renewing its lease, and its kernel still accepts
+  // connections and data that nobody answers; its chunks are kept.
   nodes_["n2"]->Signal(SIGSTOP);
   ASSERT_TRUE(WaitForMembers(*client, "n1,n3"));
   EXPECT_EQ(FetchAll(*client, prompts), "");
@@ -283,6 +353,52 @@ TEST_F(ClusterTest, NodeCutOffAndBackHealsWithoutLossOrDuplicates) {
   EXPECT_EQ(FetchAll(*client, prompts), "");
 }
 
+TEST_F(PartitionTest, PartitionedNodeRejoinsWithoutLossOrDuplicates) {
+  StartNode("n1");
+  StartNode("n2", netns_.get());
+  StartNode("n3");
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n2,n3"));
+  std::vector<Prompt> prompts = MakePrompts(kPrompts, 6);
+  PutAll(*client, prompts);
+  ASSERT_TRUE(ExactlyOnReplicas(*client, prompts));
+  auto reader_client = Connect();
+  ASSERT_NE(reader_client, nullptr);
+  Reader reader(std::move(reader_client), prompts);
+
+  // n2 keeps running but no longer reaches etcd or its peers, nor they it.
+  const absl::Status cut = netns_->Cut();
+  ASSERT_TRUE(cut.ok()) << cut;
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n3"));
+  const int rounds_cut_off = reader.rounds();
+  // Its lease ran out: n1 and n3 copy what they shared with it, so every
+  // chunk has two copies again without n2. A repair pass that asked n2
+  // before its lease ran out waits for the peer call's 30 s deadline first.
+  EXPECT_TRUE(WaitFor([&] { return ExactlyOnReplicas(*client, prompts); },
+                      absl::Seconds(60)));
+  const std::vector<Prompt> written_meanwhile = MakePrompts(kPrompts, 7);
+  PutAll(*client, written_meanwhile);
+  EXPECT_EQ(FetchAll(*client, written_meanwhile), "");
+  // The worker keeps reading everything from n1 and n3.
+  EXPECT_TRUE(WaitFor([&] { return reader.rounds() > rounds_cut_off + 3; },
+                      absl::Seconds(60)));
+
+  const absl::Status restored = netns_->Restore();
+  ASSERT_TRUE(restored.ok()) << restored;
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n2,n3"));
+  // n2 gets what was written without it, the copies made while it was away
+  // go, and every chunk still reads back byte-exact.
+  prompts.insert(prompts.end(), written_meanwhile.begin(),
+                 written_meanwhile.end());
+  EXPECT_TRUE(WaitFor([&] { return ExactlyOnReplicas(*client, prompts); },
+                      absl::Seconds(60)));
+  EXPECT_EQ(FetchAll(*client, prompts), "");
+  const std::vector<std::string> failures = reader.Stop();
+  EXPECT_TRUE(failures.empty())
+      << failures.size() << " failed, first: " << failures.front();
+}
+
 TEST_F(ClusterTest, JoinAndDrainWithoutFailedFetches) {
   for (const char* id : {"n1", "n2", "n3"}) StartNode(id);
   auto client = Connect();
@@ -291,17 +407,9 @@ TEST_F(ClusterTest, JoinAndDrainWithoutFailedFetches) {
   const std::vector<Prompt> prompts = MakePrompts(kPrompts, 2);
   PutAll(*client, prompts);
 
-  std::atomic<bool> stop{false};
-  std::atomic<int> fetches{0};
-  std::vector<std::string> failures;
-  std::thread fetcher([&] {
-    auto reader = Connect();
-    while (reader && !stop.load()) {
-      const std::string error = FetchAll(*reader, prompts);
-      if (!error.empty()) failures.push_back(error);
-      ++fetches;
-    }
-  });
+  auto reader_client = Connect();
+  ASSERT_NE(reader_client, nullptr);
+  Reader reader(std::move(reader_client), prompts);
 
   StartNode("n4");
   ASSERT_TRUE(WaitForMembers(*client, "n1,n2,n3,n4"));
@@ -311,7 +419,7 @@ TEST_F(ClusterTest, JoinAndDrainWithoutFailedFetches) {
 
   const std::string drained = Ctl("drain n2 --wait=60s");
   EXPECT_TRUE(absl::StrContains(drained, "n2 drained")) << drained;
-  const int fetches_before_stop = fetches.load();
+  const int rounds_before_stop = reader.rounds();
   nodes_["n2"]->Signal(SIGTERM);
   EXPECT_EQ(*nodes_["n2"]->WaitForExit(absl::Seconds(20)), 0);
   nodes_.erase("n2");
@@ -319,11 +427,10 @@ TEST_F(ClusterTest, JoinAndDrainWithoutFailedFetches) {
   EXPECT_TRUE(WaitFor([&] { return ExactlyOnReplicas(*client, prompts); },
                       absl::Seconds(30)));
   // Keep reading a little after n2 left.
-  WaitFor([&] { return fetches.load() > fetches_before_stop + 3; },
+  WaitFor([&] { return reader.rounds() > rounds_before_stop + 3; },
           absl::Seconds(20));
-  stop = true;
-  fetcher.join();
-  EXPECT_GT(fetches.load(), 3);
+  const std::vector<std::string> failures = reader.Stop();
+  EXPECT_GT(reader.rounds(), 3);
   EXPECT_TRUE(failures.empty())
       << failures.size() << " failed, first: " << failures.front();
 }

@@ -1,13 +1,17 @@
 #include "tests/testing/daemon_process.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
@@ -24,41 +28,62 @@ std::string TempDir() {
 }  // namespace
 
 absl::StatusOr<DaemonProcess> DaemonProcess::Spawn(
-    const std::string& binary, const std::vector<std::string>& args) {
+    const std::string& binary, const std::vector<std::string>& args,
+    const std::string& network_namespace) {
   std::vector<std::string> argv_strings = {binary};
   argv_strings.insert(argv_strings.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (std::string& s : argv_strings) argv.push_back(s.data());
   argv.push_back(nullptr);
 
+  int netns_fd = -1;
+  if (!network_namespace.empty()) {
+    const std::string path = "/run/netns/" + network_namespace;
+    netns_fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (netns_fd < 0) {
+      return absl::NotFoundError(
+          absl::StrCat("network namespace ", path, ": ", std::strerror(errno)));
+    }
+  }
+  // Made before fork: the child of a threaded process must not allocate.
+  const std::string setns_error = "setns " + network_namespace;
+  const std::string exec_error = "exec " + binary;
   const pid_t pid = fork();
-  if (pid < 0) return absl::InternalError("fork failed");
   if (pid == 0) {
+    if (netns_fd >= 0 && setns(netns_fd, CLONE_NEWNET) != 0) {
+      std::perror(setns_error.c_str());
+      _exit(127);
+    }
     execv(binary.c_str(), argv.data());
-    std::perror(("exec " + binary).c_str());
+    std::perror(exec_error.c_str());
     _exit(127);
   }
+  if (netns_fd >= 0) close(netns_fd);
+  if (pid < 0) return absl::InternalError("fork failed");
   return DaemonProcess(pid, "");
 }
 
 absl::StatusOr<DaemonProcess> DaemonProcess::Start(
-    const std::string& binary, const std::vector<std::string>& args) {
+    const std::string& binary, const std::vector<std::string>& args,
+    const StartOptions& options) {
   static int started = 0;
   const std::string port_file =
       absl::StrCat(TempDir(), "/kvcached-", getpid(), "-", started++, ".port");
   std::remove(port_file.c_str());
 
-  std::vector<std::string> daemon_args = {"--listen=127.0.0.1:0",
-                                          "--port_file=" + port_file};
+  std::vector<std::string> daemon_args = {
+      absl::StrCat("--listen=", options.host, ":0"),
+      "--port_file=" + port_file};
   daemon_args.insert(daemon_args.end(), args.begin(), args.end());
-  absl::StatusOr<DaemonProcess> daemon = Spawn(binary, daemon_args);
+  absl::StatusOr<DaemonProcess> daemon =
+      Spawn(binary, daemon_args, options.network_namespace);
   if (!daemon.ok()) return daemon.status();
 
   const absl::Time deadline = absl::Now() + absl::Seconds(20);
   while (absl::Now() < deadline) {
     int port = 0;
     if (std::ifstream(port_file) >> port && port > 0) {
-      daemon->address_ = absl::StrCat("127.0.0.1:", port);
+      daemon->address_ = absl::StrCat(options.host, ":", port);
       return daemon;
     }
     int status = 0;
@@ -105,11 +130,11 @@ absl::StatusOr<int> DaemonProcess::WaitForExit(absl::Duration timeout) {
   return absl::FailedPreconditionError("daemon not running");
 }
 
-int FreeLoopbackPort() {
+int FreePort(const std::string& host) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  inet_pton(AF_INET, host.c_str(), &addr.sin_addr);
   bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
   socklen_t len = sizeof(addr);
   getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);

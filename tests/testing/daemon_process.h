@@ -1,5 +1,6 @@
-// Starts a real kvcached binary on a free loopback port and stops it again,
-// so whole-system tests and benchmarks talk to the daemon exactly as workers
+// Starts a real kvcached binary on a free port (of loopback, or of another
+// address, in another network namespace if asked) and stops it again, so
+// whole-system tests and benchmarks talk to the daemon exactly as workers
 // do. Also runs the other programs they compare with (redis-server, fio).
 #ifndef KVCACHE_TESTS_TESTING_DAEMON_PROCESS_H_
 #define KVCACHE_TESTS_TESTING_DAEMON_PROCESS_H_
@@ -15,26 +16,36 @@
 
 namespace kvcache::testing {
 
+struct StartOptions {
+  // The address kvcached listens on (with a free port) and is reached at.
+  std::string host = "127.0.0.1";
+  // A network namespace by name (under /run/netns, as `ip netns add` makes
+  // it) to run the process in; empty: the caller's.
+  std::string network_namespace;
+};
+
 class DaemonProcess {
  public:
   // Starts `binary` (a path relative to the test's working directory, e.g.
-  // "kvstore/kvcached") with `--listen=127.0.0.1:0` plus `args`, and waits
-  // until it reports its port. Its stderr goes to the test log.
+  // "kvstore/kvcached") with `--listen=HOST:0` plus `args`, and waits until
+  // it reports its port. Its stderr goes to the test log.
   static absl::StatusOr<DaemonProcess> Start(
-      const std::string& binary, const std::vector<std::string>& args);
+      const std::string& binary, const std::vector<std::string>& args,
+      const StartOptions& options = {});
 
-  // Starts `binary` with exactly `args` and returns at once, for programs
-  // that are not kvcached; the caller knows when they are ready. address()
-  // is empty.
+  // Starts `binary` with exactly `args` (in `network_namespace` if not
+  // empty) and returns at once, for programs that are not kvcached; the
+  // caller knows when they are ready. address() is empty.
   static absl::StatusOr<DaemonProcess> Spawn(
-      const std::string& binary, const std::vector<std::string>& args);
+      const std::string& binary, const std::vector<std::string>& args,
+      const std::string& network_namespace = "");
 
   DaemonProcess(DaemonProcess&& other) noexcept;
   DaemonProcess& operator=(DaemonProcess&&) = delete;
   // Kills the daemon (SIGKILL) if it is still running.
   ~DaemonProcess();
 
-  // "127.0.0.1:PORT".
+  // "HOST:PORT".
   const std::string& address() const { return address_; }
   pid_t pid() const { return pid_; }
 
@@ -52,9 +63,10 @@ class DaemonProcess {
   std::string address_;
 };
 
-// A loopback TCP port nothing listens on right now (for servers that need
-// their port up front).
-int FreeLoopbackPort();
+// A TCP port of `host` (an IPv4 address) nothing listens on right now, for
+// servers that need their port up front.
+int FreePort(const std::string& host);
+inline int FreeLoopbackPort() { return FreePort("127.0.0.1"); }
 
 }  // namespace kvcache::testing
 

@@ -16,7 +16,8 @@ constexpr char kEtcd[] = "/usr/bin/etcd";
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<EtcdProcess>> EtcdProcess::Start() {
+absl::StatusOr<std::unique_ptr<EtcdProcess>> EtcdProcess::Start(
+    const std::string& host) {
   if (access(kEtcd, X_OK) != 0) {
     return absl::FailedPreconditionError(
         absl::StrCat(kEtcd, " is missing; install Debian's etcd-server"));
@@ -26,9 +27,9 @@ absl::StatusOr<std::unique_ptr<EtcdProcess>> EtcdProcess::Start() {
   std::unique_ptr<EtcdProcess> etcd(new EtcdProcess);
   etcd->data_dir_ =
       absl::StrCat(tmp ? tmp : "/tmp", "/etcd-", getpid(), "-", started++);
-  etcd->client_port_ = FreeLoopbackPort();
+  etcd->client_port_ = FreePort(host);
   etcd->peer_port_ = FreeLoopbackPort();
-  etcd->endpoint_ = absl::StrCat("127.0.0.1:", etcd->client_port_);
+  etcd->endpoint_ = absl::StrCat(host, ":", etcd->client_port_);
   if (absl::Status s = etcd->Launch(); !s.ok()) return s;
   return etcd;
 }

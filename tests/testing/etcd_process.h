@@ -1,7 +1,7 @@
-// Runs a real single-member etcd (Debian's etcd-server) on free loopback
-// ports for cluster tests and cluster_bench, with its data in a fresh
-// directory under TEST_TMPDIR (else /tmp), and can kill and restart it on the
-// same ports and data to simulate an outage.
+// Runs a real single-member etcd (Debian's etcd-server) on free ports for
+// cluster tests and cluster_bench, with its data in a fresh directory under
+// TEST_TMPDIR (else /tmp), and can kill and restart it on the same ports and
+// data to simulate an outage.
 #ifndef KVCACHE_TESTS_TESTING_ETCD_PROCESS_H_
 #define KVCACHE_TESTS_TESTING_ETCD_PROCESS_H_
 
@@ -16,11 +16,13 @@ namespace kvcache::testing {
 
 class EtcdProcess {
  public:
-  // Starts etcd and waits until its JSON gateway answers. FAILED_PRECONDITION
-  // if /usr/bin/etcd is missing (install etcd-server).
-  static absl::StatusOr<std::unique_ptr<EtcdProcess>> Start();
+  // Starts etcd serving clients on `host` (an IPv4 address) and waits until
+  // its JSON gateway answers. FAILED_PRECONDITION if /usr/bin/etcd is
+  // missing (install etcd-server).
+  static absl::StatusOr<std::unique_ptr<EtcdProcess>> Start(
+      const std::string& host = "127.0.0.1");
 
-  // "127.0.0.1:PORT", its client endpoint.
+  // "HOST:PORT", its client endpoint.
   const std::string& endpoint() const { return endpoint_; }
 
   // SIGKILLs etcd and waits for it to exit.
