@@ -33,6 +33,9 @@ KvCacheClient::KvCacheClient(const ClientOptions& options,
 absl::StatusOr<std::unique_ptr<KvCacheClient>> KvCacheClient::Connect(
     const ClientOptions& options) {
   grpc::ChannelArguments args;
+  // Connections of its own: a shared one may still be the socket of a node
+  // that died and was restarted on the same address.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   // Get streams carry pieces of up to limits.get_piece_bytes (max 3 MiB).
   args.SetMaxReceiveMessageSize(8 << 20);
   transfer::SetChunkStreamWindow(args);
@@ -125,57 +128,105 @@ absl::Status KvCacheClient::Put(absl::Span<const ChunkToPut> chunks,
 absl::StatusOr<std::vector<FetchedChunk>> KvCacheClient::Get(
     absl::Span<const ChunkKey> keys) {
   std::vector<FetchedChunk> chunks;
-  if (keys.empty()) return chunks;
+  chunks.reserve(keys.size());
+  absl::Status s = GetStream(keys, [&](size_t, FetchedChunk chunk) {
+    chunks.push_back(std::move(chunk));
+    return absl::OkStatus();
+  });
+  if (!s.ok()) return s;
+  return chunks;
+}
+
+absl::Status KvCacheClient::GetStream(
+    absl::Span<const ChunkKey> keys,
+    const std::function<absl::Status(size_t, FetchedChunk)>& on_chunk) {
+  if (keys.empty()) return absl::OkStatus();
   v1::GetRequest request;
   AddKeys(keys, request);
   auto context = NewContext();
   std::unique_ptr<grpc::ClientReader<v1::GetResponse>> reader =
       data_->Get(context.get(), request);
-  chunks.reserve(keys.size());
-  // Each chunk's CRC32C grows as its pieces arrive, so checking it overlaps
-  // the transfer instead of following it.
-  struct Checksum {
-    uint32_t expected;
-    uint32_t received = 0;
-  };
-  std::vector<Checksum> checksums;
+  size_t started = 0, delivered = 0;  // chunks begun and handed over
+  FetchedChunk chunk;
+  uint64_t expected_size = 0;
+  uint32_t expected_crc = 0, received_crc = 0;
+  absl::Status failed;
   v1::GetResponse message;
-  while (reader->Read(&message)) {
+  while (failed.ok() && reader->Read(&message)) {
     if (message.has_header()) {
-      const size_t i = chunks.size();
-      if (i >= keys.size() || message.header().key() != keys[i].AsBytes()) {
-        context->TryCancel();
-        return absl::InternalError(
+      const size_t i = started;
+      if (i != delivered || i >= keys.size() ||
+          message.header().key() != keys[i].AsBytes() ||
+          message.header().size_bytes() == 0) {
+        failed = absl::InternalError(
             absl::StrCat("kvcache get at ", options_.address,
                          ": node answered out of order at chunk ", i));
+        break;
       }
-      chunks.push_back(FetchedChunk{keys[i], {}, message.header().tier()});
-      chunks.back().bytes.reserve(message.header().size_bytes());
-      checksums.push_back({message.header().crc32c()});
-    } else if (!chunks.empty()) {
-      const std::string& data = message.data();
-      chunks.back().bytes.append(data);
-      checksums.back().received = codec::Crc32cExtend(checksums.back().received,
-                                                      data.data(), data.size());
+      ++started;
+      chunk = FetchedChunk{keys[i], {}, message.header().tier()};
+      expected_size = message.header().size_bytes();
+      expected_crc = message.header().crc32c();
+      received_crc = 0;
+      chunk.bytes.reserve(expected_size);
+      continue;
     }
+    const std::string& data = message.data();
+    if (started == delivered ||
+        data.size() > expected_size - chunk.bytes.size()) {
+      failed = absl::InternalError(
+          absl::StrCat("kvcache get at ", options_.address,
+                       ": data outside a chunk's declared size"));
+      break;
+    }
+    chunk.bytes.append(data);
+    // The CRC32C grows as pieces arrive, so checking overlaps the transfer.
+    received_crc = codec::Crc32cExtend(received_crc, data.data(), data.size());
+    if (chunk.bytes.size() < expected_size) continue;
+    if (received_crc != expected_crc) {
+      failed = absl::DataLossError(
+          absl::StrCat("kvcache get at ", options_.address, ": chunk ",
+                       delivered, " (", keys[delivered].ToHex().substr(0, 16),
+                       "...) failed its CRC32C check"));
+      break;
+    }
+    failed = on_chunk(delivered++, std::move(chunk));
+  }
+  if (!failed.ok()) {
+    context->TryCancel();
+    reader->Finish();
+    return failed;
   }
   if (absl::Status s = Annotate(reader->Finish(), "get", options_.address);
       !s.ok()) {
     return s;
   }
-  if (chunks.size() != keys.size()) {
-    return absl::InternalError(absl::StrCat(
-        "kvcache get at ", options_.address, ": stream ended after ",
-        chunks.size(), " of ", keys.size(), " chunks"));
+  if (delivered != keys.size()) {
+    return absl::InternalError(absl::StrCat("kvcache get at ", options_.address,
+                                            ": stream ended after ", delivered,
+                                            " of ", keys.size(), " chunks"));
   }
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    if (checksums[i].received != checksums[i].expected) {
-      return absl::DataLossError(absl::StrCat(
-          "kvcache get at ", options_.address, ": chunk ", i, " (",
-          keys[i].ToHex().substr(0, 16), "...) failed its CRC32C check"));
-    }
-  }
-  return chunks;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::LocateResponse> KvCacheClient::Locate(
+    absl::Span<const ChunkKey> keys, absl::Duration lease) {
+  v1::LocateRequest request;
+  AddKeys(keys, request);
+  request.set_lease_ms(absl::ToInt64Milliseconds(lease));
+  v1::LocateResponse response;
+  grpc::Status status = data_->Locate(NewContext().get(), request, &response);
+  if (!status.ok()) return Annotate(status, "locate", options_.address);
+  return response;
+}
+
+absl::StatusOr<bool> KvCacheClient::Release(uint64_t lease_id) {
+  v1::ReleaseRequest request;
+  request.set_lease_id(lease_id);
+  v1::ReleaseResponse response;
+  grpc::Status status = data_->Release(NewContext().get(), request, &response);
+  if (!status.ok()) return Annotate(status, "release", options_.address);
+  return response.released();
 }
 
 absl::StatusOr<uint32_t> KvCacheClient::Delete(

@@ -11,6 +11,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -59,6 +60,21 @@ class KvCacheClient : public ChunkStore {
   // Fetches the chunks in one stream.
   absl::StatusOr<std::vector<FetchedChunk>> Get(
       absl::Span<const ChunkKey> keys) override;
+  // Like Get, but hands each chunk to `on_chunk` (with its index in `keys`)
+  // as soon as all of it arrived and passed its CRC32C check, so the caller
+  // works on chunk i while chunk i + 1 is in flight. An error from
+  // `on_chunk` cancels the stream and is returned.
+  absl::Status GetStream(
+      absl::Span<const ChunkKey> keys,
+      const std::function<absl::Status(size_t, FetchedChunk)>& on_chunk);
+
+  // Same-host transfer (see Locate in kvcache.proto): where the leading
+  // cached chunks of `keys` lie in the node's shared CPU tier, reserved for
+  // `lease`. Release the lease once the bytes are copied.
+  absl::StatusOr<v1::LocateResponse> Locate(absl::Span<const ChunkKey> keys,
+                                            absl::Duration lease);
+  // False if the lease had expired (its chunks may have been reused).
+  absl::StatusOr<bool> Release(uint64_t lease_id);
   absl::StatusOr<uint32_t> Delete(absl::Span<const ChunkKey> keys) override;
   absl::StatusOr<absl::Time> Pin(absl::Span<const ChunkKey> keys,
                                  absl::Duration ttl) override;

@@ -1,6 +1,7 @@
 #include "kvstore/host_arena.h"
 
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -8,6 +9,7 @@
 #include <cstring>
 #include <string>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "transfer/cuda_devices.h"
 
@@ -45,8 +47,30 @@ absl::StatusOr<std::shared_ptr<HostArena>> HostArena::Create(
   return arena;
 }
 
+namespace {
+
+std::string RandomRegionId() {
+  char bytes[16] = {};
+  // Never fails for 16 bytes once the kernel's pool is initialised; an id
+  // of zeros would still work, only without telling regions apart.
+  (void)getrandom(bytes, sizeof(bytes), 0);
+  return absl::BytesToHexString(absl::string_view(bytes, sizeof(bytes)));
+}
+
+}  // namespace
+
 HostArena::HostArena(int fd, char* base, uint64_t capacity_bytes)
-    : fd_(fd), base_(base), allocator_(1, capacity_bytes) {}
+    : fd_(fd),
+      base_(base),
+      id_(RandomRegionId()),
+      allocator_(1, capacity_bytes) {}
+
+std::optional<uint64_t> HostArena::OffsetOf(const char* data) const {
+  if (data < base_ || data >= base_ + allocator_.capacity_bytes()) {
+    return std::nullopt;
+  }
+  return static_cast<uint64_t>(data - base_);
+}
 
 HostArena::~HostArena() {
   if (pinned_) transfer::UnregisterHostMemory(base_);

@@ -12,6 +12,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "kvstore/extent_allocator.h"
@@ -36,6 +38,16 @@ class HostArena : public std::enable_shared_from_this<HostArena> {
   // large enough (the caller evicts and retries).
   absl::StatusOr<std::shared_ptr<char>> Allocate(uint64_t bytes);
 
+  // Where `data` (memory this arena allocated) starts in the region, for
+  // workers that map it (see transfer/shared_region.h); nullopt for memory
+  // that is not the arena's.
+  std::optional<uint64_t> OffsetOf(const char* data) const;
+
+  // The memfd behind the region, and a random id that tells this region
+  // from that of an earlier or other node.
+  int fd() const { return fd_; }
+  const std::string& id() const { return id_; }
+
   uint64_t used_bytes() const { return allocator_.used_bytes(); }
   uint64_t capacity_bytes() const { return allocator_.capacity_bytes(); }
   bool pinned() const { return pinned_; }
@@ -45,6 +57,7 @@ class HostArena : public std::enable_shared_from_this<HostArena> {
 
   const int fd_;
   char* const base_;
+  const std::string id_;
   ExtentAllocator allocator_;
   bool pinned_ = false;
 };

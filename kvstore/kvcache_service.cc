@@ -181,7 +181,19 @@ NodeState::NodeState(v1::DaemonConfig config,
     : config_(std::move(config)),
       node_id_(config_.node_id().empty() ? HostName() : config_.node_id()),
       started_(absl::Now()),
-      store_(std::move(store)) {}
+      store_(std::move(store)),
+      leases_(store_->cpu_arena().capacity_bytes() / 100 *
+              config_.shared_memory().max_leased_percent()) {}
+
+std::string NodeState::shared_memory_socket() const {
+  absl::MutexLock lock(&socket_mu_);
+  return shared_memory_socket_;
+}
+
+void NodeState::set_shared_memory_socket(std::string path) {
+  absl::MutexLock lock(&socket_mu_);
+  shared_memory_socket_ = std::move(path);
+}
 
 bool NodeState::drained() const {
   const bool alone = config_.cluster().etcd_endpoints().empty();
@@ -324,6 +336,58 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
+grpc::Status KvCacheService::Locate(grpc::ServerContext*,
+                                    const v1::LocateRequest* request,
+                                    v1::LocateResponse* response) {
+  if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
+      !s.ok()) {
+    return s;
+  }
+  if (node_.shared_memory_socket().empty()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "this node shares no memory (shared_memory.enabled)");
+  }
+  const HostArena& arena = node_.store().cpu_arena();
+  std::vector<ChunkRef> chunks;
+  for (const std::string& key : request->keys()) {
+    absl::StatusOr<ChunkRef> chunk = node_.store().GetInMemory(key);
+    if (!chunk.ok()) break;
+    v1::ChunkExtent* extent = response->add_chunks();
+    FillInfo(key, LocatedChunk{*chunk, TierId::kCpu}, *extent->mutable_info());
+    extent->set_offset(*arena.OffsetOf(chunk->data.get()));
+    chunks.push_back(*std::move(chunk));
+  }
+  const size_t found = chunks.size();
+  node_.hits.fetch_add(found, std::memory_order_relaxed);
+  node_.misses.fetch_add(request->keys_size() - found,
+                         std::memory_order_relaxed);
+  response->set_region_id(arena.id());
+  if (found == 0) return grpc::Status::OK;
+  const absl::Duration ttl = std::min(
+      absl::Milliseconds(request->lease_ms()),
+      absl::Seconds(node_.config().shared_memory().max_lease_seconds()));
+  const ChunkLeases::Lease lease = node_.leases().Grant(std::move(chunks), ttl);
+  if (lease.chunks == 0) {
+    return grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("leases already hold ", node_.leases().held_bytes(),
+                     " bytes of the CPU tier (shared_memory.max_leased_percent)"
+                     "; release some or fetch with Get"));
+  }
+  response->mutable_chunks()->DeleteSubrange(
+      lease.chunks, response->chunks_size() - lease.chunks);
+  response->set_lease_id(lease.id);
+  response->set_lease_expires_unix_ms(absl::ToUnixMillis(lease.expiry));
+  return grpc::Status::OK;
+}
+
+grpc::Status KvCacheService::Release(grpc::ServerContext*,
+                                     const v1::ReleaseRequest* request,
+                                     v1::ReleaseResponse* response) {
+  response->set_released(node_.leases().Release(request->lease_id()));
+  return grpc::Status::OK;
+}
+
 grpc::Status KvCacheService::Delete(grpc::ServerContext*,
                                     const v1::DeleteRequest* request,
                                     v1::DeleteResponse* response) {
@@ -417,6 +481,8 @@ grpc::Status AdminService::NodeInfo(grpc::ServerContext*,
   response->set_draining(node_.draining());
   response->set_handoff_chunks(node_.handoff_chunks.load());
   response->set_drained(node_.drained());
+  response->set_shared_memory_socket(node_.shared_memory_socket());
+  response->set_shared_region_id(node_.store().cpu_arena().id());
   return grpc::Status::OK;
 }
 

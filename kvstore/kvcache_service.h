@@ -14,10 +14,13 @@
 #include <memory>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "kvcache/v1/config.pb.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
+#include "kvstore/chunk_leases.h"
 #include "kvstore/tiered_store.h"
 
 namespace kvcache::kvstore {
@@ -35,6 +38,13 @@ class NodeState {
   const TieredStore& store() const { return *store_; }
   absl::Time started() const { return started_; }
   const std::string& node_id() const { return node_id_; }
+
+  // Same-host workers' reservations of CPU-tier chunks (Locate).
+  ChunkLeases& leases() { return leases_; }
+  // Where workers on this host get the shared CPU tier; empty until the
+  // daemon serves it (and when shared_memory.enabled is off).
+  std::string shared_memory_socket() const;
+  void set_shared_memory_socket(std::string path);
 
   bool draining() const { return draining_.load(); }
   void StartDraining() { draining_.store(true); }
@@ -63,6 +73,9 @@ class NodeState {
   const std::string node_id_;
   const absl::Time started_;
   std::unique_ptr<TieredStore> store_;
+  ChunkLeases leases_;
+  mutable absl::Mutex socket_mu_;
+  std::string shared_memory_socket_ ABSL_GUARDED_BY(socket_mu_);
   std::atomic<bool> draining_{false};
 };
 
@@ -92,6 +105,12 @@ class KvCacheService final : public v1::KvCache::Service {
   grpc::Status LookupEach(grpc::ServerContext* context,
                           const v1::LookupEachRequest* request,
                           v1::LookupEachResponse* response) override;
+  grpc::Status Locate(grpc::ServerContext* context,
+                      const v1::LocateRequest* request,
+                      v1::LocateResponse* response) override;
+  grpc::Status Release(grpc::ServerContext* context,
+                       const v1::ReleaseRequest* request,
+                       v1::ReleaseResponse* response) override;
 
  private:
   NodeState& node_;

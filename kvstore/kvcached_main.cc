@@ -33,6 +33,7 @@
 #include "kvstore/metrics_http_server.h"
 #include "kvstore/prometheus_metrics.h"
 #include "transfer/grpc_stream.h"
+#include "transfer/shared_region.h"
 
 namespace kvcache::kvstore {
 namespace {
@@ -178,6 +179,28 @@ int Run(int argc, char** argv) {
       static_cast<unsigned long long>(config->cpu_tier().capacity_bytes()),
       static_cast<unsigned long long>(config->limits().max_chunk_bytes()));
 
+  // Workers on this host map the CPU tier through this socket.
+  std::unique_ptr<transfer::SharedRegionServer> shared_region;
+  if (config->shared_memory().enabled()) {
+    const std::string path =
+        config->shared_memory().socket_path().empty()
+            ? absl::StrCat("/tmp/kvcached-", bound_port, ".sock")
+            : config->shared_memory().socket_path();
+    const HostArena& arena = node.store().cpu_arena();
+    absl::StatusOr<std::unique_ptr<transfer::SharedRegionServer>> started =
+        transfer::SharedRegionServer::Start(path, arena.fd(),
+                                            arena.capacity_bytes(), arena.id());
+    if (started.ok()) {
+      shared_region = *std::move(started);
+      node.set_shared_memory_socket(path);
+      std::fprintf(stderr, "kvcached: shared CPU tier on %s\n", path.c_str());
+    } else {
+      // Same-host workers then fetch over gRPC like remote ones.
+      std::fprintf(stderr, "kvcached: CPU tier not shared: %s\n",
+                   started.status().ToString().c_str());
+    }
+  }
+
   std::unique_ptr<ClusterMember> cluster;
   if (!config->cluster().etcd_endpoints().empty()) {
     cluster = std::make_unique<ClusterMember>(
@@ -195,6 +218,8 @@ int Run(int argc, char** argv) {
   server->Shutdown(std::chrono::system_clock::now() +
                    std::chrono::seconds(config->shutdown_grace_seconds()));
   server->Wait();
+  node.set_shared_memory_socket("");
+  shared_region.reset();
   if (absl::Status s = node.store().Flush(); !s.ok()) {
     std::fprintf(stderr, "kvcached: some chunks were not kept: %s\n",
                  s.ToString().c_str());

@@ -26,7 +26,8 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(
   absl::StatusOr<std::shared_ptr<HostArena>> arena =
       HostArena::Create(options.cpu_capacity_bytes, options.pin_cpu_memory);
   if (!arena.ok()) return arena.status();
-  store->cpu_ = std::make_unique<MemoryTier>(*std::move(arena), store->clock_);
+  store->cpu_arena_ = *std::move(arena);
+  store->cpu_ = std::make_unique<MemoryTier>(store->cpu_arena_, store->clock_);
   if (options.nvme.has_value()) {
     absl::StatusOr<std::unique_ptr<NvmeTier>> nvme =
         NvmeTier::Open(*options.nvme, store->clock_);
@@ -174,6 +175,19 @@ absl::StatusOr<LocatedChunk> TieredStore::Get(absl::string_view key) {
   TierCounters::Add(nvme_counters_.hits);
   Promote(key, *chunk);
   return LocatedChunk{*std::move(chunk), TierId::kNvme};
+}
+
+absl::StatusOr<ChunkRef> TieredStore::GetInMemory(absl::string_view key) {
+  absl::StatusOr<LocatedChunk> found = Get(key);
+  if (!found.ok()) return found.status();
+  if (found->tier == TierId::kCpu) return std::move(found->chunk);
+  // Get promoted it unless it was too large or memory was full of pins.
+  absl::StatusOr<ChunkRef> promoted = cpu_->Peek(key);
+  if (promoted.ok() && promoted->crc32c == found->chunk.crc32c) {
+    return promoted;
+  }
+  return absl::UnavailableError(
+      "chunk is on NVMe and cannot be placed in memory");
 }
 
 absl::StatusOr<LocatedChunk> TieredStore::Peek(absl::string_view key) const {

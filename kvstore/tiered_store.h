@@ -97,6 +97,14 @@ class TieredStore {
   // damaged on disk (it is dropped).
   absl::StatusOr<LocatedChunk> Get(absl::string_view key);
 
+  // Like Get, but the chunk as held in the CPU tier's shared region (read up
+  // from NVMe first if need be), for same-host workers that map the region.
+  // NOT_FOUND if absent; UNAVAILABLE if it cannot be placed in memory (too
+  // large, or memory is full of pinned chunks): Get still serves it.
+  absl::StatusOr<ChunkRef> GetInMemory(absl::string_view key);
+  // The CPU tier's memory, which workers on this host may map read-only.
+  const HostArena& cpu_arena() const { return *cpu_arena_; }
+
   // Where the chunk is, without its bytes and without touching recency.
   // Served from memory only. NOT_FOUND if absent.
   absl::StatusOr<LocatedChunk> Peek(absl::string_view key) const;
@@ -133,6 +141,7 @@ class TieredStore {
 
   const TieredStoreOptions options_;
   const Clock clock_;
+  std::shared_ptr<HostArena> cpu_arena_;
   std::unique_ptr<MemoryTier> cpu_;
   std::unique_ptr<NvmeTier> nvme_;
   TierCounters cpu_counters_;

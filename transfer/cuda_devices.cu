@@ -67,13 +67,15 @@ double MeasurePinnedHostToDeviceGBps(int device, uint64_t bytes, int repeats,
   return gbps;
 }
 
-bool RegisterHostMemory(void* host, uint64_t bytes, std::string* error) {
+bool RegisterHostMemory(void* host, uint64_t bytes, std::string* error,
+                        bool read_only) {
   int count = 0;
   if (!Check(cudaGetDeviceCount(&count), "cudaGetDeviceCount", error)) {
     return false;
   }
-  return Check(cudaHostRegister(host, bytes, cudaHostRegisterPortable),
-               "cudaHostRegister", error);
+  const unsigned flags =
+      cudaHostRegisterPortable | (read_only ? cudaHostRegisterReadOnly : 0);
+  return Check(cudaHostRegister(host, bytes, flags), "cudaHostRegister", error);
 }
 
 void UnregisterHostMemory(void* host) { cudaHostUnregister(host); }

@@ -32,8 +32,10 @@ double MeasurePinnedHostToDeviceGBps(int device, uint64_t bytes, int repeats,
 // Page-locks [host, host + bytes) for the devices of this host (CUDA's
 // cudaHostRegister), so copies to a GPU run at full speed. False, with
 // `error` set, when there is no GPU or registration fails; the memory then
-// works as before, only slower to copy.
-bool RegisterHostMemory(void* host, uint64_t bytes, std::string* error);
+// works as before, only slower to copy. `read_only`: the memory is mapped
+// read-only (a node's shared region in a worker); the GPU only reads it.
+bool RegisterHostMemory(void* host, uint64_t bytes, std::string* error,
+                        bool read_only = false);
 // Undoes RegisterHostMemory.
 void UnregisterHostMemory(void* host);
 

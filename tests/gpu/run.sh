@@ -23,7 +23,10 @@ TARGETS=(
   "//codec/cuda:codec_gpu_test|"
   "//codec/cuda:codec_gpu_test||memcheck"
   "//codec/cuda:codec_gpu_bench|"
+  "//transfer:e2e_bench|--kvcached=.gpu/bin/kvcached --nvme_dir=.gpu/nvme"
 )
+# Programs the entries above start (packed, not run on their own).
+HELPERS=("//kvstore:kvcached")
 SANITIZER=/usr/local/cuda/bin/compute-sanitizer
 
 # Libraries every GPU host has; everything else a binary links is carried.
@@ -33,6 +36,7 @@ build() {
   deploy/setup.sh || return 1
   local labels=()
   for entry in "${TARGETS[@]}"; do labels+=("${entry%%|*}"); done
+  labels+=("${HELPERS[@]}")
   mapfile -t labels < <(printf '%s\n' "${labels[@]}" | sort -u)
   bazel build -c opt "${labels[@]}" || return 1
   rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib

@@ -1,0 +1,99 @@
+// The worker's read path: find how much of a prompt's prefix a node holds,
+// then stream those chunks, in order, into a ChunkSink that puts them where
+// the worker wants them (decoded into GPU blocks, host buffers, ...).
+//
+// Transports, chosen per fetch:
+//  - shared memory: on the node's host the worker maps the node's CPU tier
+//    read-only (transfer/shared_region.h) and the sink reads each chunk in
+//    place, reserved by a lease for the duration of the fetch. Chunks the
+//    node cannot place in memory, or that do not fit in the lease limit,
+//    come over gRPC in the same fetch.
+//  - gRPC: the node's Get stream; chunk i reaches the sink while chunk
+//    i + 1 is still in flight.
+// kAuto uses shared memory where the node offers it on this host, and gRPC
+// otherwise, or when the region goes away (a restarted node) mid-life.
+//
+// Thread-compatible: one fetch at a time per PrefixFetcher; use one per
+// worker thread (they can share a KvCacheClient).
+#ifndef KVCACHE_CLIENT_PREFIX_FETCHER_H_
+#define KVCACHE_CLIENT_PREFIX_FETCHER_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "client/chunk_key.h"
+#include "client/chunk_sink.h"
+#include "client/kvcache_client.h"
+#include "transfer/shared_region.h"
+
+namespace kvcache {
+
+enum class Transport { kAuto, kSharedMemory, kGrpc };
+
+struct FetcherOptions {
+  Transport transport = Transport::kAuto;
+  // How long the node keeps a fetch's chunks in place for shared-memory
+  // reads; a fetch that outlasts it fails (ABORTED) rather than trust bytes
+  // the node may have reused.
+  absl::Duration lease = absl::Seconds(30);
+  // Page-lock the mapped region for the GPUs of this host, so copies out of
+  // it run at full PCIe speed. Needs a GPU; ignored (with a note on stderr)
+  // without one.
+  bool register_for_gpu = false;
+};
+
+struct FetchReport {
+  size_t shared_memory_chunks = 0;
+  size_t grpc_chunks = 0;
+  uint64_t bytes = 0;
+};
+
+class PrefixFetcher {
+ public:
+  // FAILED_PRECONDITION if kSharedMemory is forced and the node offers no
+  // region on this host.
+  static absl::StatusOr<std::unique_ptr<PrefixFetcher>> Create(
+      std::shared_ptr<KvCacheClient> client, FetcherOptions options = {});
+  ~PrefixFetcher();
+
+  // How many leading keys the node holds.
+  absl::StatusOr<size_t> Lookup(absl::Span<const ChunkKey> keys);
+
+  // Streams the chunks of `keys` (a prefix the node holds) into `sink`, then
+  // calls sink.Finish(). NOT_FOUND if a key is missing; the node's error
+  // (UNAVAILABLE, ...) if it fails mid-fetch; the sink's errors as they
+  // are. On any error the fetch as a whole failed, whatever the sink got.
+  absl::StatusOr<FetchReport> Fetch(absl::Span<const ChunkKey> keys,
+                                    ChunkSink& sink);
+
+  // Whether fetches can read the node's memory in place right now.
+  bool shared_memory() const { return region_ != nullptr; }
+
+ private:
+  PrefixFetcher(std::shared_ptr<KvCacheClient> client, FetcherOptions options)
+      : client_(std::move(client)), options_(options) {}
+
+  // Maps the node's region if it offers one on this host.
+  absl::Status ConnectRegion();
+  void DropRegion();
+  // Feeds the sink the leading chunks the node can lend from shared memory;
+  // returns how many, and the lease's expiry in `expiry`.
+  absl::StatusOr<size_t> FetchShared(absl::Span<const ChunkKey> keys,
+                                     ChunkSink& sink, uint64_t* lease_id,
+                                     absl::Time* expiry, FetchReport& report);
+  absl::Status FetchOverGrpc(absl::Span<const ChunkKey> keys, size_t first,
+                             ChunkSink& sink, FetchReport& report);
+
+  const std::shared_ptr<KvCacheClient> client_;
+  const FetcherOptions options_;
+  std::unique_ptr<transfer::SharedRegion> region_;
+  bool registered_ = false;
+};
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_CLIENT_PREFIX_FETCHER_H_

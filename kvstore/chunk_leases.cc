@@ -1,0 +1,59 @@
+#include "kvstore/chunk_leases.h"
+
+#include <utility>
+
+namespace kvcache::kvstore {
+
+ChunkLeases::ChunkLeases(uint64_t max_bytes, Clock clock)
+    : max_bytes_(max_bytes),
+      clock_(clock ? std::move(clock) : Clock([] { return absl::Now(); })) {}
+
+ChunkLeases::Lease ChunkLeases::Grant(std::vector<ChunkRef> chunks,
+                                      absl::Duration ttl) {
+  const absl::Time now = clock_();
+  absl::MutexLock lock(&mu_);
+  DropExpired(now);
+  Held held;
+  for (const ChunkRef& chunk : chunks) {
+    if (held_bytes_ + held.bytes + chunk.size_bytes > max_bytes_) break;
+    held.bytes += chunk.size_bytes;
+    held.chunks.push_back(chunk);
+  }
+  if (held.chunks.empty()) return Lease{};
+  held.expiry = now + ttl;
+  Lease lease{next_id_++, held.expiry, held.chunks.size()};
+  held_bytes_ += held.bytes;
+  leases_.emplace(lease.id, std::move(held));
+  return lease;
+}
+
+bool ChunkLeases::Release(uint64_t id) {
+  const absl::Time now = clock_();
+  absl::MutexLock lock(&mu_);
+  DropExpired(now);
+  auto it = leases_.find(id);
+  if (it == leases_.end()) return false;
+  held_bytes_ -= it->second.bytes;
+  leases_.erase(it);
+  return true;
+}
+
+uint64_t ChunkLeases::held_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return held_bytes_;
+}
+
+size_t ChunkLeases::live_leases() const {
+  absl::MutexLock lock(&mu_);
+  return leases_.size();
+}
+
+void ChunkLeases::DropExpired(absl::Time now) {
+  absl::erase_if(leases_, [&](const auto& entry) {
+    if (entry.second.expiry > now) return false;
+    held_bytes_ -= entry.second.bytes;
+    return true;
+  });
+}
+
+}  // namespace kvcache::kvstore

@@ -1,0 +1,71 @@
+// Reservations of chunks in the shared CPU tier for same-host workers
+// (Locate/Release in kvcache.proto). A lease holds references to chunks, so
+// their arena extents are not reused, even if the chunks are evicted or
+// deleted, until the lease is released or expires; a worker can then copy
+// them out of its read-only mapping without a race.
+//
+// The total leased bytes are capped, so workers that forget to release
+// cannot keep the tier from making room for long.
+//
+// Thread-safe.
+#ifndef KVCACHE_KVSTORE_CHUNK_LEASES_H_
+#define KVCACHE_KVSTORE_CHUNK_LEASES_H_
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "kvstore/chunk_ref.h"
+
+namespace kvcache::kvstore {
+
+class ChunkLeases {
+ public:
+  using Clock = std::function<absl::Time()>;
+
+  struct Lease {
+    uint64_t id = 0;  // 0: nothing was leased.
+    absl::Time expiry;
+    // How many of the offered chunks, from the front, the lease holds.
+    size_t chunks = 0;
+  };
+
+  // `max_bytes`: most chunk bytes all live leases may hold together.
+  explicit ChunkLeases(uint64_t max_bytes, Clock clock = nullptr);
+
+  // Leases the longest leading run of `chunks` that fits under the cap,
+  // until now + ttl. A chunk leased twice counts twice: the cap bounds what
+  // workers hold, not what the tier holds.
+  Lease Grant(std::vector<ChunkRef> chunks, absl::Duration ttl);
+
+  // Drops the lease; false if it was unknown or had expired.
+  bool Release(uint64_t id);
+
+  uint64_t held_bytes() const;
+  size_t live_leases() const;
+
+ private:
+  struct Held {
+    std::vector<ChunkRef> chunks;
+    uint64_t bytes = 0;
+    absl::Time expiry;
+  };
+
+  void DropExpired(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const uint64_t max_bytes_;
+  const Clock clock_;
+
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<uint64_t, Held> leases_ ABSL_GUARDED_BY(mu_);
+  uint64_t held_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+}  // namespace kvcache::kvstore
+
+#endif  // KVCACHE_KVSTORE_CHUNK_LEASES_H_

@@ -1,0 +1,350 @@
+// The worker's read path against a real kvcached: a prompt's chunks, encoded
+// from the real KV dumps, fetched over the same-host shared region and over
+// gRPC, decoded on the CPU and compared with decoding the stored bytes
+// directly. Also what a worker must survive: no shared region, a restarted
+// node, a node dying mid-fetch, a lease limit, corrupt chunks, and several
+// workers at once.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "client/chunk_key.h"
+#include "client/host_decode_sink.h"
+#include "client/kvcache_client.h"
+#include "client/prefix_fetcher.h"
+#include "codec/codec.h"
+#include "codec/kv_dump.h"
+#include "tests/testing/daemon_process.h"
+
+namespace kvcache {
+namespace {
+
+using ::kvcache::testing::DaemonProcess;
+
+constexpr char kDaemon[] = "kvstore/kvcached";
+constexpr uint32_t kChunkTokens = 32;
+
+// A prompt of real KV: its chunk keys, codec bitstreams and decoded values.
+struct Prompt {
+  codec::ChunkShape shape;  // of one chunk
+  std::vector<ChunkKey> keys;
+  std::vector<std::string> streams;
+  std::vector<std::vector<uint16_t>> decoded;
+};
+
+const Prompt& RealPrompt() {
+  static const Prompt* prompt = [] {
+    auto* p = new Prompt;
+    absl::StatusOr<std::string> dir = codec::FindKvDataDir();
+    EXPECT_TRUE(dir.ok()) << dir.status();
+    absl::StatusOr<std::vector<std::string>> manifests =
+        codec::ListManifests(*dir);
+    EXPECT_TRUE(manifests.ok() && !manifests->empty());
+    absl::StatusOr<codec::KvDump> dump = codec::LoadKvDump(manifests->front());
+    EXPECT_TRUE(dump.ok()) << dump.status();
+    p->shape = dump->shape;
+    p->shape.tokens = kChunkTokens;
+    const uint32_t chunks = dump->shape.tokens / kChunkTokens;
+    KeySpace space;
+    space.model_id = "fetch-test";
+    space.chunk_tokens = kChunkTokens;
+    std::vector<int32_t> tokens(chunks * kChunkTokens);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = 7 + i;
+    p->keys = *ChunkKeysForTokens(space, tokens);
+    for (uint32_t c = 0; c < chunks; ++c) {
+      const std::vector<uint16_t> values =
+          codec::SliceTokens(*dump, c * kChunkTokens, (c + 1) * kChunkTokens);
+      p->streams.push_back(
+          *codec::EncodeChunk(p->shape, values, codec::Level::kDefault));
+      p->decoded.emplace_back(values.size());
+      EXPECT_TRUE(codec::DecodeChunk(p->streams.back(),
+                                     absl::MakeSpan(p->decoded.back()))
+                      .ok());
+    }
+    return p;
+  }();
+  return *prompt;
+}
+
+FetcherOptions Options(Transport transport) {
+  FetcherOptions options;
+  options.transport = transport;
+  return options;
+}
+
+// Buffers for `n` decoded chunks and a sink that fills them.
+struct Destination {
+  Destination(const Prompt& prompt, size_t n)
+      : values(n, std::vector<uint16_t>(prompt.shape.NumValues(), 0xFFFF)) {
+    std::vector<absl::Span<uint16_t>> spans;
+    for (auto& v : values) spans.emplace_back(v);
+    sink = std::make_unique<HostDecodeSink>(std::move(spans));
+  }
+  std::vector<std::vector<uint16_t>> values;
+  std::unique_ptr<HostDecodeSink> sink;
+};
+
+class FetchTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    prompt_ = &RealPrompt();
+    ASSERT_GE(prompt_->keys.size(), 8u);
+  }
+
+  void StartDaemon(std::vector<std::string> args = {}) {
+    // First, so a test's own settings override it.
+    args.insert(args.begin(), "--set=cpu_tier { capacity_bytes: 67108864 }");
+    absl::StatusOr<DaemonProcess> started = DaemonProcess::Start(kDaemon, args);
+    ASSERT_TRUE(started.ok()) << started.status();
+    daemon_ = std::make_unique<DaemonProcess>(*std::move(started));
+    ClientOptions options;
+    options.address = daemon_->address();
+    options.timeout = absl::Seconds(10);
+    absl::StatusOr<std::unique_ptr<KvCacheClient>> client =
+        KvCacheClient::Connect(options);
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = std::move(*client);
+  }
+
+  void PutPrompt(size_t chunks) {
+    std::vector<ChunkToPut> puts;
+    for (size_t i = 0; i < chunks; ++i) {
+      puts.push_back({prompt_->keys[i], prompt_->streams[i]});
+    }
+    absl::Status s = client_->Put(puts);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+
+  std::unique_ptr<PrefixFetcher> Fetcher(Transport transport) {
+    absl::StatusOr<std::unique_ptr<PrefixFetcher>> fetcher =
+        PrefixFetcher::Create(client_, Options(transport));
+    EXPECT_TRUE(fetcher.ok()) << fetcher.status();
+    return fetcher.ok() ? std::move(*fetcher) : nullptr;
+  }
+
+  // Fetches the whole prompt through `fetcher` and checks every value.
+  FetchReport FetchPrompt(PrefixFetcher& fetcher) {
+    const size_t n = prompt_->keys.size();
+    Destination destination(*prompt_, n);
+    absl::StatusOr<FetchReport> report =
+        fetcher.Fetch(prompt_->keys, *destination.sink);
+    EXPECT_TRUE(report.ok()) << report.status();
+    ExpectDecoded(destination, n);
+    return report.ok() ? *report : FetchReport{};
+  }
+
+  void ExpectDecoded(const Destination& destination, size_t chunks) {
+    for (size_t i = 0; i < chunks; ++i) {
+      EXPECT_EQ(destination.values[i], prompt_->decoded[i]) << "chunk " << i;
+    }
+  }
+
+  const Prompt* prompt_ = nullptr;
+  std::unique_ptr<DaemonProcess> daemon_;
+  std::shared_ptr<KvCacheClient> client_;
+};
+
+TEST_F(FetchTest, SameHostFetchReadsTheSharedRegionInPlace) {
+  StartDaemon();
+  const size_t n = prompt_->keys.size();
+  PutPrompt(n);
+  std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kAuto);
+  ASSERT_TRUE(fetcher->shared_memory());
+  EXPECT_EQ(*fetcher->Lookup(prompt_->keys), n);
+  const FetchReport report = FetchPrompt(*fetcher);
+  EXPECT_EQ(report.shared_memory_chunks, n);
+  EXPECT_EQ(report.grpc_chunks, 0u);
+}
+
+TEST_F(FetchTest, GrpcFetchDecodesTheSameValues) {
+  StartDaemon();
+  const size_t n = prompt_->keys.size();
+  PutPrompt(n);
+  std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kGrpc);
+  EXPECT_FALSE(fetcher->shared_memory());
+  EXPECT_EQ(FetchPrompt(*fetcher).grpc_chunks, n);
+}
+
+TEST_F(FetchTest, PartialPrefixFetchesWhatIsCached) {
+  StartDaemon();
+  PutPrompt(5);
+  std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kAuto);
+  absl::StatusOr<size_t> cached = fetcher->Lookup(prompt_->keys);
+  ASSERT_TRUE(cached.ok());
+  ASSERT_EQ(*cached, 5u);
+  auto prefix = absl::MakeConstSpan(prompt_->keys).first(*cached);
+  Destination destination(*prompt_, *cached);
+  ASSERT_TRUE(fetcher->Fetch(prefix, *destination.sink).ok());
+  ExpectDecoded(destination, 5);
+
+  // Asking for more than is cached is NOT_FOUND, not a partial success.
+  Destination too_far(*prompt_, prompt_->keys.size());
+  for (Transport t : {Transport::kAuto, Transport::kGrpc}) {
+    EXPECT_EQ(Fetcher(t)->Fetch(prompt_->keys, *too_far.sink).status().code(),
+              absl::StatusCode::kNotFound);
+  }
+}
+
+TEST_F(FetchTest, NoSharedRegionFallsBackToGrpc) {
+  StartDaemon({"--set=shared_memory { enabled: false }"});
+  const size_t n = prompt_->keys.size();
+  PutPrompt(n);
+  std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kAuto);
+  EXPECT_FALSE(fetcher->shared_memory());
+  EXPECT_EQ(FetchPrompt(*fetcher).grpc_chunks, n);
+  // Forcing shared memory says why it cannot be had.
+  absl::StatusOr<std::unique_ptr<PrefixFetcher>> forced =
+      PrefixFetcher::Create(client_, {.transport = Transport::kSharedMemory});
+  EXPECT_EQ(forced.status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(FetchTest, LeaseLimitSendsTheRestOverGrpc) {
+  // Leases may hold 2% of 1 MiB: a few chunks, not the whole prompt.
+  StartDaemon({"--set=cpu_tier { capacity_bytes: 1048576 }",
+               "--set=shared_memory { max_leased_percent: 2 }"});
+  const size_t n = prompt_->keys.size();
+  PutPrompt(n);
+  ASSERT_GT(prompt_->streams[0].size() * n, 1048576u * 2 / 100)
+      << "prompt too small to cross the lease limit";
+  std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kAuto);
+  const FetchReport report = FetchPrompt(*fetcher);
+  EXPECT_GT(report.shared_memory_chunks, 0u);
+  EXPECT_GT(report.grpc_chunks, 0u);
+  EXPECT_EQ(report.shared_memory_chunks + report.grpc_chunks, n);
+  // Forced shared memory refuses rather than switch transports.
+  Destination again(*prompt_, n);
+  EXPECT_EQ(Fetcher(Transport::kSharedMemory)
+                ->Fetch(prompt_->keys, *again.sink)
+                .status()
+                .code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(FetchTest, RestartedNodeIsMappedAnew) {
+  StartDaemon();
+  const size_t n = prompt_->keys.size();
+  PutPrompt(n);
+  std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kAuto);
+  FetchPrompt(*fetcher);
+
+  // Same address, new process: a new region behind a socket of the same
+  // name, which the fetcher must not mistake for the one it mapped.
+  const std::string address = daemon_->address();
+  daemon_.reset();
+  StartDaemon({absl::StrCat("--listen=", address)});
+  PutPrompt(n);
+  // The old client's channel reconnects on its own; a worker retries.
+  absl::StatusOr<size_t> cached;
+  for (int i = 0; i < 50; ++i) {
+    cached = fetcher->Lookup(prompt_->keys);
+    if (cached.ok()) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_TRUE(cached.ok()) << cached.status();
+  ASSERT_EQ(*cached, n);
+
+  EXPECT_EQ(FetchPrompt(*fetcher).grpc_chunks, n) << "read a stale region";
+  ASSERT_TRUE(fetcher->shared_memory()) << "new region not mapped";
+  EXPECT_EQ(FetchPrompt(*fetcher).shared_memory_chunks, n);
+}
+
+// Counts the chunks it takes and kills the node when it takes chunk
+// `kill_at`.
+class KillingSink : public ChunkSink {
+ public:
+  KillingSink(DaemonProcess& daemon, size_t kill_at)
+      : daemon_(daemon), kill_at_(kill_at) {}
+  absl::Status Consume(size_t index, absl::string_view, bool) override {
+    if (index == kill_at_) daemon_.Signal(SIGKILL);
+    ++taken_;
+    return absl::OkStatus();
+  }
+  absl::Status Finish() override { return absl::OkStatus(); }
+  size_t taken() const { return taken_; }
+
+ private:
+  DaemonProcess& daemon_;
+  const size_t kill_at_;
+  size_t taken_ = 0;
+};
+
+TEST_F(FetchTest, NodeDyingMidFetchIsAClearError) {
+  StartDaemon();
+  // 48 MiB: far more than a stream has in flight, so most of it is still on
+  // the node when it dies.
+  KeySpace space;
+  space.model_id = "fetch-test-large";
+  space.chunk_tokens = 1;
+  std::vector<int32_t> tokens(12);
+  const std::vector<ChunkKey> keys = *ChunkKeysForTokens(space, tokens);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    ASSERT_TRUE(
+        client_->Put({{keys[i], std::string(4 << 20, static_cast<char>(i))}})
+            .ok());
+  }
+  std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kGrpc);
+  KillingSink sink(*daemon_, 0);
+  absl::StatusOr<FetchReport> report = fetcher->Fetch(keys, sink);
+  ASSERT_FALSE(report.ok()) << "a fetch from a dead node reported done";
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kUnavailable)
+      << report.status();
+  EXPECT_LT(sink.taken(), keys.size());
+}
+
+TEST_F(FetchTest, CorruptChunkIsReportedWithItsIndex) {
+  StartDaemon();
+  PutPrompt(3);
+  std::string damaged = prompt_->streams[3];
+  damaged[damaged.size() / 2] ^= 0x10;
+  ASSERT_TRUE(client_->Put({{prompt_->keys[3], damaged}}).ok());
+  for (Transport t : {Transport::kSharedMemory, Transport::kGrpc}) {
+    Destination destination(*prompt_, 4);
+    absl::StatusOr<FetchReport> report = Fetcher(t)->Fetch(
+        absl::MakeConstSpan(prompt_->keys).first(4), *destination.sink);
+    ASSERT_FALSE(report.ok());
+    EXPECT_EQ(report.status().code(), absl::StatusCode::kDataLoss)
+        << report.status();
+    EXPECT_NE(report.status().message().find("chunk 3"), std::string::npos)
+        << report.status();
+  }
+}
+
+TEST_F(FetchTest, ConcurrentWorkersEachGetTheirPrefix) {
+  StartDaemon();
+  const size_t n = prompt_->keys.size();
+  PutPrompt(n);
+  std::vector<std::thread> workers;
+  std::vector<absl::Status> results(6);
+  for (size_t w = 0; w < results.size(); ++w) {
+    workers.emplace_back([&, w] {
+      const Transport t = w % 2 ? Transport::kGrpc : Transport::kSharedMemory;
+      std::unique_ptr<PrefixFetcher> fetcher = Fetcher(t);
+      for (int round = 0; round < 3 && results[w].ok(); ++round) {
+        const size_t len = 1 + (w + round) % n;
+        Destination destination(*prompt_, len);
+        absl::StatusOr<FetchReport> report = fetcher->Fetch(
+            absl::MakeConstSpan(prompt_->keys).first(len), *destination.sink);
+        results[w] = report.status();
+        for (size_t i = 0; i < len && results[w].ok(); ++i) {
+          if (destination.values[i] != prompt_->decoded[i]) {
+            results[w] = absl::DataLossError(absl::StrCat("chunk ", i));
+          }
+        }
+      }
+    });
+  }
+  for (std::thread& t : workers) t.join();
+  for (size_t w = 0; w < results.size(); ++w) {
+    EXPECT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w];
+  }
+}
+
+}  // namespace
+}  // namespace kvcache

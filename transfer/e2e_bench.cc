@@ -1,0 +1,541 @@
+// How long a worker waits for a 32K-token prefix of Llama-3-8B-shaped KV
+// (32 layers, 8 KV heads, head dim 128, fp16: 4 GiB) to land in its GPU,
+// restored from a real kvcached on this host by each path, side by side
+// with copying the raw fp16 over the same path and with recomputing it.
+//
+// Chunks are the real dumps tiled to the Llama shape and encoded at the
+// default level; every restore is checked against the CPU decoder. Needs a
+// GPU: run through tests/gpu/run.sh (which passes --kvcached).
+#include <cuda_runtime.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "client/chunk_key.h"
+#include "client/kvcache_client.h"
+#include "client/prefix_fetcher.h"
+#include "codec/codec.h"
+#include "codec/cuda/gpu_codec.h"
+#include "codec/cuda/test_util.h"
+#include "codec/kv_dump.h"
+#include "tests/testing/daemon_process.h"
+#include "transfer/gpu_decode_sink.h"
+
+namespace kvcache {
+namespace {
+
+using codec::ChunkShape;
+using codec::DType;
+using codec::gpu::KvChunkRef;
+using codec::gpu::KvLayout;
+using testing::DaemonProcess;
+
+constexpr ChunkShape kLlama8B{32, 256, 8, 128, DType::kFloat16};
+constexpr int kChunks = 128;  // 32K tokens
+constexpr int kDistinct = 8;  // distinct chunk contents, tiled
+constexpr int kReps = 3;
+
+#define CUDA_OR_DIE(expr)                                             \
+  do {                                                                \
+    const cudaError_t e = (expr);                                     \
+    if (e != cudaSuccess) {                                           \
+      std::fprintf(stderr, "%s: %s\n", #expr, cudaGetErrorString(e)); \
+      std::exit(1);                                                   \
+    }                                                                 \
+  } while (0)
+
+void Die(const absl::Status& s, const char* what) {
+  if (s.ok()) return;
+  std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
+  std::exit(1);
+}
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since)
+      .count();
+}
+
+// Progress on stderr, so a slow stage shows where it is.
+void Note(const char* what) {
+  static const auto start = std::chrono::steady_clock::now();
+  std::fprintf(stderr, "e2e_bench: %6.1f s %s\n", Seconds(start), what);
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Copies raw chunks into device memory at their place: the peer that moves
+// uncompressed fp16 over the same path as a restore.
+class RawUploadSink : public ChunkSink {
+ public:
+  RawUploadSink(uint8_t* device, uint64_t chunk_bytes, uint8_t* pinned)
+      : device_(device), chunk_bytes_(chunk_bytes), pinned_(pinned) {}
+  absl::Status Consume(size_t index, absl::string_view bytes,
+                       bool stable) override {
+    const void* source = bytes.data();
+    if (!stable) {
+      std::memcpy(pinned_ + index * chunk_bytes_, bytes.data(), bytes.size());
+      source = pinned_ + index * chunk_bytes_;
+    }
+    cudaMemcpyAsync(device_ + index * chunk_bytes_, source, bytes.size(),
+                    cudaMemcpyHostToDevice);
+    return absl::OkStatus();
+  }
+  absl::Status Finish() override {
+    return cudaDeviceSynchronize() == cudaSuccess
+               ? absl::OkStatus()
+               : absl::InternalError("raw upload failed");
+  }
+
+ private:
+  uint8_t* device_;
+  uint64_t chunk_bytes_;
+  uint8_t* pinned_;
+};
+
+struct Row {
+  std::string path;
+  double restore_s = 0;
+  double raw_s = 0;  // raw fp16 over the same path
+  std::string raw_what;
+  double first_ms = 0;
+  std::string transport;
+};
+
+class Bench {
+ public:
+  Bench(std::string kvcached) : kvcached_(std::move(kvcached)) {}
+
+  void Prepare() {
+    absl::StatusOr<std::string> dir = codec::FindKvDataDir();
+    Die(dir.status(), "kv data");
+    absl::StatusOr<std::vector<std::string>> manifests =
+        codec::ListManifests(*dir);
+    Die(manifests.status(), "manifests");
+    std::vector<codec::KvDump> dumps;
+    for (const std::string& m : *manifests) {
+      absl::StatusOr<codec::KvDump> d = codec::LoadKvDump(m);
+      Die(d.status(), "dump");
+      dumps.push_back(*std::move(d));
+    }
+    streams_.resize(kDistinct);
+    expected_.resize(kDistinct);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < kDistinct; ++i) {
+      threads.emplace_back([&, i] {
+        const std::vector<uint16_t> values = codec::gpu::TiledChunk(
+            dumps[i % dumps.size()], kLlama8B, 256 * (i / dumps.size()));
+        streams_[i] =
+            *codec::EncodeChunk(kLlama8B, values, codec::Level::kDefault);
+        expected_[i].resize(values.size());
+        Die(codec::DecodeChunk(streams_[i], absl::MakeSpan(expected_[i])),
+            "cpu decode");
+      });
+    }
+    for (auto& t : threads) t.join();
+    KeySpace space;
+    space.model_id = "e2e-bench";
+    space.chunk_tokens = kLlama8B.tokens;
+    std::vector<int32_t> tokens(kChunks * kLlama8B.tokens);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = i % 50000;
+    keys_ = *ChunkKeysForTokens(space, tokens);
+    space.model_id = "e2e-bench-raw";
+    raw_keys_ = *ChunkKeysForTokens(space, tokens);
+    for (int i = 0; i < kChunks; ++i) {
+      compressed_bytes_ += streams_[i % kDistinct].size();
+    }
+    CUDA_OR_DIE(cudaMalloc(&dest_, Raw()));
+    CUDA_OR_DIE(cudaMallocHost(&pinned_, Raw()));
+    for (int i = 0; i < kChunks; ++i) {
+      const auto* v = expected_[i % kDistinct].data();
+      std::memcpy(pinned_ + i * kLlama8B.RawBytes(), v, kLlama8B.RawBytes());
+    }
+  }
+
+  static uint64_t Raw() { return kChunks * kLlama8B.RawBytes(); }
+  uint64_t compressed_bytes() const { return compressed_bytes_; }
+
+  std::unique_ptr<DaemonProcess> StartDaemon(std::vector<std::string> args) {
+    absl::StatusOr<DaemonProcess> d = DaemonProcess::Start(kvcached_, args);
+    Die(d.status(), "starting kvcached");
+    return std::make_unique<DaemonProcess>(*std::move(d));
+  }
+
+  std::shared_ptr<KvCacheClient> Connect(const DaemonProcess& daemon) {
+    ClientOptions options;
+    options.address = daemon.address();
+    options.timeout = absl::Minutes(5);
+    options.piece_bytes = 4 << 20;
+    absl::StatusOr<std::unique_ptr<KvCacheClient>> c =
+        KvCacheClient::Connect(options);
+    Die(c.status(), "connect");
+    return *std::move(c);
+  }
+
+  void PutCompressed(KvCacheClient& client) {
+    for (int i = 0; i < kChunks; i += 16) {
+      std::vector<ChunkToPut> puts;
+      for (int j = i; j < i + 16; ++j) {
+        puts.push_back({keys_[j], streams_[j % kDistinct]});
+      }
+      Die(client.Put(puts), "put");
+    }
+  }
+
+  void PutRaw(KvCacheClient& client) {
+    for (int i = 0; i < kChunks; ++i) {
+      const char* at =
+          reinterpret_cast<const char*>(pinned_ + i * kLlama8B.RawBytes());
+      Die(client.Put({{raw_keys_[i], std::string(at, kLlama8B.RawBytes())}}),
+          "put raw");
+    }
+  }
+
+  // Median seconds of restoring the prefix through `fetcher`; checks the
+  // values of the last restore.
+  double TimeRestore(PrefixFetcher& fetcher, double* first_ms,
+                     FetchReport* report) {
+    std::vector<double> times, firsts;
+    for (int rep = 0; rep < kReps; ++rep) {
+      CUDA_OR_DIE(cudaMemset(dest_, 0, Raw()));
+      times.push_back(RestoreOnce(fetcher, &firsts, report));
+    }
+    Check();
+    *first_ms = Median(firsts);
+    return Median(times);
+  }
+
+  double RestoreOnce(PrefixFetcher& fetcher, std::vector<double>* firsts,
+                     FetchReport* report) {
+    std::vector<KvChunkRef> dests(kChunks);
+    for (int i = 0; i < kChunks; ++i) {
+      dests[i].tokens = kLlama8B.tokens;
+      dests[i].values = dest_ + i * kLlama8B.NumValues();
+    }
+    absl::StatusOr<std::unique_ptr<transfer::GpuDecodeSink>> sink =
+        transfer::GpuDecodeSink::Create(
+            KvLayout::Contiguous(kLlama8B.layers, kLlama8B.kv_heads,
+                                 kLlama8B.head_dim, kLlama8B.dtype),
+            dests, nullptr);
+    Die(sink.status(), "sink");
+    const auto start = std::chrono::steady_clock::now();
+    absl::StatusOr<FetchReport> r = fetcher.Fetch(keys_, **sink);
+    const double s = Seconds(start);
+    Die(r.status(), "restore");
+    *report = *r;
+    firsts->push_back((*sink)->first_batch_ms());
+    return s;
+  }
+
+  double TimeRaw(PrefixFetcher& fetcher) {
+    std::vector<double> times;
+    uint8_t* pinned = nullptr;
+    CUDA_OR_DIE(cudaMallocHost(&pinned, Raw()));
+    for (int rep = 0; rep < 3; ++rep) {
+      RawUploadSink sink(reinterpret_cast<uint8_t*>(dest_), kLlama8B.RawBytes(),
+                         pinned);
+      const auto start = std::chrono::steady_clock::now();
+      Die(fetcher.Fetch(raw_keys_, sink).status(), "raw fetch");
+      times.push_back(Seconds(start));
+    }
+    cudaFreeHost(pinned);
+    Check();
+    return Median(times);
+  }
+
+  double TimeH2D() {
+    std::vector<double> times;
+    for (int rep = 0; rep < kReps; ++rep) {
+      const auto start = std::chrono::steady_clock::now();
+      CUDA_OR_DIE(cudaMemcpy(dest_, pinned_, Raw(), cudaMemcpyHostToDevice));
+      times.push_back(Seconds(start));
+    }
+    return Median(times);
+  }
+
+  double TimeD2D() {
+    uint16_t* other = nullptr;
+    CUDA_OR_DIE(cudaMalloc(&other, Raw()));
+    std::vector<double> times;
+    for (int rep = 0; rep < kReps; ++rep) {
+      CUDA_OR_DIE(cudaDeviceSynchronize());
+      const auto start = std::chrono::steady_clock::now();
+      CUDA_OR_DIE(cudaMemcpy(other, dest_, Raw(), cudaMemcpyDeviceToDevice));
+      CUDA_OR_DIE(cudaDeviceSynchronize());  // D2D copies return early
+      times.push_back(Seconds(start));
+    }
+    cudaFree(other);
+    return Median(times);
+  }
+
+  // Decode alone, from compressed chunks already in device memory: what a
+  // restore from a GPU tier would cost at best.
+  double TimeDecodeFromDevice() {
+    std::vector<uint64_t> at;
+    uint64_t total = 0;
+    for (int i = 0; i < kChunks; ++i) {
+      at.push_back(total);
+      total += (streams_[i % kDistinct].size() + 255) / 256 * 256;
+    }
+    uint8_t* compressed = nullptr;
+    CUDA_OR_DIE(cudaMalloc(&compressed, total));
+    for (int i = 0; i < kChunks; ++i) {
+      const std::string& s = streams_[i % kDistinct];
+      CUDA_OR_DIE(cudaMemcpy(compressed + at[i], s.data(), s.size(),
+                             cudaMemcpyHostToDevice));
+    }
+    std::vector<codec::gpu::DecodeJob> jobs(kChunks);
+    for (int i = 0; i < kChunks; ++i) {
+      jobs[i].stream = compressed + at[i];
+      jobs[i].stream_bytes = streams_[i % kDistinct].size();
+      jobs[i].dest.tokens = kLlama8B.tokens;
+      jobs[i].dest.values = dest_ + i * kLlama8B.NumValues();
+    }
+    const KvLayout layout = KvLayout::Contiguous(
+        kLlama8B.layers, kLlama8B.kv_heads, kLlama8B.head_dim, kLlama8B.dtype);
+    constexpr int kBatch = 16;
+    const uint64_t ws_bytes = codec::gpu::DecodeWorkspaceBytes(
+        layout, absl::MakeConstSpan(jobs).first(kBatch));
+    void* ws = nullptr;
+    int32_t* status = nullptr;
+    CUDA_OR_DIE(cudaMalloc(&ws, ws_bytes));
+    CUDA_OR_DIE(cudaMalloc(&status, 4 * kChunks));
+    std::vector<double> times;
+    for (int rep = 0; rep < kReps; ++rep) {
+      CUDA_OR_DIE(cudaDeviceSynchronize());
+      const auto start = std::chrono::steady_clock::now();
+      for (int i = 0; i < kChunks; i += kBatch) {
+        Die(codec::gpu::DecodeBatch(
+                layout, absl::MakeConstSpan(jobs).subspan(i, kBatch), ws,
+                ws_bytes, status + i, nullptr),
+            "decode");
+      }
+      CUDA_OR_DIE(cudaDeviceSynchronize());
+      times.push_back(Seconds(start));
+    }
+    cudaFree(ws);
+    cudaFree(status);
+    cudaFree(compressed);
+    Check();
+    return Median(times);
+  }
+
+  // Every restored chunk equals the CPU decoder's output.
+  void Check() {
+    std::vector<uint16_t> got(kLlama8B.NumValues());
+    for (int i = 0; i < kChunks; ++i) {
+      CUDA_OR_DIE(cudaMemcpy(got.data(), dest_ + i * kLlama8B.NumValues(),
+                             kLlama8B.RawBytes(), cudaMemcpyDeviceToHost));
+      if (got != expected_[i % kDistinct]) {
+        std::fprintf(stderr, "chunk %d restored wrong\n", i);
+        std::exit(1);
+      }
+    }
+  }
+
+  // A damaged chunk in the prefix fails the restore, naming the chunk.
+  void CheckCorruptChunkFails(KvCacheClient& client, PrefixFetcher& fetcher) {
+    std::string damaged = streams_[5 % kDistinct];
+    damaged[damaged.size() / 3] ^= 0x40;
+    Die(client.Put({{keys_[5], damaged}}), "put damaged");
+    std::vector<double> firsts;
+    FetchReport report;
+    std::vector<KvChunkRef> dests(kChunks);
+    absl::StatusOr<std::unique_ptr<transfer::GpuDecodeSink>> sink;
+    for (int i = 0; i < kChunks; ++i) {
+      dests[i].tokens = kLlama8B.tokens;
+      dests[i].values = dest_ + i * kLlama8B.NumValues();
+    }
+    sink = transfer::GpuDecodeSink::Create(
+        KvLayout::Contiguous(kLlama8B.layers, kLlama8B.kv_heads,
+                             kLlama8B.head_dim, kLlama8B.dtype),
+        dests, nullptr);
+    Die(sink.status(), "sink");
+    absl::StatusOr<FetchReport> r = fetcher.Fetch(keys_, **sink);
+    if (r.ok() || !absl::IsDataLoss(r.status()) ||
+        r.status().message().find("chunk 5") == std::string::npos) {
+      std::fprintf(stderr, "damaged chunk not reported: %s\n",
+                   r.status().ToString().c_str());
+      std::exit(1);
+    }
+    std::printf("check: a damaged chunk fails the restore: %s\n",
+                r.status().ToString().c_str());
+    Die(client.Put({{keys_[5], streams_[5 % kDistinct]}}), "put back");
+  }
+
+  const std::vector<ChunkKey>& keys() const { return keys_; }
+
+ private:
+  const std::string kvcached_;
+  std::vector<std::string> streams_;
+  std::vector<std::vector<uint16_t>> expected_;
+  std::vector<ChunkKey> keys_, raw_keys_;
+  uint64_t compressed_bytes_ = 0;
+  uint16_t* dest_ = nullptr;
+  uint8_t* pinned_ = nullptr;
+};
+
+std::unique_ptr<PrefixFetcher> MakeFetcher(std::shared_ptr<KvCacheClient> c,
+                                           Transport transport) {
+  FetcherOptions options;
+  options.transport = transport;
+  options.register_for_gpu = true;
+  options.lease = absl::Minutes(1);
+  absl::StatusOr<std::unique_ptr<PrefixFetcher>> f =
+      PrefixFetcher::Create(std::move(c), options);
+  Die(f.status(), "fetcher");
+  return *std::move(f);
+}
+
+int Run(int argc, char** argv) {
+  std::string kvcached = "kvstore/kvcached";
+  std::string nvme_dir = "/tmp/kvcache-e2e-nvme";
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--kvcached=", 0) == 0) kvcached = arg.substr(11);
+    if (arg.rfind("--nvme_dir=", 0) == 0) nvme_dir = arg.substr(11);
+  }
+  cudaDeviceProp prop;
+  CUDA_OR_DIE(cudaGetDeviceProperties(&prop, 0));
+  Bench bench(kvcached);
+  Note("encoding the prefix");
+  bench.Prepare();
+  const double gib = Bench::Raw() / double(1 << 30);
+  std::printf(
+      "device: %s; prefix: %d chunks x 256 tokens = 32K tokens of Llama-3-8B "
+      "KV (%.2f GiB fp16), default level: %.1f MiB compressed (%.2fx)\n",
+      prop.name, kChunks, gib, bench.compressed_bytes() / 1048576.0,
+      double(Bench::Raw()) / bench.compressed_bytes());
+  auto gbps = [](double s) { return Bench::Raw() / s / 1e9; };
+  std::vector<Row> rows;
+
+  // CPU tier on this host: shared memory, and gRPC on loopback.
+  {
+    auto daemon =
+        bench.StartDaemon({"--set=cpu_tier { capacity_bytes: 6442450944 }",
+                           "--set=limits { max_chunk_bytes: 67108864 }",
+                           // The raw peer leases all 4 GiB at once.
+                           "--set=shared_memory { max_leased_percent: 90 }"});
+    auto client = bench.Connect(*daemon);
+    Note("storing the prefix, compressed and raw");
+    bench.PutCompressed(*client);
+    bench.PutRaw(*client);
+    Note("restoring from the CPU tier");
+    const double h2d = bench.TimeH2D();
+    for (Transport t : {Transport::kSharedMemory, Transport::kGrpc}) {
+      auto fetcher = MakeFetcher(client, t);
+      Note(t == Transport::kGrpc ? "over gRPC" : "over shared memory");
+      Row row;
+      FetchReport report;
+      row.restore_s = bench.TimeRestore(*fetcher, &row.first_ms, &report);
+      if (t == Transport::kSharedMemory) {
+        row.path = "(b) CPU tier, same host (shared memory)";
+        row.transport = absl::StrCat(report.shared_memory_chunks, " shm");
+        row.raw_s = h2d;
+        row.raw_what = "cudaMemcpy pinned->GPU";
+        rows.push_back(row);
+        Row raw_shm = row;
+        raw_shm.path = "    raw fp16 from the shared CPU tier";
+        raw_shm.restore_s = bench.TimeRaw(*fetcher);
+        raw_shm.raw_s = h2d;
+        raw_shm.first_ms = 0;
+        rows.push_back(raw_shm);
+        bench.CheckCorruptChunkFails(*client, *fetcher);
+      } else {
+        row.path = "(c) node over gRPC (loopback)";
+        row.transport = absl::StrCat(report.grpc_chunks, " grpc");
+        row.raw_s = bench.TimeRaw(*fetcher);
+        row.raw_what = "raw fp16 over gRPC";
+        rows.push_back(row);
+      }
+    }
+    Note("decoding from device memory");
+    Row gpu;
+    gpu.path = "(a) GPU tier: decode from device memory";
+    gpu.restore_s = bench.TimeDecodeFromDevice();
+    gpu.raw_s = bench.TimeD2D();
+    gpu.raw_what = "cudaMemcpy GPU->GPU";
+    gpu.transport = "no GPU tier yet";
+    rows.push_back(gpu);
+  }
+
+  // NVMe tier: a restarted node has everything on disk and nothing in
+  // memory; each restore reads the chunks up with io_uring.
+  {
+    Note("restoring from the NVMe tier");
+    std::filesystem::remove_all(nvme_dir);
+    const std::vector<std::string> args = {
+        "--set=cpu_tier { capacity_bytes: 2147483648 }",
+        absl::StrCat("--set=nvme_tier { data_dir: '", nvme_dir,
+                     "' slab_bytes: 1073741824 slab_count: 2 "
+                     "write_through: true }")};
+    {
+      auto daemon = bench.StartDaemon(args);
+      bench.PutCompressed(*bench.Connect(*daemon));
+      daemon->Signal(SIGTERM);
+      (void)daemon->WaitForExit(absl::Seconds(60));
+    }
+    std::vector<double> times, firsts;
+    FetchReport report;
+    for (int rep = 0; rep < 3; ++rep) {
+      auto daemon = bench.StartDaemon(args);
+      auto fetcher = MakeFetcher(bench.Connect(*daemon), Transport::kAuto);
+      times.push_back(bench.RestoreOnce(*fetcher, &firsts, &report));
+      daemon->Signal(SIGTERM);
+      (void)daemon->WaitForExit(absl::Seconds(60));
+    }
+    bench.Check();
+    Row row;
+    row.path = "(d) NVMe tier (cold: node just restarted)";
+    row.restore_s = Median(times);
+    row.first_ms = Median(firsts);
+    row.transport = absl::StrCat(report.shared_memory_chunks, " shm");
+    rows.push_back(row);
+    std::filesystem::remove_all(nvme_dir);
+  }
+
+  // Prefill FLOPs: 2 per parameter per token (8.03e9 parameters), plus
+  // causal attention, 4 * layers * hidden * tokens^2 / 2.
+  const double tokens = 32768, hidden = 4096, layers = 32;
+  const double flops =
+      2 * 8.03e9 * tokens + 4 * layers * hidden * tokens * tokens / 2;
+  const double recompute_s = flops / (989e12 * 0.5);
+
+  std::printf(
+      "\n| path | restore s | effective GB/s | first batch ms | raw fp16 same "
+      "path | raw s | raw GB/s | speedup | chunks via |\n|---|---|---|---|---|"
+      "---|---|---|---|\n");
+  for (const Row& r : rows) {
+    std::string raw_s, raw_gbps, speedup;
+    if (r.raw_s > 0) {
+      raw_s = absl::StrFormat("%.4f", r.raw_s);
+      raw_gbps = absl::StrFormat("%.1f", gbps(r.raw_s));
+      speedup = absl::StrFormat("%.2fx", r.raw_s / r.restore_s);
+    }
+    std::printf("| %s | %.4f | %.1f | %.2f | %s | %s | %s | %s | %s |\n",
+                r.path.c_str(), r.restore_s, gbps(r.restore_s), r.first_ms,
+                r.raw_what.c_str(), raw_s.c_str(), raw_gbps.c_str(),
+                speedup.c_str(), r.transport.c_str());
+  }
+  std::printf(
+      "\nrecompute (prefill of 32K tokens, %.2e FLOPs at 50%% of the H100's "
+      "989 TFLOPS dense bf16): %.2f s\n",
+      flops, recompute_s);
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvcache
+
+int main(int argc, char** argv) { return kvcache::Run(argc, argv); }

@@ -1,0 +1,219 @@
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "transfer/gpu_decode_sink.h"
+
+namespace kvcache::transfer {
+
+using codec::gpu::ChunkErrorName;
+using codec::gpu::DecodeJob;
+
+namespace {
+
+absl::Status CudaError(cudaError_t error, absl::string_view what) {
+  if (error == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat(what, ": ", cudaGetErrorString(error)));
+}
+
+}  // namespace
+
+struct GpuDecodeSink::Slot {
+  uint8_t* device = nullptr;
+  uint8_t* pinned = nullptr;
+  void* workspace = nullptr;
+  uint64_t workspace_bytes = 0;
+  uint64_t used = 0;
+  std::vector<DecodeJob> jobs;
+  size_t first_index = 0;
+  cudaEvent_t copied = nullptr;
+  cudaEvent_t decoded = nullptr;
+  bool in_flight = false;  // `decoded` is yet to pass
+
+  ~Slot() {
+    cudaFree(device);
+    cudaFreeHost(pinned);
+    cudaFree(workspace);
+    if (copied) cudaEventDestroy(copied);
+    if (decoded) cudaEventDestroy(decoded);
+  }
+};
+
+absl::StatusOr<std::unique_ptr<GpuDecodeSink>> GpuDecodeSink::Create(
+    const codec::gpu::KvLayout& layout,
+    std::vector<codec::gpu::KvChunkRef> destinations, codec::gpu::Stream stream,
+    GpuDecodeSinkOptions options) {
+  if (options.batch_chunks == 0 || options.slots < 2 ||
+      options.slot_bytes == 0) {
+    return absl::InvalidArgumentError(
+        "a GPU decode sink needs batches of 1+ chunks and 2+ slots");
+  }
+  std::unique_ptr<GpuDecodeSink> sink(
+      new GpuDecodeSink(layout, std::move(destinations), stream, options));
+  if (absl::Status s = sink->Allocate(); !s.ok()) return s;
+  return sink;
+}
+
+GpuDecodeSink::GpuDecodeSink(const codec::gpu::KvLayout& layout,
+                             std::vector<codec::gpu::KvChunkRef> destinations,
+                             codec::gpu::Stream stream,
+                             GpuDecodeSinkOptions options)
+    : layout_(layout),
+      destinations_(std::move(destinations)),
+      stream_(stream),
+      options_(options) {}
+
+absl::Status GpuDecodeSink::Allocate() {
+  cudaError_t e =
+      cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking);
+  if (e == cudaSuccess) {
+    e = cudaMalloc(&status_,
+                   sizeof(int32_t) * std::max<size_t>(1, destinations_.size()));
+  }
+  if (e == cudaSuccess) e = cudaEventCreate(&started_);
+  if (e == cudaSuccess) e = cudaEventCreate(&first_decoded_);
+  for (uint32_t i = 0; e == cudaSuccess && i < options_.slots; ++i) {
+    slots_.push_back(std::make_unique<Slot>());
+    Slot& slot = *slots_.back();
+    e = cudaMalloc(&slot.device, options_.slot_bytes);
+    if (e == cudaSuccess) e = cudaMallocHost(&slot.pinned, options_.slot_bytes);
+    if (e == cudaSuccess) {
+      e = cudaEventCreateWithFlags(&slot.copied, cudaEventDisableTiming);
+    }
+    if (e == cudaSuccess) {
+      e = cudaEventCreateWithFlags(&slot.decoded, cudaEventDisableTiming);
+    }
+  }
+  return CudaError(e, "setting up the GPU decode sink");
+}
+
+GpuDecodeSink::~GpuDecodeSink() {
+  // Nothing may still read the slots or write the statuses when they go.
+  if (launched_any_) cudaStreamSynchronize(stream_);
+  if (copy_stream_) {
+    cudaStreamSynchronize(copy_stream_);
+    cudaStreamDestroy(copy_stream_);
+  }
+  slots_.clear();
+  cudaFree(status_);
+  if (started_) cudaEventDestroy(started_);
+  if (first_decoded_) cudaEventDestroy(first_decoded_);
+}
+
+absl::Status GpuDecodeSink::Consume(size_t index, absl::string_view bytes,
+                                    bool stable) {
+  if (index != consumed_ || index >= destinations_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk ", index, " out of order or without a destination (",
+        destinations_.size(), " given)"));
+  }
+  if (bytes.size() > options_.slot_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk ", index, " is ", bytes.size(), " bytes; staging slots hold ",
+        options_.slot_bytes, " (GpuDecodeSinkOptions::slot_bytes)"));
+  }
+  Slot* slot = slots_[filling_].get();
+  if (slot->used + bytes.size() > options_.slot_bytes) {
+    if (absl::Status s = Launch(); !s.ok()) return s;
+    slot = slots_[filling_].get();
+  }
+  if (slot->jobs.empty()) {
+    // The slot's last batch must be done with its buffers before reuse.
+    if (slot->in_flight) {
+      if (absl::Status s = CudaError(cudaEventSynchronize(slot->decoded),
+                                     "waiting for a staging slot");
+          !s.ok()) {
+        return s;
+      }
+      slot->in_flight = false;
+    }
+    slot->first_index = index;
+  }
+  if (index == 0) cudaEventRecord(started_, copy_stream_);
+  const void* source = bytes.data();
+  if (!stable) {
+    // gRPC's buffer is gone after this call, and pageable besides.
+    std::memcpy(slot->pinned + slot->used, bytes.data(), bytes.size());
+    source = slot->pinned + slot->used;
+  }
+  if (absl::Status s = CudaError(
+          cudaMemcpyAsync(slot->device + slot->used, source, bytes.size(),
+                          cudaMemcpyHostToDevice, copy_stream_),
+          "copying a chunk to the GPU");
+      !s.ok()) {
+    return s;
+  }
+  DecodeJob job;
+  job.stream = slot->device + slot->used;
+  job.stream_bytes = bytes.size();
+  job.dest = destinations_[index];
+  slot->jobs.push_back(job);
+  // Streams start 256-byte aligned, as the decoder's loads like.
+  slot->used += (bytes.size() + 255) / 256 * 256;
+  ++consumed_;
+  if (slot->jobs.size() == options_.batch_chunks) return Launch();
+  return absl::OkStatus();
+}
+
+absl::Status GpuDecodeSink::Launch() {
+  Slot& slot = *slots_[filling_];
+  if (slot.jobs.empty()) return absl::OkStatus();
+  const uint64_t needed = codec::gpu::DecodeWorkspaceBytes(layout_, slot.jobs);
+  if (needed > slot.workspace_bytes) {
+    cudaFree(slot.workspace);
+    slot.workspace = nullptr;
+    slot.workspace_bytes = 0;
+    if (absl::Status s = CudaError(cudaMalloc(&slot.workspace, needed),
+                                   "allocating decode workspace");
+        !s.ok()) {
+      return s;
+    }
+    slot.workspace_bytes = needed;
+  }
+  cudaEventRecord(slot.copied, copy_stream_);
+  cudaStreamWaitEvent(stream_, slot.copied, 0);
+  if (absl::Status s = codec::gpu::DecodeBatch(
+          layout_, slot.jobs, slot.workspace, slot.workspace_bytes,
+          status_ + slot.first_index, stream_);
+      !s.ok()) {
+    return s;
+  }
+  cudaEventRecord(slot.decoded, stream_);
+  if (!launched_any_) cudaEventRecord(first_decoded_, stream_);
+  launched_any_ = true;
+  slot.in_flight = true;
+  slot.jobs.clear();
+  slot.used = 0;
+  filling_ = (filling_ + 1) % slots_.size();
+  return absl::OkStatus();
+}
+
+absl::Status GpuDecodeSink::Finish() {
+  const absl::Status launched = Launch();
+  const cudaError_t synced = cudaStreamSynchronize(stream_);
+  for (auto& slot : slots_) slot->in_flight = false;
+  if (!launched.ok()) return launched;
+  if (synced != cudaSuccess) return CudaError(synced, "decoding on the GPU");
+  if (launched_any_) {
+    cudaEventElapsedTime(&first_batch_ms_, started_, first_decoded_);
+  }
+  std::vector<int32_t> status(consumed_);
+  if (consumed_ > 0) {
+    const cudaError_t e = cudaMemcpy(status.data(), status_, 4 * consumed_,
+                                     cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) return CudaError(e, "reading chunk statuses");
+  }
+  for (size_t i = 0; i < status.size(); ++i) {
+    if (status[i] != codec::gpu::kOk) {
+      return absl::DataLossError(absl::StrCat(
+          "chunk ", i,
+          " rejected by the GPU decoder: ", ChunkErrorName(status[i])));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvcache::transfer

@@ -1,0 +1,86 @@
+// A ChunkSink that restores fetched codec chunks straight into a worker's
+// GPU KV blocks: each chunk's compressed bytes are copied up (from the
+// node's shared region in place, or through pinned staging for chunks that
+// came over gRPC) into one of a few device staging slots, and a slot's
+// batch of chunks decodes on the worker's stream while the next slot fills.
+// So chunk i + 1 is in flight, and on the PCIe bus, while chunk i decodes.
+//
+// Thread-compatible. Needs a GPU.
+#ifndef KVCACHE_TRANSFER_GPU_DECODE_SINK_H_
+#define KVCACHE_TRANSFER_GPU_DECODE_SINK_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "client/chunk_sink.h"
+#include "codec/cuda/gpu_codec.h"
+
+struct CUevent_st;
+
+namespace kvcache::transfer {
+
+struct GpuDecodeSinkOptions {
+  // Chunks decoded per launch; more fill the GPU better, fewer start
+  // decoding sooner.
+  uint32_t batch_chunks = 8;
+  // Compressed bytes one staging slot holds; a chunk larger than this is
+  // INVALID_ARGUMENT.
+  uint64_t slot_bytes = 64 << 20;
+  // Slots in flight: one filling, the others copying or decoding.
+  uint32_t slots = 3;
+};
+
+class GpuDecodeSink : public ChunkSink {
+ public:
+  // destinations[i] is where chunk i goes in `layout` (device pointers, as
+  // for codec::gpu::DecodeBatch), decoded on `stream`. Allocates the slots
+  // (device and pinned memory) up front.
+  static absl::StatusOr<std::unique_ptr<GpuDecodeSink>> Create(
+      const codec::gpu::KvLayout& layout,
+      std::vector<codec::gpu::KvChunkRef> destinations,
+      codec::gpu::Stream stream, GpuDecodeSinkOptions options = {});
+  ~GpuDecodeSink() override;
+
+  absl::Status Consume(size_t index, absl::string_view bytes,
+                       bool stable) override;
+  // Decodes what is left, waits for the stream, and reports the first chunk
+  // the GPU rejected (DATA_LOSS naming it and why). A rejected chunk leaves
+  // its blocks untouched.
+  absl::Status Finish() override;
+
+  // After Finish: milliseconds, on the GPU, from the first chunk's copy to
+  // the end of the first batch's decode: when a worker could start using
+  // the prefix's first chunks.
+  float first_batch_ms() const { return first_batch_ms_; }
+
+ private:
+  struct Slot;
+
+  GpuDecodeSink(const codec::gpu::KvLayout& layout,
+                std::vector<codec::gpu::KvChunkRef> destinations,
+                codec::gpu::Stream stream, GpuDecodeSinkOptions options);
+  absl::Status Allocate();
+  // Starts decoding the filling slot's batch and moves to the next slot.
+  absl::Status Launch();
+
+  const codec::gpu::KvLayout layout_;
+  const std::vector<codec::gpu::KvChunkRef> destinations_;
+  const codec::gpu::Stream stream_;
+  const GpuDecodeSinkOptions options_;
+  codec::gpu::Stream copy_stream_ = nullptr;
+  std::vector<std::unique_ptr<Slot>> slots_;
+  size_t filling_ = 0;         // index of the slot taking chunks
+  int32_t* status_ = nullptr;  // device, one per destination
+  size_t consumed_ = 0;
+  bool launched_any_ = false;
+  CUevent_st* started_ = nullptr;
+  CUevent_st* first_decoded_ = nullptr;
+  float first_batch_ms_ = 0;
+  absl::Status error_;
+};
+
+}  // namespace kvcache::transfer
+
+#endif  // KVCACHE_TRANSFER_GPU_DECODE_SINK_H_
