@@ -11,6 +11,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "transfer/cuda_devices.h"
 
 namespace kvcache::kvstore {
@@ -51,9 +52,11 @@ namespace {
 
 std::string RandomRegionId() {
   char bytes[16] = {};
-  // Never fails for 16 bytes once the kernel's pool is initialised; an id
-  // of zeros would still work, only without telling regions apart.
-  (void)getrandom(bytes, sizeof(bytes), 0);
+  if (getrandom(bytes, sizeof(bytes), 0) != sizeof(bytes)) {
+    // Only early in boot; time and process still tell regions apart.
+    const int64_t parts[2] = {absl::ToUnixNanos(absl::Now()), getpid()};
+    std::memcpy(bytes, parts, sizeof(bytes));
+  }
   return absl::BytesToHexString(absl::string_view(bytes, sizeof(bytes)));
 }
 
