@@ -460,7 +460,7 @@ TEST(DaemonStartupTest, BadConfigFailsWithFieldName) {
       absl::StrCat(kDaemon, " --set='cpu_tier { capacity_bytes: 0 }' 2>&1");
   FILE* pipe = popen(command.c_str(), "r");
   char buffer[1024] = {};
-  fread(buffer, 1, sizeof(buffer) - 1, pipe);
+  EXPECT_GT(fread(buffer, 1, sizeof(buffer) - 1, pipe), 0u);
   EXPECT_EQ(WEXITSTATUS(pclose(pipe)), 2);
   EXPECT_TRUE(absl::StrContains(buffer, "cpu_tier.capacity_bytes")) << buffer;
 }
