@@ -39,19 +39,10 @@ using codec::gpu::KvChunkRef;
 using codec::gpu::KvLayout;
 using testing::DaemonProcess;
 
-constexpr ChunkShape kLlama8B{32, 256, 8, 128, DType::kFloat16};
+using codec::gpu::kLlama8B;
 constexpr int kChunks = 128;  // 32K tokens
 constexpr int kDistinct = 8;  // distinct chunk contents, tiled
 constexpr int kReps = 3;
-
-#define CUDA_OR_DIE(expr)                                             \
-  do {                                                                \
-    const cudaError_t e = (expr);                                     \
-    if (e != cudaSuccess) {                                           \
-      std::fprintf(stderr, "%s: %s\n", #expr, cudaGetErrorString(e)); \
-      std::exit(1);                                                   \
-    }                                                                 \
-  } while (0)
 
 void Die(const absl::Status& s, const char* what) {
   if (s.ok()) return;
@@ -155,8 +146,8 @@ class Bench {
     for (int i = 0; i < kChunks; ++i) {
       compressed_bytes_ += streams_[i % kDistinct].size();
     }
-    CUDA_OR_DIE(cudaMalloc(&dest_, Raw()));
-    CUDA_OR_DIE(cudaMallocHost(&pinned_, Raw()));
+    KVCACHE_CUDA_OR_DIE(cudaMalloc(&dest_, Raw()));
+    KVCACHE_CUDA_OR_DIE(cudaMallocHost(&pinned_, Raw()));
     for (int i = 0; i < kChunks; ++i) {
       const auto* v = expected_[i % kDistinct].data();
       std::memcpy(pinned_ + i * kLlama8B.RawBytes(), v, kLlama8B.RawBytes());
@@ -208,7 +199,7 @@ class Bench {
                      FetchReport* report) {
     std::vector<double> times, firsts;
     for (int rep = 0; rep < kReps; ++rep) {
-      CUDA_OR_DIE(cudaMemset(dest_, 0, Raw()));
+      KVCACHE_CUDA_OR_DIE(cudaMemset(dest_, 0, Raw()));
       times.push_back(RestoreOnce(fetcher, &firsts, report));
     }
     Check();
@@ -216,8 +207,8 @@ class Bench {
     return Median(times);
   }
 
-  double RestoreOnce(PrefixFetcher& fetcher, std::vector<double>* firsts,
-                     FetchReport* report) {
+  // A sink restoring chunk i into its place in the contiguous prefix.
+  std::unique_ptr<transfer::GpuDecodeSink> MakeSink() {
     std::vector<KvChunkRef> dests(kChunks);
     for (int i = 0; i < kChunks; ++i) {
       dests[i].tokens = kLlama8B.tokens;
@@ -229,19 +220,25 @@ class Bench {
                                  kLlama8B.head_dim, kLlama8B.dtype),
             dests, nullptr);
     Die(sink.status(), "sink");
+    return *std::move(sink);
+  }
+
+  double RestoreOnce(PrefixFetcher& fetcher, std::vector<double>* firsts,
+                     FetchReport* report) {
+    std::unique_ptr<transfer::GpuDecodeSink> sink = MakeSink();
     const auto start = std::chrono::steady_clock::now();
-    absl::StatusOr<FetchReport> r = fetcher.Fetch(keys_, **sink);
+    absl::StatusOr<FetchReport> r = fetcher.Fetch(keys_, *sink);
     const double s = Seconds(start);
     Die(r.status(), "restore");
     *report = *r;
-    firsts->push_back((*sink)->first_batch_ms());
+    firsts->push_back(sink->first_batch_ms());
     return s;
   }
 
   double TimeRaw(PrefixFetcher& fetcher) {
     std::vector<double> times;
     uint8_t* pinned = nullptr;
-    CUDA_OR_DIE(cudaMallocHost(&pinned, Raw()));
+    KVCACHE_CUDA_OR_DIE(cudaMallocHost(&pinned, Raw()));
     for (int rep = 0; rep < 3; ++rep) {
       RawUploadSink sink(reinterpret_cast<uint8_t*>(dest_), kLlama8B.RawBytes(),
                          pinned);
@@ -258,7 +255,8 @@ class Bench {
     std::vector<double> times;
     for (int rep = 0; rep < kReps; ++rep) {
       const auto start = std::chrono::steady_clock::now();
-      CUDA_OR_DIE(cudaMemcpy(dest_, pinned_, Raw(), cudaMemcpyHostToDevice));
+      KVCACHE_CUDA_OR_DIE(
+          cudaMemcpy(dest_, pinned_, Raw(), cudaMemcpyHostToDevice));
       times.push_back(Seconds(start));
     }
     return Median(times);
@@ -266,13 +264,14 @@ class Bench {
 
   double TimeD2D() {
     uint16_t* other = nullptr;
-    CUDA_OR_DIE(cudaMalloc(&other, Raw()));
+    KVCACHE_CUDA_OR_DIE(cudaMalloc(&other, Raw()));
     std::vector<double> times;
     for (int rep = 0; rep < kReps; ++rep) {
-      CUDA_OR_DIE(cudaDeviceSynchronize());
+      KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
       const auto start = std::chrono::steady_clock::now();
-      CUDA_OR_DIE(cudaMemcpy(other, dest_, Raw(), cudaMemcpyDeviceToDevice));
-      CUDA_OR_DIE(cudaDeviceSynchronize());  // D2D copies return early
+      KVCACHE_CUDA_OR_DIE(
+          cudaMemcpy(other, dest_, Raw(), cudaMemcpyDeviceToDevice));
+      KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());  // D2D copies return early
       times.push_back(Seconds(start));
     }
     cudaFree(other);
@@ -289,11 +288,11 @@ class Bench {
       total += (streams_[i % kDistinct].size() + 255) / 256 * 256;
     }
     uint8_t* compressed = nullptr;
-    CUDA_OR_DIE(cudaMalloc(&compressed, total));
+    KVCACHE_CUDA_OR_DIE(cudaMalloc(&compressed, total));
     for (int i = 0; i < kChunks; ++i) {
       const std::string& s = streams_[i % kDistinct];
-      CUDA_OR_DIE(cudaMemcpy(compressed + at[i], s.data(), s.size(),
-                             cudaMemcpyHostToDevice));
+      KVCACHE_CUDA_OR_DIE(cudaMemcpy(compressed + at[i], s.data(), s.size(),
+                                     cudaMemcpyHostToDevice));
     }
     std::vector<codec::gpu::DecodeJob> jobs(kChunks);
     for (int i = 0; i < kChunks; ++i) {
@@ -309,11 +308,11 @@ class Bench {
         layout, absl::MakeConstSpan(jobs).first(kBatch));
     void* ws = nullptr;
     int32_t* status = nullptr;
-    CUDA_OR_DIE(cudaMalloc(&ws, ws_bytes));
-    CUDA_OR_DIE(cudaMalloc(&status, 4 * kChunks));
+    KVCACHE_CUDA_OR_DIE(cudaMalloc(&ws, ws_bytes));
+    KVCACHE_CUDA_OR_DIE(cudaMalloc(&status, 4 * kChunks));
     std::vector<double> times;
     for (int rep = 0; rep < kReps; ++rep) {
-      CUDA_OR_DIE(cudaDeviceSynchronize());
+      KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
       const auto start = std::chrono::steady_clock::now();
       for (int i = 0; i < kChunks; i += kBatch) {
         Die(codec::gpu::DecodeBatch(
@@ -321,7 +320,7 @@ class Bench {
                 ws_bytes, status + i, nullptr),
             "decode");
       }
-      CUDA_OR_DIE(cudaDeviceSynchronize());
+      KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
       times.push_back(Seconds(start));
     }
     cudaFree(ws);
@@ -335,8 +334,9 @@ class Bench {
   void Check() {
     std::vector<uint16_t> got(kLlama8B.NumValues());
     for (int i = 0; i < kChunks; ++i) {
-      CUDA_OR_DIE(cudaMemcpy(got.data(), dest_ + i * kLlama8B.NumValues(),
-                             kLlama8B.RawBytes(), cudaMemcpyDeviceToHost));
+      KVCACHE_CUDA_OR_DIE(
+          cudaMemcpy(got.data(), dest_ + i * kLlama8B.NumValues(),
+                     kLlama8B.RawBytes(), cudaMemcpyDeviceToHost));
       if (got != expected_[i % kDistinct]) {
         std::fprintf(stderr, "chunk %d restored wrong\n", i);
         std::exit(1);
@@ -349,20 +349,7 @@ class Bench {
     std::string damaged = streams_[5 % kDistinct];
     damaged[damaged.size() / 3] ^= 0x40;
     Die(client.Put({{keys_[5], damaged}}), "put damaged");
-    std::vector<double> firsts;
-    FetchReport report;
-    std::vector<KvChunkRef> dests(kChunks);
-    absl::StatusOr<std::unique_ptr<transfer::GpuDecodeSink>> sink;
-    for (int i = 0; i < kChunks; ++i) {
-      dests[i].tokens = kLlama8B.tokens;
-      dests[i].values = dest_ + i * kLlama8B.NumValues();
-    }
-    sink = transfer::GpuDecodeSink::Create(
-        KvLayout::Contiguous(kLlama8B.layers, kLlama8B.kv_heads,
-                             kLlama8B.head_dim, kLlama8B.dtype),
-        dests, nullptr);
-    Die(sink.status(), "sink");
-    absl::StatusOr<FetchReport> r = fetcher.Fetch(keys_, **sink);
+    absl::StatusOr<FetchReport> r = fetcher.Fetch(keys_, *MakeSink());
     if (r.ok() || !absl::IsDataLoss(r.status()) ||
         r.status().message().find("chunk 5") == std::string::npos) {
       std::fprintf(stderr, "damaged chunk not reported: %s\n",
@@ -407,7 +394,7 @@ int Run(int argc, char** argv) {
     if (arg.rfind("--nvme_dir=", 0) == 0) nvme_dir = arg.substr(11);
   }
   cudaDeviceProp prop;
-  CUDA_OR_DIE(cudaGetDeviceProperties(&prop, 0));
+  KVCACHE_CUDA_OR_DIE(cudaGetDeviceProperties(&prop, 0));
   Bench bench(kvcached);
   Note("encoding the prefix");
   bench.Prepare();

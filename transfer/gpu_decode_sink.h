@@ -78,7 +78,6 @@ class GpuDecodeSink : public ChunkSink {
   CUevent_st* started_ = nullptr;
   CUevent_st* first_decoded_ = nullptr;
   float first_batch_ms_ = 0;
-  absl::Status error_;
 };
 
 }  // namespace kvcache::transfer

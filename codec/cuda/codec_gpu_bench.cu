@@ -25,8 +25,6 @@
 namespace kvcache::codec::gpu {
 namespace {
 
-constexpr ChunkShape kLlama8B{32, 256, 8, 128, DType::kFloat16};
-
 // Median milliseconds of `reps` runs of fn, each timed with events on the
 // default stream after one warm-up run.
 template <typename Fn>

@@ -77,6 +77,10 @@ inline std::vector<uint16_t> ToBFloat16(const std::vector<uint16_t>& fp16) {
   return out;
 }
 
+// One 256-token chunk of Llama-3-8B's KV: 32 layers, 8 KV heads, head dim
+// 128, fp16 (32 MiB).
+inline constexpr ChunkShape kLlama8B{32, 256, 8, 128, DType::kFloat16};
+
 // A chunk of `shape` filled from a dump by tiling: layer l, token t,
 // channel c read the dump's layer l % L, token (t0 + t) % T, channel c % C.
 inline std::vector<uint16_t> TiledChunk(const KvDump& d, const ChunkShape& s,
