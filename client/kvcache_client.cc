@@ -210,10 +210,15 @@ absl::Status KvCacheClient::GetStream(
 }
 
 absl::StatusOr<v1::LocateResponse> KvCacheClient::Locate(
-    absl::Span<const ChunkKey> keys, absl::Duration lease) {
+    absl::Span<const ChunkKey> keys, absl::Duration lease,
+    absl::string_view gpu_region_id) {
   v1::LocateRequest request;
   AddKeys(keys, request);
   request.set_lease_ms(absl::ToInt64Milliseconds(lease));
+  if (!gpu_region_id.empty()) {
+    request.set_accept_gpu(true);
+    request.set_gpu_region_id(std::string(gpu_region_id));
+  }
   v1::LocateResponse response;
   grpc::Status status = data_->Locate(NewContext().get(), request, &response);
   if (!status.ok()) return Annotate(status, "locate", options_.address);

@@ -69,10 +69,12 @@ class KvCacheClient : public ChunkStore {
       const std::function<absl::Status(size_t, FetchedChunk)>& on_chunk);
 
   // Same-host transfer (see Locate in kvcache.proto): where the leading
-  // cached chunks of `keys` lie in the node's shared CPU tier, reserved for
-  // `lease`. Release the lease once the bytes are copied.
-  absl::StatusOr<v1::LocateResponse> Locate(absl::Span<const ChunkKey> keys,
-                                            absl::Duration lease);
+  // cached chunks of `keys` lie in the node's shared CPU tier, or in its GPU
+  // tier if `gpu_region_id` names the GPU region this process opened,
+  // reserved for `lease`. Release the lease once the bytes are copied.
+  absl::StatusOr<v1::LocateResponse> Locate(
+      absl::Span<const ChunkKey> keys, absl::Duration lease,
+      absl::string_view gpu_region_id = {});
   // False if the lease had expired (its chunks may have been reused).
   absl::StatusOr<bool> Release(uint64_t lease_id);
   absl::StatusOr<uint32_t> Delete(absl::Span<const ChunkKey> keys) override;

@@ -43,6 +43,7 @@ absl::Status PrefixFetcher::ConnectRegion() {
                                                client_->options().address));
   }
   region_ = *std::move(region);
+  OpenGpuRegion(*info);
   if (options_.register_for_gpu) {
     std::string error;
     registered_ = transfer::RegisterHostMemory(
@@ -56,11 +57,27 @@ absl::Status PrefixFetcher::ConnectRegion() {
   return absl::OkStatus();
 }
 
+void PrefixFetcher::OpenGpuRegion(const v1::NodeInfoResponse& info) {
+  // Only once the shared region proved the node is on this host.
+  if (!options_.open_gpu_tier || info.gpu_ipc_handle().empty()) return;
+  absl::StatusOr<std::unique_ptr<transfer::GpuRegion>> gpu =
+      transfer::GpuRegion::Open(info.gpu_ipc_handle(), info.gpu_region_bytes(),
+                                info.gpu_region_id());
+  if (gpu.ok()) {
+    gpu_region_ = *std::move(gpu);
+  } else {
+    std::fprintf(stderr, "kvcache: node's GPU tier (on %s) not opened: %s\n",
+                 info.gpu_pci_bus_id().c_str(),
+                 gpu.status().ToString().c_str());
+  }
+}
+
 void PrefixFetcher::DropRegion() {
   if (registered_)
     transfer::UnregisterHostMemory(const_cast<char*>(region_->base()));
   registered_ = false;
   region_.reset();
+  gpu_region_.reset();
 }
 
 absl::StatusOr<size_t> PrefixFetcher::Lookup(absl::Span<const ChunkKey> keys) {
@@ -116,8 +133,9 @@ absl::StatusOr<FetchReport> PrefixFetcher::Fetch(
 absl::StatusOr<size_t> PrefixFetcher::FetchShared(
     absl::Span<const ChunkKey> keys, ChunkSink& sink, uint64_t* lease_id,
     absl::Time* expiry, FetchReport& report) {
+  const bool use_gpu = gpu_region_ != nullptr && sink.accepts_device_memory();
   absl::StatusOr<v1::LocateResponse> located =
-      client_->Locate(keys, options_.lease);
+      client_->Locate(keys, options_.lease, use_gpu ? gpu_region_->id() : "");
   if (located.ok() && located->region_id() != region_->id()) {
     // The node restarted with a new region: map that one for later fetches
     // and take this one over gRPC.
@@ -144,14 +162,27 @@ absl::StatusOr<size_t> PrefixFetcher::FetchShared(
       return absl::InternalError(
           absl::StrCat("node located chunks out of order at ", i));
     }
-    absl::StatusOr<absl::string_view> bytes =
-        region_->View(extent.offset(), extent.info().size_bytes());
-    if (!bytes.ok()) return bytes.status();
-    if (absl::Status s = sink.Consume(i, *bytes, /*stable=*/true); !s.ok()) {
-      return s;
+    const uint64_t size = extent.info().size_bytes();
+    absl::Status consumed;
+    if (extent.info().tier() == v1::TIER_GPU) {
+      if (!use_gpu) {
+        return absl::InternalError(absl::StrCat(
+            "node located chunk ", i, " in a GPU tier it was not asked for"));
+      }
+      absl::StatusOr<const void*> on_device =
+          gpu_region_->View(extent.offset(), size);
+      if (!on_device.ok()) return on_device.status();
+      consumed = sink.ConsumeOnDevice(i, *on_device, size);
+      ++report.gpu_tier_chunks;
+    } else {
+      absl::StatusOr<absl::string_view> bytes =
+          region_->View(extent.offset(), size);
+      if (!bytes.ok()) return bytes.status();
+      consumed = sink.Consume(i, *bytes, /*stable=*/true);
+      ++report.shared_memory_chunks;
     }
-    ++report.shared_memory_chunks;
-    report.bytes += bytes->size();
+    if (!consumed.ok()) return consumed;
+    report.bytes += size;
   }
   return lent;
 }

@@ -10,6 +10,10 @@
 //    come over gRPC in the same fetch.
 //  - gRPC: the node's Get stream; chunk i reaches the sink while chunk
 //    i + 1 is still in flight.
+//  - CUDA IPC: where the node also has a GPU tier, a fetcher whose sink
+//    takes device memory (ChunkSink::accepts_device_memory) opens it too,
+//    and the chunks held there reach the sink in place in the node's
+//    device memory, under the same lease.
 // kAuto uses shared memory where the node offers it on this host, and gRPC
 // otherwise, or when the region goes away (a restarted node) mid-life.
 //
@@ -28,6 +32,7 @@
 #include "client/chunk_key.h"
 #include "client/chunk_sink.h"
 #include "client/kvcache_client.h"
+#include "transfer/gpu_region.h"
 #include "transfer/shared_region.h"
 
 namespace kvcache {
@@ -44,9 +49,15 @@ struct FetcherOptions {
   // it run at full PCIe speed. Needs a GPU; ignored (with a note on stderr)
   // without one.
   bool register_for_gpu = false;
+  // Open the node's GPU tier where it has one on this host (needs a GPU
+  // that can reach the node's; skipped, with a note on stderr, if not).
+  bool open_gpu_tier = true;
 };
 
 struct FetchReport {
+  // Chunks read in place in the node's GPU tier, its CPU tier, or sent
+  // over gRPC.
+  size_t gpu_tier_chunks = 0;
   size_t shared_memory_chunks = 0;
   size_t grpc_chunks = 0;
   uint64_t bytes = 0;
@@ -70,15 +81,19 @@ class PrefixFetcher {
   absl::StatusOr<FetchReport> Fetch(absl::Span<const ChunkKey> keys,
                                     ChunkSink& sink);
 
-  // Whether fetches can read the node's memory in place right now.
+  // Whether fetches can read the node's memory, or its GPU tier, in place
+  // right now.
   bool shared_memory() const { return region_ != nullptr; }
+  bool gpu_tier() const { return gpu_region_ != nullptr; }
 
  private:
   PrefixFetcher(std::shared_ptr<KvCacheClient> client, FetcherOptions options)
       : client_(std::move(client)), options_(options) {}
 
-  // Maps the node's region if it offers one on this host.
+  // Maps the node's region if it offers one on this host, and opens its
+  // GPU tier if it has one.
   absl::Status ConnectRegion();
+  void OpenGpuRegion(const v1::NodeInfoResponse& info);
   void DropRegion();
   // Feeds the sink the leading chunks the node can lend from shared memory;
   // returns how many, and the lease's expiry in `expiry`.
@@ -91,6 +106,7 @@ class PrefixFetcher {
   const std::shared_ptr<KvCacheClient> client_;
   const FetcherOptions options_;
   std::unique_ptr<transfer::SharedRegion> region_;
+  std::unique_ptr<transfer::GpuRegion> gpu_region_;
   bool registered_ = false;
 };
 

@@ -28,6 +28,8 @@ struct ChunkRef {
   // The chunk this one extends in its prompt, if its writer said so; kept
   // by the CPU tier (prefix-aware eviction), not by the NVMe index.
   std::string parent_key;
+  // `data` is GPU memory (the GPU tier's): the CPU cannot read bytes().
+  bool on_device = false;
 
   absl::string_view bytes() const {
     return absl::string_view(data.get(), data ? size_bytes : 0);

@@ -144,6 +144,10 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config) {
       config.cpu_tier().max_admit_percent() > 100) {
     return FieldError("cpu_tier.max_admit_percent", "must be within [1, 100]");
   }
+  if (config.gpu_tier().max_admit_percent() == 0 ||
+      config.gpu_tier().max_admit_percent() > 100) {
+    return FieldError("gpu_tier.max_admit_percent", "must be within [1, 100]");
+  }
   const v1::NvmeTierConfig& nvme = config.nvme_tier();
   if (!nvme.data_dir().empty()) {
     if (nvme.slab_bytes() == 0 || nvme.slab_bytes() % 4096 != 0) {

@@ -1,17 +1,15 @@
 #include "kvstore/host_arena.h"
 
 #include <sys/mman.h>
-#include <sys/random.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <string>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 #include "transfer/cuda_devices.h"
 
 namespace kvcache::kvstore {
@@ -48,48 +46,15 @@ absl::StatusOr<std::shared_ptr<HostArena>> HostArena::Create(
   return arena;
 }
 
-namespace {
-
-std::string RandomRegionId() {
-  char bytes[16] = {};
-  if (getrandom(bytes, sizeof(bytes), 0) != sizeof(bytes)) {
-    // Only early in boot; time and process still tell regions apart.
-    const int64_t parts[2] = {absl::ToUnixNanos(absl::Now()), getpid()};
-    std::memcpy(bytes, parts, sizeof(bytes));
-  }
-  return absl::BytesToHexString(absl::string_view(bytes, sizeof(bytes)));
-}
-
-}  // namespace
-
-HostArena::HostArena(int fd, char* base, uint64_t capacity_bytes)
-    : fd_(fd),
-      base_(base),
-      id_(RandomRegionId()),
-      allocator_(1, capacity_bytes) {}
-
-std::optional<uint64_t> HostArena::OffsetOf(const char* data) const {
-  if (data < base_ || data >= base_ + allocator_.capacity_bytes()) {
-    return std::nullopt;
-  }
-  return static_cast<uint64_t>(data - base_);
-}
-
 HostArena::~HostArena() {
-  if (pinned_) transfer::UnregisterHostMemory(base_);
-  munmap(base_, allocator_.capacity_bytes());
+  if (pinned_) transfer::UnregisterHostMemory(base());
+  munmap(base(), capacity_bytes());
   close(fd_);
 }
 
-absl::StatusOr<std::shared_ptr<char>> HostArena::Allocate(uint64_t bytes) {
-  absl::StatusOr<Extent> extent =
-      allocator_.Allocate(std::max<uint64_t>(bytes, 1));
-  if (!extent.ok()) return extent.status();
-  std::shared_ptr<HostArena> self = shared_from_this();
-  const Extent held = *extent;
-  return std::shared_ptr<char>(
-      base_ + held.offset,
-      [self = std::move(self), held](char*) { self->allocator_.Free(held); });
+absl::Status HostArena::Write(char* dest, absl::string_view bytes) {
+  std::memcpy(dest, bytes.data(), bytes.size());
+  return absl::OkStatus();
 }
 
 }  // namespace kvcache::kvstore

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "codec/crc32c.h"
 #include "kvstore/daemon_config.h"
+#include "kvstore/gpu_arena.h"
 #include "transfer/grpc_stream.h"
 
 namespace kvcache::kvstore {
@@ -64,6 +65,8 @@ grpc::Status ValidateKeys(const RepeatedPtrField<std::string>& keys,
 
 v1::Tier ToProtoTier(TierId tier) {
   switch (tier) {
+    case TierId::kGpu:
+      return v1::TIER_GPU;
     case TierId::kCpu:
       return v1::TIER_CPU;
     case TierId::kNvme:
@@ -169,6 +172,9 @@ absl::StatusOr<std::unique_ptr<NodeState>> NodeState::Create(
                                    nvme.slab_count(), nvme.queue_depth()};
     options.write_through = nvme.write_through();
   }
+  options.gpu_capacity_bytes = config.gpu_tier().capacity_bytes();
+  options.gpu_device = static_cast<int>(config.gpu_tier().device());
+  options.gpu_max_admit_percent = config.gpu_tier().max_admit_percent();
   absl::StatusOr<std::unique_ptr<TieredStore>> store =
       TieredStore::Open(options);
   if (!store.ok()) return store.status();
@@ -182,8 +188,12 @@ NodeState::NodeState(v1::DaemonConfig config,
       node_id_(config_.node_id().empty() ? HostName() : config_.node_id()),
       started_(absl::Now()),
       store_(std::move(store)),
-      leases_(store_->cpu_arena().capacity_bytes() / 100 *
-              config_.shared_memory().max_leased_percent()) {}
+      // One cap over both shared tiers: a lease of GPU chunks holds device
+      // memory the way one of CPU chunks holds host memory.
+      leases_(
+          (store_->cpu_arena().capacity_bytes() +
+           (store_->gpu_arena() ? store_->gpu_arena()->capacity_bytes() : 0)) /
+          100 * config_.shared_memory().max_leased_percent()) {}
 
 std::string NodeState::shared_memory_socket() const {
   absl::MutexLock lock(&socket_mu_);
@@ -348,14 +358,21 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext*,
                         "this node shares no memory (shared_memory.enabled)");
   }
   const HostArena& arena = node_.store().cpu_arena();
+  const GpuArena* gpu = node_.store().gpu_arena();
+  const bool accept_gpu = request->accept_gpu() && gpu != nullptr &&
+                          request->gpu_region_id() == gpu->id();
   std::vector<ChunkRef> chunks;
   for (const std::string& key : request->keys()) {
-    absl::StatusOr<ChunkRef> chunk = node_.store().GetInMemory(key);
+    absl::StatusOr<LocatedChunk> chunk =
+        node_.store().GetInMemory(key, accept_gpu);
     if (!chunk.ok()) break;
     v1::ChunkExtent* extent = response->add_chunks();
-    FillInfo(key, LocatedChunk{*chunk, TierId::kCpu}, *extent->mutable_info());
-    extent->set_offset(*arena.OffsetOf(chunk->data.get()));
-    chunks.push_back(*std::move(chunk));
+    FillInfo(key, *chunk, *extent->mutable_info());
+    const ChunkArena& held_in = chunk->tier == TierId::kGpu
+                                    ? static_cast<const ChunkArena&>(*gpu)
+                                    : arena;
+    extent->set_offset(*held_in.OffsetOf(chunk->chunk.data.get()));
+    chunks.push_back(std::move(chunk->chunk));
   }
   const size_t found = chunks.size();
   node_.hits.fetch_add(found, std::memory_order_relaxed);
@@ -371,8 +388,9 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext*,
     return grpc::Status(
         grpc::StatusCode::RESOURCE_EXHAUSTED,
         absl::StrCat("leases already hold ", node_.leases().held_bytes(),
-                     " bytes of the CPU tier (shared_memory.max_leased_percent)"
-                     "; release some or fetch with Get"));
+                     " bytes of the shared tiers "
+                     "(shared_memory.max_leased_percent); release some or "
+                     "fetch with Get"));
   }
   response->mutable_chunks()->DeleteSubrange(
       lease.chunks, response->chunks_size() - lease.chunks);
@@ -483,6 +501,13 @@ grpc::Status AdminService::NodeInfo(grpc::ServerContext*,
   response->set_drained(node_.drained());
   response->set_shared_memory_socket(node_.shared_memory_socket());
   response->set_shared_region_id(node_.store().cpu_arena().id());
+  if (const GpuArena* gpu = node_.store().gpu_arena();
+      gpu != nullptr && !response->shared_memory_socket().empty()) {
+    response->set_gpu_ipc_handle(gpu->ipc_handle());
+    response->set_gpu_region_id(gpu->id());
+    response->set_gpu_region_bytes(gpu->capacity_bytes());
+    response->set_gpu_pci_bus_id(gpu->pci_bus_id());
+  }
   return grpc::Status::OK;
 }
 

@@ -28,6 +28,7 @@
 #include "absl/time/time.h"
 #include "kvstore/cluster_member.h"
 #include "kvstore/daemon_config.h"
+#include "kvstore/gpu_arena.h"
 #include "kvstore/kvcache_service.h"
 #include "kvstore/malloc_options.h"
 #include "kvstore/metrics_http_server.h"
@@ -178,6 +179,11 @@ int Run(int argc, char** argv) {
       node.node_id().c_str(), address.c_str(),
       static_cast<unsigned long long>(config->cpu_tier().capacity_bytes()),
       static_cast<unsigned long long>(config->limits().max_chunk_bytes()));
+  if (const GpuArena* gpu = node.store().gpu_arena(); gpu != nullptr) {
+    std::fprintf(stderr, "kvcached: GPU tier of %llu bytes on device %d (%s)\n",
+                 static_cast<unsigned long long>(gpu->capacity_bytes()),
+                 gpu->device(), gpu->pci_bus_id().c_str());
+  }
 
   // Workers on this host map the CPU tier through this socket.
   std::unique_ptr<transfer::SharedRegionServer> shared_region;

@@ -8,9 +8,17 @@
 
 namespace kvcache::kvstore {
 
-MemoryTier::MemoryTier(std::shared_ptr<HostArena> arena, Clock clock)
+MemoryTier::MemoryTier(std::shared_ptr<ChunkArena> arena, Clock clock)
     : arena_(std::move(arena)),
       clock_(clock ? std::move(clock) : Clock([] { return absl::Now(); })) {}
+
+absl::string_view MemoryTier::tier_name() const {
+  return arena_->on_device() ? "GPU tier" : "CPU tier";
+}
+
+absl::string_view MemoryTier::config_section() const {
+  return arena_->on_device() ? "gpu_tier" : "cpu_tier";
+}
 
 bool MemoryTier::IsPinned(const Entry& entry) const {
   return entry.chunk.pinned && entry.chunk.pin_expiry > clock_();
@@ -70,15 +78,16 @@ absl::Status MemoryTier::PutUntil(absl::string_view key,
   const uint64_t footprint = RoundUpToBlock(std::max<uint64_t>(size, 1));
   if (footprint > arena_->capacity_bytes()) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("chunk of ", size, " bytes exceeds the CPU tier's ",
-                     "capacity of ", arena_->capacity_bytes(), " bytes"));
+        absl::StrCat("chunk of ", size, " bytes exceeds the ", tier_name(),
+                     "'s capacity of ", arena_->capacity_bytes(), " bytes"));
   }
   auto no_room = [&] {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "no room for a chunk of ", size, " bytes: the CPU tier holds ",
+        "no room for a chunk of ", size, " bytes: the ", tier_name(), " holds ",
         used_bytes_, " of ", arena_->capacity_bytes(),
         " bytes and the rest is pinned or still being read; unpin sessions "
-        "or raise cpu_tier.capacity_bytes"));
+        "or raise ",
+        config_section(), ".capacity_bytes"));
   };
   {
     // Checked before evicting anything, so a put that clearly cannot
@@ -118,7 +127,7 @@ absl::Status MemoryTier::PutUntil(absl::string_view key,
     }
     if (sink) sink(std::move(victims));
   }
-  std::memcpy(slice.get(), bytes.data(), size);
+  if (absl::Status s = arena_->Write(slice.get(), bytes); !s.ok()) return s;
 
   absl::MutexLock lock(&mu_);
   ChunkRef chunk;
@@ -137,6 +146,7 @@ absl::Status MemoryTier::PutUntil(absl::string_view key,
   chunk.size_bytes = size;
   chunk.crc32c = crc32c;
   chunk.parent_key = std::string(parent_key);
+  chunk.on_device = arena_->on_device();
   links_.Add(key, parent_key);
   lru_.emplace_back(key);
   entries_.emplace(std::string(key), Entry{std::move(chunk), --lru_.end()});

@@ -1,6 +1,6 @@
-// The in-memory CPU tier: chunk bytes in a HostArena (one region reserved at
-// start-up, no allocation per chunk), evicting the least recently used
-// unpinned chunk to make room.
+// An in-memory tier (the CPU tier, or the GPU tier): chunk bytes in a
+// ChunkArena (one region reserved at start-up, no allocation per chunk),
+// evicting the least recently used unpinned chunk to make room.
 //
 // Chunks are immutable once stored and handed out as shared references, so a
 // Get can stream a chunk without holding the tier's lock while a concurrent
@@ -27,8 +27,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "kvstore/chunk_arena.h"
 #include "kvstore/chunk_ref.h"
-#include "kvstore/host_arena.h"
 #include "kvstore/prefix_links.h"
 
 namespace kvcache::kvstore {
@@ -43,15 +43,15 @@ class MemoryTier {
 
   // Holds chunks in `arena`, whose capacity is the tier's. `clock` defaults
   // to absl::Now; tests pass their own to age pins.
-  explicit MemoryTier(std::shared_ptr<HostArena> arena, Clock clock = nullptr);
+  explicit MemoryTier(std::shared_ptr<ChunkArena> arena, Clock clock = nullptr);
 
   MemoryTier(const MemoryTier&) = delete;
   MemoryTier& operator=(const MemoryTier&) = delete;
 
-  // Copies `bytes` into the arena under `key`, replacing any chunk already
-  // there, and makes it the most recently used. Evicts least recently used
-  // unpinned chunks as needed, handing them to `sink` (if any). If `pin_ttl`
-  // is positive the chunk is stored pinned for that long.
+  // Copies `bytes` (host memory) into the arena under `key`, replacing any
+  // chunk already there, and makes it the most recently used. Evicts least
+  // recently used unpinned chunks as needed, handing them to `sink` (if any).
+  // If `pin_ttl` is positive the chunk is stored pinned for that long.
   // RESOURCE_EXHAUSTED if the chunk cannot fit even after evicting every
   // unpinned chunk; if that is clear up front, nothing is evicted, and the
   // key keeps its previous bytes in any case.
@@ -117,7 +117,11 @@ class MemoryTier {
   void Erase(absl::flat_hash_map<std::string, Entry>::iterator it)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  const std::shared_ptr<HostArena> arena_;
+  // Names the tier and its config section in errors.
+  absl::string_view tier_name() const;
+  absl::string_view config_section() const;
+
+  const std::shared_ptr<ChunkArena> arena_;
   const Clock clock_;
 
   mutable absl::Mutex mu_;

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "kvstore/host_arena.h"
+
 namespace kvcache::kvstore {
 namespace {
 

@@ -12,6 +12,8 @@ namespace {
 
 const char* TierLabel(TierId tier) {
   switch (tier) {
+    case TierId::kGpu:
+      return "gpu";
     case TierId::kCpu:
       return "cpu";
     case TierId::kNvme:

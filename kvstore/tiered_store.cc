@@ -14,6 +14,33 @@ std::string KeyPrefix(absl::string_view key) {
   return absl::BytesToHexString(key.substr(0, 8));
 }
 
+bool Admitted(uint64_t size, uint64_t capacity, uint32_t percent) {
+  // In 128-bit-safe form: size / capacity <= percent / 100.
+  return static_cast<unsigned __int128>(size) * 100 <=
+         static_cast<unsigned __int128>(capacity) * percent;
+}
+
+// Holds a victim's key lock, unless the write demoting it already does.
+// Waiting for another key's lock inside a write could deadlock with a write
+// demoting the other way, so a busy lock is not waited for.
+class VictimLock {
+ public:
+  VictimLock(absl::Mutex& lock, absl::Span<absl::Mutex* const> held)
+      : lock_(lock) {
+    for (absl::Mutex* mu : held) already_held_ = already_held_ || mu == &lock;
+    owns_ = !already_held_ && lock_.TryLock();
+  }
+  ~VictimLock() {
+    if (owns_) lock_.Unlock();
+  }
+  bool locked() const { return owns_ || already_held_; }
+
+ private:
+  absl::Mutex& lock_;
+  bool already_held_ = false;
+  bool owns_ = false;
+};
+
 }  // namespace
 
 TieredStore::TieredStore(const TieredStoreOptions& options, Clock clock)
@@ -28,6 +55,18 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(
   if (!arena.ok()) return arena.status();
   store->cpu_arena_ = *std::move(arena);
   store->cpu_ = std::make_unique<MemoryTier>(store->cpu_arena_, store->clock_);
+  if (options.gpu_capacity_bytes > 0) {
+    absl::StatusOr<std::shared_ptr<GpuArena>> gpu =
+        GpuArena::Create(options.gpu_device, options.gpu_capacity_bytes);
+    if (gpu.ok()) {
+      store->gpu_arena_ = *std::move(gpu);
+      store->gpu_ =
+          std::make_unique<MemoryTier>(store->gpu_arena_, store->clock_);
+    } else {
+      std::fprintf(stderr, "kvcached: starting without the GPU tier: %s\n",
+                   gpu.status().ToString().c_str());
+    }
+  }
   if (options.nvme.has_value()) {
     absl::StatusOr<std::unique_ptr<NvmeTier>> nvme =
         NvmeTier::Open(*options.nvme, store->clock_);
@@ -42,87 +81,188 @@ absl::Mutex& TieredStore::KeyLock(absl::string_view key) const {
 }
 
 bool TieredStore::AdmittedToCpu(uint64_t size) const {
-  // In 128-bit-safe form: size / capacity <= percent / 100.
-  return static_cast<unsigned __int128>(size) * 100 <=
-         static_cast<unsigned __int128>(options_.cpu_capacity_bytes) *
-             options_.cpu_max_admit_percent;
+  return Admitted(size, options_.cpu_capacity_bytes,
+                  options_.cpu_max_admit_percent);
+}
+
+bool TieredStore::AdmittedToGpu(uint64_t size) const {
+  return gpu_ && Admitted(size, gpu_arena_->capacity_bytes(),
+                          options_.gpu_max_admit_percent);
+}
+
+absl::StatusOr<ChunkRef> TieredStore::PeekTier(TierId tier,
+                                               absl::string_view key) const {
+  switch (tier) {
+    case TierId::kGpu:
+      if (gpu_) return gpu_->Peek(key);
+      break;
+    case TierId::kCpu:
+      return cpu_->Peek(key);
+    case TierId::kNvme:
+      if (nvme_) return nvme_->Peek(key);
+      break;
+  }
+  return absl::NotFoundError("no such tier");
+}
+
+absl::Time TieredStore::HeldPin(absl::string_view key) const {
+  absl::Time pin = absl::InfinitePast();
+  for (TierId tier : {TierId::kGpu, TierId::kCpu, TierId::kNvme}) {
+    absl::StatusOr<ChunkRef> chunk = PeekTier(tier, key);
+    if (chunk.ok() && chunk->pinned) pin = std::max(pin, chunk->pin_expiry);
+  }
+  return pin;
+}
+
+absl::StatusOr<ChunkRef> TieredStore::OnHost(ChunkRef chunk) const {
+  if (!chunk.on_device) return chunk;
+  absl::StatusOr<std::shared_ptr<const char>> host =
+      gpu_arena_->ReadToHost(chunk.data.get(), chunk.size_bytes);
+  if (!host.ok()) return host.status();
+  chunk.data = *std::move(host);
+  chunk.on_device = false;
+  return chunk;
+}
+
+absl::Status TieredStore::PutInNvme(absl::string_view key,
+                                    const ChunkRef& chunk) {
+  const absl::Time start = absl::Now();
+  absl::Status s = nvme_->Put(key, chunk.bytes(), chunk.crc32c,
+                              chunk.pin_expiry, chunk.parent_key);
+  nvme_counters_.write_latency.Record(absl::Now() - start);
+  return s;
 }
 
 absl::Status TieredStore::Put(absl::string_view key, std::string bytes,
                               uint32_t crc32c, absl::Duration pin_ttl,
                               absl::string_view parent_key) {
-  absl::Time pin_expiry = pin_ttl > absl::ZeroDuration() ? clock_() + pin_ttl
-                                                         : absl::InfinitePast();
-  {
-    absl::Mutex& key_lock = KeyLock(key);
-    absl::MutexLock lock(&key_lock);
-    if (!AdmittedToCpu(bytes.size()) && !nvme_) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "chunk of ", bytes.size(), " bytes is over ",
-          options_.cpu_max_admit_percent, "% of the CPU tier (",
-          options_.cpu_capacity_bytes,
-          " bytes) and no NVMe tier is configured; raise "
-          "cpu_tier.max_admit_percent or configure nvme_tier.data_dir"));
-    }
-    auto put_nvme = [&]() {
-      const absl::Time start = absl::Now();
-      absl::Status s = nvme_->Put(key, bytes, crc32c, pin_expiry, parent_key);
-      nvme_counters_.write_latency.Record(absl::Now() - start);
-      return s;
-    };
-    if (nvme_) {
-      // A pin held by the NVMe copy carries over to the new bytes.
-      if (absl::StatusOr<ChunkRef> old = nvme_->Peek(key); old.ok()) {
-        pin_expiry = std::max(pin_expiry, old->pin_expiry);
-      }
-      if (!AdmittedToCpu(bytes.size())) {
-        if (absl::Status s = put_nvme(); !s.ok()) return s;
-        cpu_->Delete(key);
-        return absl::OkStatus();
-      }
-      absl::Status on_nvme =
-          options_.write_through ? put_nvme() : nvme_->Delete(key).status();
-      if (!on_nvme.ok()) return on_nvme;
-    }
+  const uint64_t size = bytes.size();
+  absl::Mutex& key_lock = KeyLock(key);
+  absl::Mutex* const held[] = {&key_lock};
+  absl::MutexLock lock(&key_lock);
+  const bool to_gpu = AdmittedToGpu(size);
+  if (!to_gpu && !AdmittedToCpu(size) && !nvme_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "chunk of ", size, " bytes is over ", options_.cpu_max_admit_percent,
+        "% of the CPU tier (", options_.cpu_capacity_bytes,
+        " bytes) and no NVMe tier is configured; raise "
+        "cpu_tier.max_admit_percent or configure nvme_tier.data_dir"));
+  }
+  // A pin held by an older copy, in any tier, carries over: the session
+  // still owns the key.
+  ChunkRef chunk;
+  chunk.data = std::shared_ptr<const char>(bytes.data(), [](const char*) {});
+  chunk.size_bytes = size;
+  chunk.crc32c = crc32c;
+  chunk.pin_expiry = std::max(HeldPin(key), pin_ttl > absl::ZeroDuration()
+                                                ? clock_() + pin_ttl
+                                                : absl::InfinitePast());
+  chunk.parent_key = std::string(parent_key);
+  if (nvme_ && !to_gpu && !AdmittedToCpu(size)) {
+    // Too large for memory: the key keeps its older bytes unless NVMe
+    // takes the new ones.
+    if (absl::Status s = PutInNvme(key, chunk); !s.ok()) return s;
+    cpu_->Delete(key);
+    if (gpu_) gpu_->Delete(key);
+    return absl::OkStatus();
+  }
+  if (nvme_) {
+    absl::Status on_nvme = options_.write_through ? PutInNvme(key, chunk)
+                                                  : nvme_->Delete(key).status();
+    if (!on_nvme.ok()) return on_nvme;
+  }
+  absl::Status s = absl::ResourceExhaustedError("not admitted to memory");
+  if (to_gpu) {
     const absl::Time start = absl::Now();
-    absl::Status s = cpu_->PutUntil(
-        key, bytes, crc32c, pin_expiry,
+    s = gpu_->PutUntil(
+        key, bytes, crc32c, chunk.pin_expiry,
         [&](std::vector<EvictedChunk> evicted) {
-          Demote(std::move(evicted), &key_lock);
+          DemoteFromGpu(std::move(evicted), held);
+        },
+        parent_key);
+    gpu_counters_.write_latency.Record(absl::Now() - start);
+    if (s.ok()) {
+      cpu_->Delete(key);
+      return s;
+    }
+    // Not room even after eviction: the GPU is full of pinned or leased
+    // chunks, and the CPU tier takes this one.
+    if (!absl::IsResourceExhausted(s)) return s;
+  }
+  if (gpu_) gpu_->Delete(key);
+  if (AdmittedToCpu(size)) {
+    const absl::Time start = absl::Now();
+    s = cpu_->PutUntil(
+        key, bytes, crc32c, chunk.pin_expiry,
+        [&](std::vector<EvictedChunk> evicted) {
+          Demote(std::move(evicted), held);
         },
         parent_key);
     cpu_counters_.write_latency.Record(absl::Now() - start);
-    if (s.code() == absl::StatusCode::kResourceExhausted && nvme_) {
-      // Memory is full of pinned chunks: NVMe takes the chunk instead.
-      if (options_.write_through) return absl::OkStatus();
-      s = put_nvme();
+    if (s.ok()) return s;
+  }
+  // Memory is full of pinned (or leased) chunks: NVMe takes the chunk.
+  if (!nvme_ || !absl::IsResourceExhausted(s)) return s;
+  return options_.write_through ? absl::OkStatus() : PutInNvme(key, chunk);
+}
+
+void TieredStore::DemoteFromGpu(std::vector<EvictedChunk> evicted,
+                                absl::Span<absl::Mutex* const> held) {
+  for (EvictedChunk& victim : evicted) {
+    absl::Mutex& lock = KeyLock(victim.key);
+    VictimLock victim_lock(lock, held);
+    if (!victim_lock.locked()) {
+      TierCounters::Add(gpu_counters_.dropped);
+      continue;
     }
-    return s;
+    // Nothing to do if the key has newer bytes in the GPU tier again, or
+    // the CPU tier already holds these.
+    absl::StatusOr<ChunkRef> in_cpu = cpu_->Peek(victim.key);
+    if (gpu_->Peek(victim.key).ok() ||
+        (in_cpu.ok() && in_cpu->crc32c == victim.chunk.crc32c)) {
+      TierCounters::Add(gpu_counters_.demotions);
+      continue;
+    }
+    absl::StatusOr<ChunkRef> chunk = OnHost(victim.chunk);
+    absl::Status s = chunk.status();
+    if (s.ok()) {
+      std::vector<absl::Mutex*> locks(held.begin(), held.end());
+      locks.push_back(&lock);
+      if (!PutInCpu(victim.key, *chunk, locks)) {
+        s = nvme_
+                ? (nvme_->Contains(victim.key) ? absl::OkStatus()
+                                               : PutInNvme(victim.key, *chunk))
+                : absl::ResourceExhaustedError(
+                      "the CPU tier is full of pinned chunks");
+      }
+    }
+    if (s.ok()) {
+      TierCounters::Add(gpu_counters_.demotions);
+    } else {
+      std::fprintf(stderr,
+                   "kvcached: chunk %s... evicted from the GPU and lost: %s\n",
+                   KeyPrefix(victim.key).c_str(), s.ToString().c_str());
+    }
   }
 }
 
-void TieredStore::Demote(std::vector<EvictedChunk> evicted, absl::Mutex* held) {
+void TieredStore::Demote(std::vector<EvictedChunk> evicted,
+                         absl::Span<absl::Mutex* const> held) {
   if (!nvme_) return;
   for (EvictedChunk& victim : evicted) {
-    // This runs inside a write holding `held`. Waiting for another key's
-    // lock could deadlock with a write demoting the other way, so a victim
-    // whose lock is busy is dropped instead: it is only a cache entry.
-    absl::Mutex& lock = KeyLock(victim.key);
-    const bool already_held = &lock == held;
-    if (!already_held && !lock.TryLock()) {
+    VictimLock victim_lock(KeyLock(victim.key), held);
+    if (!victim_lock.locked()) {
       TierCounters::Add(cpu_counters_.dropped);
       continue;
     }
     absl::Status s;
-    // Put again since it was evicted: the newer bytes are authoritative.
-    // NVMe may already have the same bytes.
-    if (!cpu_->Peek(victim.key).ok() && !nvme_->Contains(victim.key)) {
-      const absl::Time start = absl::Now();
-      s = nvme_->Put(victim.key, victim.chunk.bytes(), victim.chunk.crc32c,
-                     victim.chunk.pin_expiry, victim.chunk.parent_key);
-      nvme_counters_.write_latency.Record(absl::Now() - start);
+    // Put again since it was evicted, or back in the GPU tier: the newer
+    // bytes are authoritative. NVMe may already have the same bytes.
+    if (!cpu_->Peek(victim.key).ok() &&
+        !PeekTier(TierId::kGpu, victim.key).ok() &&
+        !nvme_->Contains(victim.key)) {
+      s = PutInNvme(victim.key, victim.chunk);
     }
-    if (!already_held) lock.Unlock();
     if (s.ok()) {
       TierCounters::Add(cpu_counters_.demotions);
     } else {
@@ -133,33 +273,79 @@ void TieredStore::Demote(std::vector<EvictedChunk> evicted, absl::Mutex* held) {
   }
 }
 
-void TieredStore::Promote(absl::string_view key, const ChunkRef& chunk) {
-  if (!AdmittedToCpu(chunk.size_bytes)) return;
+bool TieredStore::PutInCpu(absl::string_view key, const ChunkRef& chunk,
+                           absl::Span<absl::Mutex* const> held) {
+  if (!AdmittedToCpu(chunk.size_bytes)) return false;
+  return cpu_
+      ->PutUntil(
+          key, chunk.bytes(), chunk.crc32c, chunk.pin_expiry,
+          [&](std::vector<EvictedChunk> evicted) {
+            Demote(std::move(evicted), held);
+          },
+          chunk.parent_key)
+      .ok();
+}
+
+void TieredStore::Promote(absl::string_view key, const ChunkRef& chunk,
+                          TierId from) {
   absl::Mutex& key_lock = KeyLock(key);
+  absl::Mutex* const held[] = {&key_lock};
   absl::MutexLock lock(&key_lock);
   // Skip if a Put or another promotion got there first, or the key was
-  // deleted or replaced on NVMe since this read.
-  absl::StatusOr<ChunkRef> now = nvme_->Peek(key);
+  // deleted or replaced in `from` since this read.
+  absl::StatusOr<ChunkRef> now = PeekTier(from, key);
   if (cpu_->Peek(key).ok() || !now.ok() || now->crc32c != chunk.crc32c) {
     return;
   }
-  // On failure memory is full of pinned chunks; NVMe keeps serving it.
-  if (cpu_->PutUntil(
-              key, chunk.bytes(), chunk.crc32c, now->pin_expiry,
+  ChunkRef copy = chunk;
+  copy.pin_expiry = now->pinned ? now->pin_expiry : absl::InfinitePast();
+  // On failure memory is full of pinned chunks; `from` keeps serving it.
+  if (PutInCpu(key, copy, held)) TierCounters::Add(cpu_counters_.promotions);
+}
+
+void TieredStore::PromoteToGpu(absl::string_view key, const ChunkRef& chunk) {
+  if (!AdmittedToGpu(chunk.size_bytes)) return;
+  absl::Mutex& key_lock = KeyLock(key);
+  absl::Mutex* const held[] = {&key_lock};
+  absl::MutexLock lock(&key_lock);
+  absl::StatusOr<ChunkRef> now = cpu_->Peek(key);
+  if (gpu_->Peek(key).ok() || !now.ok() || now->crc32c != chunk.crc32c) {
+    return;
+  }
+  if (gpu_->PutUntil(
+              key, chunk.bytes(), chunk.crc32c,
+              now->pinned ? now->pin_expiry : absl::InfinitePast(),
               [&](std::vector<EvictedChunk> evicted) {
-                Demote(std::move(evicted), &key_lock);
+                DemoteFromGpu(std::move(evicted), held);
               },
               chunk.parent_key)
           .ok()) {
-    TierCounters::Add(cpu_counters_.promotions);
+    TierCounters::Add(gpu_counters_.promotions);
   }
 }
 
 absl::StatusOr<LocatedChunk> TieredStore::Get(absl::string_view key) {
+  return Find(key, /*promote_to_gpu=*/true);
+}
+
+absl::StatusOr<LocatedChunk> TieredStore::Find(absl::string_view key,
+                                               bool promote_to_gpu) {
   absl::Time start = absl::Now();
+  if (gpu_) {
+    if (absl::StatusOr<ChunkRef> chunk = gpu_->Get(key); chunk.ok()) {
+      absl::StatusOr<ChunkRef> on_host = OnHost(*std::move(chunk));
+      if (!on_host.ok()) return on_host.status();
+      gpu_counters_.read_latency.Record(absl::Now() - start);
+      TierCounters::Add(gpu_counters_.hits);
+      return LocatedChunk{*std::move(on_host), TierId::kGpu};
+    }
+    TierCounters::Add(gpu_counters_.misses);
+    start = absl::Now();
+  }
   if (absl::StatusOr<ChunkRef> chunk = cpu_->Get(key); chunk.ok()) {
     cpu_counters_.read_latency.Record(absl::Now() - start);
     TierCounters::Add(cpu_counters_.hits);
+    if (gpu_ && promote_to_gpu) PromoteToGpu(key, *chunk);
     return LocatedChunk{*std::move(chunk), TierId::kCpu};
   }
   TierCounters::Add(cpu_counters_.misses);
@@ -173,36 +359,51 @@ absl::StatusOr<LocatedChunk> TieredStore::Get(absl::string_view key) {
   if (!chunk.ok()) return chunk.status();
   nvme_counters_.read_latency.Record(absl::Now() - start);
   TierCounters::Add(nvme_counters_.hits);
-  Promote(key, *chunk);
+  Promote(key, *chunk, TierId::kNvme);
   return LocatedChunk{*std::move(chunk), TierId::kNvme};
 }
 
-absl::StatusOr<ChunkRef> TieredStore::GetInMemory(absl::string_view key) {
-  absl::StatusOr<LocatedChunk> found = Get(key);
-  if (!found.ok()) return found.status();
-  if (found->tier == TierId::kCpu) return std::move(found->chunk);
-  // Get promoted it unless it was too large or memory was full of pins.
-  absl::StatusOr<ChunkRef> promoted = cpu_->Peek(key);
-  if (promoted.ok() && promoted->crc32c == found->chunk.crc32c) {
-    return promoted;
+absl::StatusOr<LocatedChunk> TieredStore::GetInMemory(absl::string_view key,
+                                                      bool accept_device) {
+  if (gpu_ && accept_device) {
+    if (absl::StatusOr<ChunkRef> chunk = gpu_->Get(key); chunk.ok()) {
+      TierCounters::Add(gpu_counters_.hits);
+      return LocatedChunk{*std::move(chunk), TierId::kGpu};
+    }
   }
-  return absl::UnavailableError(
-      "chunk is on NVMe and cannot be placed in memory");
+  // No promotion to GPU: the worker reads the CPU copy in place anyway, and
+  // promoting a prefix longer than the GPU tier as it is located would push
+  // out the very chunks the same fetch reads next.
+  absl::StatusOr<LocatedChunk> found = Find(key, /*promote_to_gpu=*/false);
+  if (!found.ok()) return found.status();
+  if (found->tier == TierId::kCpu) return found;
+  // Get promoted an NVMe hit unless it was too large or memory was full of
+  // pins; a GPU hit gets a copy in the CPU tier here.
+  if (found->tier == TierId::kGpu) Promote(key, found->chunk, TierId::kGpu);
+  absl::StatusOr<ChunkRef> in_cpu = cpu_->Peek(key);
+  if (in_cpu.ok() && in_cpu->crc32c == found->chunk.crc32c) {
+    return LocatedChunk{*std::move(in_cpu), TierId::kCpu};
+  }
+  return absl::UnavailableError("chunk cannot be placed in the CPU tier");
 }
 
 absl::StatusOr<LocatedChunk> TieredStore::Peek(absl::string_view key) const {
-  if (absl::StatusOr<ChunkRef> chunk = cpu_->Peek(key); chunk.ok()) {
-    return LocatedChunk{*std::move(chunk), TierId::kCpu};
+  for (TierId tier : {TierId::kGpu, TierId::kCpu, TierId::kNvme}) {
+    absl::StatusOr<ChunkRef> chunk = PeekTier(tier, key);
+    if (chunk.ok()) {
+      // Device memory is no use to callers of Peek.
+      if (chunk->on_device) chunk->data = nullptr;
+      return LocatedChunk{*std::move(chunk), tier};
+    }
+    if (!absl::IsNotFound(chunk.status())) return chunk.status();
   }
-  if (!nvme_) return absl::NotFoundError("chunk not cached");
-  absl::StatusOr<ChunkRef> chunk = nvme_->Peek(key);
-  if (!chunk.ok()) return chunk.status();
-  return LocatedChunk{*std::move(chunk), TierId::kNvme};
+  return absl::NotFoundError("chunk not cached");
 }
 
 absl::StatusOr<bool> TieredStore::Delete(absl::string_view key) {
   absl::MutexLock lock(&KeyLock(key));
   bool deleted = cpu_->Delete(key);
+  if (gpu_) deleted = gpu_->Delete(key) || deleted;
   if (nvme_) {
     absl::StatusOr<bool> on_nvme = nvme_->Delete(key);
     if (!on_nvme.ok()) return on_nvme.status();
@@ -214,39 +415,53 @@ absl::StatusOr<bool> TieredStore::Delete(absl::string_view key) {
 absl::StatusOr<absl::Time> TieredStore::Pin(absl::string_view key,
                                             absl::Duration ttl) {
   absl::MutexLock lock(&KeyLock(key));
-  absl::StatusOr<absl::Time> in_cpu = cpu_->Pin(key, ttl);
-  absl::StatusOr<absl::Time> on_nvme =
-      nvme_ ? nvme_->Pin(key, ttl) : absl::NotFoundError("no NVMe tier");
-  if (!on_nvme.ok() && !absl::IsNotFound(on_nvme.status()))
-    return on_nvme.status();
-  if (!in_cpu.ok() && !on_nvme.ok()) return absl::NotFoundError("not cached");
   // The tiers' pins may differ if one was extended earlier; report the
-  // later, which is what eviction in the slower tier honours.
-  return std::max(in_cpu.ok() ? *in_cpu : absl::InfinitePast(),
-                  on_nvme.ok() ? *on_nvme : absl::InfinitePast());
+  // latest, which is what eviction in the slower tier honours.
+  std::optional<absl::Time> expiry;
+  auto note = [&](const absl::StatusOr<absl::Time>& pinned) {
+    if (pinned.ok()) expiry = std::max(expiry.value_or(*pinned), *pinned);
+  };
+  if (gpu_) note(gpu_->Pin(key, ttl));
+  note(cpu_->Pin(key, ttl));
+  if (nvme_) {
+    absl::StatusOr<absl::Time> on_nvme = nvme_->Pin(key, ttl);
+    if (!on_nvme.ok() && !absl::IsNotFound(on_nvme.status())) {
+      return on_nvme.status();
+    }
+    note(on_nvme);
+  }
+  if (!expiry.has_value()) return absl::NotFoundError("not cached");
+  return *expiry;
 }
 
 absl::Status TieredStore::Unpin(absl::string_view key) {
   absl::MutexLock lock(&KeyLock(key));
-  absl::Status in_cpu = cpu_->Unpin(key);
-  absl::Status on_nvme =
-      nvme_ ? nvme_->Unpin(key) : absl::NotFoundError("no NVMe tier");
-  if (!on_nvme.ok() && !absl::IsNotFound(on_nvme)) return on_nvme;
-  return in_cpu.ok() ? in_cpu : on_nvme;
+  bool found = cpu_->Unpin(key).ok();
+  if (gpu_) found = gpu_->Unpin(key).ok() || found;
+  if (nvme_) {
+    absl::Status on_nvme = nvme_->Unpin(key);
+    if (!on_nvme.ok() && !absl::IsNotFound(on_nvme)) return on_nvme;
+    found = found || on_nvme.ok();
+  }
+  return found ? absl::OkStatus() : absl::NotFoundError("chunk not cached");
 }
 
 absl::Status TieredStore::Flush() {
   if (!nvme_) return absl::OkStatus();
   absl::Status first_error;
   size_t written = 0;
-  for (const std::string& key : cpu_->Keys()) {
-    absl::MutexLock lock(&KeyLock(key));
-    absl::StatusOr<ChunkRef> chunk = cpu_->Peek(key);
-    if (!chunk.ok() || nvme_->Contains(key)) continue;
-    absl::Status s = nvme_->Put(key, chunk->bytes(), chunk->crc32c,
-                                chunk->pin_expiry, chunk->parent_key);
-    written += s.ok() ? 1 : 0;
-    first_error.Update(s);
+  for (TierId tier : {TierId::kGpu, TierId::kCpu}) {
+    if (tier == TierId::kGpu && !gpu_) continue;
+    MemoryTier& memory = tier == TierId::kGpu ? *gpu_ : *cpu_;
+    for (const std::string& key : memory.Keys()) {
+      absl::MutexLock lock(&KeyLock(key));
+      absl::StatusOr<ChunkRef> chunk = memory.Peek(key);
+      if (!chunk.ok() || nvme_->Contains(key)) continue;
+      chunk = OnHost(*std::move(chunk));
+      absl::Status s = chunk.ok() ? PutInNvme(key, *chunk) : chunk.status();
+      written += s.ok() ? 1 : 0;
+      first_error.Update(s);
+    }
   }
   std::fprintf(stderr, "kvcached: flushed %zu chunks from memory to NVMe\n",
                written);
@@ -254,26 +469,41 @@ absl::Status TieredStore::Flush() {
 }
 
 uint64_t TieredStore::chunks() const {
-  if (!nvme_) return cpu_->Usage().chunks;
-  uint64_t only_in_memory = 0;
+  uint64_t count = nvme_ ? nvme_->Usage().chunks : 0;
   for (const std::string& key : cpu_->Keys()) {
-    only_in_memory += nvme_->Contains(key) ? 0 : 1;
+    count += nvme_ && nvme_->Contains(key) ? 0 : 1;
   }
-  return nvme_->Usage().chunks + only_in_memory;
+  if (gpu_) {
+    for (const std::string& key : gpu_->Keys()) {
+      count += cpu_->Peek(key).ok() || (nvme_ && nvme_->Contains(key)) ? 0 : 1;
+    }
+  }
+  return count;
 }
 
 std::vector<std::string> TieredStore::Keys() const {
   std::vector<std::string> keys = cpu_->Keys();
-  if (!nvme_) return keys;
-  for (std::string& key : nvme_->Keys()) {
-    if (!cpu_->Peek(key).ok()) keys.push_back(std::move(key));
+  if (gpu_) {
+    for (std::string& key : gpu_->Keys()) {
+      if (!cpu_->Peek(key).ok()) keys.push_back(std::move(key));
+    }
+  }
+  if (nvme_) {
+    for (std::string& key : nvme_->Keys()) {
+      if (!cpu_->Peek(key).ok() && !PeekTier(TierId::kGpu, key).ok()) {
+        keys.push_back(std::move(key));
+      }
+    }
   }
   return keys;
 }
 
 std::vector<TierReport> TieredStore::Report() const {
-  std::vector<TierReport> reports = {
-      TierReport{TierId::kCpu, cpu_->Usage(), &cpu_counters_}};
+  std::vector<TierReport> reports;
+  if (gpu_) {
+    reports.push_back(TierReport{TierId::kGpu, gpu_->Usage(), &gpu_counters_});
+  }
+  reports.push_back(TierReport{TierId::kCpu, cpu_->Usage(), &cpu_counters_});
   if (nvme_) {
     reports.push_back(
         TierReport{TierId::kNvme, nvme_->Usage(), &nvme_counters_});

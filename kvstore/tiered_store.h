@@ -1,22 +1,27 @@
 // The storage engine of a node: the tiers a chunk can live in and the policy
 // that moves chunks between them. The gRPC service calls only this class.
 //
-// Tiers, fastest first: CPU (MemoryTier, always present) and NVMe (NvmeTier,
-// present when nvme_tier.data_dir is set). A GPU tier would sit above CPU:
-// it would take Put/Get first and hand its evictions to the CPU tier the
-// way the CPU tier hands its own to NVMe (Demote below).
+// Tiers, fastest first: GPU (MemoryTier over device memory, present when
+// gpu_capacity_bytes is set and the device can be used), CPU (MemoryTier
+// over host memory, always present) and NVMe (NvmeTier, present when
+// nvme_tier.data_dir is set).
 //
 // Policy:
-//  - LRU per tier; a chunk evicted from CPU is demoted to NVMe instead of
-//    dropped (free when NVMe already holds the same bytes; dropped only if
-//    another write holds its key at that moment); NVMe, the last tier,
-//    drops its LRU chunks.
-//  - A Get that hits NVMe promotes the chunk to CPU; the NVMe copy stays, so
-//    the next demotion of it costs nothing.
+//  - Puts land in the fastest tier that admits them. A newer copy of a key
+//    in a faster tier replaces any in the slower memory tiers, so a slower
+//    tier holds either the same bytes or nothing.
+//  - LRU per tier; a chunk evicted from GPU is demoted to CPU, and one
+//    evicted from CPU to NVMe, instead of dropped (free when the slower tier
+//    already holds the same bytes; dropped only if another write holds its
+//    key at that moment); NVMe, the last tier, drops its LRU chunks.
+//  - A Get that hits CPU promotes the chunk to GPU, one that hits NVMe
+//    promotes it to CPU; the slower copy stays, so the next demotion of it
+//    costs nothing.
 //  - Pins and TTLs hold in every tier and travel with a chunk when it moves;
 //    an expired pin is no pin.
-//  - Admission: a chunk over cpu_max_admit_percent of the CPU tier goes
-//    straight to NVMe (or is refused without NVMe).
+//  - Admission: a chunk over gpu_max_admit_percent of the GPU tier skips
+//    it; one over cpu_max_admit_percent of the CPU tier goes straight to
+//    NVMe (or is refused without NVMe).
 //  - write_through: every Put is durable on NVMe before it is acknowledged.
 //    Without it, chunks reach NVMe on demotion and at Flush (clean shutdown);
 //    a Put replacing a key drops the key's older NVMe copy so a restart
@@ -41,14 +46,17 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "kvstore/chunk_ref.h"
+#include "kvstore/gpu_arena.h"
+#include "kvstore/host_arena.h"
 #include "kvstore/memory_tier.h"
 #include "kvstore/nvme_tier.h"
 #include "kvstore/tier_metrics.h"
 
 namespace kvcache::kvstore {
 
-enum class TierId { kCpu, kNvme };
+enum class TierId { kGpu, kCpu, kNvme };
 
 struct TieredStoreOptions {
   uint64_t cpu_capacity_bytes = 1 << 30;
@@ -59,9 +67,17 @@ struct TieredStoreOptions {
   bool write_through = false;
   // Page-lock the CPU tier for fast copies to a GPU, where one is present.
   bool pin_cpu_memory = true;
+  // The GPU tier's device memory on CUDA device `gpu_device`; 0: none. The
+  // store opens without it (saying why on stderr) if the device is unusable.
+  uint64_t gpu_capacity_bytes = 0;
+  int gpu_device = 0;
+  // A chunk over this percentage of gpu_capacity_bytes skips the GPU tier.
+  uint32_t gpu_max_admit_percent = 25;
 };
 
-// A chunk and the tier it was found in.
+// A chunk and the tier it was found in. Only GetInMemory hands out chunks
+// whose data is in the GPU tier (chunk.on_device); elsewhere GPU-tier
+// chunks come as host copies, or without data (Peek).
 struct LocatedChunk {
   ChunkRef chunk;
   TierId tier = TierId::kCpu;
@@ -92,18 +108,25 @@ class TieredStore {
   absl::Status Put(absl::string_view key, std::string bytes, uint32_t crc32c,
                    absl::Duration pin_ttl, absl::string_view parent_key = {});
 
-  // The chunk's bytes from the fastest tier holding it, promoting it to CPU
-  // on an NVMe hit. NOT_FOUND if absent; DATA_LOSS if the only copy was
-  // damaged on disk (it is dropped).
+  // The chunk's bytes from the fastest tier holding it (in host memory),
+  // promoting it one tier up on a CPU or NVMe hit. NOT_FOUND if absent;
+  // DATA_LOSS if the only copy was damaged on disk (it is dropped).
   absl::StatusOr<LocatedChunk> Get(absl::string_view key);
 
-  // Like Get, but the chunk as held in the CPU tier's shared region (read up
-  // from NVMe first if need be), for same-host workers that map the region.
-  // NOT_FOUND if absent; UNAVAILABLE if it cannot be placed in memory (too
-  // large, or memory is full of pinned chunks): Get still serves it.
-  absl::StatusOr<ChunkRef> GetInMemory(absl::string_view key);
+  // Like Get, but the chunk in place in memory workers on this host map:
+  // the GPU tier's if `accept_device` and it is there, else the CPU tier's
+  // shared region (copied there from the GPU tier or read up from NVMe
+  // first if need be). Unlike Get, a CPU hit is not promoted to the GPU
+  // tier. NOT_FOUND if absent; UNAVAILABLE if it cannot be placed in the
+  // CPU tier (too large, or memory is full of pinned chunks): Get still
+  // serves it.
+  absl::StatusOr<LocatedChunk> GetInMemory(absl::string_view key,
+                                           bool accept_device);
   // The CPU tier's memory, which workers on this host may map read-only.
   const HostArena& cpu_arena() const { return *cpu_arena_; }
+  // The GPU tier's memory, which workers on this host may open through CUDA
+  // IPC; null without a GPU tier.
+  const GpuArena* gpu_arena() const { return gpu_arena_.get(); }
 
   // Where the chunk is, without its bytes and without touching recency.
   // Served from memory only. NOT_FOUND if absent.
@@ -131,19 +154,45 @@ class TieredStore {
  private:
   TieredStore(const TieredStoreOptions& options, Clock clock);
 
+  // Get, promoting a CPU hit to the GPU tier only if `promote_to_gpu`.
+  absl::StatusOr<LocatedChunk> Find(absl::string_view key, bool promote_to_gpu);
   absl::Mutex& KeyLock(absl::string_view key) const;
   bool AdmittedToCpu(uint64_t size) const;
-  // Moves chunks the CPU tier evicted down to NVMe (or lets them go),
-  // from inside a write that holds the key lock `held`.
-  void Demote(std::vector<EvictedChunk> evicted, absl::Mutex* held);
-  // Copies a chunk read from NVMe into the CPU tier.
-  void Promote(absl::string_view key, const ChunkRef& chunk);
+  bool AdmittedToGpu(uint64_t size) const;
+  // The chunk in one tier, without its bytes' recency; NOT_FOUND if that
+  // tier does not hold it or is absent.
+  absl::StatusOr<ChunkRef> PeekTier(TierId tier, absl::string_view key) const;
+  // The latest live pin any tier holds on the key (InfinitePast: none).
+  absl::Time HeldPin(absl::string_view key) const;
+  // `chunk` with its bytes in host memory (copied out of the GPU tier if
+  // they are there).
+  absl::StatusOr<ChunkRef> OnHost(ChunkRef chunk) const;
+  absl::Status PutInNvme(absl::string_view key, const ChunkRef& chunk);
+  // Move chunks evicted from the GPU tier to CPU (or NVMe, or let them go),
+  // and chunks evicted from CPU to NVMe, from inside a write holding the
+  // key locks `held`.
+  void DemoteFromGpu(std::vector<EvictedChunk> evicted,
+                     absl::Span<absl::Mutex* const> held);
+  void Demote(std::vector<EvictedChunk> evicted,
+              absl::Span<absl::Mutex* const> held);
+  // Puts a chunk in the CPU tier (a copy; the GPU's or NVMe's stays), with
+  // `held` locked, evicting to NVMe; false if it did not fit.
+  bool PutInCpu(absl::string_view key, const ChunkRef& chunk,
+                absl::Span<absl::Mutex* const> held);
+  // Copies a chunk found in tier `from` (NVMe or GPU; host bytes) into the
+  // CPU tier, or one found in CPU into the GPU tier, unless that tier's copy
+  // changed meanwhile.
+  void Promote(absl::string_view key, const ChunkRef& chunk, TierId from);
+  void PromoteToGpu(absl::string_view key, const ChunkRef& chunk);
 
   const TieredStoreOptions options_;
   const Clock clock_;
+  std::shared_ptr<GpuArena> gpu_arena_;
+  std::unique_ptr<MemoryTier> gpu_;
   std::shared_ptr<HostArena> cpu_arena_;
   std::unique_ptr<MemoryTier> cpu_;
   std::unique_ptr<NvmeTier> nvme_;
+  TierCounters gpu_counters_;
   TierCounters cpu_counters_;
   TierCounters nvme_counters_;
   mutable std::array<absl::Mutex, 64> key_locks_;

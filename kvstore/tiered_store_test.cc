@@ -10,69 +10,10 @@
 #include <string>
 
 #include "codec/crc32c.h"
+#include "kvstore/tiered_store_fixture.h"
 
 namespace kvcache::kvstore {
 namespace {
-
-constexpr uint64_t kChunk = 64 << 10;
-
-std::string Bytes(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::string s(n, '\0');
-  for (char& c : s) c = static_cast<char>(rng());
-  return s;
-}
-
-class TieredStoreTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    data_dir_ = std::string(tmp ? tmp : "/tmp") + "/tiered-" +
-                ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::filesystem::remove_all(data_dir_);
-    options_.cpu_capacity_bytes = 4 * kChunk;
-    NvmeTierOptions nvme;
-    nvme.data_dir = data_dir_;
-    nvme.slab_bytes = 4 << 20;
-    nvme.slab_count = 1;
-    options_.nvme = nvme;
-    Reopen();
-  }
-
-  void Reopen() {
-    store_.reset();
-    auto store = TieredStore::Open(options_, [this] { return now_; });
-    ASSERT_TRUE(store.ok()) << store.status();
-    store_ = std::move(*store);
-  }
-
-  absl::Status Put(const std::string& key, const std::string& bytes,
-                   absl::Duration pin = absl::ZeroDuration()) {
-    return store_->Put(key, bytes, codec::Crc32c(bytes), pin);
-  }
-
-  // The tier a Get finds the chunk in, after checking its bytes.
-  TierId GetTier(const std::string& key, const std::string& want) {
-    auto chunk = store_->Get(key);
-    EXPECT_TRUE(chunk.ok()) << key << ": " << chunk.status();
-    if (!chunk.ok()) return TierId::kCpu;
-    EXPECT_EQ(chunk->chunk.bytes(), want) << key;
-    return chunk->tier;
-  }
-
-  const TierCounters& Counters(TierId tier) {
-    for (const TierReport& report : store_->Report()) {
-      if (report.tier == tier) return *report.counters;
-    }
-    ADD_FAILURE() << "no such tier";
-    return *store_->Report().front().counters;
-  }
-
-  std::string data_dir_;
-  TieredStoreOptions options_;
-  absl::Time now_ = absl::FromUnixSeconds(1700000000);
-  std::unique_ptr<TieredStore> store_;
-};
 
 TEST_F(TieredStoreTest, EvictionFromMemoryDemotesToNvmeAndHitsPromote) {
   for (int i = 0; i < 6; ++i) {
@@ -224,6 +165,20 @@ TEST_F(TieredStoreTest, DeleteRemovesEveryCopy) {
   EXPECT_FALSE(*store_->Delete("a"));
   Reopen();
   EXPECT_TRUE(absl::IsNotFound(store_->Get("a").status()));
+}
+
+TEST_F(TieredStoreTest, OpensWithoutTheGpuTierWhenTheDeviceIsUnusable) {
+  // No machine has device 4096; without a GPU at all the reason differs,
+  // but the store must open either way, without the tier.
+  options_.gpu_capacity_bytes = 4 * kChunk;
+  options_.gpu_device = 4096;
+  Reopen();
+  EXPECT_EQ(store_->gpu_arena(), nullptr);
+  for (const TierReport& report : store_->Report()) {
+    EXPECT_NE(report.tier, TierId::kGpu);
+  }
+  ASSERT_TRUE(Put("k", Bytes(kChunk, 1)).ok());
+  EXPECT_EQ(GetTier("k", Bytes(kChunk, 1)), TierId::kCpu);
 }
 
 TEST_F(TieredStoreTest, DiskFullWithEverythingPinnedRefusesAndKeepsOldBytes) {

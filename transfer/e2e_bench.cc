@@ -303,9 +303,10 @@ class Bench {
     }
     const KvLayout layout = KvLayout::Contiguous(
         kLlama8B.layers, kLlama8B.kv_heads, kLlama8B.head_dim, kLlama8B.dtype);
-    constexpr int kBatch = 16;
+    // Batches as the sink decodes chunks that are already on the GPU.
+    const int batch = transfer::GpuDecodeSinkOptions().device_batch_chunks;
     const uint64_t ws_bytes = codec::gpu::DecodeWorkspaceBytes(
-        layout, absl::MakeConstSpan(jobs).first(kBatch));
+        layout, absl::MakeConstSpan(jobs).first(batch));
     void* ws = nullptr;
     int32_t* status = nullptr;
     KVCACHE_CUDA_OR_DIE(cudaMalloc(&ws, ws_bytes));
@@ -314,10 +315,10 @@ class Bench {
     for (int rep = 0; rep < kReps; ++rep) {
       KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
       const auto start = std::chrono::steady_clock::now();
-      for (int i = 0; i < kChunks; i += kBatch) {
-        Die(codec::gpu::DecodeBatch(
-                layout, absl::MakeConstSpan(jobs).subspan(i, kBatch), ws,
-                ws_bytes, status + i, nullptr),
+      for (int i = 0; i < kChunks; i += batch) {
+        Die(codec::gpu::DecodeBatch(layout,
+                                    absl::MakeConstSpan(jobs).subspan(i, batch),
+                                    ws, ws_bytes, status + i, nullptr),
             "decode");
       }
       KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
@@ -447,14 +448,39 @@ int Run(int argc, char** argv) {
         rows.push_back(row);
       }
     }
+  }
+
+  // GPU tier on this host: the worker decodes the chunks in place in the
+  // node's device memory, opened through CUDA IPC.
+  double decode_alone_s = 0, gpu_tier_s = 0;
+  {
+    auto daemon = bench.StartDaemon(
+        {"--set=cpu_tier { capacity_bytes: 1073741824 }",
+         "--set=gpu_tier { capacity_bytes: 2147483648 max_admit_percent: 100 "
+         "}",
+         "--set=limits { max_chunk_bytes: 67108864 }",
+         "--set=shared_memory { max_leased_percent: 90 }"});
+    auto client = bench.Connect(*daemon);
+    Note("storing the prefix in the GPU tier");
+    bench.PutCompressed(*client);
+    Note("restoring from the GPU tier");
+    auto fetcher = MakeFetcher(client, Transport::kAuto);
+    Row row;
+    FetchReport report;
+    row.path = "(a) GPU tier, same host (CUDA IPC, decoded in place)";
+    row.restore_s = gpu_tier_s =
+        bench.TimeRestore(*fetcher, &row.first_ms, &report);
+    row.transport = absl::StrCat(report.gpu_tier_chunks, " gpu, ",
+                                 report.shared_memory_chunks, " shm");
+    row.raw_s = bench.TimeD2D();
+    row.raw_what = "cudaMemcpy GPU->GPU";
+    rows.push_back(row);
     Note("decoding from device memory");
-    Row gpu;
-    gpu.path = "(a) GPU tier: decode from device memory";
-    gpu.restore_s = bench.TimeDecodeFromDevice();
-    gpu.raw_s = bench.TimeD2D();
-    gpu.raw_what = "cudaMemcpy GPU->GPU";
-    gpu.transport = "no GPU tier yet";
-    rows.push_back(gpu);
+    Row alone;
+    alone.path = "    GPU decode alone (chunks in the worker's memory)";
+    alone.restore_s = decode_alone_s = bench.TimeDecodeFromDevice();
+    alone.transport = "none";
+    rows.push_back(alone);
   }
 
   // NVMe tier: a restarted node has everything on disk and nothing in
@@ -515,6 +541,9 @@ int Run(int argc, char** argv) {
                 r.raw_what.c_str(), raw_s.c_str(), raw_gbps.c_str(),
                 speedup.c_str(), r.transport.c_str());
   }
+  std::printf(
+      "\nGPU tier restore: %.0f%% of the GPU decoder's throughput alone\n",
+      100 * decode_alone_s / gpu_tier_s);
   std::printf(
       "\nrecompute (prefill of 32K tokens, %.2e FLOPs at 50%% of the H100's "
       "989 TFLOPS dense bf16): %.2f s\n",

@@ -28,6 +28,7 @@ struct GpuDecodeSink::Slot {
   uint64_t workspace_bytes = 0;
   uint64_t used = 0;
   std::vector<DecodeJob> jobs;
+  size_t staged_jobs = 0;  // jobs whose chunk was copied into `device`
   size_t first_index = 0;
   cudaEvent_t copied = nullptr;
   cudaEvent_t decoded = nullptr;
@@ -46,8 +47,8 @@ absl::StatusOr<std::unique_ptr<GpuDecodeSink>> GpuDecodeSink::Create(
     const codec::gpu::KvLayout& layout,
     std::vector<codec::gpu::KvChunkRef> destinations, codec::gpu::Stream stream,
     GpuDecodeSinkOptions options) {
-  if (options.batch_chunks == 0 || options.slots < 2 ||
-      options.slot_bytes == 0) {
+  if (options.batch_chunks == 0 || options.device_batch_chunks == 0 ||
+      options.slots < 2 || options.slot_bytes == 0) {
     return absl::InvalidArgumentError(
         "a GPU decode sink needs batches of 1+ chunks and 2+ slots");
   }
@@ -103,20 +104,20 @@ GpuDecodeSink::~GpuDecodeSink() {
   if (first_decoded_) cudaEventDestroy(first_decoded_);
 }
 
-absl::Status GpuDecodeSink::Consume(size_t index, absl::string_view bytes,
-                                    bool stable) {
+absl::StatusOr<GpuDecodeSink::Slot*> GpuDecodeSink::SlotFor(
+    size_t index, uint64_t staged_bytes) {
   if (index != consumed_ || index >= destinations_.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "chunk ", index, " out of order or without a destination (",
         destinations_.size(), " given)"));
   }
-  if (bytes.size() > options_.slot_bytes) {
+  if (staged_bytes > options_.slot_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "chunk ", index, " is ", bytes.size(), " bytes; staging slots hold ",
+        "chunk ", index, " is ", staged_bytes, " bytes; staging slots hold ",
         options_.slot_bytes, " (GpuDecodeSinkOptions::slot_bytes)"));
   }
   Slot* slot = slots_[filling_].get();
-  if (slot->used + bytes.size() > options_.slot_bytes) {
+  if (slot->used + staged_bytes > options_.slot_bytes) {
     if (absl::Status s = Launch(); !s.ok()) return s;
     slot = slots_[filling_].get();
   }
@@ -133,29 +134,55 @@ absl::Status GpuDecodeSink::Consume(size_t index, absl::string_view bytes,
     slot->first_index = index;
   }
   if (index == 0) cudaEventRecord(started_, copy_stream_);
+  return slot;
+}
+
+absl::Status GpuDecodeSink::AddJob(Slot& slot, size_t index,
+                                   const void* device_bytes, uint64_t size) {
+  DecodeJob job;
+  job.stream = static_cast<const uint8_t*>(device_bytes);
+  job.stream_bytes = size;
+  job.dest = destinations_[index];
+  slot.jobs.push_back(job);
+  ++consumed_;
+  const uint32_t batch = slot.staged_jobs > 0 ? options_.batch_chunks
+                                              : options_.device_batch_chunks;
+  if (slot.jobs.size() >= batch) return Launch();
+  return absl::OkStatus();
+}
+
+absl::Status GpuDecodeSink::Consume(size_t index, absl::string_view bytes,
+                                    bool stable) {
+  absl::StatusOr<Slot*> slot = SlotFor(index, bytes.size());
+  if (!slot.ok()) return slot.status();
+  uint8_t* staged = (*slot)->device + (*slot)->used;
   const void* source = bytes.data();
   if (!stable) {
     // gRPC's buffer is gone after this call, and pageable besides.
-    std::memcpy(slot->pinned + slot->used, bytes.data(), bytes.size());
-    source = slot->pinned + slot->used;
+    std::memcpy((*slot)->pinned + (*slot)->used, bytes.data(), bytes.size());
+    source = (*slot)->pinned + (*slot)->used;
   }
-  if (absl::Status s = CudaError(
-          cudaMemcpyAsync(slot->device + slot->used, source, bytes.size(),
-                          cudaMemcpyHostToDevice, copy_stream_),
-          "copying a chunk to the GPU");
+  if (absl::Status s =
+          CudaError(cudaMemcpyAsync(staged, source, bytes.size(),
+                                    cudaMemcpyHostToDevice, copy_stream_),
+                    "copying a chunk to the GPU");
       !s.ok()) {
     return s;
   }
-  DecodeJob job;
-  job.stream = slot->device + slot->used;
-  job.stream_bytes = bytes.size();
-  job.dest = destinations_[index];
-  slot->jobs.push_back(job);
   // Streams start 256-byte aligned, as the decoder's loads like.
-  slot->used += (bytes.size() + 255) / 256 * 256;
-  ++consumed_;
-  if (slot->jobs.size() == options_.batch_chunks) return Launch();
-  return absl::OkStatus();
+  (*slot)->used += (bytes.size() + 255) / 256 * 256;
+  ++(*slot)->staged_jobs;
+  return AddJob(**slot, index, staged, bytes.size());
+}
+
+absl::Status GpuDecodeSink::ConsumeOnDevice(size_t index,
+                                            const void* device_bytes,
+                                            uint64_t size) {
+  // Decoded where it lies: the chunk takes a place in the batch, but no
+  // staging space.
+  absl::StatusOr<Slot*> slot = SlotFor(index, 0);
+  if (!slot.ok()) return slot.status();
+  return AddJob(**slot, index, device_bytes, size);
 }
 
 absl::Status GpuDecodeSink::Launch() {
@@ -186,6 +213,7 @@ absl::Status GpuDecodeSink::Launch() {
   launched_any_ = true;
   slot.in_flight = true;
   slot.jobs.clear();
+  slot.staged_jobs = 0;
   slot.used = 0;
   filling_ = (filling_ + 1) % slots_.size();
   return absl::OkStatus();

@@ -4,6 +4,8 @@
 // came over gRPC) into one of a few device staging slots, and a slot's
 // batch of chunks decodes on the worker's stream while the next slot fills.
 // So chunk i + 1 is in flight, and on the PCIe bus, while chunk i decodes.
+// Chunks already in device memory (a node's GPU tier opened through CUDA
+// IPC) join a batch without a copy and decode where they lie.
 //
 // Thread-compatible. Needs a GPU.
 #ifndef KVCACHE_TRANSFER_GPU_DECODE_SINK_H_
@@ -25,6 +27,9 @@ struct GpuDecodeSinkOptions {
   // Chunks decoded per launch; more fill the GPU better, fewer start
   // decoding sooner.
   uint32_t batch_chunks = 8;
+  // The same for a batch of chunks already in device memory: with no copy
+  // to overlap, larger batches cost only time to the first batch.
+  uint32_t device_batch_chunks = 32;
   // Compressed bytes one staging slot holds; a chunk larger than this is
   // INVALID_ARGUMENT.
   uint64_t slot_bytes = 64 << 20;
@@ -45,6 +50,9 @@ class GpuDecodeSink : public ChunkSink {
 
   absl::Status Consume(size_t index, absl::string_view bytes,
                        bool stable) override;
+  bool accepts_device_memory() const override { return true; }
+  absl::Status ConsumeOnDevice(size_t index, const void* device_bytes,
+                               uint64_t size) override;
   // Decodes what is left, waits for the stream, and reports the first chunk
   // the GPU rejected (DATA_LOSS naming it and why). A rejected chunk leaves
   // its blocks untouched.
@@ -62,6 +70,12 @@ class GpuDecodeSink : public ChunkSink {
                 std::vector<codec::gpu::KvChunkRef> destinations,
                 codec::gpu::Stream stream, GpuDecodeSinkOptions options);
   absl::Status Allocate();
+  // The slot that takes chunk `index` with `staged_bytes` of staging,
+  // launching the filling one first if it is full.
+  absl::StatusOr<Slot*> SlotFor(size_t index, uint64_t staged_bytes);
+  // Queues chunk `index`, at `device_bytes`, for decoding with its slot.
+  absl::Status AddJob(Slot& slot, size_t index, const void* device_bytes,
+                      uint64_t size);
   // Starts decoding the filling slot's batch and moves to the next slot.
   absl::Status Launch();
 

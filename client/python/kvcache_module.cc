@@ -4,21 +4,36 @@
 // Every call that talks to the daemon releases the GIL, so a connector can
 // fetch on one thread while the engine runs on another. Errors map to typed
 // exceptions (kvcache.NotFoundError, ...) carrying the daemon's message.
+#include <cuda_runtime.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <map>
 #include <memory>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "client/chunk_key.h"
+#include "client/host_decode_sink.h"
 #include "client/kvcache_client.h"
+#include "client/prefix_fetcher.h"
 #include "codec/codec.h"
+#include "codec/cuda/gpu_codec.h"
+#include "transfer/gpu_decode_sink.h"
 
 namespace kvcache::python {
 namespace {
@@ -91,22 +106,686 @@ py::bytes ToBytes(const ChunkKey& key) {
 
 absl::Duration Seconds(double s) { return absl::Seconds(s); }
 
-// Owns a connection; thin layer over KvCacheClient.
+// str(value), as Python prints it.
+std::string Str(py::handle value) { return std::string(py::str(value)); }
+
+codec::DType ParseDType(const std::string& name) {
+  if (name == "float16") return codec::DType::kFloat16;
+  if (name == "bfloat16") return codec::DType::kBFloat16;
+  Raise(absl::InvalidArgumentError(absl::StrCat(
+      "dtype must be \"float16\" or \"bfloat16\", not \"", name, "\"")));
+}
+
+// An int, or anything with __index__ (numpy integers, torch's data_ptr()),
+// in [min, max].
+int64_t ToInt(py::handle value, absl::string_view what, int64_t min,
+              int64_t max) {
+  PyObject* index = PyNumber_Index(value.ptr());
+  if (index == nullptr) {
+    PyErr_Clear();
+    Raise(absl::InvalidArgumentError(
+        absl::StrCat(what, " must be an int, not ", Str(value.get_type()))));
+  }
+  const py::object owned = py::reinterpret_steal<py::object>(index);
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+  if (overflow != 0 || v < min || v > max) {
+    Raise(absl::InvalidArgumentError(absl::StrCat(
+        what, " is ", Str(owned), ", not in [", min, ", ", max, "]")));
+  }
+  return v;
+}
+
+// A device address as PyTorch's data_ptr() gives it; 0 is refused.
+uintptr_t ToPointer(py::handle value, absl::string_view what) {
+  PyObject* index = PyNumber_Index(value.ptr());
+  if (index == nullptr) {
+    PyErr_Clear();
+    Raise(absl::InvalidArgumentError(absl::StrCat(
+        what, " must be a device address as an int (data_ptr())")));
+  }
+  const py::object owned = py::reinterpret_steal<py::object>(index);
+  const unsigned long long v = PyLong_AsUnsignedLongLong(index);
+  if (PyErr_Occurred() != nullptr) {
+    PyErr_Clear();
+    Raise(absl::InvalidArgumentError(
+        absl::StrCat(what, " is not a valid address")));
+  }
+  if (v == 0) {
+    Raise(absl::InvalidArgumentError(absl::StrCat(what, " is a null pointer")));
+  }
+  return static_cast<uintptr_t>(v);
+}
+
+std::string Hex(uintptr_t address) {
+  return absl::StrCat("0x", absl::Hex(address));
+}
+
+Transport ParseTransport(const std::string& name) {
+  if (name == "auto") return Transport::kAuto;
+  if (name == "shared_memory") return Transport::kSharedMemory;
+  if (name == "grpc") return Transport::kGrpc;
+  Raise(absl::InvalidArgumentError(
+      absl::StrCat("transport must be \"auto\", \"shared_memory\" or "
+                   "\"grpc\", not \"",
+                   name, "\"")));
+}
+
+FetcherOptions MakeFetcherOptions(const std::string& transport, double lease_s,
+                                  bool for_gpu) {
+  if (!(lease_s > 0)) {
+    Raise(absl::InvalidArgumentError(
+        absl::StrCat("lease_s must be positive, not ", lease_s)));
+  }
+  FetcherOptions options;
+  options.transport = ParseTransport(transport);
+  options.lease = Seconds(lease_s);
+  options.register_for_gpu = for_gpu;
+  return options;
+}
+
+py::dict ReportDict(const FetchReport& report) {
+  py::dict out;
+  out["gpu_tier_chunks"] = report.gpu_tier_chunks;
+  out["shared_memory_chunks"] = report.shared_memory_chunks;
+  out["grpc_chunks"] = report.grpc_chunks;
+  out["bytes"] = report.bytes;
+  return out;
+}
+
+// PrefixFetchers kept across calls. Making one maps the node's CPU tier
+// (NodeInfo, then a Unix socket), and on the GPU path page-locks all of it,
+// which for a tier of many GiB costs far more than a fetch. A PrefixFetcher
+// does one fetch at a time, so each call borrows an idle one of its options
+// or makes one, rather than all calls queueing on one fetcher behind a
+// mutex: threads that share a Client fetch at once. Thread-safe.
+class FetcherPool {
+ public:
+  explicit FetcherPool(std::shared_ptr<KvCacheClient> client)
+      : client_(std::move(client)) {}
+
+  absl::StatusOr<FetchReport> Fetch(const FetcherOptions& options,
+                                    absl::Span<const ChunkKey> keys,
+                                    ChunkSink& sink) {
+    const Key key{options.transport, options.register_for_gpu,
+                  absl::ToInt64Milliseconds(options.lease)};
+    std::unique_ptr<PrefixFetcher> fetcher = Take(key);
+    if (fetcher == nullptr) {
+      absl::StatusOr<std::unique_ptr<PrefixFetcher>> created =
+          PrefixFetcher::Create(client_, options);
+      if (!created.ok()) return created.status();
+      fetcher = *std::move(created);
+    }
+    absl::StatusOr<FetchReport> report = fetcher->Fetch(keys, sink);
+    // Errors of the request or its data say nothing of the fetcher; after
+    // any other (a node gone, a lease run out) the next call starts afresh.
+    const absl::Status& s = report.status();
+    if (s.ok() || absl::IsNotFound(s) || absl::IsInvalidArgument(s) ||
+        absl::IsDataLoss(s)) {
+      Return(key, std::move(fetcher));
+    }
+    return report;
+  }
+
+ private:
+  // Transport, registered for the GPU, lease in milliseconds.
+  using Key = std::tuple<Transport, bool, int64_t>;
+  // Idle fetchers kept per key: more than the threads that fetch at once
+  // would never be used.
+  static constexpr size_t kMaxIdle = 4;
+
+  std::unique_ptr<PrefixFetcher> Take(const Key& key) {
+    absl::MutexLock lock(&mu_);
+    auto it = idle_.find(key);
+    if (it == idle_.end() || it->second.empty()) return nullptr;
+    std::unique_ptr<PrefixFetcher> fetcher = std::move(it->second.back());
+    it->second.pop_back();
+    return fetcher;
+  }
+
+  void Return(const Key& key, std::unique_ptr<PrefixFetcher> fetcher) {
+    absl::MutexLock lock(&mu_);
+    std::vector<std::unique_ptr<PrefixFetcher>>& idle = idle_[key];
+    if (idle.size() < kMaxIdle) idle.push_back(std::move(fetcher));
+  }
+
+  const std::shared_ptr<KvCacheClient> client_;
+  absl::Mutex mu_;
+  std::map<Key, std::vector<std::unique_ptr<PrefixFetcher>>> idle_
+      ABSL_GUARDED_BY(mu_);
+};
+
+// One caller array of fetch(), checked to take a chunk of its shape.
+struct OutArray {
+  absl::Span<uint16_t> values;
+  std::array<int64_t, 4> dims;  // [layers, 2, tokens, channels]
+  bool float16 = false;         // else uint16, which takes either dtype
+};
+
+std::string DimsName(const std::array<int64_t, 4>& dims) {
+  return absl::StrCat("[", absl::StrJoin(dims, ", "), "]");
+}
+
+// Checks fetch()'s `out` before anything is fetched: one writeable,
+// C-contiguous 16-bit array per chunk, all of one model (same layers,
+// channels and dtype; tokens may differ, as a prompt's last chunk does).
+// `keep` holds the arrays for the duration of the fetch.
+std::vector<OutArray> CheckOutArrays(const py::sequence& out, size_t chunks,
+                                     std::vector<py::array>& keep) {
+  if (static_cast<size_t>(py::len(out)) != chunks) {
+    Raise(absl::InvalidArgumentError(
+        absl::StrCat(chunks, " keys but ", py::len(out),
+                     " arrays in out; give one per key")));
+  }
+  std::vector<OutArray> arrays;
+  for (size_t i = 0; i < chunks; ++i) {
+    py::object item = out[i];
+    if (!py::isinstance<py::array>(item)) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(
+          "out[", i, "] is a ", Str(item.get_type()), ", not a numpy array")));
+    }
+    py::array array = py::reinterpret_borrow<py::array>(item);
+    const py::dtype dtype = array.dtype();
+    const bool is_16_bit = dtype.itemsize() == 2 &&
+                           (dtype.kind() == 'f' || dtype.kind() == 'u') &&
+                           py::cast<bool>(dtype.attr("isnative"));
+    if (!is_16_bit || array.ndim() != 4 || array.shape(1) != 2) {
+      Raise(absl::InvalidArgumentError(
+          absl::StrCat("out[", i, "] is a ", Str(dtype), " array shaped ",
+                       Str(array.attr("shape")),
+                       "; fetch decodes into float16 or uint16 arrays shaped "
+                       "[layers, 2, tokens, kv_heads * head_dim]")));
+    }
+    if (!(array.flags() & py::array::c_style) || !array.writeable()) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(
+          "out[", i, "] must be C-contiguous and writeable (np.empty(...) or ",
+          "np.ascontiguousarray)")));
+    }
+    OutArray a;
+    a.values = absl::MakeSpan(static_cast<uint16_t*>(array.mutable_data()),
+                              static_cast<size_t>(array.size()));
+    a.dims = {array.shape(0), array.shape(1), array.shape(2), array.shape(3)};
+    a.float16 = dtype.kind() == 'f';
+    if (i > 0 &&
+        (a.dims[0] != arrays[0].dims[0] || a.dims[3] != arrays[0].dims[3] ||
+         a.float16 != arrays[0].float16)) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(
+          "out[", i, "] is ", DimsName(a.dims), " ", Str(dtype),
+          " but out[0] is ", DimsName(arrays[0].dims), " ",
+          arrays[0].float16 ? "float16" : "uint16",
+          "; chunks of one prompt share layers, channels and dtype")));
+    }
+    arrays.push_back(a);
+    keep.push_back(std::move(array));
+  }
+  return arrays;
+}
+
+std::vector<absl::Span<uint16_t>> Spans(const std::vector<OutArray>& arrays) {
+  std::vector<absl::Span<uint16_t>> spans;
+  for (const OutArray& a : arrays) spans.push_back(a.values);
+  return spans;
+}
+
+// Decodes into fetch()'s arrays after checking each chunk's recorded shape
+// against its array: the codec sees only a span of values, so an array of
+// the right size but another shape would take them in the wrong places.
+class CheckedHostSink : public ChunkSink {
+ public:
+  explicit CheckedHostSink(std::vector<OutArray> arrays)
+      : arrays_(std::move(arrays)), host_(Spans(arrays_)) {}
+
+  absl::Status Consume(size_t index, absl::string_view bytes,
+                       bool stable) override {
+    if (index < arrays_.size()) {
+      absl::StatusOr<codec::ChunkShape> shape = codec::PeekShape(bytes);
+      if (!shape.ok()) {
+        return absl::Status(
+            shape.status().code(),
+            absl::StrCat("chunk ", index, ": ", shape.status().message()));
+      }
+      const OutArray& a = arrays_[index];
+      const std::array<int64_t, 4> dims = {
+          shape->layers, 2, shape->tokens,
+          int64_t{shape->kv_heads} * shape->head_dim};
+      const bool bf16 = shape->dtype == codec::DType::kBFloat16;
+      if (dims != a.dims || (bf16 && a.float16)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "chunk ", index, " is ", DimsName(dims), " ",
+            bf16 ? "bfloat16" : "float16", " but out[", index, "] is ",
+            DimsName(a.dims), " ", a.float16 ? "float16" : "uint16",
+            bf16 ? " (bfloat16 chunks decode into uint16 arrays)" : ""));
+      }
+    }
+    return host_.Consume(index, bytes, stable);
+  }
+  absl::Status Finish() override { return host_.Finish(); }
+
+ private:
+  const std::vector<OutArray> arrays_;
+  HostDecodeSink host_;
+};
+
+// Where fetch_to_device() puts the chunks: the layout and each chunk's
+// place in it, with the host lists (per-layer bases, block tables) that
+// must go to the GPU first, and every device address given, to check.
+struct DeviceTarget {
+  codec::gpu::KvLayout layout;
+  std::vector<uint16_t*> layer_bases;  // empty: layout.layer_bases is set
+  std::vector<codec::gpu::KvChunkRef> refs;
+  std::vector<std::vector<int32_t>> block_ids;  // per chunk; empty: on GPU
+  std::vector<std::pair<uintptr_t, std::string>> addresses;
+};
+
+constexpr std::array<const char*, 13> kLayoutFields = {
+    "kind",         "layers",       "kv_heads",     "head_dim",     "dtype",
+    "layer_bases",  "base",         "layer_stride", "block_stride", "kv_stride",
+    "token_stride", "block_tokens", "num_blocks"};
+constexpr std::array<const char*, 4> kBlockFields = {"tokens", "values",
+                                                     "block_ids", "first_slot"};
+
+// `fields` as a dict of strings, refusing names not in `known`.
+template <size_t N>
+py::dict CheckFields(const py::dict& fields,
+                     const std::array<const char*, N>& known,
+                     absl::string_view what) {
+  for (const auto item : fields) {
+    bool found = false;
+    if (py::isinstance<py::str>(item.first)) {
+      const std::string name = py::cast<std::string>(item.first);
+      for (const char* k : known) found = found || name == k;
+    }
+    if (!found) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(
+          what, " has no field ", std::string(py::repr(item.first)),
+          "; its fields: ", absl::StrJoin(known, ", "))));
+    }
+  }
+  return fields;
+}
+
+// The layout from a dict and keyword arguments, as codec::gpu::KvLayout.
+DeviceTarget ParseLayout(const py::object& layout, const py::kwargs& kwargs) {
+  py::dict fields;
+  if (!layout.is_none()) {
+    if (!py::isinstance<py::dict>(layout)) {
+      Raise(absl::InvalidArgumentError(
+          "layout must be a dict of layout fields, or pass them as keyword "
+          "arguments"));
+    }
+    for (const auto item : py::reinterpret_borrow<py::dict>(layout)) {
+      fields[item.first] = item.second;
+    }
+  }
+  for (const auto item : kwargs) {
+    if (fields.contains(item.first)) {
+      Raise(absl::InvalidArgumentError(
+          absl::StrCat("layout field ", Str(item.first),
+                       " given both in layout and as a keyword argument")));
+    }
+    fields[item.first] = item.second;
+  }
+  CheckFields(fields, kLayoutFields, "a layout");
+  auto has = [&](const char* name) { return fields.contains(name); };
+  auto get = [&](const char* name) -> py::object { return fields[name]; };
+  auto required = [&](const char* name, int64_t max) -> uint32_t {
+    if (!has(name)) {
+      Raise(
+          absl::InvalidArgumentError(absl::StrCat("the layout needs ", name)));
+    }
+    return static_cast<uint32_t>(ToInt(get(name), name, 1, max));
+  };
+
+  DeviceTarget target;
+  codec::gpu::KvLayout& l = target.layout;
+  const std::string kind = has("kind") ? Str(get("kind")) : "contiguous";
+  l.layers = required("layers", codec::kMaxLayers);
+  l.kv_heads = required("kv_heads", codec::kMaxChannels);
+  l.head_dim = required("head_dim", codec::kMaxChannels);
+  if (uint64_t{l.kv_heads} * l.head_dim > codec::kMaxChannels) {
+    Raise(absl::InvalidArgumentError(
+        absl::StrCat("kv_heads * head_dim is over ", codec::kMaxChannels)));
+  }
+  l.dtype =
+      has("dtype") ? ParseDType(Str(get("dtype"))) : codec::DType::kFloat16;
+  if (kind == "contiguous") {
+    for (const char* name :
+         {"layer_bases", "base", "layer_stride", "block_stride", "kv_stride",
+          "token_stride", "block_tokens", "num_blocks"}) {
+      if (has(name)) {
+        Raise(absl::InvalidArgumentError(absl::StrCat(
+            "layout field ", name, " is for kind=\"paged\" only")));
+      }
+    }
+    return target;
+  }
+  if (kind != "paged") {
+    Raise(absl::InvalidArgumentError(
+        absl::StrCat("layout kind must be \"contiguous\" or \"paged\", not \"",
+                     kind, "\"")));
+  }
+  l.kind = codec::gpu::KvLayout::Kind::kPaged;
+  l.block_tokens = required("block_tokens", codec::kMaxTokens);
+  // Block ids are int32 on the GPU.
+  l.num_blocks = required("num_blocks", std::numeric_limits<int32_t>::max());
+  // Defaults: vLLM's and FlashInfer's [num_blocks, 2, block_tokens, kv_heads,
+  // head_dim] per layer, layers one after another for `base`.
+  l.token_stride = l.Channels();
+  l.kv_stride = int64_t{l.block_tokens} * l.token_stride;
+  l.block_stride = 2 * l.kv_stride;
+  l.layer_stride = int64_t{l.num_blocks} * l.block_stride;
+  constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  for (auto [name, stride] : {std::pair{"token_stride", &l.token_stride},
+                              std::pair{"kv_stride", &l.kv_stride},
+                              std::pair{"block_stride", &l.block_stride},
+                              std::pair{"layer_stride", &l.layer_stride}}) {
+    if (has(name)) *stride = ToInt(get(name), name, kMin, kMax);
+  }
+  if (has("layer_bases") == has("base")) {
+    Raise(absl::InvalidArgumentError(
+        "a paged layout needs either layer_bases (a cache per layer) or base "
+        "(one allocation for all layers)"));
+  }
+  if (has("base")) {
+    const uintptr_t base = ToPointer(get("base"), "layout base");
+    l.base = reinterpret_cast<uint16_t*>(base);
+    target.addresses.emplace_back(base, "layout base");
+  } else if (PyIndex_Check(get("layer_bases").ptr())) {
+    const uintptr_t bases = ToPointer(get("layer_bases"), "layer_bases");
+    l.layer_bases = reinterpret_cast<uint16_t* const*>(bases);
+    target.addresses.emplace_back(bases, "layer_bases");
+  } else {
+    const py::object bases = get("layer_bases");
+    if (!py::isinstance<py::sequence>(bases) ||
+        static_cast<size_t>(py::len(bases)) != l.layers) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(
+          "layer_bases must be a list of the ", l.layers,
+          " layers' data_ptr(), or the data_ptr() of a CUDA int64 tensor "
+          "holding them")));
+    }
+    const py::sequence list = py::reinterpret_borrow<py::sequence>(bases);
+    for (size_t i = 0; i < l.layers; ++i) {
+      const std::string what = absl::StrCat("layer_bases[", i, "]");
+      const uintptr_t base = ToPointer(list[i], what);
+      target.layer_bases.push_back(reinterpret_cast<uint16_t*>(base));
+      target.addresses.emplace_back(base, what);
+    }
+  }
+  return target;
+}
+
+// Each chunk's place (codec::gpu::KvChunkRef) from `blocks`, one dict per
+// chunk.
+void ParseBlocks(const py::object& blocks, size_t chunks,
+                 DeviceTarget& target) {
+  const codec::gpu::KvLayout& l = target.layout;
+  const bool paged = l.kind == codec::gpu::KvLayout::Kind::kPaged;
+  if (blocks.is_none() || !py::isinstance<py::sequence>(blocks) ||
+      static_cast<size_t>(py::len(blocks)) != chunks) {
+    Raise(absl::InvalidArgumentError(absl::StrCat(
+        "blocks must be a list of ", chunks, " dicts, one per key: ",
+        paged ? "{'tokens', 'block_ids', 'first_slot'}"
+              : "{'tokens', 'values'}")));
+  }
+  const py::sequence list = py::reinterpret_borrow<py::sequence>(blocks);
+  target.refs.resize(chunks);
+  target.block_ids.resize(chunks);
+  for (size_t i = 0; i < chunks; ++i) {
+    const std::string at = absl::StrCat("blocks[", i, "]");
+    const py::object item = list[i];
+    if (!py::isinstance<py::dict>(item)) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(at, " must be a dict")));
+    }
+    const py::dict fields =
+        CheckFields(py::reinterpret_borrow<py::dict>(item), kBlockFields, at);
+    codec::gpu::KvChunkRef& ref = target.refs[i];
+    if (!fields.contains("tokens")) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(at, " needs tokens")));
+    }
+    ref.tokens = static_cast<uint32_t>(
+        ToInt(fields["tokens"], at + "['tokens']", 1, codec::kMaxTokens));
+    const char* wanted = paged ? "block_ids" : "values";
+    for (const char* name : {"values", "block_ids", "first_slot"}) {
+      const bool belongs =
+          paged ? name != std::string("values") : name == std::string("values");
+      if (fields.contains(name) && !belongs) {
+        Raise(absl::InvalidArgumentError(absl::StrCat(
+            at, "['", name, "'] is for a ", paged ? "contiguous" : "paged",
+            " layout; this one is ", paged ? "paged" : "contiguous")));
+      }
+    }
+    if (!fields.contains(wanted)) {
+      Raise(absl::InvalidArgumentError(
+          absl::StrCat(at, " needs ", wanted, " (where the chunk goes)")));
+    }
+    const std::string what = absl::StrCat(at, "['", wanted, "']");
+    if (!paged) {
+      const uintptr_t values = ToPointer(fields["values"], what);
+      ref.values = reinterpret_cast<uint16_t*>(values);
+      target.addresses.emplace_back(values, what);
+      continue;
+    }
+    if (fields.contains("first_slot")) {
+      ref.first_slot = static_cast<uint32_t>(
+          ToInt(fields["first_slot"], at + "['first_slot']", 0,
+                std::numeric_limits<int32_t>::max()));
+    }
+    const py::object ids = fields["block_ids"];
+    if (PyIndex_Check(ids.ptr())) {
+      const uintptr_t device = ToPointer(ids, what);
+      ref.block_ids = reinterpret_cast<const int32_t*>(device);
+      target.addresses.emplace_back(device, what);
+      continue;
+    }
+    // A host list: the blocks holding slots [first_slot, first_slot +
+    // tokens), checked here since the GPU would read past a short one.
+    const uint64_t needed =
+        (uint64_t{ref.first_slot} + ref.tokens + l.block_tokens - 1) /
+        l.block_tokens;
+    if (!py::isinstance<py::sequence>(ids) ||
+        static_cast<uint64_t>(py::len(ids)) < needed) {
+      Raise(absl::InvalidArgumentError(absl::StrCat(
+          what, " must be a list of at least ", needed,
+          " block ids (first_slot + tokens over block_tokens), or the "
+          "data_ptr() of a CUDA int32 tensor")));
+    }
+    const py::sequence id_list = py::reinterpret_borrow<py::sequence>(ids);
+    std::vector<int32_t>& host = target.block_ids[i];
+    for (size_t j = 0; j < needed; ++j) {
+      host.push_back(static_cast<int32_t>(ToInt(id_list[j],
+                                                absl::StrCat(what, "[", j, "]"),
+                                                0, int64_t{l.num_blocks} - 1)));
+    }
+  }
+}
+
+// Host lists a layout or chunk refers to (per-layer bases, block tables),
+// copied to the GPU for one fetch.
+class DeviceUploads {
+ public:
+  DeviceUploads() = default;
+  DeviceUploads(const DeviceUploads&) = delete;
+  DeviceUploads& operator=(const DeviceUploads&) = delete;
+  // cudaFree waits for the device, so nothing still reads the copy.
+  ~DeviceUploads() { cudaFree(device_); }
+
+  // Queues `bytes` at `data`; returns their offset in the device copy.
+  size_t Add(const void* data, size_t bytes) {
+    const size_t offset = (host_.size() + 7) / 8 * 8;
+    host_.resize(offset + bytes);
+    std::memcpy(host_.data() + offset, data, bytes);
+    return offset;
+  }
+
+  // Copies what was queued in `stream`'s order, so the decode that follows
+  // on that stream sees it.
+  absl::Status Upload(codec::gpu::Stream stream) {
+    if (host_.empty()) return absl::OkStatus();
+    cudaError_t e = cudaMalloc(&device_, host_.size());
+    if (e == cudaSuccess) {
+      e = cudaMemcpyAsync(device_, host_.data(), host_.size(),
+                          cudaMemcpyHostToDevice, stream);
+    }
+    if (e != cudaSuccess) {
+      return absl::InternalError(absl::StrCat(
+          "copying block tables to the GPU: ", cudaGetErrorString(e)));
+    }
+    return absl::OkStatus();
+  }
+
+  template <typename T>
+  T* At(size_t offset) const {
+    return reinterpret_cast<T*>(static_cast<char*>(device_) + offset);
+  }
+
+ private:
+  std::vector<char> host_;
+  void* device_ = nullptr;
+};
+
+// FAILED_PRECONDITION unless the CUDA runtime finds a GPU.
+absl::Status CheckGpu() {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // not sticky; leave no error for later calls
+    return absl::FailedPreconditionError(absl::StrCat(
+        "fetch_to_device needs a CUDA GPU, and the CUDA runtime found none (",
+        cudaGetErrorString(e), "); decode on the CPU with fetch()"));
+  }
+  if (count == 0) {
+    return absl::FailedPreconditionError(
+        "fetch_to_device needs a CUDA GPU, and this host has none; decode on "
+        "the CPU with fetch()");
+  }
+  return absl::OkStatus();
+}
+
+// The one device holding every address given: the fetch runs there. A CPU
+// tensor's data_ptr(), or addresses on two GPUs, are INVALID_ARGUMENT.
+absl::StatusOr<int> DestinationDevice(
+    const std::vector<std::pair<uintptr_t, std::string>>& addresses) {
+  int device = -1;
+  std::string first;
+  for (const auto& [address, what] : addresses) {
+    cudaPointerAttributes attributes;
+    const cudaError_t e = cudaPointerGetAttributes(
+        &attributes, reinterpret_cast<const void*>(address));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " (", Hex(address), "): ", cudaGetErrorString(e)));
+    }
+    if (attributes.type != cudaMemoryTypeDevice &&
+        attributes.type != cudaMemoryTypeManaged) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " (", Hex(address),
+                       ") is not GPU memory; pass a CUDA tensor's data_ptr()"));
+    }
+    if (device >= 0 && attributes.device != device) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " is on GPU ", attributes.device, " but ", first,
+                       " is on GPU ", device, "; fetch to one GPU at a time"));
+    }
+    device = attributes.device;
+    if (first.empty()) first = what;
+  }
+  return device;
+}
+
+struct DeviceReport {
+  FetchReport report;
+  float first_batch_ms = 0;
+};
+
+// fetch_to_device's work, with the GIL released: on the destination's GPU,
+// uploads host block tables, then fetches through a GpuDecodeSink.
+absl::StatusOr<DeviceReport> FetchToDeviceUnlocked(
+    FetcherPool& pool, const FetcherOptions& options,
+    absl::Span<const ChunkKey> keys, const DeviceTarget& target,
+    codec::gpu::Stream stream) {
+  absl::StatusOr<int> device = DestinationDevice(target.addresses);
+  if (!device.ok()) return device.status();
+  // The sink allocates and launches on the current device, which a thread
+  // that never called torch.cuda.set_device has at 0.
+  int previous = 0;
+  cudaError_t e = cudaGetDevice(&previous);
+  if (e == cudaSuccess && previous != *device) e = cudaSetDevice(*device);
+  if (e != cudaSuccess) {
+    return absl::InternalError(
+        absl::StrCat("selecting GPU ", *device, ": ", cudaGetErrorString(e)));
+  }
+  absl::Cleanup restore = [&] {
+    if (previous != *device) cudaSetDevice(previous);
+  };
+  if (stream != nullptr) {
+    int stream_device = -1;
+    if (cudaStreamGetDevice(stream, &stream_device) == cudaSuccess &&
+        stream_device != *device) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("stream is on GPU ", stream_device,
+                       " but the blocks are on GPU ", *device));
+    }
+    cudaGetLastError();
+  }
+
+  DeviceUploads uploads;
+  codec::gpu::KvLayout layout = target.layout;
+  size_t bases_at = 0;
+  if (!target.layer_bases.empty()) {
+    bases_at = uploads.Add(target.layer_bases.data(),
+                           target.layer_bases.size() * sizeof(uint16_t*));
+  }
+  std::vector<size_t> ids_at(target.refs.size());
+  for (size_t i = 0; i < target.refs.size(); ++i) {
+    const std::vector<int32_t>& ids = target.block_ids[i];
+    if (!ids.empty()) {
+      ids_at[i] = uploads.Add(ids.data(), ids.size() * sizeof(int32_t));
+    }
+  }
+  if (absl::Status s = uploads.Upload(stream); !s.ok()) return s;
+  if (!target.layer_bases.empty()) {
+    layout.layer_bases = uploads.At<uint16_t* const>(bases_at);
+  }
+  std::vector<codec::gpu::KvChunkRef> refs = target.refs;
+  for (size_t i = 0; i < refs.size(); ++i) {
+    if (!target.block_ids[i].empty()) {
+      refs[i].block_ids = uploads.At<const int32_t>(ids_at[i]);
+    }
+  }
+
+  absl::StatusOr<std::unique_ptr<transfer::GpuDecodeSink>> sink =
+      transfer::GpuDecodeSink::Create(layout, std::move(refs), stream);
+  if (!sink.ok()) return sink.status();
+  absl::StatusOr<FetchReport> report = pool.Fetch(options, keys, **sink);
+  if (!report.ok()) return report.status();
+  return DeviceReport{*report, (*sink)->first_batch_ms()};
+}
+
+// A connection to `address`; waits, without the GIL, for the node to answer.
+std::shared_ptr<KvCacheClient> Connect(const std::string& address,
+                                       double timeout_s,
+                                       double connect_timeout_s) {
+  ClientOptions options;
+  options.address = address;
+  options.timeout = Seconds(timeout_s);
+  options.connect_timeout = Seconds(connect_timeout_s);
+  absl::StatusOr<std::unique_ptr<KvCacheClient>> client;
+  {
+    py::gil_scoped_release release;
+    client = KvCacheClient::Connect(options);
+  }
+  return Value(std::move(client));
+}
+
+// Owns a connection; thin layer over KvCacheClient and, for fetches,
+// PrefixFetcher (which shares the connection).
 class Client {
  public:
-  Client(const std::string& address, double timeout_s,
-         double connect_timeout_s) {
-    ClientOptions options;
-    options.address = address;
-    options.timeout = Seconds(timeout_s);
-    options.connect_timeout = Seconds(connect_timeout_s);
-    absl::StatusOr<std::unique_ptr<KvCacheClient>> client;
-    {
-      py::gil_scoped_release release;
-      client = KvCacheClient::Connect(options);
-    }
-    client_ = Value(std::move(client));
-  }
+  Client(const std::string& address, double timeout_s, double connect_timeout_s)
+      : client_(Connect(address, timeout_s, connect_timeout_s)),
+        fetchers_(client_) {}
 
   py::dict Lookup(const std::vector<py::bytes>& keys) {
     const std::vector<ChunkKey> parsed = ToKeys(keys);
@@ -216,8 +895,53 @@ class Client {
     return out;
   }
 
+  py::dict Fetch(const std::vector<py::bytes>& keys, const py::sequence& out,
+                 const std::string& transport, double lease_s) {
+    const std::vector<ChunkKey> parsed = ToKeys(keys);
+    const FetcherOptions options =
+        MakeFetcherOptions(transport, lease_s, /*for_gpu=*/false);
+    std::vector<py::array> keep;  // alive while the GIL is released
+    std::vector<OutArray> arrays = CheckOutArrays(out, parsed.size(), keep);
+    if (parsed.empty()) return ReportDict({});
+    CheckedHostSink sink(std::move(arrays));
+    absl::StatusOr<FetchReport> report;
+    {
+      py::gil_scoped_release release;
+      report = fetchers_.Fetch(options, parsed, sink);
+    }
+    return ReportDict(Value(std::move(report)));
+  }
+
+  py::dict FetchToDevice(const std::vector<py::bytes>& keys,
+                         const py::object& layout, const py::object& blocks,
+                         uintptr_t stream, const std::string& transport,
+                         double lease_s, const py::kwargs& layout_fields) {
+    const std::vector<ChunkKey> parsed = ToKeys(keys);
+    const FetcherOptions options =
+        MakeFetcherOptions(transport, lease_s, /*for_gpu=*/true);
+    // Arguments first, so their errors read the same with or without a GPU.
+    DeviceTarget target = ParseLayout(layout, layout_fields);
+    ParseBlocks(blocks, parsed.size(), target);
+    Check(CheckGpu());
+    py::dict out = ReportDict({});
+    out["first_batch_ms"] = 0.0;
+    if (parsed.empty()) return out;
+    absl::StatusOr<DeviceReport> report;
+    {
+      py::gil_scoped_release release;
+      report =
+          FetchToDeviceUnlocked(fetchers_, options, parsed, target,
+                                reinterpret_cast<codec::gpu::Stream>(stream));
+    }
+    const DeviceReport r = Value(std::move(report));
+    out = ReportDict(r.report);
+    out["first_batch_ms"] = r.first_batch_ms;
+    return out;
+  }
+
  private:
-  std::unique_ptr<KvCacheClient> client_;
+  const std::shared_ptr<KvCacheClient> client_;
+  FetcherPool fetchers_;
 };
 
 std::vector<py::bytes> ChunkKeys(const std::vector<int32_t>& tokens,
@@ -242,13 +966,6 @@ std::vector<py::bytes> ChunkKeys(const std::vector<int32_t>& tokens,
     out.push_back(ToBytes(key));
   }
   return out;
-}
-
-codec::DType ParseDType(const std::string& name) {
-  if (name == "float16") return codec::DType::kFloat16;
-  if (name == "bfloat16") return codec::DType::kBFloat16;
-  Raise(absl::InvalidArgumentError(absl::StrCat(
-      "dtype must be \"float16\" or \"bfloat16\", not \"", name, "\"")));
 }
 
 // A chunk is a C-contiguous array of 16-bit patterns shaped
@@ -321,7 +1038,8 @@ void DefineModule(py::module_& m) {
   m.doc() =
       "kvcache: store and fetch LLM KV-cache chunks by prompt prefix.\n\n"
       "chunk_keys() names a prompt's chunks; Client talks to a kvcached "
-      "daemon;\nencode()/decode() compress chunks with kvcache's codec.";
+      "daemon\n(put, lookup, and fetch or fetch_to_device to restore a "
+      "prefix);\nencode()/decode() compress chunks with kvcache's codec.";
 
   static Exceptions types;
   types.error = py::reinterpret_borrow<py::object>(PyErr_NewExceptionWithDoc(
@@ -344,7 +1062,10 @@ void DefineModule(py::module_& m) {
       nullptr);
   types.failed_precondition = subclass(
       "FailedPreconditionError",
-      "The node cannot take this request now (e.g. it is draining).", nullptr);
+      "The request cannot be served as asked here and now: the node is "
+      "draining, transport='shared_memory' where the node lends no memory, "
+      "or fetch_to_device on a host without a GPU.",
+      nullptr);
   types.data_loss = subclass(
       "DataLossError",
       "Damaged bytes: a checksum mismatch or a corrupt codec stream.", nullptr);
@@ -398,7 +1119,90 @@ void DefineModule(py::module_& m) {
       .def("unpin", &Client::Unpin, py::arg("keys"), "Clears the chunks' pins.")
       .def("stats", &Client::Stats,
            "Node counters: chunks, hits, misses, evictions, bytes_in, "
-           "bytes_out.");
+           "bytes_out.")
+      .def(
+          "fetch", &Client::Fetch, py::arg("keys"), py::arg("out"),
+          py::arg("transport") = "auto", py::arg("lease_s") = 30.0,
+          R"doc(Restores the chunks of `keys` into numpy arrays, decoded on the CPU.
+
+keys: a prefix the node holds (lookup()'s prefix_chunks of them).
+out: one array per key, which you own: C-contiguous, writeable, shaped as
+  decode() returns the chunk, [layers, 2, tokens, kv_heads * head_dim];
+  float16 for float16 chunks, or uint16 (the bits of either dtype; numpy
+  has no bfloat16). A prompt's last chunk may have fewer tokens.
+transport: 'auto' reads the node's memory in place when it runs on this
+  host, and streams over gRPC otherwise (or for chunks it cannot lend);
+  'shared_memory' insists on memory, raising FailedPreconditionError for
+  any chunk it cannot lend (a missing one too); 'grpc' always streams.
+lease_s: how long the node keeps the chunks in place for a shared-memory
+  read; a fetch that outlasts it fails rather than read reused memory.
+
+Returns {'gpu_tier_chunks', 'shared_memory_chunks', 'grpc_chunks',
+'bytes'}: which transport carried how many chunks (gpu_tier_chunks is
+always 0 here: only fetch_to_device reads the node's GPU tier), and their
+compressed bytes. Releases the GIL.
+
+Raises InvalidArgumentError for arrays of the wrong shape, dtype or
+layout: before fetching where the arrays show it (wrong count, rank,
+dtype, or layers/channels differing between them), else when a chunk's
+header disagrees, before it is decoded into its array; NotFoundError if a
+chunk is missing (evicted since lookup()); DataLossError for a corrupt
+one. On any error the fetch failed as a whole, though arrays of earlier
+chunks may hold their values.
+
+Threads may fetch through one Client at once.)doc")
+      .def(
+          "fetch_to_device", &Client::FetchToDevice, py::arg("keys"),
+          py::arg("layout") = py::none(), py::arg("blocks") = py::none(),
+          py::arg("stream") = 0, py::arg("transport") = "auto",
+          py::arg("lease_s") = 30.0,
+          R"doc(Restores the chunks of `keys` straight into the engine's GPU KV cache.
+
+Each chunk's compressed bytes are copied to the GPU (from the node's memory
+in place on this host, else as they arrive over gRPC) and decoded there,
+batches of chunks decoding on `stream` while the next ones copy; chunks in
+the node's GPU tier (same host, CUDA IPC) decode where they lie. Returns
+when the decode is done (it synchronizes `stream`):
+{'gpu_tier_chunks', 'shared_memory_chunks', 'grpc_chunks', 'bytes',
+'first_batch_ms'}, the last the GPU time from the first copy to the first
+batch decoded.
+
+keys: a prefix the node holds (lookup()'s prefix_chunks of them).
+layout: where the cache lives, as a dict or as keyword arguments:
+  layers, kv_heads, head_dim: this worker's (kv_heads of its TP rank)
+  dtype: 'float16' (default) or 'bfloat16'
+  kind: 'contiguous' (default): each chunk into its own buffer
+      [layers, 2, tokens, kv_heads * head_dim];
+    or 'paged', with block_tokens (tokens per block), num_blocks, and
+    layer_bases: a cache per layer (vLLM, FlashInfer): a list of the
+      layers' data_ptr(), or the data_ptr() of a CUDA int64 tensor of them;
+    or base: one allocation, layers layer_stride elements apart.
+    Element (layer, kv, token slot s of block b, channel c) is at
+    layer_base[b * block_stride + kv * kv_stride + s * token_stride + c];
+    the strides count 16-bit elements and default to a per-layer cache
+    [num_blocks, 2, block_tokens, kv_heads, head_dim] (K and V in
+    separate caches: kv_stride is V's base minus K's, in elements).
+blocks: one dict per key, where its chunk goes:
+  tokens: the chunk's token count (the last chunk may be shorter);
+  values (contiguous): data_ptr() of the chunk's buffer;
+  block_ids (paged): the blocks of the request, a list of ints or the
+    data_ptr() of a CUDA int32 tensor; token t of the chunk goes to slot
+    first_slot + t of them (first_slot defaults to 0), so all chunks of a
+    request can share one block table with first_slot = i * chunk_tokens.
+stream: the cudaStream_t to decode on, as an int
+  (torch.cuda.current_stream().cuda_stream); 0 is the default stream.
+transport, lease_s: as for fetch().
+
+All addresses must be on one GPU; the call runs on that GPU. The first
+call of a Client page-locks the node's shared memory for the GPU, which
+takes a while for a large tier; later calls reuse it.
+
+Raises FailedPreconditionError on a host without a GPU (use fetch());
+InvalidArgumentError for a malformed layout or blocks, or an address
+that is not GPU memory (checked before anything is fetched);
+NotFoundError if a chunk is missing; DataLossError if the GPU rejects a
+chunk (corrupt, or of another shape or dtype than the layout), whose
+blocks are then left untouched.)doc");
 
   m.def("encode", &Encode, py::arg("values"), py::arg("kv_heads"),
         py::arg("head_dim"), py::arg("level") = "default",

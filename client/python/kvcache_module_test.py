@@ -1,10 +1,12 @@
 """Tests of the kvcache Python module against a real kvcached on loopback."""
 
+import ctypes
 import glob
 import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 
@@ -46,6 +48,25 @@ def load_dump():
     channels = manifest["kv_heads"] * manifest["head_dim"]
     return manifest, kv.reshape(manifest["layers"], 2, manifest["tokens"],
                                 channels)
+
+
+def has_gpu():
+    """Whether the CUDA runtime the module links finds a GPU here."""
+    try:
+        cudart = ctypes.CDLL("libcudart.so.13")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return (cudart.cudaGetDeviceCount(ctypes.byref(count)) == 0 and
+            count.value > 0)
+
+
+def filled(arrays, bits=0xFFFF):
+    """Arrays like `arrays`, every 16-bit value set to `bits`."""
+    out = [np.empty_like(a) for a in arrays]
+    for o in out:
+        o.view(np.uint16)[...] = bits
+    return out
 
 
 class KvcacheModuleTest(unittest.TestCase):
@@ -168,6 +189,200 @@ class KvcacheModuleTest(unittest.TestCase):
             kvcache.decode(bytes(stream[:20]))
         with self.assertRaises(kvcache.UnavailableError):
             kvcache.Client("127.0.0.1:1", connect_timeout_s=0.5)
+
+    def put_prompt(self, model_id, chunk_tokens=96, level="default"):
+        """Stores the dump's KV as a prompt's chunks; returns (keys, streams).
+
+        512 tokens in chunks of 96: five full chunks and a last of 32.
+        """
+        m, kv = self.manifest, self.kv
+        keys = kvcache.chunk_keys(m["generation"]["token_ids"], model_id,
+                                  chunk_tokens=chunk_tokens,
+                                  layers=m["layers"], kv_heads=m["kv_heads"],
+                                  head_dim=m["head_dim"])
+        streams = [
+            kvcache.encode(np.ascontiguousarray(
+                kv[:, :, i * chunk_tokens:(i + 1) * chunk_tokens]),
+                           m["kv_heads"], m["head_dim"], level=level)
+            for i in range(len(keys))
+        ]
+        self.client.put(keys, streams)
+        return keys, streams
+
+    def test_fetch_into_numpy_is_bit_exact_over_each_transport(self):
+        keys, streams = self.put_prompt("fetch-numpy")
+        self.assertEqual(len(keys), 6)
+        expected = [kvcache.decode(s) for s in streams]
+        self.assertEqual(expected[-1].shape[2], 32)
+        # This node runs on this host, so "auto" reads its memory in place.
+        for transport, carrier in [("shared_memory", "shared_memory_chunks"),
+                                   ("grpc", "grpc_chunks"),
+                                   ("auto", "shared_memory_chunks")]:
+            out = filled(expected)
+            report = self.client.fetch(keys, out, transport=transport)
+            self.assertEqual(report[carrier], len(keys), transport)
+            self.assertEqual(
+                report["shared_memory_chunks"] + report["grpc_chunks"],
+                len(keys), transport)
+            self.assertEqual(report["bytes"], sum(len(s) for s in streams))
+            for i, (got, want) in enumerate(zip(out, expected)):
+                np.testing.assert_array_equal(
+                    got.view(np.uint16), want.view(np.uint16),
+                    f"{transport} chunk {i}")
+        # uint16 arrays take a float16 chunk's bits; a fetch of nothing is
+        # nothing.
+        out = filled([e.view(np.uint16) for e in expected])
+        self.client.fetch(keys, out, lease_s=5)
+        for got, want in zip(out, expected):
+            np.testing.assert_array_equal(got, want.view(np.uint16))
+        self.assertEqual(self.client.fetch([], []),
+                         {"gpu_tier_chunks": 0, "shared_memory_chunks": 0,
+                          "grpc_chunks": 0, "bytes": 0})
+
+    def test_threads_fetch_through_one_client_at_once(self):
+        keys, streams = self.put_prompt("fetch-threads")
+        expected = [kvcache.decode(s).view(np.uint16) for s in streams]
+        errors = []
+
+        def fetch(transport):
+            try:
+                for _ in range(5):
+                    out = filled(expected)
+                    self.client.fetch(keys, out, transport=transport)
+                    for got, want in zip(out, expected):
+                        np.testing.assert_array_equal(got, want)
+            except Exception as e:  # reported below, from the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=fetch, args=(t,))
+                   for t in ["auto", "auto", "grpc", "shared_memory"]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+
+    def test_fetch_bfloat16_chunks_into_uint16(self):
+        bits = (self.kv[:, :, :64].astype(np.float32).view(np.uint32) >>
+                16).astype(np.uint16)
+        keys = kvcache.chunk_keys(list(range(64)), "fetch-bf16",
+                                  chunk_tokens=32, dtype="bfloat16")
+        streams = [kvcache.encode(np.ascontiguousarray(bits[:, :, i:i + 32]),
+                                  4, 8, level="default", dtype="bfloat16")
+                   for i in (0, 32)]
+        self.client.put(keys, streams)
+        out = filled([np.empty((5, 2, 32, 32), np.uint16)] * 2)
+        self.client.fetch(keys, out)
+        for got, stream in zip(out, streams):
+            np.testing.assert_array_equal(got, kvcache.decode(stream))
+        # float16 arrays would misread bfloat16 bits.
+        wrong = filled([np.empty((5, 2, 32, 32), np.float16)] * 2)
+        with self.assertRaisesRegex(kvcache.InvalidArgumentError, "bfloat16"):
+            self.client.fetch(keys, wrong)
+        for w in wrong:
+            self.assertTrue((w.view(np.uint16) == 0xFFFF).all())
+
+    def test_fetch_of_a_missing_chunk_is_not_found(self):
+        keys, streams = self.put_prompt("fetch-missing")
+        self.client.delete(keys[3:4])
+        out = filled([kvcache.decode(s) for s in streams])
+        for transport in ["auto", "grpc"]:
+            with self.assertRaises(kvcache.NotFoundError, msg=transport):
+                self.client.fetch(keys, out, transport=transport)
+        # Forced shared memory cannot lend it, missing or not.
+        with self.assertRaises(kvcache.FailedPreconditionError):
+            self.client.fetch(keys, out, transport="shared_memory")
+        # The prefix before it is still there.
+        self.client.fetch(keys[:3], out[:3])
+
+    def test_wrong_out_arrays_are_refused_before_fetching(self):
+        keys, streams = self.put_prompt("fetch-wrong-out")
+        good = [kvcache.decode(s) for s in streams]
+        transposed = np.empty(good[0].shape[::-1], np.float16).T
+        read_only = np.empty_like(good[0])
+        read_only.setflags(write=False)
+        cases = {
+            "too few": good[:-1],
+            "float32": [g.astype(np.float32) for g in good],
+            "3-d": [g[0] for g in good],
+            "no K/V axis": [np.repeat(g, 2, axis=1) for g in good],
+            "not C-contiguous": [transposed] + good[1:],
+            "read-only": [read_only] + good[1:],
+            "other layers": good[:2] + [good[2][:4].copy()] + good[3:],
+            "not an array": [g.tolist() for g in good[:1]] + good[1:],
+        }
+        before = self.client.stats()["bytes_out"]
+        for name, out in cases.items():
+            with self.assertRaises(kvcache.InvalidArgumentError, msg=name):
+                self.client.fetch(keys, out, transport="grpc")
+        self.assertEqual(self.client.stats()["bytes_out"], before)
+        # Same sizes, other shape: only the chunks' headers show it, and the
+        # first chunk is checked before it is decoded.
+        for transport in ["shared_memory", "grpc"]:
+            wrong = filled([g.reshape(g.shape[0], 2, g.shape[2] // 2, -1)
+                            for g in good])
+            with self.assertRaisesRegex(kvcache.InvalidArgumentError,
+                                        "chunk 0 is \\[5, 2, 96, 32\\]"):
+                self.client.fetch(keys, wrong, transport=transport)
+            for w in wrong:
+                self.assertTrue((w.view(np.uint16) == 0xFFFF).all())
+        with self.assertRaises(kvcache.InvalidArgumentError):
+            self.client.fetch(keys, filled(good), transport="carrier pigeon")
+        with self.assertRaises(kvcache.InvalidArgumentError):
+            self.client.fetch(keys, filled(good), lease_s=0)
+
+    def test_fetch_to_device_checks_its_arguments_then_needs_a_gpu(self):
+        if has_gpu():
+            self.skipTest("a GPU is here: kvcache_module_gpu_test.py covers it")
+        keys, _ = self.put_prompt("fetch-no-gpu")
+        layout = dict(layers=5, kv_heads=4, head_dim=8)
+        blocks = [{"tokens": 96, "values": 0x7f0000000000 + i * (1 << 20)}
+                  for i in range(len(keys))]
+        blocks[-1]["tokens"] = 32
+        # Malformed arguments are InvalidArgumentError, GPU or not.
+        paged = dict(layout, kind="paged", block_tokens=16, num_blocks=64)
+        for name, args, kwargs in [
+            ("no blocks", (keys, layout), {}),
+            ("too few blocks", (keys, layout, blocks[:-1]), {}),
+            ("unknown field", (keys, dict(layout, heads=4), blocks), {}),
+            ("no layers", (keys, dict(kv_heads=4, head_dim=8), blocks), {}),
+            ("twice", (keys, layout, blocks), {"layers": 5}),
+            ("bad kind", (keys, dict(layout, kind="ragged"), blocks), {}),
+            ("bad dtype", (keys, dict(layout, dtype="fp8"), blocks), {}),
+            ("null values", (keys, layout,
+                             blocks[:-1] + [{"tokens": 32, "values": 0}]), {}),
+            ("no tokens", (keys, layout,
+                           blocks[:-1] + [{"values": 1 << 40}]), {}),
+            ("paged, no base", (keys, paged,
+                                [{"tokens": 96, "block_ids": list(range(6))}]
+                                * len(keys)), {}),
+            ("paged, values", (keys, dict(paged, base=1 << 40), blocks), {}),
+            ("short block table",
+             (keys, dict(paged, base=1 << 40),
+              [{"tokens": 96, "block_ids": [0, 1, 2]}] * len(keys)), {}),
+            ("block id past the cache",
+             (keys, dict(paged, base=1 << 40),
+              [{"tokens": 96, "block_ids": [0, 1, 2, 3, 4, 64]}] * len(keys)),
+             {}),
+            ("bad transport", (keys, layout, blocks), {"transport": "smoke"}),
+        ]:
+            with self.assertRaises(kvcache.InvalidArgumentError, msg=name):
+                self.client.fetch_to_device(*args, **kwargs)
+        # Well-formed, as a dict or as keyword arguments: no GPU to decode on.
+        with self.assertRaisesRegex(kvcache.FailedPreconditionError,
+                                    "needs a CUDA GPU"):
+            self.client.fetch_to_device(keys, layout, blocks)
+        with self.assertRaises(kvcache.FailedPreconditionError):
+            self.client.fetch_to_device(
+                keys, blocks=[{"tokens": 96, "block_ids": list(range(6)),
+                               "first_slot": 0}] * len(keys),
+                stream=12345, transport="grpc", kind="paged", layers=5,
+                kv_heads=4, head_dim=8, block_tokens=16, num_blocks=64,
+                layer_bases=[1 << 40] * 5)
+        # The CPU path goes on working.
+        report = self.client.fetch(
+            keys[:1], filled([np.empty((5, 2, 96, 32), np.float16)]))
+        self.assertGreater(report["bytes"], 0)
 
 
 if __name__ == "__main__":

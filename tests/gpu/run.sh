@@ -22,6 +22,8 @@ TARGETS=(
   "//transfer:gpu_probe|"
   "//codec/cuda:codec_gpu_test|"
   "//codec/cuda:codec_gpu_test||memcheck"
+  "//kvstore:gpu_tier_test|"
+  "//tests:gpu_fetch_test|--kvcached=.gpu/bin/kvcached"
   "//codec/cuda:codec_gpu_bench|"
   "//transfer:e2e_bench|--kvcached=.gpu/bin/kvcached --nvme_dir=.gpu/nvme"
 )
@@ -62,6 +64,9 @@ run() {
   mkdir -p "$results"
   export LD_LIBRARY_PATH="$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   [[ -d .gpu/kvdata ]] && export KVCACHE_KVDATA=${KVCACHE_KVDATA:-$PWD/.gpu/kvdata}
+  # Tests' NVMe tiers need O_DIRECT, which a tmpfs /tmp lacks.
+  export TEST_TMPDIR=$PWD/.gpu/tmp
+  mkdir -p "$TEST_TMPDIR"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader |
     tee "$results/gpu.txt"
   local passed=0 failed=0

@@ -465,5 +465,26 @@ TEST(DaemonStartupTest, BadConfigFailsWithFieldName) {
   EXPECT_TRUE(absl::StrContains(buffer, "cpu_tier.capacity_bytes")) << buffer;
 }
 
+TEST(DaemonStartupTest, UnusableGpuStartsWithoutTheGpuTierAndSaysWhy) {
+  // No host has device 4096, so this holds with a GPU or without one. The
+  // daemon serves until `timeout` stops it.
+  const std::string command = absl::StrCat(
+      "timeout -s TERM 3 ", kDaemon,
+      " --listen=127.0.0.1:0 --set='gpu_tier { capacity_bytes: 1048576 "
+      "device: 4096 }' 2>&1");
+  FILE* pipe = popen(command.c_str(), "r");
+  std::string output;
+  char buffer[1024];
+  for (size_t n; (n = fread(buffer, 1, sizeof(buffer), pipe)) > 0;) {
+    output.append(buffer, n);
+  }
+  // 124: `timeout` had to stop it, so it was still serving after 3 s.
+  EXPECT_EQ(WEXITSTATUS(pclose(pipe)), 124) << output;
+  EXPECT_TRUE(absl::StrContains(output, "starting without the GPU tier"))
+      << output;
+  EXPECT_TRUE(absl::StrContains(output, "listening=127.0.0.1:")) << output;
+  EXPECT_TRUE(absl::StrContains(output, "stopped")) << output;
+}
+
 }  // namespace
 }  // namespace kvcache

@@ -20,64 +20,13 @@
 #include "client/kvcache_client.h"
 #include "client/prefix_fetcher.h"
 #include "codec/codec.h"
-#include "codec/kv_dump.h"
-#include "tests/testing/daemon_process.h"
+#include "tests/testing/fetch_fixture.h"
 
 namespace kvcache {
 namespace {
 
 using ::kvcache::testing::DaemonProcess;
-
-constexpr char kDaemon[] = "kvstore/kvcached";
-constexpr uint32_t kChunkTokens = 32;
-
-// A prompt of real KV: its chunk keys, codec bitstreams and decoded values.
-struct Prompt {
-  codec::ChunkShape shape;  // of one chunk
-  std::vector<ChunkKey> keys;
-  std::vector<std::string> streams;
-  std::vector<std::vector<uint16_t>> decoded;
-};
-
-const Prompt& RealPrompt() {
-  static const Prompt* prompt = [] {
-    auto* p = new Prompt;
-    absl::StatusOr<std::string> dir = codec::FindKvDataDir();
-    EXPECT_TRUE(dir.ok()) << dir.status();
-    absl::StatusOr<std::vector<std::string>> manifests =
-        codec::ListManifests(*dir);
-    EXPECT_TRUE(manifests.ok() && !manifests->empty());
-    absl::StatusOr<codec::KvDump> dump = codec::LoadKvDump(manifests->front());
-    EXPECT_TRUE(dump.ok()) << dump.status();
-    p->shape = dump->shape;
-    p->shape.tokens = kChunkTokens;
-    const uint32_t chunks = dump->shape.tokens / kChunkTokens;
-    KeySpace space;
-    space.model_id = "fetch-test";
-    space.chunk_tokens = kChunkTokens;
-    std::vector<int32_t> tokens(chunks * kChunkTokens);
-    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = 7 + i;
-    p->keys = *ChunkKeysForTokens(space, tokens);
-    for (uint32_t c = 0; c < chunks; ++c) {
-      const std::vector<uint16_t> values =
-          codec::SliceTokens(*dump, c * kChunkTokens, (c + 1) * kChunkTokens);
-      p->streams.push_back(
-          *codec::EncodeChunk(p->shape, values, codec::Level::kDefault));
-      p->decoded.emplace_back(values.size());
-      EXPECT_TRUE(codec::DecodeChunk(p->streams.back(),
-                                     absl::MakeSpan(p->decoded.back()))
-                      .ok());
-    }
-    return p;
-  }();
-  return *prompt;
-}
-
-FetcherOptions Options(Transport transport) {
-  FetcherOptions options;
-  options.transport = transport;
-  return options;
-}
+using ::kvcache::testing::Prompt;
 
 // Buffers for `n` decoded chunks and a sink that fills them.
 struct Destination {
@@ -91,44 +40,8 @@ struct Destination {
   std::unique_ptr<HostDecodeSink> sink;
 };
 
-class FetchTest : public ::testing::Test {
+class FetchTest : public testing::FetchFixture {
  protected:
-  void SetUp() override {
-    prompt_ = &RealPrompt();
-    ASSERT_GE(prompt_->keys.size(), 8u);
-  }
-
-  void StartDaemon(std::vector<std::string> args = {}) {
-    // First, so a test's own settings override it.
-    args.insert(args.begin(), "--set=cpu_tier { capacity_bytes: 67108864 }");
-    absl::StatusOr<DaemonProcess> started = DaemonProcess::Start(kDaemon, args);
-    ASSERT_TRUE(started.ok()) << started.status();
-    daemon_ = std::make_unique<DaemonProcess>(*std::move(started));
-    ClientOptions options;
-    options.address = daemon_->address();
-    options.timeout = absl::Seconds(10);
-    absl::StatusOr<std::unique_ptr<KvCacheClient>> client =
-        KvCacheClient::Connect(options);
-    ASSERT_TRUE(client.ok()) << client.status();
-    client_ = std::move(*client);
-  }
-
-  void PutPrompt(size_t chunks) {
-    std::vector<ChunkToPut> puts;
-    for (size_t i = 0; i < chunks; ++i) {
-      puts.push_back({prompt_->keys[i], prompt_->streams[i]});
-    }
-    absl::Status s = client_->Put(puts);
-    ASSERT_TRUE(s.ok()) << s;
-  }
-
-  std::unique_ptr<PrefixFetcher> Fetcher(Transport transport) {
-    absl::StatusOr<std::unique_ptr<PrefixFetcher>> fetcher =
-        PrefixFetcher::Create(client_, Options(transport));
-    EXPECT_TRUE(fetcher.ok()) << fetcher.status();
-    return fetcher.ok() ? std::move(*fetcher) : nullptr;
-  }
-
   // Fetches the whole prompt through `fetcher` and checks every value.
   FetchReport FetchPrompt(PrefixFetcher& fetcher) {
     const size_t n = prompt_->keys.size();
@@ -145,10 +58,6 @@ class FetchTest : public ::testing::Test {
       EXPECT_EQ(destination.values[i], prompt_->decoded[i]) << "chunk " << i;
     }
   }
-
-  const Prompt* prompt_ = nullptr;
-  std::unique_ptr<DaemonProcess> daemon_;
-  std::shared_ptr<KvCacheClient> client_;
 };
 
 TEST_F(FetchTest, SameHostFetchReadsTheSharedRegionInPlace) {

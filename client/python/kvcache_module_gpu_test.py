@@ -1,0 +1,315 @@
+"""Client.fetch_to_device against a real kvcached, on a GPU host.
+
+Needs a CUDA GPU, so CI does not run it. On a GPU host that builds:
+
+  bazel run //client/python:kvcache_module_gpu_test
+
+or, with the pieces elsewhere:
+
+  KVCACHED=path/to/kvcached KVCACHE_KVDATA=path/to/kvdata \\
+      PYTHONPATH=dir/with/kvcache.so python3 kvcache_module_gpu_test.py
+
+Device memory comes from the CUDA runtime through ctypes (no PyTorch
+needed). Every restore is copied back and compared bit for bit with
+kvcache.decode() of the same stream.
+"""
+
+import ctypes
+import ctypes.util
+import glob
+import json
+import os
+import subprocess
+import tempfile
+import time
+import unittest
+
+import numpy as np
+
+import kvcache
+
+DAEMON = os.environ.get("KVCACHED", "kvstore/kvcached")
+CHUNK_TOKENS = 96  # 512 tokens: five chunks of 96 and a last one of 32
+BLOCK_TOKENS = 16
+NUM_BLOCKS = 48  # of which a prompt's 512 tokens take 32
+
+
+def start_daemon(*extra):
+    """Starts kvcached on a free loopback port; returns (process, address)."""
+    port_file = tempfile.mktemp(dir=os.environ.get("TEST_TMPDIR"))
+    process = subprocess.Popen(
+        [DAEMON, "--listen=127.0.0.1:0", f"--port_file={port_file}", *extra])
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if os.path.exists(port_file):
+            with open(port_file) as f:
+                port = f.read().strip()
+            if port:
+                return process, f"127.0.0.1:{port}"
+        if process.poll() is not None:
+            raise RuntimeError("kvcached exited during start-up")
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("kvcached did not report its port")
+
+
+def load_dump():
+    """The first real KV dump: (manifest, fp16 array [layers, 2, tokens, ch])."""
+    dirs = ([os.environ["KVCACHE_KVDATA"]] if "KVCACHE_KVDATA" in os.environ
+            else ["../kvdata", "external/kvdata"])
+    manifest_path = sorted(
+        sum((glob.glob(os.path.join(d, "*.json")) for d in dirs), []))[0]
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    kv = np.fromfile(
+        os.path.join(os.path.dirname(manifest_path), manifest["kv_file"]),
+        dtype="<f2")
+    channels = manifest["kv_heads"] * manifest["head_dim"]
+    return manifest, kv.reshape(manifest["layers"], 2, manifest["tokens"],
+                                channels)
+
+
+class Cuda:
+    """The few CUDA runtime calls the test needs, through ctypes."""
+
+    H2D, D2H = 1, 2
+
+    def __init__(self):
+        # The runtime the module loaded, if it is found by that name.
+        names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so",
+                 "/usr/local/cuda/lib64/libcudart.so",
+                 ctypes.util.find_library("cudart")]
+        for name in filter(None, names):
+            try:
+                self.lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        else:
+            raise RuntimeError("no libcudart.so found")
+        lib = self.lib
+        lib.cudaGetErrorString.restype = ctypes.c_char_p
+        lib.cudaMalloc.argtypes = [ctypes.POINTER(ctypes.c_void_p),
+                                   ctypes.c_size_t]
+        lib.cudaFree.argtypes = [ctypes.c_void_p]
+        lib.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_size_t, ctypes.c_int]
+        lib.cudaMemset.argtypes = [ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_size_t]
+        lib.cudaStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        lib.cudaStreamDestroy.argtypes = [ctypes.c_void_p]
+        self.allocations = []
+
+    def check(self, error, what):
+        if error != 0:
+            raise RuntimeError(
+                f"{what}: {self.lib.cudaGetErrorString(error).decode()}")
+
+    def device_count(self):
+        count = ctypes.c_int(0)
+        if self.lib.cudaGetDeviceCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+
+    def malloc(self, nbytes, fill=0xFF):
+        """Device memory, every byte `fill`; freed by free_all()."""
+        ptr = ctypes.c_void_p()
+        self.check(self.lib.cudaMalloc(ctypes.byref(ptr), nbytes),
+                   "cudaMalloc")
+        self.allocations.append(ptr.value)
+        self.check(self.lib.cudaMemset(ptr.value, fill, nbytes), "cudaMemset")
+        return ptr.value
+
+    def upload(self, array):
+        array = np.ascontiguousarray(array)
+        ptr = self.malloc(array.nbytes)
+        self.check(self.lib.cudaMemcpy(ptr, array.ctypes.data, array.nbytes,
+                                       self.H2D), "cudaMemcpy to device")
+        return ptr
+
+    def download(self, ptr, shape, dtype):
+        out = np.empty(shape, dtype)
+        self.check(self.lib.cudaMemcpy(out.ctypes.data, ptr, out.nbytes,
+                                       self.D2H), "cudaMemcpy to host")
+        return out
+
+    def free_all(self):
+        for ptr in self.allocations:
+            self.lib.cudaFree(ptr)
+        self.allocations = []
+
+    def stream(self):
+        stream = ctypes.c_void_p()
+        self.check(self.lib.cudaStreamCreate(ctypes.byref(stream)),
+                   "cudaStreamCreate")
+        return stream.value
+
+
+def paged_values(caches, table, tokens):
+    """[layers, 2, tokens, C] gathered from per-layer paged caches
+    [num_blocks, 2, BLOCK_TOKENS, C], token t in slot t of `table`."""
+    slots = np.arange(tokens)
+    blocks = np.asarray(table)[slots // BLOCK_TOKENS]
+    offsets = slots % BLOCK_TOKENS
+    # Advanced indices around a slice put the token axis first.
+    return np.stack([c[blocks, :, offsets, :].transpose(1, 0, 2)
+                     for c in caches])
+
+
+class FetchToDeviceTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cuda = Cuda()
+        if cls.cuda.device_count() == 0:
+            raise RuntimeError("this test needs a CUDA GPU; none found")
+        cls.daemon, cls.address = start_daemon()
+        cls.manifest, cls.kv = load_dump()
+        cls.client = kvcache.Client(cls.address)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.daemon.terminate()
+        cls.daemon.wait(timeout=30)
+
+    def tearDown(self):
+        self.cuda.free_all()
+
+    def layout(self, **fields):
+        m = self.manifest
+        return dict(layers=m["layers"], kv_heads=m["kv_heads"],
+                    head_dim=m["head_dim"], **fields)
+
+    def put_prompt(self, model_id, dtype="float16"):
+        """Stores the dump as a prompt's chunks; returns (keys, streams,
+        expected [layers, 2, tokens, C] of the whole prompt)."""
+        m, kv = self.manifest, self.kv
+        values = kv
+        if dtype == "bfloat16":
+            values = (kv.astype(np.float32).view(np.uint32) >> 16).astype(
+                np.uint16)
+        keys = kvcache.chunk_keys(m["generation"]["token_ids"], model_id,
+                                  chunk_tokens=CHUNK_TOKENS, dtype=dtype,
+                                  layers=m["layers"], kv_heads=m["kv_heads"],
+                                  head_dim=m["head_dim"])
+        streams = [
+            kvcache.encode(np.ascontiguousarray(
+                values[:, :, i * CHUNK_TOKENS:(i + 1) * CHUNK_TOKENS]),
+                           m["kv_heads"], m["head_dim"], level="default",
+                           dtype=dtype)
+            for i in range(len(keys))
+        ]
+        self.client.put(keys, streams)
+        expected = np.concatenate(
+            [kvcache.decode(s).view(np.uint16) for s in streams], axis=2)
+        return keys, streams, expected
+
+    def test_contiguous_restore_is_bit_exact_over_each_transport(self):
+        keys, streams, _ = self.put_prompt("gpu-contiguous")
+        wanted = [kvcache.decode(s).view(np.uint16) for s in streams]
+        for transport, carrier in [("shared_memory", "shared_memory_chunks"),
+                                   ("grpc", "grpc_chunks"),
+                                   ("auto", "shared_memory_chunks")]:
+            buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
+            blocks = [{"tokens": w.shape[2], "values": b}
+                      for w, b in zip(wanted, buffers)]
+            report = self.client.fetch_to_device(keys, self.layout(), blocks,
+                                                 transport=transport)
+            self.assertEqual(report[carrier], len(keys), transport)
+            self.assertEqual(report["bytes"], sum(len(s) for s in streams))
+            self.assertGreater(report["first_batch_ms"], 0)
+            for i, (w, b) in enumerate(zip(wanted, buffers)):
+                np.testing.assert_array_equal(
+                    self.cuda.download(b, w.shape, np.uint16), w,
+                    f"{transport} chunk {i}")
+
+    def test_paged_per_layer_cache_from_host_lists_on_a_stream(self):
+        keys, _, expected = self.put_prompt("gpu-paged-per-layer")
+        layers, _, tokens, channels = expected.shape
+        cache_shape = (NUM_BLOCKS, 2, BLOCK_TOKENS, channels)
+        table = np.random.default_rng(7).permutation(NUM_BLOCKS).tolist()
+        stream = self.cuda.stream()
+        for bases_on_gpu in [False, True]:
+            caches = [self.cuda.malloc(2 * int(np.prod(cache_shape)))
+                      for _ in range(layers)]
+            layer_bases = caches
+            table_arg = table
+            if bases_on_gpu:  # as data_ptr() of CUDA tensors would give
+                layer_bases = self.cuda.upload(np.array(caches, np.uint64))
+                table_arg = self.cuda.upload(np.array(table, np.int32))
+            # One block table for the request; chunk i starts at its slot.
+            blocks = [{"tokens": min(CHUNK_TOKENS, tokens - i * CHUNK_TOKENS),
+                       "block_ids": table_arg,
+                       "first_slot": i * CHUNK_TOKENS}
+                      for i in range(len(keys))]
+            report = self.client.fetch_to_device(
+                keys, blocks=blocks, stream=stream, kind="paged",
+                layer_bases=layer_bases, block_tokens=BLOCK_TOKENS,
+                num_blocks=NUM_BLOCKS, **self.layout())
+            self.assertEqual(report["shared_memory_chunks"], len(keys))
+            restored = [self.cuda.download(c, cache_shape, np.uint16)
+                        for c in caches]
+            np.testing.assert_array_equal(
+                paged_values(restored, table, tokens), expected)
+            # Blocks outside the table stay as they were.
+            unused = sorted(set(range(NUM_BLOCKS)) -
+                            set(table[:tokens // BLOCK_TOKENS]))
+            for r in restored:
+                self.assertTrue((r[unused] == 0xFFFF).all())
+
+    def test_paged_layer_major_bfloat16_with_device_block_ids(self):
+        keys, _, expected = self.put_prompt("gpu-layer-major", "bfloat16")
+        layers, _, tokens, channels = expected.shape
+        shape = (layers, NUM_BLOCKS, 2, BLOCK_TOKENS, channels)
+        base = self.cuda.malloc(2 * int(np.prod(shape)))
+        table = np.random.default_rng(8).permutation(NUM_BLOCKS)
+        per_chunk = CHUNK_TOKENS // BLOCK_TOKENS
+        blocks = []
+        for i in range(len(keys)):
+            n = min(CHUNK_TOKENS, tokens - i * CHUNK_TOKENS)
+            ids = table[i * per_chunk:i * per_chunk + -(-n // BLOCK_TOKENS)]
+            blocks.append({"tokens": n, "block_ids": self.cuda.upload(
+                ids.astype(np.int32))})
+        layout = self.layout(kind="paged", dtype="bfloat16", base=base,
+                             block_tokens=BLOCK_TOKENS, num_blocks=NUM_BLOCKS)
+        report = self.client.fetch_to_device(keys, layout, blocks,
+                                             transport="grpc")
+        self.assertEqual(report["grpc_chunks"], len(keys))
+        restored = self.cuda.download(base, shape, np.uint16)
+        np.testing.assert_array_equal(
+            paged_values(list(restored), table, tokens), expected)
+
+    def test_errors(self):
+        keys, streams, _ = self.put_prompt("gpu-errors")
+        wanted = [kvcache.decode(s).view(np.uint16) for s in streams]
+        buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
+        blocks = [{"tokens": w.shape[2], "values": b}
+                  for w, b in zip(wanted, buffers)]
+        # float16 chunks into a bfloat16 cache: the GPU refuses each chunk
+        # and leaves its blocks as they were.
+        with self.assertRaisesRegex(kvcache.DataLossError, "shape"):
+            self.client.fetch_to_device(keys, self.layout(dtype="bfloat16"),
+                                        blocks)
+        for w, b in zip(wanted, buffers):
+            self.assertTrue(
+                (self.cuda.download(b, w.shape, np.uint16) == 0xFFFF).all())
+        # Host memory (a CPU tensor's data_ptr()) is refused up front.
+        host = np.empty_like(wanted[0])
+        with self.assertRaisesRegex(kvcache.InvalidArgumentError,
+                                    "not GPU memory"):
+            self.client.fetch_to_device(
+                keys, self.layout(),
+                [{"tokens": 96, "values": host.ctypes.data}] + blocks[1:])
+        missing = kvcache.chunk_keys(list(range(96)), "gpu-nothing-here",
+                                     chunk_tokens=CHUNK_TOKENS)
+        with self.assertRaises(kvcache.NotFoundError):
+            self.client.fetch_to_device(missing, self.layout(), blocks[:1])
+        # The right layout still restores after all that.
+        self.client.fetch_to_device(keys, self.layout(), blocks)
+        for w, b in zip(wanted, buffers):
+            np.testing.assert_array_equal(
+                self.cuda.download(b, w.shape, np.uint16), w)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,94 @@
+#include "kvstore/gpu_arena.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvcache::kvstore {
+namespace {
+
+absl::Status CudaError(cudaError_t error, absl::string_view what) {
+  if (error == cudaSuccess) return absl::OkStatus();
+  const std::string message =
+      absl::StrCat(what, ": ", cudaGetErrorString(error));
+  if (error == cudaErrorMemoryAllocation) {
+    return absl::ResourceExhaustedError(message);
+  }
+  if (error == cudaErrorNoDevice || error == cudaErrorInsufficientDriver ||
+      error == cudaErrorInvalidDevice) {
+    return absl::UnavailableError(message);
+  }
+  return absl::InternalError(message);
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<GpuArena>> GpuArena::Create(
+    int device, uint64_t capacity_bytes) {
+  const uint64_t size = RoundUpToBlock(std::max<uint64_t>(capacity_bytes, 1));
+  if (absl::Status s = CudaError(cudaSetDevice(device),
+                                 absl::StrCat("using CUDA device ", device));
+      !s.ok()) {
+    return s;
+  }
+  void* base = nullptr;
+  if (absl::Status s = CudaError(cudaMalloc(&base, size),
+                                 absl::StrCat("reserving the GPU tier's ", size,
+                                              " bytes on device ", device));
+      !s.ok()) {
+    return s;
+  }
+  std::shared_ptr<GpuArena> arena(
+      new GpuArena(device, static_cast<char*>(base), size));
+  cudaIpcMemHandle_t handle;
+  char bus_id[32] = {};
+  cudaError_t e = cudaIpcGetMemHandle(&handle, base);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), device);
+  if (absl::Status s = CudaError(e, "exporting the GPU tier"); !s.ok()) {
+    return s;
+  }
+  arena->ipc_handle_.assign(reinterpret_cast<const char*>(&handle),
+                            sizeof(handle));
+  arena->pci_bus_id_ = bus_id;
+  return arena;
+}
+
+GpuArena::~GpuArena() {
+  cudaSetDevice(device_);
+  cudaFree(base());
+}
+
+absl::Status GpuArena::Write(char* dest, absl::string_view bytes) {
+  // Pageable sources: the copy may return before the DMA ends, so wait for
+  // the stream; readers in other processes must see the bytes once a Put
+  // is acknowledged.
+  cudaError_t e = cudaSetDevice(device_);
+  if (e == cudaSuccess) {
+    e = cudaMemcpyAsync(dest, bytes.data(), bytes.size(),
+                        cudaMemcpyHostToDevice, cudaStreamPerThread);
+  }
+  if (e == cudaSuccess) e = cudaStreamSynchronize(cudaStreamPerThread);
+  return CudaError(e, "copying a chunk to the GPU tier");
+}
+
+absl::StatusOr<std::shared_ptr<const char>> GpuArena::ReadToHost(
+    const char* source, uint64_t size) const {
+  std::shared_ptr<char> host(new char[std::max<uint64_t>(size, 1)],
+                             std::default_delete<char[]>());
+  cudaError_t e = cudaSetDevice(device_);
+  if (e == cudaSuccess) {
+    e = cudaMemcpyAsync(host.get(), source, size, cudaMemcpyDeviceToHost,
+                        cudaStreamPerThread);
+  }
+  if (e == cudaSuccess) e = cudaStreamSynchronize(cudaStreamPerThread);
+  if (absl::Status s = CudaError(e, "copying a chunk out of the GPU tier");
+      !s.ok()) {
+    return s;
+  }
+  return std::shared_ptr<const char>(std::move(host));
+}
+
+}  // namespace kvcache::kvstore
