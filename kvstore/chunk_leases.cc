@@ -43,6 +43,13 @@ uint64_t ChunkLeases::held_bytes() const {
   return held_bytes_;
 }
 
+uint64_t ChunkLeases::room_bytes() {
+  const absl::Time now = clock_();
+  absl::MutexLock lock(&mu_);
+  DropExpired(now);
+  return max_bytes_ - held_bytes_;
+}
+
 size_t ChunkLeases::live_leases() const {
   absl::MutexLock lock(&mu_);
   return leases_.size();

@@ -1,8 +1,8 @@
-// Reservations of chunks in the shared CPU tier for same-host workers
-// (Locate/Release in kvcache.proto). A lease holds references to chunks, so
-// their arena extents are not reused, even if the chunks are evicted or
-// deleted, until the lease is released or expires; a worker can then copy
-// them out of its read-only mapping without a race.
+// Reservations of chunks in the shared tiers (CPU, and GPU where there is
+// one) for same-host workers (Locate/Release in kvcache.proto). A lease holds
+// references to chunks, so their arena extents are not reused, even if the
+// chunks are evicted or deleted, until the lease is released or expires; a
+// worker can then copy them out of its read-only mapping without a race.
 //
 // The total leased bytes are capped, so workers that forget to release
 // cannot keep the tier from making room for long.
@@ -46,6 +46,8 @@ class ChunkLeases {
   bool Release(uint64_t id);
 
   uint64_t held_bytes() const;
+  // Chunk bytes a new lease could hold now (expired leases let go first).
+  uint64_t room_bytes();
   size_t live_leases() const;
 
  private:

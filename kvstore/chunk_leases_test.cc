@@ -63,6 +63,7 @@ TEST(ChunkLeasesTest, CapLeasesTheLeadingChunksThatFit) {
       {ChunkOf(4000), ChunkOf(4000), ChunkOf(4000)}, absl::Minutes(1));
   EXPECT_EQ(first.chunks, 2u);
   EXPECT_EQ(leases.held_bytes(), 8000u);
+  EXPECT_EQ(leases.room_bytes(), 2000u);
   // The next chunk no longer fits, so nothing is leased.
   ChunkLeases::Lease second = leases.Grant({ChunkOf(4000)}, absl::Minutes(1));
   EXPECT_EQ(second.chunks, 0u);
@@ -79,7 +80,9 @@ TEST(ChunkLeasesTest, ExpiredLeasesLetGo) {
   EXPECT_EQ(lease.expiry, clock.Now() + absl::Seconds(5));
   clock.Advance(absl::Seconds(4));
   EXPECT_EQ(leases.Grant({ChunkOf(2000)}, absl::Seconds(5)).chunks, 0u);
+  EXPECT_EQ(leases.room_bytes(), 1000u);
   clock.Advance(absl::Seconds(1));
+  EXPECT_EQ(leases.room_bytes(), 10'000u);
   // Expired: its bytes are free for the next lease, and it cannot be
   // released any more.
   EXPECT_EQ(leases.Grant({ChunkOf(2000)}, absl::Seconds(5)).chunks, 1u);

@@ -362,7 +362,18 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext*,
   const bool accept_gpu = request->accept_gpu() && gpu != nullptr &&
                           request->gpu_region_id() == gpu->id();
   std::vector<ChunkRef> chunks;
+  // Chunks past the room leases have left would be read up from NVMe, or
+  // copied out of the GPU tier, only to go unleased: stop before them. The
+  // first is always tried, so a full cap is RESOURCE_EXHAUSTED below.
+  const uint64_t room = node_.leases().room_bytes();
+  uint64_t offered = 0;
+  bool out_of_room = false;
   for (const std::string& key : request->keys()) {
+    absl::StatusOr<LocatedChunk> peeked = node_.store().Peek(key);
+    if (!peeked.ok()) break;
+    offered += peeked->chunk.size_bytes;
+    out_of_room = offered > room && !chunks.empty();
+    if (out_of_room) break;
     absl::StatusOr<LocatedChunk> chunk =
         node_.store().GetInMemory(key, accept_gpu);
     if (!chunk.ok()) break;
@@ -376,8 +387,11 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext*,
   }
   const size_t found = chunks.size();
   node_.hits.fetch_add(found, std::memory_order_relaxed);
-  node_.misses.fetch_add(request->keys_size() - found,
-                         std::memory_order_relaxed);
+  // Keys left for lack of lease room are not known to be absent.
+  if (!out_of_room) {
+    node_.misses.fetch_add(request->keys_size() - found,
+                           std::memory_order_relaxed);
+  }
   response->set_region_id(arena.id());
   if (found == 0) return grpc::Status::OK;
   const absl::Duration ttl = std::min(
