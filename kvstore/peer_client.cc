@@ -67,7 +67,7 @@ absl::StatusOr<size_t> PeerClient::Copy(const std::string& address,
       StubFor(address).Put(&context, &response);
   const absl::Time now = absl::Now();
   for (const std::string& key : keys) {
-    absl::StatusOr<LocatedChunk> located = store.Get(key);
+    absl::StatusOr<LocatedChunk> located = store.GetForCopy(key);
     if (!located.ok()) continue;  // evicted or deleted since the scan
     const ChunkRef& chunk = located->chunk;
     const int64_t pin_ms =

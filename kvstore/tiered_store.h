@@ -112,6 +112,11 @@ class TieredStore {
   // promoting it one tier up on a CPU or NVMe hit. NOT_FOUND if absent;
   // DATA_LOSS if the only copy was damaged on disk (it is dropped).
   absl::StatusOr<LocatedChunk> Get(absl::string_view key);
+  // Get without promotion to the GPU tier, for background copies to peers
+  // (repair, handoff, drain), which must not push out what workers read.
+  absl::StatusOr<LocatedChunk> GetForCopy(absl::string_view key) {
+    return Find(key, /*promote_to_gpu=*/false);
+  }
 
   // Like Get, but the chunk in place in memory workers on this host map:
   // the GPU tier's if `accept_device` and it is there, else the CPU tier's
