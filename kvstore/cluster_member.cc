@@ -51,7 +51,10 @@ ClusterMember::ClusterMember(NodeState& node,
     : node_(node),
       config_(node.config().cluster()),
       membership_(MembershipOptionsOf(config_)),
-      peers_(absl::Seconds(30)) {
+      // A peer's key check is a lookup in its memory: a short deadline, so
+      // a partitioned peer delays repair by seconds, not by a copy's 30 s.
+      peers_(/*lookup_timeout=*/absl::Seconds(3),
+             /*copy_timeout=*/absl::Seconds(30)) {
   cluster::RegistrationOptions options;
   options.etcd = EtcdOptionsOf(config_);
   options.cluster_name = config_.cluster_name();

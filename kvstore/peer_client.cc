@@ -39,7 +39,7 @@ absl::StatusOr<std::vector<bool>> PeerClient::Holds(
   v1::LookupEachResponse response;
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() +
-                       absl::ToChronoMilliseconds(timeout_));
+                       absl::ToChronoMilliseconds(lookup_timeout_));
   const grpc::Status status =
       StubFor(address).LookupEach(&context, request, &response);
   if (!status.ok()) return PeerError(status, "lookup", address);
@@ -61,7 +61,7 @@ absl::StatusOr<size_t> PeerClient::Copy(const std::string& address,
                                         TieredStore& store) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() +
-                       absl::ToChronoMilliseconds(timeout_));
+                       absl::ToChronoMilliseconds(copy_timeout_));
   v1::PutResponse response;
   std::unique_ptr<grpc::ClientWriter<v1::PutRequest>> writer =
       StubFor(address).Put(&context, &response);

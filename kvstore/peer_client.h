@@ -22,7 +22,9 @@ namespace kvcache::kvstore {
 
 class PeerClient {
  public:
-  explicit PeerClient(absl::Duration timeout) : timeout_(timeout) {}
+  // Holds waits at most `lookup_timeout`, Copy `copy_timeout`.
+  PeerClient(absl::Duration lookup_timeout, absl::Duration copy_timeout)
+      : lookup_timeout_(lookup_timeout), copy_timeout_(copy_timeout) {}
 
   // For each of `keys`, whether the peer at `address` holds it. Errors are
   // the peer's (UNAVAILABLE naming it when it cannot be reached).
@@ -39,7 +41,8 @@ class PeerClient {
  private:
   v1::KvCache::Stub& StubFor(const std::string& address);
 
-  const absl::Duration timeout_;
+  const absl::Duration lookup_timeout_;
+  const absl::Duration copy_timeout_;
   absl::flat_hash_map<std::string, std::unique_ptr<v1::KvCache::Stub>> stubs_;
 };
 
