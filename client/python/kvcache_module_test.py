@@ -1,11 +1,6 @@
 """Tests of the kvcache Python module against a real kvcached on loopback."""
 
 import ctypes
-import glob
-import json
-import os
-import subprocess
-import tempfile
 import threading
 import time
 import unittest
@@ -13,41 +8,7 @@ import unittest
 import numpy as np
 
 import kvcache
-
-DAEMON = "kvstore/kvcached"
-
-
-def start_daemon(*extra):
-    """Starts kvcached on a free loopback port; returns (process, address)."""
-    port_file = tempfile.mktemp(dir=os.environ.get("TEST_TMPDIR"))
-    process = subprocess.Popen(
-        [DAEMON, "--listen=127.0.0.1:0", f"--port_file={port_file}", *extra])
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if os.path.exists(port_file):
-            with open(port_file) as f:
-                port = f.read().strip()
-            if port:
-                return process, f"127.0.0.1:{port}"
-        if process.poll() is not None:
-            raise RuntimeError("kvcached exited during start-up")
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("kvcached did not report its port")
-
-
-def load_dump():
-    """The first real KV dump: (manifest, fp16 array [layers, 2, tokens, ch])."""
-    manifest_path = sorted(glob.glob("../kvdata/*.json") +
-                           glob.glob("external/kvdata/*.json"))[0]
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    kv = np.fromfile(
-        os.path.join(os.path.dirname(manifest_path), manifest["kv_file"]),
-        dtype="<f2")
-    channels = manifest["kv_heads"] * manifest["head_dim"]
-    return manifest, kv.reshape(manifest["layers"], 2, manifest["tokens"],
-                                channels)
+from kvcache_testing import load_dump, start_daemon
 
 
 def has_gpu():
