@@ -23,6 +23,20 @@ absl::Status CudaError(cudaError_t error, absl::string_view what) {
   return absl::InternalError(message);
 }
 
+// Copies on this thread's stream of `device` and waits: pageable copies may
+// return before their DMA ends, and readers in other processes must see
+// the bytes once a Put is acknowledged.
+absl::Status CopyAndWait(int device, void* dest, const void* source,
+                         uint64_t size, cudaMemcpyKind kind,
+                         absl::string_view what) {
+  cudaError_t e = cudaSetDevice(device);
+  if (e == cudaSuccess) {
+    e = cudaMemcpyAsync(dest, source, size, kind, cudaStreamPerThread);
+  }
+  if (e == cudaSuccess) e = cudaStreamSynchronize(cudaStreamPerThread);
+  return CudaError(e, what);
+}
+
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<GpuArena>> GpuArena::Create(
@@ -45,8 +59,9 @@ absl::StatusOr<std::shared_ptr<GpuArena>> GpuArena::Create(
   cudaIpcMemHandle_t handle;
   char bus_id[32] = {};
   cudaError_t e = cudaIpcGetMemHandle(&handle, base);
-  if (e == cudaSuccess)
+  if (e == cudaSuccess) {
     e = cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), device);
+  }
   if (absl::Status s = CudaError(e, "exporting the GPU tier"); !s.ok()) {
     return s;
   }
@@ -62,29 +77,17 @@ GpuArena::~GpuArena() {
 }
 
 absl::Status GpuArena::Write(char* dest, absl::string_view bytes) {
-  // Pageable sources: the copy may return before the DMA ends, so wait for
-  // the stream; readers in other processes must see the bytes once a Put
-  // is acknowledged.
-  cudaError_t e = cudaSetDevice(device_);
-  if (e == cudaSuccess) {
-    e = cudaMemcpyAsync(dest, bytes.data(), bytes.size(),
-                        cudaMemcpyHostToDevice, cudaStreamPerThread);
-  }
-  if (e == cudaSuccess) e = cudaStreamSynchronize(cudaStreamPerThread);
-  return CudaError(e, "copying a chunk to the GPU tier");
+  return CopyAndWait(device_, dest, bytes.data(), bytes.size(),
+                     cudaMemcpyHostToDevice, "copying a chunk to the GPU tier");
 }
 
 absl::StatusOr<std::shared_ptr<const char>> GpuArena::ReadToHost(
     const char* source, uint64_t size) const {
   std::shared_ptr<char> host(new char[std::max<uint64_t>(size, 1)],
                              std::default_delete<char[]>());
-  cudaError_t e = cudaSetDevice(device_);
-  if (e == cudaSuccess) {
-    e = cudaMemcpyAsync(host.get(), source, size, cudaMemcpyDeviceToHost,
-                        cudaStreamPerThread);
-  }
-  if (e == cudaSuccess) e = cudaStreamSynchronize(cudaStreamPerThread);
-  if (absl::Status s = CudaError(e, "copying a chunk out of the GPU tier");
+  if (absl::Status s =
+          CopyAndWait(device_, host.get(), source, size, cudaMemcpyDeviceToHost,
+                      "copying a chunk out of the GPU tier");
       !s.ok()) {
     return s;
   }

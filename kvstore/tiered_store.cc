@@ -174,12 +174,7 @@ absl::Status TieredStore::Put(absl::string_view key, std::string bytes,
   absl::Status s = absl::ResourceExhaustedError("not admitted to memory");
   if (to_gpu) {
     const absl::Time start = absl::Now();
-    s = gpu_->PutUntil(
-        key, bytes, crc32c, chunk.pin_expiry,
-        [&](std::vector<EvictedChunk> evicted) {
-          DemoteFromGpu(std::move(evicted), held);
-        },
-        parent_key);
+    s = PutInMemory(TierId::kGpu, key, chunk, held);
     gpu_counters_.write_latency.Record(absl::Now() - start);
     if (s.ok()) {
       cpu_->Delete(key);
@@ -192,12 +187,7 @@ absl::Status TieredStore::Put(absl::string_view key, std::string bytes,
   if (gpu_) gpu_->Delete(key);
   if (AdmittedToCpu(size)) {
     const absl::Time start = absl::Now();
-    s = cpu_->PutUntil(
-        key, bytes, crc32c, chunk.pin_expiry,
-        [&](std::vector<EvictedChunk> evicted) {
-          Demote(std::move(evicted), held);
-        },
-        parent_key);
+    s = PutInMemory(TierId::kCpu, key, chunk, held);
     cpu_counters_.write_latency.Record(absl::Now() - start);
     if (s.ok()) return s;
   }
@@ -228,7 +218,8 @@ void TieredStore::DemoteFromGpu(std::vector<EvictedChunk> evicted,
     if (s.ok()) {
       std::vector<absl::Mutex*> locks(held.begin(), held.end());
       locks.push_back(&lock);
-      if (!PutInCpu(victim.key, *chunk, locks)) {
+      if (!AdmittedToCpu(chunk->size_bytes) ||
+          !PutInMemory(TierId::kCpu, victim.key, *chunk, locks).ok()) {
         s = nvme_
                 ? (nvme_->Contains(victim.key) ? absl::OkStatus()
                                                : PutInNvme(victim.key, *chunk))
@@ -273,54 +264,43 @@ void TieredStore::Demote(std::vector<EvictedChunk> evicted,
   }
 }
 
-bool TieredStore::PutInCpu(absl::string_view key, const ChunkRef& chunk,
-                           absl::Span<absl::Mutex* const> held) {
-  if (!AdmittedToCpu(chunk.size_bytes)) return false;
-  return cpu_
-      ->PutUntil(
+absl::Status TieredStore::PutInMemory(TierId tier, absl::string_view key,
+                                      const ChunkRef& chunk,
+                                      absl::Span<absl::Mutex* const> held) {
+  const bool gpu = tier == TierId::kGpu;
+  return (gpu ? *gpu_ : *cpu_)
+      .PutUntil(
           key, chunk.bytes(), chunk.crc32c, chunk.pin_expiry,
           [&](std::vector<EvictedChunk> evicted) {
-            Demote(std::move(evicted), held);
+            if (gpu) {
+              DemoteFromGpu(std::move(evicted), held);
+            } else {
+              Demote(std::move(evicted), held);
+            }
           },
-          chunk.parent_key)
-      .ok();
+          chunk.parent_key);
 }
 
 void TieredStore::Promote(absl::string_view key, const ChunkRef& chunk,
-                          TierId from) {
+                          TierId from, TierId to) {
+  const bool admitted = to == TierId::kGpu ? AdmittedToGpu(chunk.size_bytes)
+                                           : AdmittedToCpu(chunk.size_bytes);
+  if (!admitted) return;
   absl::Mutex& key_lock = KeyLock(key);
   absl::Mutex* const held[] = {&key_lock};
   absl::MutexLock lock(&key_lock);
   // Skip if a Put or another promotion got there first, or the key was
   // deleted or replaced in `from` since this read.
   absl::StatusOr<ChunkRef> now = PeekTier(from, key);
-  if (cpu_->Peek(key).ok() || !now.ok() || now->crc32c != chunk.crc32c) {
+  if (PeekTier(to, key).ok() || !now.ok() || now->crc32c != chunk.crc32c) {
     return;
   }
   ChunkRef copy = chunk;
   copy.pin_expiry = now->pinned ? now->pin_expiry : absl::InfinitePast();
-  // On failure memory is full of pinned chunks; `from` keeps serving it.
-  if (PutInCpu(key, copy, held)) TierCounters::Add(cpu_counters_.promotions);
-}
-
-void TieredStore::PromoteToGpu(absl::string_view key, const ChunkRef& chunk) {
-  if (!AdmittedToGpu(chunk.size_bytes)) return;
-  absl::Mutex& key_lock = KeyLock(key);
-  absl::Mutex* const held[] = {&key_lock};
-  absl::MutexLock lock(&key_lock);
-  absl::StatusOr<ChunkRef> now = cpu_->Peek(key);
-  if (gpu_->Peek(key).ok() || !now.ok() || now->crc32c != chunk.crc32c) {
-    return;
-  }
-  if (gpu_->PutUntil(
-              key, chunk.bytes(), chunk.crc32c,
-              now->pinned ? now->pin_expiry : absl::InfinitePast(),
-              [&](std::vector<EvictedChunk> evicted) {
-                DemoteFromGpu(std::move(evicted), held);
-              },
-              chunk.parent_key)
-          .ok()) {
-    TierCounters::Add(gpu_counters_.promotions);
+  // On failure `to` is full of pinned chunks; `from` keeps serving it.
+  if (PutInMemory(to, key, copy, held).ok()) {
+    TierCounters::Add(to == TierId::kGpu ? gpu_counters_.promotions
+                                         : cpu_counters_.promotions);
   }
 }
 
@@ -345,7 +325,9 @@ absl::StatusOr<LocatedChunk> TieredStore::Find(absl::string_view key,
   if (absl::StatusOr<ChunkRef> chunk = cpu_->Get(key); chunk.ok()) {
     cpu_counters_.read_latency.Record(absl::Now() - start);
     TierCounters::Add(cpu_counters_.hits);
-    if (gpu_ && promote_to_gpu) PromoteToGpu(key, *chunk);
+    if (gpu_ && promote_to_gpu) {
+      Promote(key, *chunk, TierId::kCpu, TierId::kGpu);
+    }
     return LocatedChunk{*std::move(chunk), TierId::kCpu};
   }
   TierCounters::Add(cpu_counters_.misses);
@@ -359,7 +341,7 @@ absl::StatusOr<LocatedChunk> TieredStore::Find(absl::string_view key,
   if (!chunk.ok()) return chunk.status();
   nvme_counters_.read_latency.Record(absl::Now() - start);
   TierCounters::Add(nvme_counters_.hits);
-  Promote(key, *chunk, TierId::kNvme);
+  Promote(key, *chunk, TierId::kNvme, TierId::kCpu);
   return LocatedChunk{*std::move(chunk), TierId::kNvme};
 }
 
@@ -379,7 +361,9 @@ absl::StatusOr<LocatedChunk> TieredStore::GetInMemory(absl::string_view key,
   if (found->tier == TierId::kCpu) return found;
   // Get promoted an NVMe hit unless it was too large or memory was full of
   // pins; a GPU hit gets a copy in the CPU tier here.
-  if (found->tier == TierId::kGpu) Promote(key, found->chunk, TierId::kGpu);
+  if (found->tier == TierId::kGpu) {
+    Promote(key, found->chunk, TierId::kGpu, TierId::kCpu);
+  }
   absl::StatusOr<ChunkRef> in_cpu = cpu_->Peek(key);
   if (in_cpu.ok() && in_cpu->crc32c == found->chunk.crc32c) {
     return LocatedChunk{*std::move(in_cpu), TierId::kCpu};

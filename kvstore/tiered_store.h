@@ -180,15 +180,17 @@ class TieredStore {
                      absl::Span<absl::Mutex* const> held);
   void Demote(std::vector<EvictedChunk> evicted,
               absl::Span<absl::Mutex* const> held);
-  // Puts a chunk in the CPU tier (a copy; the GPU's or NVMe's stays), with
-  // `held` locked, evicting to NVMe; false if it did not fit.
-  bool PutInCpu(absl::string_view key, const ChunkRef& chunk,
-                absl::Span<absl::Mutex* const> held);
-  // Copies a chunk found in tier `from` (NVMe or GPU; host bytes) into the
-  // CPU tier, or one found in CPU into the GPU tier, unless that tier's copy
-  // changed meanwhile.
-  void Promote(absl::string_view key, const ChunkRef& chunk, TierId from);
-  void PromoteToGpu(absl::string_view key, const ChunkRef& chunk);
+  // Puts `chunk` (host bytes) in memory tier `tier` (kGpu or kCpu), with
+  // `held` locked, demoting what it evicts to the next tier down.
+  absl::Status PutInMemory(TierId tier, absl::string_view key,
+                           const ChunkRef& chunk,
+                           absl::Span<absl::Mutex* const> held);
+  // Copies a chunk found in tier `from` (host bytes) into memory tier `to`,
+  // with the pin it has there, unless `to` already holds the key, `to`
+  // does not admit it, or `from`'s copy changed meanwhile. The copy in
+  // `from` stays.
+  void Promote(absl::string_view key, const ChunkRef& chunk, TierId from,
+               TierId to);
 
   const TieredStoreOptions options_;
   const Clock clock_;
