@@ -23,8 +23,8 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "kvstore/cluster_member.h"
 #include "kvstore/daemon_config.h"
@@ -56,20 +56,14 @@ constexpr char kUsage[] =
 
 bool ParseFlags(int argc, char** argv, Flags& flags) {
   for (int i = 1; i < argc; ++i) {
-    const absl::string_view arg = argv[i];
-    auto value_of = [&](absl::string_view name, std::string& out) {
-      if (!absl::StartsWith(arg, name)) return false;
-      out = std::string(arg.substr(name.size()));
-      return true;
-    };
-    std::string value;
-    if (value_of("--config=", flags.config_path) ||
-        value_of("--port_file=", flags.port_file)) {
-      continue;
-    }
-    if (value_of("--set=", value)) {
-      flags.overrides.push_back(value);
-    } else if (value_of("--listen=", value)) {
+    absl::string_view value = argv[i];
+    if (absl::ConsumePrefix(&value, "--config=")) {
+      flags.config_path = std::string(value);
+    } else if (absl::ConsumePrefix(&value, "--port_file=")) {
+      flags.port_file = std::string(value);
+    } else if (absl::ConsumePrefix(&value, "--set=")) {
+      flags.overrides.push_back(std::string(value));
+    } else if (absl::ConsumePrefix(&value, "--listen=")) {
       flags.overrides.push_back(
           absl::StrCat("listen_address: \"", value, "\""));
     } else {

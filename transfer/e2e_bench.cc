@@ -20,6 +20,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "client/chunk_key.h"
 #include "client/kvcache_client.h"
 #include "client/prefix_fetcher.h"
@@ -390,9 +391,12 @@ int Run(int argc, char** argv) {
   std::string kvcached = "kvstore/kvcached";
   std::string nvme_dir = "/tmp/kvcache-e2e-nvme";
   for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg.rfind("--kvcached=", 0) == 0) kvcached = arg.substr(11);
-    if (arg.rfind("--nvme_dir=", 0) == 0) nvme_dir = arg.substr(11);
+    absl::string_view value = argv[i];
+    if (absl::ConsumePrefix(&value, "--kvcached=")) {
+      kvcached = std::string(value);
+    } else if (absl::ConsumePrefix(&value, "--nvme_dir=")) {
+      nvme_dir = std::string(value);
+    }
   }
   cudaDeviceProp prop;
   KVCACHE_CUDA_OR_DIE(cudaGetDeviceProperties(&prop, 0));

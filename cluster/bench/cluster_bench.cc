@@ -46,10 +46,10 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
@@ -102,26 +102,20 @@ struct Flags {
 
 bool ParseFlags(int argc, char** argv, Flags& flags) {
   for (int i = 1; i < argc; ++i) {
-    const absl::string_view arg = argv[i];
-    auto value_of = [&](absl::string_view name, absl::string_view& out) {
-      if (!absl::StartsWith(arg, name)) return false;
-      out = arg.substr(name.size());
-      return true;
-    };
-    absl::string_view value;
+    absl::string_view value = argv[i];
     bool ok = true;
-    if (value_of("--case_mib=", value)) {
+    if (absl::ConsumePrefix(&value, "--case_mib=")) {
       ok = absl::SimpleAtoi(value, &flags.case_mib) && flags.case_mib >= 4;
-    } else if (value_of("--clients=", value)) {
+    } else if (absl::ConsumePrefix(&value, "--clients=")) {
       ok = absl::SimpleAtoi(value, &flags.clients) && flags.clients > 0;
-    } else if (value_of("--rounds=", value)) {
+    } else if (absl::ConsumePrefix(&value, "--rounds=")) {
       ok = absl::SimpleAtoi(value, &flags.rounds) && flags.rounds > 0;
-    } else if (value_of("--lookups=", value)) {
+    } else if (absl::ConsumePrefix(&value, "--lookups=")) {
       ok = absl::SimpleAtoi(value, &flags.lookups) && flags.lookups > 0;
-    } else if (value_of("--rebalance_mib=", value)) {
+    } else if (absl::ConsumePrefix(&value, "--rebalance_mib=")) {
       ok = absl::SimpleAtoi(value, &flags.rebalance_mib) &&
            flags.rebalance_mib >= 4;
-    } else if (value_of("--log=", value)) {
+    } else if (absl::ConsumePrefix(&value, "--log=")) {
       flags.log = std::string(value);
       ok = !flags.log.empty();
     } else {

@@ -43,10 +43,10 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
@@ -98,26 +98,20 @@ struct Flags {
 
 bool ParseFlags(int argc, char** argv, Flags& flags) {
   for (int i = 1; i < argc; ++i) {
-    const absl::string_view arg = argv[i];
-    auto value_of = [&](absl::string_view name, absl::string_view& out) {
-      if (!absl::StartsWith(arg, name)) return false;
-      out = arg.substr(name.size());
-      return true;
-    };
-    absl::string_view value;
+    absl::string_view value = argv[i];
     bool ok = true;
-    if (value_of("--data_dir=", value)) {
+    if (absl::ConsumePrefix(&value, "--data_dir=")) {
       flags.data_dir = std::string(value);
-    } else if (value_of("--case_mib=", value)) {
+    } else if (absl::ConsumePrefix(&value, "--case_mib=")) {
       ok = absl::SimpleAtoi(value, &flags.case_mib) && flags.case_mib > 0;
-    } else if (value_of("--nvme_mib=", value)) {
+    } else if (absl::ConsumePrefix(&value, "--nvme_mib=")) {
       ok = absl::SimpleAtoi(value, &flags.nvme_mib) && flags.nvme_mib >= 4;
-    } else if (value_of("--nvme_seconds=", value)) {
+    } else if (absl::ConsumePrefix(&value, "--nvme_seconds=")) {
       ok = absl::SimpleAtoi(value, &flags.nvme_seconds) &&
            flags.nvme_seconds > 0;
-    } else if (value_of("--rounds=", value)) {
+    } else if (absl::ConsumePrefix(&value, "--rounds=")) {
       ok = absl::SimpleAtoi(value, &flags.rounds) && flags.rounds > 0;
-    } else if (value_of("--part=", value)) {
+    } else if (absl::ConsumePrefix(&value, "--part=")) {
       flags.part = std::string(value);
       ok = value == "all" || value == "store" || value == "nvme";
     } else {

@@ -5,12 +5,12 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
-#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "client/host_decode_sink.h"
 #include "tests/testing/fetch_fixture.h"
 #include "transfer/gpu_decode_sink.h"
@@ -181,10 +181,9 @@ TEST_F(GpuFetchTest, CorruptGpuChunkIsRejectedByIndex) {
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   for (int i = 1; i < argc; ++i) {
-    constexpr char kFlag[] = "--kvcached=";
-    if (std::strncmp(argv[i], kFlag, sizeof(kFlag) - 1) == 0) {
-      kvcache::testing::FetchFixture::DaemonPath() =
-          argv[i] + sizeof(kFlag) - 1;
+    absl::string_view value = argv[i];
+    if (absl::ConsumePrefix(&value, "--kvcached=")) {
+      kvcache::testing::FetchFixture::DaemonPath() = std::string(value);
     }
   }
   return RUN_ALL_TESTS();
