@@ -75,6 +75,31 @@ KVCACHE_HD inline uint64_t CodedCost(const uint32_t* counts,
   return cost;
 }
 
+// Normalize's last step when raising rare symbols to 1 overshot kProbScale
+// (freqs sum to `sum`): takes units back from the largest frequencies first,
+// in a fixed (freq desc, symbol asc) order. Symbols at 1 never give units,
+// so only the others are ordered (insertion sort: the order is total, so any
+// sort gives the same one).
+KVCACHE_HD inline void GiveBackOvershoot(uint32_t sum, uint16_t* freqs) {
+  uint8_t order[256];
+  int n = 0;
+  for (int s = 0; s < 256; ++s) {
+    if (freqs[s] <= 1) continue;
+    int i = n++;
+    for (; i > 0 && freqs[order[i - 1]] < freqs[s]; --i)
+      order[i] = order[i - 1];
+    order[i] = static_cast<uint8_t>(s);
+  }
+  while (sum > kProbScale) {
+    for (int i = 0; i < n && sum > kProbScale; ++i) {
+      if (freqs[order[i]] > 1) {
+        --freqs[order[i]];
+        --sum;
+      }
+    }
+  }
+}
+
 // Scales counts[0, 256) into freqs[0, 256) so the result sums to kProbScale
 // and every present symbol keeps frequency >= 1; all zeros when counts are.
 KVCACHE_HD inline void Normalize(const uint32_t* counts, uint16_t* freqs) {
@@ -99,27 +124,7 @@ KVCACHE_HD inline void Normalize(const uint32_t* counts, uint16_t* freqs) {
     freqs[most] += static_cast<uint16_t>(kProbScale - sum);
     return;
   }
-  // Raising rare symbols to 1 overshot: take units back from the largest
-  // frequencies first, in a fixed (freq desc, symbol asc) order. Symbols at
-  // 1 never give units, so only the others are ordered (insertion sort: the
-  // order is total, so any sort gives the same one).
-  uint8_t order[256];
-  int n = 0;
-  for (int s = 0; s < 256; ++s) {
-    if (freqs[s] <= 1) continue;
-    int i = n++;
-    for (; i > 0 && freqs[order[i - 1]] < freqs[s]; --i)
-      order[i] = order[i - 1];
-    order[i] = static_cast<uint8_t>(s);
-  }
-  while (sum > kProbScale) {
-    for (int i = 0; i < n && sum > kProbScale; ++i) {
-      if (freqs[order[i]] > 1) {
-        --freqs[order[i]];
-        --sum;
-      }
-    }
-  }
+  GiveBackOvershoot(sum, freqs);
 }
 
 KVCACHE_HD inline uint32_t VarintSize(uint32_t v) {

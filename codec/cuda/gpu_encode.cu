@@ -372,6 +372,99 @@ struct RunningSum {
   }
 };
 
+// rans::Normalize and rans::ChooseTable, with the same results, computed by
+// a whole CTA: thread s owns symbol s. One thread running them alone over
+// 256 symbols (64-bit divisions, fixed-point logs, local arrays) would hold
+// its CTA for most of its time.
+class BlockTables {
+ public:
+  static_assert(kThreads == 256, "one thread per symbol");
+
+  // Sets freqs[0, 256) (shared) as rans::Normalize does; returns the total.
+  __device__ uint64_t Normalize(const uint32_t* counts, uint16_t* freqs) {
+    const uint32_t s = threadIdx.x, count = counts[s];
+    const uint64_t total = Sum(count);
+    uint32_t f = 0;
+    if (count != 0) {
+      const uint64_t scaled = uint64_t{count} * rans::kProbScale / total;
+      f = scaled > 1 ? static_cast<uint32_t>(scaled) : 1;
+    }
+    freqs[s] = static_cast<uint16_t>(f);
+    if (total == 0) return 0;
+    const uint64_t sum = Sum(f);
+    // The most frequent symbol, the first of equals: largest count, then
+    // smallest symbol.
+    const uint64_t most_key = Max(count ? uint64_t{count} << 8 | (255 - s) : 0);
+    const uint32_t most = 255 - static_cast<uint32_t>(most_key & 255);
+    if (sum <= rans::kProbScale) {
+      if (s == most) freqs[s] += static_cast<uint16_t>(rans::kProbScale - sum);
+    } else {
+      // Overshoot: rare, and order-dependent, so one thread gives back the
+      // units as the CPU does.
+      __syncthreads();
+      if (s == 0) rans::GiveBackOvershoot(static_cast<uint32_t>(sum), freqs);
+    }
+    __syncthreads();
+    return total;
+  }
+
+  // Sets freqs[0, 256) (shared) as rans::ChooseTable does; returns its choice.
+  __device__ rans::TableChoice Choose(const uint32_t* counts, uint32_t alphabet,
+                                      uint16_t* freqs) {
+    const uint64_t total = Normalize(counts, freqs);
+    const uint32_t s = threadIdx.x, count = counts[s], f = freqs[s];
+    rans::TableChoice t;
+    if (total == 0) return t;
+    const uint32_t first = 255 - static_cast<uint32_t>(Max(f ? 255 - s : 0));
+    const uint32_t last = static_cast<uint32_t>(Max(f ? s : 0));
+    t.first = static_cast<uint8_t>(first);
+    t.last = static_cast<uint8_t>(last);
+    if (first == last) {
+      t.kind = rans::TableKind::kSingle;
+      t.bytes = 2;
+      return t;
+    }
+    const bool in_range = s >= first && s <= last;
+    const uint32_t explicit_bytes =
+        3 + static_cast<uint32_t>(Sum(in_range ? rans::VarintSize(f) : 0));
+    const uint32_t uniform = rans::kProbScale / alphabet;
+    const uint64_t explicit_cost =
+        Sum(count ? uint64_t{count} * rans::SymbolCost(f) : 0) +
+        (uint64_t{explicit_bytes} << 11);
+    const uint64_t uniform_cost = total * rans::SymbolCost(uniform) + (1 << 11);
+    if (uniform_cost < explicit_cost) {
+      freqs[s] = static_cast<uint16_t>(s < alphabet ? uniform : 0);
+      __syncthreads();
+      t.kind = rans::TableKind::kUniform;
+      t.bytes = 1;
+      return t;
+    }
+    t.kind = rans::TableKind::kExplicit;
+    t.bytes = explicit_bytes;
+    return t;
+  }
+
+ private:
+  __device__ uint64_t Sum(uint64_t v) {
+    return Reduce(v, [](uint64_t a, uint64_t b) { return a + b; });
+  }
+  __device__ uint64_t Max(uint64_t v) {
+    return Reduce(v, [](uint64_t a, uint64_t b) { return a > b ? a : b; });
+  }
+  // Every thread gets op over all threads' v.
+  template <typename Op>
+  __device__ uint64_t Reduce(uint64_t v, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(~0u, v, o));
+    __syncthreads();  // The previous reduction's reads of partial_ are done.
+    if (threadIdx.x % 32 == 0) partial_[threadIdx.x / 32] = v;
+    __syncthreads();
+    uint64_t r = partial_[0];
+    for (int w = 1; w < kThreads / 32; ++w) r = op(r, partial_[w]);
+    return r;
+  }
+  uint64_t partial_[kThreads / 32];
+};
+
 // One CTA per (plane, channel group) unit: GroupEncoder::Encode.
 __global__ __launch_bounds__(kThreads) void UnitKernel(const EncChunk* chunks,
                                                        EncParams prm,
@@ -385,6 +478,8 @@ __global__ __launch_bounds__(kThreads) void UnitKernel(const EncChunk* chunks,
   __shared__ uint32_t tile_delta[kGroupTile];
   __shared__ uint32_t tile_before[kGroupTile];
   __shared__ uint32_t s_delta_before_last, s_last_delta;
+  __shared__ BlockTables tables;
+  __shared__ uint16_t freqs[256];
   const uint32_t i = blockIdx.y, u = blockIdx.x, tid = threadIdx.x;
   if (status[i] != kOk) return;
   const EncChunk& c = chunks[i];
@@ -420,13 +515,12 @@ __global__ __launch_bounds__(kThreads) void UnitKernel(const EncChunk* chunks,
     }
   }
   __syncthreads();
-  if (tid < 4 && (tid & 1) < bp) {
-    uint16_t f[256];
-    rans::Normalize(hist[tid], f);
-    for (int s = 0; s < 256; ++s)
-      cost[tid][s] = f[s] ? rans::SymbolCost(f[s]) : 0;
+  for (int h = 0; h < 4; ++h) {
+    if ((h & 1) >= bp) continue;
+    tables.Normalize(hist[h], freqs);
+    cost[h][tid] = freqs[tid] ? rans::SymbolCost(freqs[tid]) : 0;
+    __syncthreads();  // Before the next stream overwrites freqs.
   }
-  __syncthreads();
 
   // Pass 2: per token group, delta if its estimated cost is lower.
   for (uint32_t g0 = 0; g0 < groups; g0 += kGroupTile) {
@@ -470,10 +564,13 @@ __global__ __launch_bounds__(kThreads) void UnitKernel(const EncChunk* chunks,
     const uint64_t bit = first_bit + g;
     return __ldcg(&c.choice_words[bit >> 5]) >> (bit & 31) & 1;
   };
+  uint32_t before_last = 0;
+  for (uint32_t g = tid; g + 1 < groups; g += kThreads)
+    before_last += choice(g);
+  uint32_t unused, delta_before_last;
+  Scan(scan_tmp).ExclusiveSum(before_last, unused, delta_before_last);
   if (tid == 0) {
-    uint32_t before_last = 0;
-    for (uint32_t g = 0; g + 1 < groups; ++g) before_last += choice(g);
-    s_delta_before_last = before_last;
+    s_delta_before_last = delta_before_last;
     s_last_delta = choice(groups - 1);
   }
   __syncthreads();
@@ -526,21 +623,22 @@ __global__ __launch_bounds__(kThreads) void UnitKernel(const EncChunk* chunks,
 
   // Tables, one thread per stream, in stream order.
   UnitEnc& unit = c.units[u];
-  if (tid < 4 && (tid & 1) < bp) {
-    const uint32_t stream = (tid >> 1) * bp + (tid & 1);
-    const uint32_t n = tid >> 1 ? delta_n : raw_n;
-    uint16_t f[256];
+  for (int h = 0; h < 4; ++h) {
+    if ((h & 1) >= bp) continue;
+    const uint32_t stream = (h >> 1) * bp + (h & 1);
+    const uint32_t n = h >> 1 ? delta_n : raw_n;
     const rans::TableChoice t =
-        rans::ChooseTable(counts[tid], Alphabet(bits, tid & 1), f);
+        tables.Choose(counts[h], Alphabet(bits, h & 1), freqs);
     const uint32_t slot = u * 4 + stream;
-    rans::WriteTableBytes(t, f, c.tables + uint64_t{slot} * kTableStride);
-    uint32_t start = 0;
-    for (int s = 0; s < 256; ++s) {
-      c.freqs[uint64_t{slot} * 256 + s] = uint32_t{f[s]} << 16 | start;
-      start += f[s];
+    uint32_t start;
+    Scan(scan_tmp).ExclusiveSum(uint32_t{freqs[tid]}, start);
+    c.freqs[uint64_t{slot} * 256 + tid] = uint32_t{freqs[tid]} << 16 | start;
+    if (tid == 0) {
+      rans::WriteTableBytes(t, freqs, c.tables + uint64_t{slot} * kTableStride);
+      unit.table_bytes[stream] = t.bytes;
+      unit.blocks[stream] = (n + prm.block_symbols - 1) / prm.block_symbols;
     }
-    unit.table_bytes[stream] = t.bytes;
-    unit.blocks[stream] = (n + prm.block_symbols - 1) / prm.block_symbols;
+    __syncthreads();  // Before the next stream overwrites freqs.
   }
   if (tid == 0) {
     unit.raw = raw_n;
