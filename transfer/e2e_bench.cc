@@ -30,6 +30,7 @@
 #include "codec/kv_dump.h"
 #include "tests/testing/daemon_process.h"
 #include "transfer/gpu_decode_sink.h"
+#include "transfer/gpu_storer.h"
 
 namespace kvcache {
 namespace {
@@ -144,6 +145,10 @@ class Bench {
     keys_ = *ChunkKeysForTokens(space, tokens);
     space.model_id = "e2e-bench-raw";
     raw_keys_ = *ChunkKeysForTokens(space, tokens);
+    space.model_id = "e2e-bench-store";
+    store_keys_ = *ChunkKeysForTokens(space, tokens);
+    space.model_id = "e2e-bench-store-raw";
+    raw_store_keys_ = *ChunkKeysForTokens(space, tokens);
     for (int i = 0; i < kChunks; ++i) {
       compressed_bytes_ += streams_[i % kDistinct].size();
     }
@@ -185,13 +190,70 @@ class Bench {
     }
   }
 
-  void PutRaw(KvCacheClient& client) {
+  void PutRaw(KvCacheClient& client, const uint8_t* from,
+              const std::vector<ChunkKey>& keys) {
     for (int i = 0; i < kChunks; ++i) {
       const char* at =
-          reinterpret_cast<const char*>(pinned_ + i * kLlama8B.RawBytes());
-      Die(client.Put({{raw_keys_[i], std::string(at, kLlama8B.RawBytes())}}),
+          reinterpret_cast<const char*>(from + i * kLlama8B.RawBytes());
+      Die(client.Put({{keys[i], absl::string_view(at, kLlama8B.RawBytes())}}),
           "put raw");
     }
+  }
+  void PutRaw(KvCacheClient& client) { PutRaw(client, pinned_, raw_keys_); }
+
+  // Stores the prefix from the worker's GPU blocks through a GpuStorer:
+  // seconds until Store returns (the worker's thread is free) into
+  // `queued_s`, seconds until every chunk is in the node as the result.
+  // The stored chunks must be the CPU encoder's bytes.
+  double TimeStore(std::shared_ptr<KvCacheClient> client, double* queued_s,
+                   uint64_t* device_bytes) {
+    KVCACHE_CUDA_OR_DIE(
+        cudaMemcpy(dest_, pinned_, Raw(), cudaMemcpyHostToDevice));
+    transfer::GpuStorerOptions options;
+    options.slots = 4;
+    absl::StatusOr<std::unique_ptr<transfer::GpuStorer>> storer =
+        transfer::GpuStorer::Create(client, Layout(), options);
+    Die(storer.status(), "GPU storer");
+    *device_bytes = (*storer)->device_bytes();
+    std::vector<transfer::ChunkFromDevice> chunks(kChunks);
+    for (int i = 0; i < kChunks; ++i) {
+      chunks[i].key = store_keys_[i];
+      if (i > 0) chunks[i].parent = store_keys_[i - 1];
+      chunks[i].source.tokens = kLlama8B.tokens;
+      chunks[i].source.values = dest_ + i * kLlama8B.NumValues();
+    }
+    KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
+    const auto start = std::chrono::steady_clock::now();
+    absl::StatusOr<transfer::GpuStorer::Ticket> ticket =
+        (*storer)->Store(std::move(chunks), nullptr);
+    Die(ticket.status(), "store");
+    *queued_s = Seconds(start);
+    Die((*storer)->Wait(*ticket).status(), "store");
+    const double stored_s = Seconds(start);
+    for (int i : {0, kChunks - 1}) {
+      absl::StatusOr<std::vector<FetchedChunk>> got =
+          client->Get({store_keys_[i]});
+      Die(got.status(), "get stored");
+      absl::StatusOr<std::string> cpu = codec::EncodeChunk(
+          kLlama8B, expected_[i % kDistinct], codec::Level::kDefault);
+      if (!cpu.ok() || (*got)[0].bytes != *cpu) {
+        std::fprintf(stderr, "stored chunk %d differs from the CPU encoder's\n",
+                     i);
+        std::exit(1);
+      }
+    }
+    return stored_s;
+  }
+
+  // The raw peer of TimeStore: copy the fp16 down to pinned memory and put
+  // it over the same gRPC connection.
+  double TimeStoreRaw(KvCacheClient& client) {
+    KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
+    const auto start = std::chrono::steady_clock::now();
+    KVCACHE_CUDA_OR_DIE(
+        cudaMemcpy(pinned_, dest_, Raw(), cudaMemcpyDeviceToHost));
+    PutRaw(client, pinned_, raw_store_keys_);
+    return Seconds(start);
   }
 
   // Median seconds of restoring the prefix through `fetcher`; checks the
@@ -208,6 +270,12 @@ class Bench {
     return Median(times);
   }
 
+  // The worker's blocks: the prefix, contiguous, chunk after chunk.
+  static KvLayout Layout() {
+    return KvLayout::Contiguous(kLlama8B.layers, kLlama8B.kv_heads,
+                                kLlama8B.head_dim, kLlama8B.dtype);
+  }
+
   // A sink restoring chunk i into its place in the contiguous prefix.
   std::unique_ptr<transfer::GpuDecodeSink> MakeSink() {
     std::vector<KvChunkRef> dests(kChunks);
@@ -216,10 +284,7 @@ class Bench {
       dests[i].values = dest_ + i * kLlama8B.NumValues();
     }
     absl::StatusOr<std::unique_ptr<transfer::GpuDecodeSink>> sink =
-        transfer::GpuDecodeSink::Create(
-            KvLayout::Contiguous(kLlama8B.layers, kLlama8B.kv_heads,
-                                 kLlama8B.head_dim, kLlama8B.dtype),
-            dests, nullptr);
+        transfer::GpuDecodeSink::Create(Layout(), dests, nullptr);
     Die(sink.status(), "sink");
     return *std::move(sink);
   }
@@ -302,8 +367,7 @@ class Bench {
       jobs[i].dest.tokens = kLlama8B.tokens;
       jobs[i].dest.values = dest_ + i * kLlama8B.NumValues();
     }
-    const KvLayout layout = KvLayout::Contiguous(
-        kLlama8B.layers, kLlama8B.kv_heads, kLlama8B.head_dim, kLlama8B.dtype);
+    const KvLayout layout = Layout();
     // Batches as the sink decodes chunks that are already on the GPU.
     const int batch = transfer::GpuDecodeSinkOptions().device_batch_chunks;
     const uint64_t ws_bytes = codec::gpu::DecodeWorkspaceBytes(
@@ -369,7 +433,7 @@ class Bench {
   const std::string kvcached_;
   std::vector<std::string> streams_;
   std::vector<std::vector<uint16_t>> expected_;
-  std::vector<ChunkKey> keys_, raw_keys_;
+  std::vector<ChunkKey> keys_, raw_keys_, store_keys_, raw_store_keys_;
   uint64_t compressed_bytes_ = 0;
   uint16_t* dest_ = nullptr;
   uint8_t* pinned_ = nullptr;
@@ -522,6 +586,21 @@ int Run(int argc, char** argv) {
     std::filesystem::remove_all(nvme_dir);
   }
 
+  // Store: the worker's prefix, in its GPU blocks, encoded on its GPU and
+  // put into a node on this host over gRPC in the background.
+  double store_s = 0, store_queued_s = 0, store_raw_s = 0;
+  uint64_t storer_device_bytes = 0;
+  {
+    Note("storing from GPU blocks");
+    auto daemon =
+        bench.StartDaemon({"--set=cpu_tier { capacity_bytes: 6442450944 }",
+                           "--set=limits { max_chunk_bytes: 67108864 }"});
+    auto client = bench.Connect(*daemon);
+    store_s = bench.TimeStore(client, &store_queued_s, &storer_device_bytes);
+    Note("storing raw fp16");
+    store_raw_s = bench.TimeStoreRaw(*client);
+  }
+
   // Prefill FLOPs: 2 per parameter per token (8.03e9 parameters), plus
   // causal attention, 4 * layers * hidden * tokens^2 / 2.
   const double tokens = 32768, hidden = 4096, layers = 32;
@@ -548,6 +627,13 @@ int Run(int argc, char** argv) {
   std::printf(
       "\nGPU tier restore: %.0f%% of the GPU decoder's throughput alone\n",
       100 * decode_alone_s / gpu_tier_s);
+  std::printf(
+      "\nstore from GPU blocks (GPU encode, background put over gRPC, %.2f "
+      "GiB of device memory for 4 slots of 8 chunks): worker's thread free "
+      "after %.4f s, all stored after %.4f s (%.1f GB/s of KV); raw fp16 "
+      "copied down and put over gRPC: %.4f s (%.1f GB/s), %.2fx\n",
+      storer_device_bytes / double(1 << 30), store_queued_s, store_s,
+      gbps(store_s), store_raw_s, gbps(store_raw_s), store_raw_s / store_s);
   std::printf(
       "\nrecompute (prefill of 32K tokens, %.2e FLOPs at 50%% of the H100's "
       "989 TFLOPS dense bf16): %.2f s\n",

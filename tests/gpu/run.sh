@@ -24,6 +24,7 @@ TARGETS=(
   "//codec/cuda:codec_gpu_test||memcheck"
   "//kvstore:gpu_tier_test|"
   "//tests:gpu_fetch_test|--kvcached=.gpu/bin/kvcached"
+  "//tests:gpu_store_test|--kvcached=.gpu/bin/kvcached"
   "//codec/cuda:codec_gpu_bench|"
   "//transfer:e2e_bench|--kvcached=.gpu/bin/kvcached --nvme_dir=.gpu/nvme"
 )
