@@ -5,23 +5,10 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "transfer/cuda_status.h"
 
 namespace kvcache::kvstore {
 namespace {
-
-absl::Status CudaError(cudaError_t error, absl::string_view what) {
-  if (error == cudaSuccess) return absl::OkStatus();
-  const std::string message =
-      absl::StrCat(what, ": ", cudaGetErrorString(error));
-  if (error == cudaErrorMemoryAllocation) {
-    return absl::ResourceExhaustedError(message);
-  }
-  if (error == cudaErrorNoDevice || error == cudaErrorInsufficientDriver ||
-      error == cudaErrorInvalidDevice) {
-    return absl::UnavailableError(message);
-  }
-  return absl::InternalError(message);
-}
 
 // Copies on this thread's stream of `device` and waits: pageable copies may
 // return before their DMA ends, and readers in other processes must see

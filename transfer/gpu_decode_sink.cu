@@ -4,22 +4,13 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "transfer/cuda_status.h"
 #include "transfer/gpu_decode_sink.h"
 
 namespace kvcache::transfer {
 
 using codec::gpu::ChunkErrorName;
 using codec::gpu::DecodeJob;
-
-namespace {
-
-absl::Status CudaError(cudaError_t error, absl::string_view what) {
-  if (error == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrCat(what, ": ", cudaGetErrorString(error)));
-}
-
-}  // namespace
 
 struct GpuDecodeSink::Slot {
   uint8_t* device = nullptr;

@@ -7,21 +7,12 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "transfer/cuda_status.h"
 
 namespace kvcache::transfer {
 
 using codec::gpu::ChunkErrorName;
 using codec::gpu::EncodeJob;
-
-namespace {
-
-absl::Status CudaError(cudaError_t error, absl::string_view what) {
-  if (error == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrCat(what, ": ", cudaGetErrorString(error)));
-}
-
-}  // namespace
 
 struct GpuStorer::Slot {
   uint8_t* out = nullptr;  // device, batch_chunks bitstreams

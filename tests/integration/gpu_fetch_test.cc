@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/strip.h"
 #include "client/host_decode_sink.h"
 #include "tests/testing/fetch_fixture.h"
 #include "transfer/gpu_decode_sink.h"
@@ -180,11 +179,6 @@ TEST_F(GpuFetchTest, CorruptGpuChunkIsRejectedByIndex) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  for (int i = 1; i < argc; ++i) {
-    absl::string_view value = argv[i];
-    if (absl::ConsumePrefix(&value, "--kvcached=")) {
-      kvcache::testing::FetchFixture::DaemonPath() = std::string(value);
-    }
-  }
+  kvcache::testing::FetchFixture::ReadDaemonFlag(argc, argv);
   return RUN_ALL_TESTS();
 }

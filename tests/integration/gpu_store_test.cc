@@ -12,7 +12,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/strip.h"
 #include "absl/synchronization/notification.h"
 #include "tests/testing/fetch_fixture.h"
 #include "transfer/gpu_storer.h"
@@ -294,11 +293,6 @@ TEST_F(GpuStoreTest, BadRequestsAndADeadNodeAreErrors) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  for (int i = 1; i < argc; ++i) {
-    absl::string_view value = argv[i];
-    if (absl::ConsumePrefix(&value, "--kvcached=")) {
-      kvcache::testing::FetchFixture::DaemonPath() = std::string(value);
-    }
-  }
+  kvcache::testing::FetchFixture::ReadDaemonFlag(argc, argv);
   return RUN_ALL_TESTS();
 }

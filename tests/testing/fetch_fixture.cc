@@ -1,7 +1,10 @@
 #include "tests/testing/fetch_fixture.h"
 
+#include <string>
 #include <utility>
 
+#include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
 #include "codec/kv_dump.h"
 
 namespace kvcache::testing {
@@ -45,6 +48,15 @@ const Prompt& RealPrompt() {
 std::string& FetchFixture::DaemonPath() {
   static std::string* path = new std::string("kvstore/kvcached");
   return *path;
+}
+
+void FetchFixture::ReadDaemonFlag(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view value = argv[i];
+    if (absl::ConsumePrefix(&value, "--kvcached=")) {
+      DaemonPath() = std::string(value);
+    }
+  }
 }
 
 void FetchFixture::SetUp() {

@@ -36,6 +36,9 @@ class FetchFixture : public ::testing::Test {
  public:
   // The kvcached binary the fixture starts; a runfiles path by default.
   static std::string& DaemonPath();
+  // Sets DaemonPath() from a --kvcached=PATH argument, as the GPU test
+  // binaries take it.
+  static void ReadDaemonFlag(int argc, char** argv);
 
  protected:
   void SetUp() override;
