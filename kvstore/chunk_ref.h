@@ -7,10 +7,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "kvstore/codec_summary.h"
 
 namespace kvcache::kvstore {
 
@@ -25,9 +27,11 @@ struct ChunkRef {
   uint32_t crc32c = 0;
   bool pinned = false;
   absl::Time pin_expiry = absl::InfinitePast();
-  // The chunk this one extends in its prompt, if its writer said so; kept
-  // by the CPU tier (prefix-aware eviction), not by the NVMe index.
+  // The chunk this one extends in its prompt, if its writer said so; every
+  // tier keeps it for prefix-aware eviction, the NVMe tier in its index.
   std::string parent_key;
+  // What the chunk's codec header says, if its bytes are a codec stream.
+  std::optional<CodecSummary> codec;
   // `data` is GPU memory (the GPU tier's): the CPU cannot read bytes().
   bool on_device = false;
 

@@ -46,8 +46,8 @@ absl::StatusOr<Extent> ExtentAllocator::Allocate(uint64_t bytes) {
 
 absl::Status ExtentAllocator::Claim(const Extent& extent) {
   if (extent.length == 0 || extent.length % kBlockBytes != 0 ||
-      extent.offset % kBlockBytes != 0 ||
-      extent.offset + extent.length > slab_bytes_) {
+      extent.offset % kBlockBytes != 0 || extent.length > slab_bytes_ ||
+      extent.offset > slab_bytes_ - extent.length) {
     return absl::FailedPreconditionError(absl::StrCat(
         "extent slab=", extent.slab, " offset=", extent.offset,
         " length=", extent.length, " is misaligned or outside a slab of ",

@@ -64,6 +64,8 @@ TEST(ExtentAllocatorTest, ClaimRebuildsUsedSpaceAndRejectsBadExtents) {
   EXPECT_FALSE(allocator.Claim({0, 100, kB}).ok()) << "misaligned";
   EXPECT_FALSE(allocator.Claim({0, 7 * kB, 2 * kB}).ok()) << "past the end";
   EXPECT_FALSE(allocator.Claim({2, 0, kB}).ok()) << "no such slab";
+  EXPECT_FALSE(allocator.Claim({0, ~uint64_t{0} - kB + 1, 2 * kB}).ok())
+      << "offset + length wraps around";
   EXPECT_EQ(allocator.used_bytes(), 2 * kB);
   // Nothing allocated afterwards overlaps the claimed extent.
   while (true) {

@@ -9,7 +9,9 @@
 #include "absl/status/status.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "codec/codec.h"
 #include "codec/crc32c.h"
+#include "kvstore/codec_summary.h"
 #include "kvstore/daemon_config.h"
 #include "kvstore/gpu_arena.h"
 #include "transfer/grpc_stream.h"
@@ -85,6 +87,16 @@ void FillInfo(absl::string_view key, const LocatedChunk& located,
   info.set_pinned(chunk.pinned);
   info.set_pin_expires_unix_ms(
       chunk.pinned ? absl::ToUnixMillis(chunk.pin_expiry) : 0);
+  if (chunk.codec.has_value()) {
+    const codec::ChunkShape& shape = chunk.codec->shape;
+    v1::CodecSummary& summary = *info.mutable_codec();
+    summary.set_layers(shape.layers);
+    summary.set_tokens(shape.tokens);
+    summary.set_kv_heads(shape.kv_heads);
+    summary.set_head_dim(shape.head_dim);
+    summary.set_dtype(std::string(DTypeName(shape.dtype)));
+    summary.set_level(std::string(codec::LevelName(chunk.codec->level)));
+  }
 }
 
 absl::Duration CappedTtl(uint64_t ttl_ms, const v1::LimitsConfig& limits) {

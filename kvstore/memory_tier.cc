@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "kvstore/codec_summary.h"
 
 namespace kvcache::kvstore {
 
@@ -128,6 +130,9 @@ absl::Status MemoryTier::PutUntil(absl::string_view key,
     if (sink) sink(std::move(victims));
   }
   if (absl::Status s = arena_->Write(slice.get(), bytes); !s.ok()) return s;
+  // Read here, from host bytes: the GPU tier's copy is out of the CPU's
+  // reach later.
+  const std::optional<CodecSummary> codec = SummarizeChunk(bytes);
 
   absl::MutexLock lock(&mu_);
   ChunkRef chunk;
@@ -146,6 +151,7 @@ absl::Status MemoryTier::PutUntil(absl::string_view key,
   chunk.size_bytes = size;
   chunk.crc32c = crc32c;
   chunk.parent_key = std::string(parent_key);
+  chunk.codec = codec;
   chunk.on_device = arena_->on_device();
   links_.Add(key, parent_key);
   lru_.emplace_back(key);

@@ -58,6 +58,7 @@ class MemoryTier {
   // `parent_key` names the chunk this one extends in its prompt (empty if
   // none): eviction takes chunks no other held chunk extends first, least
   // recently used among them, so a prefix shrinks from its end.
+  // If `bytes` are a codec stream, the chunk keeps its codec summary.
   absl::Status Put(absl::string_view key, absl::string_view bytes,
                    uint32_t crc32c,
                    absl::Duration pin_ttl = absl::ZeroDuration(),

@@ -15,9 +15,17 @@
 #include "absl/strings/str_format.h"
 #include "codec/crc32c.h"
 #include "kvstore/aligned_buffer.h"
+#include "kvstore/codec_summary.h"
 
 namespace kvcache::kvstore {
 namespace {
+
+// Access times reach the index once this many chunks were read, at the
+// first read this long after the last batch, and at shutdown. An index write
+// in every read, under the tier's lock, cost 4-14% of read throughput on
+// 64-256 KiB chunks (docs/BENCHMARKS.md).
+constexpr size_t kAccessBatch = 1024;
+constexpr absl::Duration kAccessBatchInterval = absl::Seconds(1);
 
 std::string KeyPrefix(absl::string_view key) {
   return absl::BytesToHexString(key.substr(0, 8));
@@ -40,6 +48,10 @@ NvmeTier::NvmeTier(const NvmeTierOptions& options, Clock clock)
                                                    options.slab_bytes)) {}
 
 NvmeTier::~NvmeTier() {
+  {
+    absl::ReleasableMutexLock lock(&mu_);
+    SaveAccessTimes(lock);
+  }
   {
     // Leases in the map free into the allocator; release them first.
     absl::MutexLock lock(&mu_);
@@ -152,6 +164,9 @@ absl::Status NvmeTier::LoadIndex() {
     entry.crc32c = chunk.record.crc32c;
     entry.pin_expiry = FromUnixMillisOrPast(chunk.record.pin_expiry_unix_ms);
     entry.last_access = absl::FromUnixMillis(chunk.record.last_access_unix_ms);
+    entry.parent_key = std::move(chunk.record.parent_key);
+    entry.codec = chunk.record.codec;
+    links_.Add(chunk.key, entry.parent_key);
     entry.recency = lru_.insert(lru_.end(), chunk.key);
     stored_bytes_ += entry.size_bytes;
     entries_.emplace(std::move(chunk.key), std::move(entry));
@@ -162,7 +177,7 @@ absl::Status NvmeTier::LoadIndex() {
                "dropped %zu bad index records\n",
                options_.data_dir.c_str(), entries_.size(),
                static_cast<unsigned long long>(stored_bytes_), dropped.size());
-  return index_->Delete(dropped);
+  return DeleteRecords(dropped);
 }
 
 NvmeTier::ExtentLease NvmeTier::Lease(const Extent& extent) {
@@ -184,6 +199,7 @@ ChunkRef NvmeTier::RefOf(const Entry& entry) const {
   ref.pinned = IsPinned(entry);
   ref.pin_expiry = ref.pinned ? entry.pin_expiry : absl::InfinitePast();
   ref.parent_key = entry.parent_key;
+  ref.codec = entry.codec;
   return ref;
 }
 
@@ -194,6 +210,8 @@ IndexRecord NvmeTier::RecordOf(const Entry& entry) const {
   record.crc32c = entry.crc32c;
   record.last_access_unix_ms = absl::ToUnixMillis(entry.last_access);
   record.pin_expiry_unix_ms = ToUnixMillisOrZero(entry.pin_expiry);
+  record.parent_key = entry.parent_key;
+  record.codec = entry.codec;
   return record;
 }
 
@@ -227,7 +245,7 @@ absl::StatusOr<bool> NvmeTier::EvictFor(uint64_t bytes) {
   if (victims.empty()) return false;
   // The records go before the extents can be reused: `freed` lets go of them
   // only after this returns.
-  if (absl::Status s = index_->Delete(victims); !s.ok()) return s;
+  if (absl::Status s = DeleteRecords(victims); !s.ok()) return s;
   evictions_ += victims.size();
   return true;
 }
@@ -294,6 +312,7 @@ absl::Status NvmeTier::Put(absl::string_view key, absl::string_view bytes,
   entry.crc32c = crc32c;
   entry.last_access = clock_();
   entry.parent_key = std::string(parent_key);
+  entry.codec = SummarizeChunk(bytes);
   ExtentLease replaced;
   absl::MutexLock lock(&mu_);
   auto old = entries_.find(key);
@@ -304,10 +323,7 @@ absl::Status NvmeTier::Put(absl::string_view key, absl::string_view bytes,
   entry.pin_expiry = std::max(entry.pin_expiry, pin_expiry);
   // The map changes only once the record is durable, so a failed write
   // leaves the old chunk in place in both.
-  if (absl::Status s = index_->Put(key, RecordOf(entry), /*sync=*/true);
-      !s.ok()) {
-    return s;
-  }
+  if (absl::Status s = WriteRecord(key, entry); !s.ok()) return s;
   if (old != entries_.end()) replaced = Unlink(old);
   links_.Add(key, entry.parent_key);
   entry.recency = lru_.insert(lru_.end(), std::string(key));
@@ -331,7 +347,7 @@ void NvmeTier::DropCorrupt(absl::string_view key, const ExtentLease& extent,
   if (it == entries_.end() || it->second.extent != extent) return;
   Unlink(it);
   const std::string keys[] = {std::string(key)};
-  if (absl::Status s = index_->Delete(keys); !s.ok()) {
+  if (absl::Status s = DeleteRecords(keys); !s.ok()) {
     std::fprintf(stderr, "kvcached: nvme tier: %s\n", s.ToString().c_str());
   }
 }
@@ -340,19 +356,19 @@ absl::StatusOr<ChunkRef> NvmeTier::Get(absl::string_view key) {
   ExtentLease extent;
   ChunkRef ref;
   {
-    absl::MutexLock lock(&mu_);
+    absl::ReleasableMutexLock lock(&mu_);
     auto it = entries_.find(key);
     if (it == entries_.end()) return absl::NotFoundError("chunk not on NVMe");
     Entry& entry = it->second;
     lru_.splice(lru_.end(), lru_, entry.recency);
     entry.last_access = clock_();
-    // Unsynced: a lost access time only blurs recency after a crash.
-    if (absl::Status s = index_->Put(key, RecordOf(entry), /*sync=*/false);
-        !s.ok()) {
-      return s;
-    }
     extent = entry.extent;
     ref = RefOf(entry);
+    unsaved_accesses_.insert_or_assign(key, RecordOf(entry));
+    if (unsaved_accesses_.size() >= kAccessBatch ||
+        entry.last_access - accesses_saved_at_ >= kAccessBatchInterval) {
+      SaveAccessTimes(lock);
+    }
   }
   auto buffer = std::make_shared<AlignedBuffer>(extent->length);
   // Checksummed piece by piece while the rest of the chunk is still being
@@ -384,6 +400,38 @@ absl::StatusOr<ChunkRef> NvmeTier::Get(absl::string_view key) {
   return ref;
 }
 
+absl::Status NvmeTier::WriteRecord(absl::string_view key, const Entry& entry) {
+  unsaved_accesses_.erase(key);
+  absl::MutexLock index_lock(&index_mu_);
+  return index_->Put(key, RecordOf(entry), /*sync=*/true);
+}
+
+absl::Status NvmeTier::DeleteRecords(absl::Span<const std::string> keys) {
+  for (const std::string& key : keys) unsaved_accesses_.erase(key);
+  absl::MutexLock index_lock(&index_mu_);
+  return index_->Delete(keys);
+}
+
+void NvmeTier::SaveAccessTimes(absl::ReleasableMutexLock& lock) {
+  absl::flat_hash_map<std::string, IndexRecord> records;
+  records.swap(unsaved_accesses_);
+  accesses_saved_at_ = clock_();
+  if (records.empty()) {
+    lock.Release();
+    return;
+  }
+  // Reads go on while the batch is written; index_mu_, taken before mu_ is
+  // let go, keeps any later record of these keys from landing first.
+  absl::MutexLock index_lock(&index_mu_);
+  lock.Release();
+  // Unsynced, and dropped on failure: a lost access time only blurs
+  // recency after a restart, and must not fail reads.
+  if (absl::Status s = index_->PutAll(records, /*sync=*/false); !s.ok()) {
+    std::fprintf(stderr, "kvcached: nvme tier: access times not saved: %s\n",
+                 s.ToString().c_str());
+  }
+}
+
 absl::StatusOr<ChunkRef> NvmeTier::Peek(absl::string_view key) const {
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(key);
@@ -403,7 +451,7 @@ absl::StatusOr<bool> NvmeTier::Delete(absl::string_view key) {
   if (it == entries_.end()) return false;
   freed = Unlink(it);
   const std::string keys[] = {std::string(key)};
-  if (absl::Status s = index_->Delete(keys); !s.ok()) return s;
+  if (absl::Status s = DeleteRecords(keys); !s.ok()) return s;
   return true;
 }
 
@@ -416,10 +464,7 @@ absl::StatusOr<absl::Time> NvmeTier::Pin(absl::string_view key,
   const absl::Time until = clock_() + ttl;
   entry.pin_expiry =
       IsPinned(entry) ? std::max(entry.pin_expiry, until) : until;
-  if (absl::Status s = index_->Put(key, RecordOf(entry), /*sync=*/true);
-      !s.ok()) {
-    return s;
-  }
+  if (absl::Status s = WriteRecord(key, entry); !s.ok()) return s;
   return entry.pin_expiry;
 }
 
@@ -428,7 +473,7 @@ absl::Status NvmeTier::Unpin(absl::string_view key) {
   auto it = entries_.find(key);
   if (it == entries_.end()) return absl::NotFoundError("chunk not on NVMe");
   it->second.pin_expiry = absl::InfinitePast();
-  return index_->Put(key, RecordOf(it->second), /*sync=*/true);
+  return WriteRecord(key, it->second);
 }
 
 std::vector<std::string> NvmeTier::Keys() const {

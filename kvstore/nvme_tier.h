@@ -5,7 +5,8 @@
 //   slab-000 ... slab-NNN   slab files of slab_bytes each, opened O_DIRECT
 //                           and read/written through io_uring
 //   index/                  RocksDB: key -> extent, size, CRC32C, access
-//                           time, pin (format in chunk_index.h)
+//                           time, pin, parent key, codec summary (format
+//                           in chunk_index.h)
 //
 // Durability order: a chunk's bytes are written and fdatasync'ed before its
 // index record is written (synced), and the chunk is visible only after
@@ -18,12 +19,17 @@
 // Every read is checked against the recorded CRC32C; a mismatch drops the
 // chunk, logs it, counts it in corrupt_chunks and answers DATA_LOSS. The
 // in-memory map answers Peek/Contains, so lookups never touch RocksDB.
+// Reads update access times in memory; those reach the index in unsynced
+// batches, written while reads go on (once 1024 chunks were read, at the
+// first read a second after the last batch, and at clean shutdown), so
+// after a crash recency is rebuilt from access times about that stale.
 //
 // Eviction is LRU over unpinned chunks (a pin whose expiry passed is no pin),
 // taking chunks that no held chunk extends first (the parent links that
-// puts carry; they are kept in memory, not in the index, so after a restart
-// eviction is plain LRU until chunks are written again); this is the last
-// tier, so evicted chunks are dropped.
+// puts carry; each chunk's record keeps its parent, and opening the tier
+// rebuilds the links from the records, so a restarted node still shrinks
+// cached prompts from their end); this is the last tier, so evicted chunks
+// are dropped.
 //
 // Thread-safe. Concurrent writes (Put, Delete) of the same key are
 // serialised by the caller (TieredStore); everything else may run
@@ -35,6 +41,7 @@
 #include <functional>
 #include <list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,8 +52,10 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "kvstore/chunk_index.h"
 #include "kvstore/chunk_ref.h"
+#include "kvstore/codec_summary.h"
 #include "kvstore/extent_allocator.h"
 #include "kvstore/prefix_links.h"
 #include "kvstore/uring_file_io.h"
@@ -65,11 +74,11 @@ class NvmeTier {
   using Clock = std::function<absl::Time()>;
 
   // Creates or reopens the tier in options.data_dir and rebuilds the
-  // in-memory map from the index; records that are damaged, out of bounds or
-  // overlapping are dropped and logged. FAILED_PRECONDITION naming the
-  // directory if it cannot be used (no O_DIRECT support, e.g. tmpfs; index
-  // locked by another process); RESOURCE_EXHAUSTED if the slabs cannot be
-  // preallocated.
+  // in-memory map, recency and parent links from the index; records that
+  // are damaged, out of bounds or overlapping are dropped and logged.
+  // FAILED_PRECONDITION naming the directory if it cannot be used (no O_DIRECT
+  // support, e.g. tmpfs; index locked by another process); RESOURCE_EXHAUSTED
+  // if the slabs cannot be preallocated.
   static absl::StatusOr<std::unique_ptr<NvmeTier>> Open(
       const NvmeTierOptions& options, Clock clock = nullptr);
   ~NvmeTier();
@@ -82,7 +91,8 @@ class NvmeTier {
   // used unpinned chunks for room. RESOURCE_EXHAUSTED if it cannot fit even
   // then, or the disk is full; the tier is then unchanged except for what was
   // evicted.
-  // `parent_key`: the chunk this one extends in its prompt, if known.
+  // `parent_key`: the chunk this one extends in its prompt, if known. The
+  // codec summary, if `bytes` are a codec stream, is read here and indexed.
   absl::Status Put(absl::string_view key, absl::string_view bytes,
                    uint32_t crc32c, absl::Time pin_expiry,
                    absl::string_view parent_key = {});
@@ -122,6 +132,7 @@ class NvmeTier {
     absl::Time pin_expiry = absl::InfinitePast();
     absl::Time last_access;
     std::string parent_key;
+    std::optional<CodecSummary> codec;
     std::list<std::string>::iterator recency;  // position in lru_
   };
   using EntryMap = absl::flat_hash_map<std::string, Entry>;
@@ -144,6 +155,16 @@ class NvmeTier {
   ExtentLease Unlink(EntryMap::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropCorrupt(absl::string_view key, const ExtentLease& extent,
                    absl::string_view why);
+  // The index writes of every change but access times: synced, and each
+  // supersedes the key's unsaved access.
+  absl::Status WriteRecord(absl::string_view key, const Entry& entry)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status DeleteRecords(absl::Span<const std::string> keys)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes the records of the chunks read since the last call to the index
+  // in one batch. Releases `lock`, which holds mu_, before writing.
+  void SaveAccessTimes(absl::ReleasableMutexLock& lock)
+      ABSL_UNLOCK_FUNCTION(mu_);
 
   const NvmeTierOptions options_;
   const Clock clock_;
@@ -155,11 +176,20 @@ class NvmeTier {
 
   // Held across index writes so the index and the map change together.
   mutable absl::Mutex mu_;
+  // Taken (after mu_) around every index write, and held past mu_ by a
+  // batch of access times, so index writes land in the order the map
+  // changed.
+  absl::Mutex index_mu_ ABSL_ACQUIRED_AFTER(mu_);
   EntryMap entries_ ABSL_GUARDED_BY(mu_);
   // Keys from least (front) to most (back) recently used.
   std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);
   uint64_t stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   PrefixLinks links_ ABSL_GUARDED_BY(mu_);
+  // The records of chunks read since accesses_saved_at_, with their new
+  // access times, waiting to be written in one batch.
+  absl::flat_hash_map<std::string, IndexRecord> unsaved_accesses_
+      ABSL_GUARDED_BY(mu_);
+  absl::Time accesses_saved_at_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   uint64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t corrupt_chunks_ ABSL_GUARDED_BY(mu_) = 0;
 };

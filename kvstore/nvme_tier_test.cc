@@ -2,14 +2,21 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <rocksdb/db.h>
+#include <rocksdb/options.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
+#include <memory>
 #include <random>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "codec/codec.h"
 #include "codec/crc32c.h"
+#include "codec/test_data.h"
 
 namespace kvcache::kvstore {
 namespace {
@@ -89,6 +96,49 @@ TEST_F(NvmeTierTest, ChunksAndPinsSurviveReopen) {
   EXPECT_EQ(tier_->Usage().chunks, 2u);
   EXPECT_EQ(tier_->Usage().used_bytes, used)
       << "extents of replaced and deleted chunks are free after reopen";
+}
+
+TEST_F(NvmeTierTest, RecencyOfReadsSurvivesReopen) {
+  for (const std::string key : {"a", "b", "c"}) {
+    ASSERT_TRUE(Put(key, Bytes(kB, key[0])).ok());
+    now_ += absl::Milliseconds(10);
+  }
+  // Read in reverse, within a second: these access times reach the index
+  // at shutdown, not one write per read.
+  for (const std::string key : {"c", "b", "a"}) {
+    GetBytes(key);
+    now_ += absl::Milliseconds(10);
+  }
+  Reopen();
+  EXPECT_EQ(tier_->Keys(), (std::vector<std::string>{"c", "b", "a"}));
+}
+
+TEST_F(NvmeTierTest, IndexOfAVersionOneNodeStillLoads) {
+  const std::string bytes = Bytes(10000, 7);
+  ASSERT_TRUE(tier_
+                  ->Put("old", bytes, codec::Crc32c(bytes),
+                        absl::InfinitePast(), "parent")
+                  .ok());
+  tier_.reset();
+  {
+    // Rewrite the record as a node before version 2 wrote it: the same
+    // first 42 bytes, marked version 1.
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(),
+                                  options_.data_dir + "/index", &raw)
+                    .ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    std::string record;
+    ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), "old", &record).ok());
+    std::string v1 = record.substr(0, 42);
+    v1[0] = 1;
+    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), "old", v1).ok());
+    ASSERT_TRUE(db->Close().ok());
+  }
+  Reopen();
+  EXPECT_EQ(GetBytes("old"), bytes);
+  EXPECT_EQ(tier_->Peek("old")->parent_key, "") << "version 1 had none";
+  EXPECT_EQ(tier_->Usage().corrupt_chunks, 0u);
 }
 
 TEST_F(NvmeTierTest, DamagedBytesAreDataLossAndDropped) {
@@ -181,6 +231,54 @@ TEST_F(NvmeTierTest, EvictsAPromptFromItsEnd) {
   EXPECT_TRUE(tier_->Contains("p0"));
   EXPECT_TRUE(tier_->Contains("p1"));
   EXPECT_EQ(tier_->Peek("p1")->parent_key, "p0");
+}
+
+TEST_F(NvmeTierTest, PromptLinksSurviveReopen) {
+  options_.slab_bytes = 4 * kB;
+  options_.slab_count = 1;
+  Reopen();
+  // p0 <- p1 <- p2, each written a minute after the last: p0 is the least
+  // recently used, and would go first by plain LRU.
+  const std::pair<const char*, const char*> prompt[] = {
+      {"p0", ""}, {"p1", "p0"}, {"p2", "p1"}};
+  for (const auto& [key, parent] : prompt) {
+    const std::string bytes = Bytes(kB, key[1]);
+    ASSERT_TRUE(tier_
+                    ->Put(key, bytes, codec::Crc32c(bytes),
+                          absl::InfinitePast(), parent)
+                    .ok());
+    now_ += absl::Minutes(1);
+  }
+  Reopen();
+  EXPECT_EQ(tier_->Peek("p2")->parent_key, "p1");
+  now_ += absl::Minutes(1);
+  ASSERT_TRUE(Put("other", Bytes(kB, 4)).ok());
+  ASSERT_TRUE(Put("x", Bytes(kB, 5)).ok());
+  EXPECT_FALSE(tier_->Contains("p2")) << "the prompt's end goes first";
+  EXPECT_TRUE(tier_->Contains("p0"));
+  EXPECT_TRUE(tier_->Contains("p1"));
+  // p1 is a leaf now: next to go, still before p0.
+  ASSERT_TRUE(Put("y", Bytes(kB, 6)).ok());
+  EXPECT_FALSE(tier_->Contains("p1"));
+  EXPECT_TRUE(tier_->Contains("p0"));
+}
+
+TEST_F(NvmeTierTest, CodecSummaryIsIndexedForCodecChunksOnly) {
+  const codec::ChunkShape shape{2, 40, 2, 8, codec::DType::kBFloat16};
+  absl::StatusOr<std::string> stream = codec::EncodeChunk(
+      shape, codec::SyntheticChunk(shape, 1), codec::Level::kHigh);
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  ASSERT_TRUE(Put("codec", *stream).ok());
+  ASSERT_TRUE(Put("opaque", Bytes(5000, 2)).ok());
+  for (int reopened = 0; reopened < 2; ++reopened) {
+    absl::StatusOr<ChunkRef> chunk = tier_->Peek("codec");
+    ASSERT_TRUE(chunk.ok()) << chunk.status();
+    ASSERT_TRUE(chunk->codec.has_value()) << reopened;
+    EXPECT_EQ(chunk->codec->shape, shape);
+    EXPECT_EQ(chunk->codec->level, codec::Level::kHigh);
+    EXPECT_FALSE(tier_->Peek("opaque")->codec.has_value());
+    Reopen();
+  }
 }
 
 TEST_F(NvmeTierTest, DirectoryThatCannotBeCreatedIsNamed) {

@@ -8,8 +8,11 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <utility>
 
+#include "codec/codec.h"
 #include "codec/crc32c.h"
+#include "codec/test_data.h"
 #include "kvstore/tiered_store_fixture.h"
 
 namespace kvcache::kvstore {
@@ -103,6 +106,58 @@ TEST_F(TieredStoreTest, PinSurvivesRestartOnNvme) {
   ASSERT_TRUE(peek.ok()) << peek.status();
   EXPECT_TRUE(peek->chunk.pinned);
   EXPECT_EQ(peek->chunk.pin_expiry, now_ + absl::Hours(1));
+}
+
+TEST_F(TieredStoreTest, PromptsShrinkFromTheirEndOnNvmeAfterRestart) {
+  options_.write_through = true;
+  options_.nvme->slab_bytes = 4 * kChunk;  // four chunks
+  Reopen();
+  // p0 <- p1 <- p2, each written a minute after the last: p0 is the least
+  // recently used, and would go first by plain LRU.
+  const std::pair<const char*, const char*> prompt[] = {
+      {"p0", ""}, {"p1", "p0"}, {"p2", "p1"}};
+  for (const auto& [key, parent] : prompt) {
+    const std::string bytes = Bytes(kChunk, key[1]);
+    ASSERT_TRUE(store_
+                    ->Put(key, bytes, codec::Crc32c(bytes),
+                          absl::ZeroDuration(), parent)
+                    .ok());
+    now_ += absl::Minutes(1);
+  }
+  Reopen();  // memory starts empty; NVMe holds the prompt
+  ASSERT_TRUE(Put("other", Bytes(kChunk, 4)).ok());
+  ASSERT_TRUE(Put("x", Bytes(kChunk, 5)).ok());  // NVMe evicts one chunk
+  EXPECT_TRUE(absl::IsNotFound(store_->Peek("p2").status()));
+  EXPECT_EQ(store_->Peek("p0")->tier, TierId::kNvme);
+  EXPECT_EQ(store_->Peek("p1")->tier, TierId::kNvme);
+  // A hit brings the link up to memory with the chunk.
+  EXPECT_EQ(GetTier("p1", Bytes(kChunk, '1')), TierId::kNvme);
+  EXPECT_EQ(store_->Peek("p1")->tier, TierId::kCpu);
+  EXPECT_EQ(store_->Peek("p1")->chunk.parent_key, "p0");
+}
+
+TEST_F(TieredStoreTest, PeekReportsTheCodecSummaryInEveryTier) {
+  const codec::ChunkShape shape{4, 64, 2, 16, codec::DType::kFloat16};
+  absl::StatusOr<std::string> stream = codec::EncodeChunk(
+      shape, codec::SyntheticChunk(shape, 3), codec::Level::kDefault);
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  ASSERT_TRUE(Put("codec", *stream).ok());
+  ASSERT_TRUE(Put("opaque", Bytes(kChunk, 1)).ok());
+  auto expect_summary = [&](TierId tier) {
+    absl::StatusOr<LocatedChunk> chunk = store_->Peek("codec");
+    ASSERT_TRUE(chunk.ok()) << chunk.status();
+    EXPECT_EQ(chunk->tier, tier);
+    ASSERT_TRUE(chunk->chunk.codec.has_value());
+    EXPECT_EQ(chunk->chunk.codec->shape, shape);
+    EXPECT_EQ(chunk->chunk.codec->level, codec::Level::kDefault);
+    EXPECT_FALSE(store_->Peek("opaque")->chunk.codec.has_value());
+  };
+  expect_summary(TierId::kCpu);
+  ASSERT_TRUE(store_->Flush().ok());
+  Reopen();
+  expect_summary(TierId::kNvme);
+  EXPECT_EQ(GetTier("codec", *stream), TierId::kNvme);  // promotes it
+  expect_summary(TierId::kCpu);
 }
 
 TEST_F(TieredStoreTest, OversizedChunkSkipsMemoryUnderTheAdmissionLimit) {

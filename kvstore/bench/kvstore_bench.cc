@@ -20,8 +20,8 @@
 // both rather than one.
 //
 // Usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]
-//                      [--nvme_seconds=N] [--rounds=N]
-//                      [--part=all|store|nvme]
+//                      [--nvme_chunk_kib=N] [--nvme_seconds=N]
+//                      [--rounds=N] [--part=all|store|nvme]
 // Needs redis-server and fio (deploy/setup.sh installs them) and a data_dir
 // on a local disk filesystem such as ext4 or xfs (not tmpfs).
 #include <hiredis/hiredis.h>
@@ -73,14 +73,15 @@ constexpr uint64_t kGiB = 1 << 30;
 
 constexpr char kUsage[] =
     "usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]\n"
-    "                     [--nvme_seconds=N] [--rounds=N]\n"
-    "                     [--part=all|store|nvme]\n"
+    "                     [--nvme_chunk_kib=N] [--nvme_seconds=N]\n"
+    "                     [--rounds=N] [--part=all|store|nvme]\n"
     "  --data_dir      local disk directory for the NVMe slab and Redis\n"
     "                  (default /var/tmp/kvstore_bench; not tmpfs)\n"
     "  --case_mib      payload MiB per Put/Get case (default 1024; a quarter\n"
     "                  of it for 256 KiB chunks)\n"
-    "  --nvme_mib      MiB of 4 MiB chunks the NVMe tier is filled with\n"
+    "  --nvme_mib      MiB of chunks the NVMe tier is filled with\n"
     "                  (default 1024)\n"
+    "  --nvme_chunk_kib  KiB per NVMe chunk, a multiple of 4 (default 4096)\n"
     "  --nvme_seconds  seconds of NVMe reads per side and queue depth\n"
     "                  (default 12)\n"
     "  --rounds        rounds each comparison alternates its sides over\n"
@@ -91,6 +92,7 @@ struct Flags {
   std::string data_dir = "/var/tmp/kvstore_bench";
   uint64_t case_mib = 1024;
   uint64_t nvme_mib = 1024;
+  uint64_t nvme_chunk_kib = 4096;
   int nvme_seconds = 12;
   int rounds = 3;
   std::string part = "all";
@@ -106,6 +108,9 @@ bool ParseFlags(int argc, char** argv, Flags& flags) {
       ok = absl::SimpleAtoi(value, &flags.case_mib) && flags.case_mib > 0;
     } else if (absl::ConsumePrefix(&value, "--nvme_mib=")) {
       ok = absl::SimpleAtoi(value, &flags.nvme_mib) && flags.nvme_mib >= 4;
+    } else if (absl::ConsumePrefix(&value, "--nvme_chunk_kib=")) {
+      ok = absl::SimpleAtoi(value, &flags.nvme_chunk_kib) &&
+           flags.nvme_chunk_kib > 0 && flags.nvme_chunk_kib % 4 == 0;
     } else if (absl::ConsumePrefix(&value, "--nvme_seconds=")) {
       ok = absl::SimpleAtoi(value, &flags.nvme_seconds) &&
            flags.nvme_seconds > 0;
@@ -529,8 +534,12 @@ absl::StatusOr<Samples> RunFio(const std::string& file, uint64_t bytes,
 }
 
 absl::Status RunNvmeComparison(const Flags& flags) {
-  constexpr uint64_t kChunkBytes = 4 * kMiB;
-  const uint64_t fill_bytes = flags.nvme_mib / 4 * 4 * kMiB;
+  const uint64_t chunk_bytes = flags.nvme_chunk_kib * kKiB;
+  const uint64_t fill_bytes = flags.nvme_mib * kMiB / chunk_bytes * chunk_bytes;
+  if (fill_bytes == 0) {
+    return absl::InvalidArgumentError(
+        "--nvme_mib must hold at least one chunk of --nvme_chunk_kib");
+  }
   const std::string dir = flags.data_dir + "/nvme";
   const std::string report = flags.data_dir + "/fio.json";
   std::filesystem::remove_all(dir);
@@ -543,11 +552,11 @@ absl::Status RunNvmeComparison(const Flags& flags) {
   absl::StatusOr<std::unique_ptr<NvmeTier>> tier = NvmeTier::Open(options);
   if (!tier.ok()) return tier.status();
 
-  const Payloads payloads(64 * kMiB);
+  const Payloads payloads(64 * kMiB + chunk_bytes);
   std::vector<ChunkKey> keys;
-  for (uint64_t i = 0; i < fill_bytes / kChunkBytes; ++i) {
+  for (uint64_t i = 0; i < fill_bytes / chunk_bytes; ++i) {
     keys.push_back(KeyOf(i + 1));
-    const absl::string_view bytes = payloads.Chunk(i, kChunkBytes);
+    const absl::string_view bytes = payloads.Chunk(i, chunk_bytes);
     if (absl::Status s =
             (*tier)->Put(keys.back().AsBytes(), bytes, codec::Crc32c(bytes),
                          absl::InfinitePast());
@@ -558,14 +567,16 @@ absl::Status RunNvmeComparison(const Flags& flags) {
 
   std::printf(
       "## NVMe tier random reads\n\n"
-      "%s of 4 MiB chunks in %s/slab-000. kvcache: NvmeTier::Get of random "
+      "%s of %s chunks in %s/slab-000. kvcache: NvmeTier::Get of random "
       "chunks from N threads, each read into a buffer the caller keeps and "
-      "CRC32C-checked; fio: randread, bs=4m, iodepth=N, io_uring, O_DIRECT, "
-      "same file. %d s per side and depth, alternating in %d rounds.\n\n"
+      "CRC32C-checked; fio: randread, bs=%llu, iodepth=N, io_uring, "
+      "O_DIRECT, same file. %d s per side and depth, alternating in %d "
+      "rounds.\n\n"
       "| queue depth | kvcache GB/s | fio GB/s | kvcache / fio | "
       "kvcache p50 ms | kvcache p99 ms |\n"
       "|---:|---:|---:|---:|---:|---:|\n",
-      SizeName(fill_bytes).c_str(), dir.c_str(), flags.nvme_seconds,
+      SizeName(fill_bytes).c_str(), SizeName(chunk_bytes).c_str(), dir.c_str(),
+      static_cast<unsigned long long>(chunk_bytes), flags.nvme_seconds,
       flags.rounds);
   std::fflush(stdout);
   const absl::Duration round = absl::Seconds(flags.nvme_seconds) / flags.rounds;
@@ -573,11 +584,11 @@ absl::Status RunNvmeComparison(const Flags& flags) {
     Samples ours, theirs;
     for (int r = 0; r < flags.rounds; ++r) {
       absl::StatusOr<Samples> read =
-          ReadRandomChunks(**tier, keys, kChunkBytes, depth, round);
+          ReadRandomChunks(**tier, keys, chunk_bytes, depth, round);
       if (!read.ok()) return read.status();
       ours.Add(*read);
       absl::StatusOr<Samples> fio = RunFio(dir + "/slab-000", fill_bytes,
-                                           kChunkBytes, depth, round, report);
+                                           chunk_bytes, depth, round, report);
       if (!fio.ok()) return fio.status();
       theirs.Add(*fio);
     }

@@ -17,7 +17,9 @@
 #include "absl/time/clock.h"
 #include "client/chunk_key.h"
 #include "client/kvcache_client.h"
+#include "codec/codec.h"
 #include "codec/crc32c.h"
+#include "codec/test_data.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
 #include "tests/testing/daemon_process.h"
@@ -179,6 +181,28 @@ TEST_F(DaemonTest, LookupFindsLongestCachedPrefix) {
 
   ASSERT_EQ(*client_->Delete({keys[1]}), 1u);
   EXPECT_EQ(client_->Lookup(keys)->prefix_chunks, 1u);
+}
+
+TEST_F(DaemonTest, LookupReportsTheCodecSummaryOfCodecChunks) {
+  const codec::ChunkShape shape{2, 40, 2, 8, codec::DType::kBFloat16};
+  absl::StatusOr<std::string> stream = codec::EncodeChunk(
+      shape, codec::SyntheticChunk(shape, 5), codec::Level::kHigh);
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  const std::vector<ChunkKey> keys = PromptKeys(2, 7000);
+  ASSERT_TRUE(
+      client_->Put({{keys[0], *stream}, {keys[1], RandomBytes(4096, 1)}}).ok());
+  auto result = client_->Lookup(keys);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->chunks.size(), 2u);
+  ASSERT_TRUE(result->chunks[0].has_codec());
+  const v1::CodecSummary& summary = result->chunks[0].codec();
+  EXPECT_EQ(summary.layers(), 2u);
+  EXPECT_EQ(summary.tokens(), 40u);
+  EXPECT_EQ(summary.kv_heads(), 2u);
+  EXPECT_EQ(summary.head_dim(), 8u);
+  EXPECT_EQ(summary.dtype(), "bfloat16");
+  EXPECT_EQ(summary.level(), "high");
+  EXPECT_FALSE(result->chunks[1].has_codec()) << "opaque bytes";
 }
 
 TEST_F(DaemonTest, DeletedAndUnknownKeysAreNotFound) {
