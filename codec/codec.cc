@@ -82,10 +82,24 @@ absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
   return out;
 }
 
+bool ShapeWithinLimits(const ChunkShape& shape) {
+  return internal::CheckShape(shape) == internal::HeaderCheck::kOk;
+}
+
+absl::string_view DTypeName(DType dtype) {
+  return dtype == DType::kBFloat16 ? "bfloat16" : "float16";
+}
+
 absl::StatusOr<ChunkShape> PeekShape(absl::string_view bitstream) {
+  absl::StatusOr<StreamSummary> s = PeekSummary(bitstream);
+  if (!s.ok()) return s.status();
+  return s->shape;
+}
+
+absl::StatusOr<StreamSummary> PeekSummary(absl::string_view bitstream) {
   absl::StatusOr<internal::Sections> s = internal::ParseSections(bitstream);
   if (!s.ok()) return s.status();
-  return s->header.shape;
+  return StreamSummary{s->header.shape, static_cast<Level>(s->header.level)};
 }
 
 absl::Status DecodeChunk(absl::string_view bitstream,

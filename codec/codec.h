@@ -52,6 +52,13 @@ inline constexpr uint32_t kMaxTokens = 1u << 24;
 inline constexpr uint32_t kMaxChannels = 1u << 20;  // kv_heads * head_dim
 inline constexpr uint64_t kMaxValues = uint64_t{1} << 36;
 
+// Whether a codec stream can have `shape`: no empty dimension, a known
+// dtype, within the limits above.
+bool ShapeWithinLimits(const ChunkShape& shape);
+
+// "float16" or "bfloat16".
+absl::string_view DTypeName(DType dtype);
+
 // Compression levels, from exact to smallest. Measured ratio and error per
 // level on real caches: codec/README.md.
 enum class Level : uint8_t {
@@ -80,6 +87,18 @@ absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
 // (magic, version, field ranges, section sizes against the stream length).
 // Does not verify the checksum or decode. DataLoss / Unimplemented on error.
 absl::StatusOr<ChunkShape> PeekShape(absl::string_view bitstream);
+
+// What a stream's header records: its shape and the level it was encoded
+// at. Checked and failing as PeekShape.
+struct StreamSummary {
+  ChunkShape shape;
+  Level level = kDefaultLevel;
+
+  bool operator==(const StreamSummary& o) const {
+    return shape == o.shape && level == o.level;
+  }
+};
+absl::StatusOr<StreamSummary> PeekSummary(absl::string_view bitstream);
 
 // Decodes `bitstream` into `out`, which must hold exactly NumValues() of the
 // recorded shape (InvalidArgument otherwise). Verifies the CRC32C before

@@ -99,9 +99,8 @@ enum class HeaderCheck : uint8_t {
   kBadBlockSize,
 };
 
-// Checks a header's shape and parameters (the fields ValidateHeader covers).
-KVCACHE_HD inline HeaderCheck CheckHeader(const Header& h) {
-  const ChunkShape& s = h.shape;
+// Checks a shape against the codec's limits (ShapeWithinLimits).
+KVCACHE_HD inline HeaderCheck CheckShape(const ChunkShape& s) {
   if (s.layers == 0 || s.tokens == 0 || s.kv_heads == 0 || s.head_dim == 0) {
     return HeaderCheck::kEmptyShape;
   }
@@ -113,6 +112,14 @@ KVCACHE_HD inline HeaderCheck CheckHeader(const Header& h) {
       uint64_t{s.layers} * 2 * s.tokens * s.kv_heads * s.head_dim >
           kMaxValues) {
     return HeaderCheck::kTooLarge;
+  }
+  return HeaderCheck::kOk;
+}
+
+// Checks a header's shape and parameters (the fields ValidateHeader covers).
+KVCACHE_HD inline HeaderCheck CheckHeader(const Header& h) {
+  if (const HeaderCheck c = CheckShape(h.shape); c != HeaderCheck::kOk) {
+    return c;
   }
   if (h.transform_id != 0 || h.transform_fingerprint != 0) {
     return HeaderCheck::kTransform;

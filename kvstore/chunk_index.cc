@@ -154,16 +154,11 @@ absl::StatusOr<IndexRecord> DecodeIndexRecord(absl::string_view bytes) {
         !in.Take(dtype) || !in.Take(level)) {
       return BadRecord(bytes, "truncated codec summary");
     }
-    // The codec's own limits, so a summary only ever describes a shape a
-    // codec stream can have.
-    if (shape.layers == 0 || shape.layers > codec::kMaxLayers ||
-        shape.tokens == 0 || shape.tokens > codec::kMaxTokens ||
-        shape.kv_heads == 0 || shape.head_dim == 0 ||
-        uint64_t{shape.kv_heads} * shape.head_dim > codec::kMaxChannels ||
-        dtype > static_cast<uint8_t>(codec::DType::kBFloat16)) {
+    // A summary only ever describes a shape a codec stream can have.
+    shape.dtype = static_cast<codec::DType>(dtype);
+    if (!codec::ShapeWithinLimits(shape)) {
       return BadRecord(bytes, "impossible codec summary");
     }
-    shape.dtype = static_cast<codec::DType>(dtype);
     summary.level = static_cast<codec::Level>(level);
     record.codec = summary;
   }

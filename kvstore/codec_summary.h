@@ -4,8 +4,6 @@
 // chunk, and the NVMe tier keeps it in its index, so Lookup reports it
 // without touching chunk bytes. Chunks are opaque to the store: bytes that
 // are not a codec stream simply have no summary.
-//
-// Thread-compatible value type.
 #ifndef KVCACHE_KVSTORE_CODEC_SUMMARY_H_
 #define KVCACHE_KVSTORE_CODEC_SUMMARY_H_
 
@@ -16,24 +14,12 @@
 
 namespace kvcache::kvstore {
 
-struct CodecSummary {
-  codec::ChunkShape shape;
-  // As the writer's header records it; a level this build does not know
-  // keeps its number (codec::LevelName calls it "unknown").
-  codec::Level level = codec::Level::kLossless;
-
-  bool operator==(const CodecSummary& o) const {
-    return shape == o.shape && level == o.level;
-  }
-};
+using CodecSummary = codec::StreamSummary;
 
 // The summary of `bytes` if they are a codec stream with a valid header
-// (checked as codec::PeekShape does, checksum not verified); nullopt
+// (checked as codec::PeekSummary does, checksum not verified); nullopt
 // otherwise.
 std::optional<CodecSummary> SummarizeChunk(absl::string_view bytes);
-
-// "float16" or "bfloat16", the names clients use for a KV dtype.
-absl::string_view DTypeName(codec::DType dtype);
 
 }  // namespace kvcache::kvstore
 

@@ -94,7 +94,7 @@ void FillInfo(absl::string_view key, const LocatedChunk& located,
     summary.set_tokens(shape.tokens);
     summary.set_kv_heads(shape.kv_heads);
     summary.set_head_dim(shape.head_dim);
-    summary.set_dtype(std::string(DTypeName(shape.dtype)));
+    summary.set_dtype(std::string(codec::DTypeName(shape.dtype)));
     summary.set_level(std::string(codec::LevelName(chunk.codec->level)));
   }
 }

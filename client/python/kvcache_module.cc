@@ -352,7 +352,7 @@ class CheckedHostSink : public ChunkSink {
       if (dims != a.dims || (bf16 && a.float16)) {
         return absl::InvalidArgumentError(absl::StrCat(
             "chunk ", index, " is ", DimsName(dims), " ",
-            bf16 ? "bfloat16" : "float16", " but out[", index, "] is ",
+            codec::DTypeName(shape->dtype), " but out[", index, "] is ",
             DimsName(a.dims), " ", a.float16 ? "float16" : "uint16",
             bf16 ? " (bfloat16 chunks decode into uint16 arrays)" : ""));
       }
@@ -1028,7 +1028,7 @@ py::dict PeekShape(const py::bytes& stream) {
   out["tokens"] = shape.tokens;
   out["kv_heads"] = shape.kv_heads;
   out["head_dim"] = shape.head_dim;
-  out["dtype"] = shape.dtype == codec::DType::kFloat16 ? "float16" : "bfloat16";
+  out["dtype"] = std::string(codec::DTypeName(shape.dtype));
   return out;
 }
 
