@@ -70,14 +70,11 @@ GpuStorer::GpuStorer(std::shared_ptr<ChunkStore> store,
     : store_(std::move(store)), layout_(layout), options_(options) {}
 
 absl::Status GpuStorer::Allocate() {
-  codec::ChunkShape shape;
-  shape.layers = layout_.layers;
-  shape.tokens = options_.chunk_tokens;
-  shape.kv_heads = layout_.kv_heads;
-  shape.head_dim = layout_.head_dim;
-  shape.dtype = layout_.dtype;
   // Bitstreams start 256-byte aligned, as the encoder's vector stores want.
-  out_capacity_ = (codec::gpu::MaxEncodedBytes(shape) + 255) / 256 * 256;
+  out_capacity_ =
+      (codec::gpu::MaxEncodedBytes(layout_.ShapeOf(options_.chunk_tokens)) +
+       255) /
+      256 * 256;
   // The workspace a full batch needs; a layout needing more grows it.
   std::vector<EncodeJob> jobs(options_.batch_chunks);
   for (EncodeJob& job : jobs) job.src.tokens = options_.chunk_tokens;
@@ -273,8 +270,8 @@ void GpuStorer::PutCopied() {
       for (size_t i = 0; i < good; ++i) {
         puts[i] = {batch->chunks[i].key, batch->streams[i],
                    batch->chunks[i].parent};
-        report.raw_bytes += uint64_t{4} * layout_.layers * layout_.Channels() *
-                            batch->chunks[i].source.tokens;
+        report.raw_bytes +=
+            layout_.ShapeOf(batch->chunks[i].source.tokens).RawBytes();
       }
       if (absl::Status put = store_->Put(puts, batch->options); put.ok()) {
         report.chunks = good;

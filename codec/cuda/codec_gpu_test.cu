@@ -213,15 +213,6 @@ TEST(GpuDecodeTest, RealDumpsEveryLevelBothDtypes) {
 
 // Paged destinations: chunks land in shuffled blocks, starting mid-block;
 // every other slot of the cache must keep its poison.
-// First element of (plane p, slot) in a layer-major paged cache
-// [layers][blocks][K,V][block_tokens][channels] with block table `table`.
-uint64_t PagedRow(const std::vector<int32_t>& table, uint32_t p, uint32_t slot,
-                  uint32_t block_tokens, uint32_t channels,
-                  uint64_t layer_elems) {
-  const uint64_t block = static_cast<uint64_t>(table[slot / block_tokens]);
-  return p / 2 * layer_elems +
-         ((block * 2 + p % 2) * block_tokens + slot % block_tokens) * channels;
-}
 
 TEST(GpuDecodeTest, PagedLayouts) {
   REQUIRE_GPU();

@@ -74,6 +74,10 @@ struct KvLayout {
   uint32_t num_blocks = 0;  // Block ids must be in [0, num_blocks).
 
   uint32_t Channels() const { return kv_heads * head_dim; }
+  // The shape of a chunk of `tokens` tokens in this layout.
+  ChunkShape ShapeOf(uint32_t tokens) const {
+    return ChunkShape{layers, tokens, kv_heads, head_dim, dtype};
+  }
 
   static KvLayout Contiguous(uint32_t layers, uint32_t kv_heads,
                              uint32_t head_dim, DType dtype);

@@ -933,8 +933,7 @@ struct EncSizes {
 EncSizes SizesFor(const KvLayout& layout, uint32_t tokens) {
   EncSizes z;
   Header& h = z.header;
-  h.shape = ChunkShape{layout.layers, tokens, layout.kv_heads, layout.head_dim,
-                       layout.dtype};
+  h.shape = layout.ShapeOf(tokens);
   h.channel_group = codec::internal::PickChannelGroup(h.shape);
   z.planes = h.Planes();
   z.units = z.planes * h.ChannelGroups();

@@ -133,6 +133,17 @@ inline StagedStreams StageStreams(const std::vector<std::string>& streams,
   return st;
 }
 
+// First element of (plane p = 2 * layer + kv, slot) in a layer-major paged
+// cache [layers][blocks][K,V][block_tokens][channels] with block table
+// `table`, computed apart from KvLayout's strides.
+inline uint64_t PagedRow(const std::vector<int32_t>& table, uint32_t p,
+                         uint32_t slot, uint32_t block_tokens,
+                         uint32_t channels, uint64_t layer_elems) {
+  const uint64_t block = static_cast<uint64_t>(table[slot / block_tokens]);
+  return p / 2 * layer_elems +
+         ((block * 2 + p % 2) * block_tokens + slot % block_tokens) * channels;
+}
+
 }  // namespace kvcache::codec::gpu
 
 #endif  // KVCACHE_CODEC_CUDA_TEST_UTIL_H_

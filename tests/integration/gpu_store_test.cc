@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "codec/cuda/test_util.h"
 #include "tests/testing/fetch_fixture.h"
 #include "transfer/gpu_storer.h"
 
@@ -180,24 +181,19 @@ TEST_F(GpuStoreTest, PagedBlocksAreReadThroughTheBlockTable) {
       shape.kv_heads, shape.head_dim, shape.dtype);
   std::vector<uint16_t> cache(cache_values, 0xFFFF);
   const uint32_t channels = layout.Channels();
+  const uint64_t layer_elems = cache_values / shape.layers;
   std::vector<KvChunkRef> refs(n);
   for (size_t i = 0; i < n; ++i) {
     refs[i].tokens = shape.tokens;
     refs[i].block_ids = device_table;
     refs[i].first_slot = i * shape.tokens;
-    for (uint32_t l = 0; l < shape.layers; ++l) {
-      for (uint32_t kv = 0; kv < 2; ++kv) {
-        for (uint32_t t = 0; t < shape.tokens; ++t) {
-          const uint64_t slot = refs[i].first_slot + t;
-          const int64_t at = l * layout.layer_stride +
-                             table[slot / kBlockTokens] * layout.block_stride +
-                             kv * layout.kv_stride +
-                             (slot % kBlockTokens) * layout.token_stride;
-          const uint16_t* from =
-              prompt_->decoded[i].data() +
-              ((2 * l + kv) * uint64_t{shape.tokens} + t) * channels;
-          std::copy(from, from + channels, cache.begin() + at);
-        }
+    const uint16_t* from = prompt_->decoded[i].data();
+    for (uint32_t p = 0; p < 2 * shape.layers; ++p) {
+      for (uint32_t t = 0; t < shape.tokens; ++t, from += channels) {
+        const uint64_t row =
+            codec::gpu::PagedRow(table, p, refs[i].first_slot + t, kBlockTokens,
+                                 channels, layer_elems);
+        std::copy(from, from + channels, cache.begin() + row);
       }
     }
   }
