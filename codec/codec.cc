@@ -1,5 +1,6 @@
 #include "codec/codec.h"
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -120,27 +121,44 @@ absl::Status DecodeChunk(absl::string_view bitstream,
     return absl::DataLossError("checksum mismatch");
   }
   const size_t plane_values = size_t{h.shape.tokens} * h.Channels();
-  std::vector<uint16_t> q(size_t{h.shape.tokens} * h.channel_group);
-  internal::ByteReader tables(s.tables);
-  internal::BlockCursor blocks(s.directory, s.payload);
-  internal::GroupDecoder coder;
+  std::vector<absl::string_view> plane_scales(h.Planes());
   absl::string_view scales = s.scales;
   for (uint32_t p = 0; p < h.Planes(); ++p) {
-    const PlaneSpec& spec = s.planes[p];
-    const absl::string_view plane_scales =
-        scales.substr(0, internal::ScaleBytes(h, spec));
-    scales.remove_prefix(plane_scales.size());
-    for (uint32_t cg = 0; cg < h.ChannelGroups(); ++cg) {
-      const internal::GroupView view{
-          &h, spec.bits, cg,
-          (uint64_t{p} * h.ChannelGroups() + cg) * h.TokenGroups()};
-      if (absl::Status st =
-              coder.Decode(view, s.choices, &tables, &blocks, q.data());
-          !st.ok()) {
-        return st;
-      }
-      internal::DequantizeGroup(h, spec, plane_scales, cg, q.data(),
-                                out.data() + p * plane_values);
+    plane_scales[p] = scales.substr(0, internal::ScaleBytes(h, s.planes[p]));
+    scales.remove_prefix(plane_scales[p].size());
+  }
+  // Channel groups in stream order (plane by plane), a batch at a time.
+  constexpr size_t kBatch = internal::GroupDecoder::kMaxGroups;
+  std::vector<uint16_t> q[kBatch];
+  uint16_t* batch_q[kBatch];
+  for (size_t j = 0; j < kBatch; ++j) {
+    q[j].resize(size_t{h.shape.tokens} * h.channel_group);
+    batch_q[j] = q[j].data();
+  }
+  internal::ByteReader tables(s.tables);
+  internal::BlockCursor blocks(s.directory, s.payload);
+  // Kept per thread: its buffers and tables are reused from chunk to chunk.
+  thread_local internal::GroupDecoder coder;
+  const uint32_t groups = h.ChannelGroups();
+  const uint32_t units = h.Planes() * groups;
+  for (uint32_t first = 0; first < units; first += kBatch) {
+    const size_t k = std::min<size_t>(kBatch, units - first);
+    internal::GroupView views[kBatch] = {};
+    for (size_t j = 0; j < k; ++j) {
+      const uint32_t u = first + static_cast<uint32_t>(j);
+      views[j] = {&h, s.planes[u / groups].bits, u % groups,
+                  uint64_t{u} * h.TokenGroups()};
+    }
+    if (absl::Status st =
+            coder.Decode(absl::MakeConstSpan(views, k), s.choices, &tables,
+                         &blocks, absl::MakeConstSpan(batch_q, k));
+        !st.ok()) {
+      return st;
+    }
+    for (size_t j = 0; j < k; ++j) {
+      const uint32_t p = (first + static_cast<uint32_t>(j)) / groups;
+      internal::DequantizeGroup(h, s.planes[p], plane_scales[p], views[j].cg,
+                                batch_q[j], out.data() + p * plane_values);
     }
   }
   if (tables.remaining() != 0 || !blocks.AtEnd() ||

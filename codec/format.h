@@ -20,7 +20,11 @@ namespace kvcache::codec::internal {
 
 inline constexpr char kMagic[4] = {'K', 'V', 'C', 'G'};
 inline constexpr uint32_t kMagicLE = 0x4743564B;  // kMagic as a LE u32.
-inline constexpr uint8_t kVersion = 1;
+// Encoders write kVersion; decoders read every version from
+// kOldestVersion on (version 2 added stored tables, which version 1
+// streams simply never use).
+inline constexpr uint8_t kVersion = 2;
+inline constexpr uint8_t kOldestVersion = 1;
 inline constexpr size_t kFixedHeaderBytes = 52;
 inline constexpr size_t kChecksumBytes = 4;
 inline constexpr uint32_t kMaxBlockSymbols = 1u << 20;
@@ -158,7 +162,9 @@ KVCACHE_HD inline HeaderCheck ReadFixedHeader(const uint8_t* p, Header* h,
   h->tables_bytes = LoadU32(p + 40);
   h->num_blocks = LoadU32(p + 44);
   h->payload_bytes = LoadU32(p + 48);
-  if (*version != kVersion) return HeaderCheck::kBadVersion;
+  if (*version < kOldestVersion || *version > kVersion) {
+    return HeaderCheck::kBadVersion;
+  }
   if (dtype > 1) return HeaderCheck::kBadDtype;
   h->shape.dtype = static_cast<DType>(dtype);
   if (prob_bits != rans::kProbBits || lanes != rans::kLanes || reserved != 0) {

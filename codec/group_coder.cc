@@ -136,14 +136,17 @@ void GroupEncoder::Encode(const GroupView& v, const uint16_t* q,
     for (int k = 0; k < planes; ++k) {
       const std::vector<uint8_t>& s = syms_[m][k];
       const rans::Histogram counts = CountSymbols(s);
-      const rans::Frequencies f =
+      const rans::Table table =
           rans::WriteTable(counts, Alphabet(v.bits, k), tables);
       if (s.empty()) continue;
-      const rans::Encoder enc(f);
+      const rans::Encoder enc(table.freqs);
       for (size_t i = 0; i < s.size(); i += h.block_symbols) {
-        enc.EncodeBlock(s.data() + i,
-                        std::min<size_t>(h.block_symbols, s.size() - i),
-                        payload);
+        const size_t n = std::min<size_t>(h.block_symbols, s.size() - i);
+        if (table.stored()) {
+          payload->append(reinterpret_cast<const char*>(s.data() + i), n);
+        } else {
+          enc.EncodeBlock(s.data() + i, n, payload);
+        }
         block_ends->push_back(static_cast<uint32_t>(payload->size()));
       }
     }
@@ -165,46 +168,78 @@ absl::Status BlockCursor::Next(absl::string_view* block) {
   return absl::OkStatus();
 }
 
-absl::Status GroupDecoder::Decode(const GroupView& v, absl::string_view choices,
-                                  ByteReader* tables, BlockCursor* blocks,
-                                  uint16_t* q) {
+absl::Status GroupDecoder::Decode(absl::Span<const GroupView> views,
+                                  absl::string_view choices, ByteReader* tables,
+                                  BlockCursor* blocks,
+                                  absl::Span<uint16_t* const> q) {
+  if (views.size() > kMaxGroups || q.size() != views.size()) {
+    return absl::InternalError("bad channel group batch");
+  }
+  jobs_.clear();
+  for (size_t j = 0; j < views.size(); ++j) {
+    if (absl::Status st = Read(j, views[j], choices, tables, blocks);
+        !st.ok()) {
+      return st;
+    }
+  }
+  if (absl::Status st = rans::DecodeBlocks(jobs_); !st.ok()) return st;
+  for (size_t j = 0; j < views.size(); ++j) {
+    Assemble(j, views[j], choices, q[j]);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GroupDecoder::Read(size_t j, const GroupView& v,
+                                absl::string_view choices, ByteReader* tables,
+                                BlockCursor* blocks) {
   const Header& h = *v.header;
-  const uint32_t width = h.channel_group;
-  const int planes = BytePlanes(v.bits);
   const std::array<size_t, 2> sizes = StreamSizes(v, choices);
   for (int m = 0; m < 2; ++m) {
-    for (int k = 0; k < planes; ++k) {
-      rans::Frequencies f;
-      if (absl::Status st = rans::ReadTable(tables, Alphabet(v.bits, k), &f);
+    for (int k = 0; k < BytePlanes(v.bits); ++k) {
+      rans::Table table;
+      if (absl::Status st =
+              rans::ReadTable(tables, Alphabet(v.bits, k), &table);
           !st.ok()) {
         return st;
       }
-      const bool empty_table =
-          f[0] == 0 &&
-          std::all_of(f.begin(), f.end(), [](uint16_t x) { return x == 0; });
-      if (empty_table != (sizes[m] == 0)) {
+      if ((table.kind == rans::TableKind::kEmpty) != (sizes[m] == 0)) {
         return absl::DataLossError("table does not match stream size");
       }
-      std::vector<uint8_t>& s = syms_[m][k];
-      s.resize(sizes[m]);
-      if (sizes[m] == 0) continue;
-      rans_.Reset(f);
-      for (size_t i = 0; i < s.size(); i += h.block_symbols) {
+      // Stored symbols are read where they are: a stream's blocks are
+      // consecutive in the payload.
+      std::vector<uint8_t>& s = syms_[j][m][k];
+      rans::Decoder& decoder = decoders_[(j * 2 + m) * 2 + k];
+      if (!table.stored()) {
+        s.resize(sizes[m]);
+        next_[j][m][k] = s.data();
+        decoder.Reset(table.freqs);
+      }
+      for (size_t i = 0; i < sizes[m]; i += h.block_symbols) {
+        const size_t n = std::min<size_t>(h.block_symbols, sizes[m] - i);
         absl::string_view block;
         if (absl::Status st = blocks->Next(&block); !st.ok()) return st;
-        if (absl::Status st = rans_.DecodeBlock(
-                block, s.data() + i,
-                std::min<size_t>(h.block_symbols, s.size() - i));
-            !st.ok()) {
-          return st;
+        if (!table.stored()) {
+          jobs_.push_back({&decoder, block, s.data() + i, n});
+        } else if (block.size() != n) {
+          return absl::DataLossError("stored block has the wrong size");
+        } else if (i == 0) {
+          next_[j][m][k] = reinterpret_cast<const uint8_t*>(block.data());
         }
       }
     }
   }
-  // Reassemble integers in stream order (the inverse of pass 3 above).
+  return absl::OkStatus();
+}
+
+void GroupDecoder::Assemble(size_t j, const GroupView& v,
+                            absl::string_view choices, uint16_t* q) {
+  // Integers in stream order (the inverse of pass 3 above).
+  const Header& h = *v.header;
+  const uint32_t width = h.channel_group;
+  const int planes = BytePlanes(v.bits);
   const uint32_t mask = Mask(v.bits);
-  const uint8_t* next[2][2] = {{syms_[0][0].data(), syms_[0][1].data()},
-                               {syms_[1][0].data(), syms_[1][1].data()}};
+  const uint8_t* next[2][2] = {{next_[j][0][0], next_[j][0][1]},
+                               {next_[j][1][0], next_[j][1][1]}};
   auto take = [&](int m, uint16_t* dst) {
     if (planes == 2) {
       for (uint32_t c = 0; c < width; ++c) {
@@ -233,7 +268,6 @@ absl::Status GroupDecoder::Decode(const GroupView& v, absl::string_view choices,
       }
     }
   }
-  return absl::OkStatus();
 }
 
 }  // namespace kvcache::codec::internal

@@ -18,6 +18,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "codec/byte_io.h"
 #include "codec/format.h"
 #include "codec/rans.h"
@@ -67,14 +68,31 @@ class BlockCursor {
 
 class GroupDecoder {
  public:
-  // Decodes channel group v.cg into q (tokens x channel_group, row-major),
-  // reading its tables from `tables` and its blocks from `blocks`.
-  absl::Status Decode(const GroupView& v, absl::string_view choices,
-                      ByteReader* tables, BlockCursor* blocks, uint16_t* q);
+  // Channel groups decoded together, so that their blocks' rANS decoding
+  // interleaves.
+  static constexpr size_t kMaxGroups = 2;
+
+  // Decodes channel groups views[j].cg, consecutive in the stream, into
+  // q[j] (tokens x channel_group, row-major), reading their tables from
+  // `tables` and their blocks from `blocks`.
+  absl::Status Decode(absl::Span<const GroupView> views,
+                      absl::string_view choices, ByteReader* tables,
+                      BlockCursor* blocks, absl::Span<uint16_t* const> q);
 
  private:
-  rans::Decoder rans_;
-  std::vector<uint8_t> syms_[2][2];
+  // Reads group j's tables and blocks: queues its rANS blocks in jobs_ and
+  // points next_[j] at where each stream's symbols will be.
+  absl::Status Read(size_t j, const GroupView& v, absl::string_view choices,
+                    ByteReader* tables, BlockCursor* blocks);
+  // Rebuilds group j's integers from its decoded streams.
+  void Assemble(size_t j, const GroupView& v, absl::string_view choices,
+                uint16_t* q);
+
+  // Per group, [raw/delta][byte plane].
+  rans::Decoder decoders_[kMaxGroups * 4];
+  std::vector<uint8_t> syms_[kMaxGroups][2][2];
+  const uint8_t* next_[kMaxGroups][2][2] = {};
+  std::vector<rans::BlockJob> jobs_;
 };
 
 }  // namespace kvcache::codec::internal

@@ -1,6 +1,7 @@
 #include "codec/quantize.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -84,8 +85,12 @@ __attribute__((target("avx2,f16c"))) size_t HalfsToFloatF16C(
 }
 
 bool HaveF16C() {
-  static const bool have =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  // CPUID leaf 1, ECX bit 29; clang before 16 cannot ask for "f16c" by name.
+  static const bool have = [] {
+    unsigned eax, ebx, ecx, edx;
+    return __builtin_cpu_supports("avx2") &&
+           __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+  }();
   return have;
 }
 #endif

@@ -18,11 +18,13 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "codec/byte_io.h"
 #include "codec/rans_math.h"
 
@@ -40,17 +42,24 @@ inline Frequencies Normalize(const Histogram& counts) {
   return freqs;
 }
 
+// A stream's table: how its blocks are coded and, unless they are stored,
+// the frequencies of its symbols.
+struct Table {
+  TableKind kind = TableKind::kEmpty;
+  Frequencies freqs{};
+
+  bool stored() const { return kind == TableKind::kStored; }
+};
+
 // Picks the cheapest table kind for `counts` (symbols < `alphabet`, a power
-// of two), appends its encoding to `out` and returns the frequencies the
-// symbols must be coded with.
-Frequencies WriteTable(const Histogram& counts, uint32_t alphabet,
-                       std::string* out);
+// of two), appends its encoding to `out` and returns it.
+Table WriteTable(const Histogram& counts, uint32_t alphabet, std::string* out);
 
 // Parses one table. Fails if it is malformed, if its frequencies do not sum
-// to kProbScale, or if it gives probability to a symbol >= `alphabet` (a
-// power of two, at most 256).
+// to kProbScale, if it gives probability to a symbol >= `alphabet` (a power
+// of two, at most 256), or if it stores symbols that are not bytes.
 absl::Status ReadTable(internal::ByteReader* in, uint32_t alphabet,
-                       Frequencies* freqs);
+                       Table* table);
 
 class Encoder {
  public:
@@ -70,13 +79,16 @@ class Encoder {
   std::array<Sym, 256> syms_;
 };
 
+struct BlockJob;
+
 class Decoder {
  public:
-  Decoder() : lut_(kProbScale) {}
+  Decoder() = default;
   // `freqs` must be non-empty (sum to kProbScale).
   explicit Decoder(const Frequencies& freqs) : Decoder() { Reset(freqs); }
 
-  // Switches to another table, reusing the lookup buffer.
+  // Switches to another table, reusing the lookup buffer (the first call
+  // allocates it).
   void Reset(const Frequencies& freqs);
 
   // Decodes exactly n symbols from `block` into out[0, n). Fails, without
@@ -86,10 +98,28 @@ class Decoder {
                            size_t n) const;
 
  private:
+  friend absl::Status DecodeBlocks(absl::Span<const BlockJob> jobs);
+
   // Indexed by state & (kProbScale - 1): symbol in bits 0-7, freq - 1 in
   // bits 8-19, slot - start in bits 20-31. One load per decoded symbol.
-  std::vector<uint32_t> lut_;
+  // Every entry is written by Reset (frequencies sum to kProbScale), so it
+  // is never zero-filled.
+  std::unique_ptr<uint32_t[]> lut_;
 };
+
+// One block to decode: n symbols from `block` into out[0, n), with
+// `decoder`'s table.
+struct BlockJob {
+  const Decoder* decoder;
+  absl::string_view block;
+  uint8_t* out;
+  size_t n;
+};
+
+// Decodes every job as Decoder::DecodeBlock would, two blocks at a time so
+// that one block's dependent loads overlap the other's; returns the first
+// error. Cheaper than one call per block whenever there are several.
+absl::Status DecodeBlocks(absl::Span<const BlockJob> jobs);
 
 }  // namespace kvcache::codec::rans
 

@@ -27,6 +27,9 @@ enum class TableKind : uint8_t {
   kSingle = 1,
   kUniform = 2,  // Every symbol of the stream's alphabet equally likely.
   kExplicit = 3,
+  // Byte symbols kept as they are: each block holds its symbols verbatim,
+  // no lane states, no rANS (format version 2).
+  kStored = 4,
 };
 
 // Lanes of a block of n symbols: clamp(n / kSymbolsPerLane, 1, kLanes).
@@ -154,6 +157,13 @@ KVCACHE_HD inline int ReadVarint(const uint8_t* p, uint64_t avail,
   return 0;
 }
 
+// The kind of table for symbols at uniform odds. Over bytes, rANS would
+// spend exactly 8 bits a symbol plus the lane states: storing the bytes is
+// smaller and decodes as a copy.
+KVCACHE_HD inline TableKind UniformKind(uint32_t alphabet) {
+  return alphabet == 256 ? TableKind::kStored : TableKind::kUniform;
+}
+
 // A table as the encoder stores it: kind, explicit symbol range and size.
 struct TableChoice {
   TableKind kind = TableKind::kEmpty;
@@ -195,7 +205,7 @@ KVCACHE_HD inline TableChoice ChooseTable(const uint32_t* counts,
     for (uint32_t s = 0; s < 256; ++s) {
       freqs[s] = static_cast<uint16_t>(s < alphabet ? uniform : 0);
     }
-    t.kind = TableKind::kUniform;
+    t.kind = UniformKind(alphabet);
     t.bytes = 1;
     return t;
   }

@@ -63,38 +63,54 @@ TEST(NormalizeTest, SumsToScaleAndKeepsEverySymbol) {
 }
 
 TEST(TableTest, RoundTripsEveryKind) {
-  const std::vector<Histogram> cases = [] {
-    std::vector<Histogram> c(4);
-    c[1][42] = 10;                      // single
-    for (auto& v : c[2]) v = 1000;      // uniform
-    c[3] = Count(Skewed(5000, 1, 16));  // explicit
+  struct Case {
+    Histogram counts;
+    uint32_t alphabet;
+    TableKind kind;
+  };
+  const std::vector<Case> cases = [] {
+    std::vector<Case> c(5, Case{{}, 256, TableKind::kEmpty});
+    c[1].counts[42] = 10;
+    c[1].kind = TableKind::kSingle;
+    for (int s = 0; s < 16; ++s) c[2].counts[s] = 1000;
+    c[2].alphabet = 16;
+    c[2].kind = TableKind::kUniform;
+    for (auto& v : c[3].counts) v = 1000;  // Bytes at even odds.
+    c[3].kind = TableKind::kStored;
+    c[4].counts = Count(Skewed(5000, 1, 16));
+    c[4].kind = TableKind::kExplicit;
     return c;
   }();
-  const TableKind kinds[] = {TableKind::kEmpty, TableKind::kSingle,
-                             TableKind::kUniform, TableKind::kExplicit};
   for (size_t i = 0; i < cases.size(); ++i) {
     std::string bytes;
-    const Frequencies written = WriteTable(cases[i], 256, &bytes);
-    EXPECT_EQ(static_cast<TableKind>(bytes[0]), kinds[i]);
+    const Table written =
+        WriteTable(cases[i].counts, cases[i].alphabet, &bytes);
+    EXPECT_EQ(written.kind, cases[i].kind) << i;
+    EXPECT_EQ(static_cast<TableKind>(bytes[0]), cases[i].kind);
     internal::ByteReader in(bytes);
-    Frequencies read;
-    ASSERT_TRUE(ReadTable(&in, 256, &read).ok()) << i;
-    EXPECT_EQ(read, written);
+    Table read;
+    ASSERT_TRUE(ReadTable(&in, cases[i].alphabet, &read).ok()) << i;
+    EXPECT_EQ(read.kind, written.kind);
+    EXPECT_EQ(read.freqs, written.freqs);
     EXPECT_EQ(in.remaining(), 0u);
   }
 }
 
 TEST(TableTest, RejectsBadTables) {
-  Frequencies f;
+  Table table;
+  const Frequencies& f = table.freqs;
   auto read = [&](std::string bytes, uint32_t alphabet = 256) {
     internal::ByteReader in(bytes);
-    return ReadTable(&in, alphabet, &f);
+    return ReadTable(&in, alphabet, &table);
   };
   EXPECT_FALSE(read("").ok());
   EXPECT_FALSE(read("\x09").ok());         // unknown kind
   EXPECT_FALSE(read("\x01").ok());         // truncated single
   EXPECT_FALSE(read("\x01\x09", 8).ok());  // symbol beyond alphabet
-  ASSERT_TRUE(read("\x02", 16).ok());      // uniform over the alphabet
+  EXPECT_TRUE(read("\x04").ok());          // stored bytes
+  EXPECT_TRUE(table.stored());
+  EXPECT_FALSE(read("\x04", 16).ok());  // stored symbols must be bytes
+  ASSERT_TRUE(read("\x02", 16).ok());   // uniform over the alphabet
   EXPECT_EQ(f[15], kProbScale / 16);
   EXPECT_EQ(f[16], 0);
   EXPECT_FALSE(read(std::string("\x03\x05\x04", 3)).ok());  // first > last
@@ -107,8 +123,8 @@ TEST(TableTest, RejectsBadTables) {
 }
 
 TEST(RansTest, RoundTripsBlocksOfManyLengths) {
-  for (size_t n :
-       {1, 2, 31, 32, 33, 64, 1000, 1024, 1100, 4096, 16384, 16385, 40000}) {
+  for (size_t n : {1, 2, 31, 32, 33, 64, 1000, 1024, 1100, 4096, 6000, 9000,
+                   16384, 16385, 40000}) {
     const std::vector<uint8_t> syms = Skewed(n, static_cast<uint32_t>(n), 40);
     const Frequencies f = Normalize(Count(syms));
     std::string block;
@@ -116,6 +132,37 @@ TEST(RansTest, RoundTripsBlocksOfManyLengths) {
     std::vector<uint8_t> got(n);
     ASSERT_TRUE(Decoder(f).DecodeBlock(block, got.data(), n).ok()) << n;
     EXPECT_EQ(got, syms) << n;
+  }
+}
+
+TEST(RansTest, DecodesBlocksTwoAtATime) {
+  // Lane counts 16, 2, 32, 8, 1: pairs of unequal blocks and an odd one out,
+  // each with its own table.
+  const size_t lengths[] = {8192, 1100, 16384, 4096, 100};
+  std::vector<std::vector<uint8_t>> syms;
+  std::vector<Decoder> decoders;
+  std::vector<std::string> blocks;
+  for (size_t n : lengths) {
+    syms.push_back(Skewed(n, static_cast<uint32_t>(n) + 7, 20 + n % 50));
+    const Frequencies f = Normalize(Count(syms.back()));
+    decoders.emplace_back(f);
+    blocks.emplace_back();
+    Encoder(f).EncodeBlock(syms.back().data(), n, &blocks.back());
+  }
+  std::vector<std::vector<uint8_t>> got(syms.size());
+  std::vector<BlockJob> jobs;
+  for (size_t i = 0; i < syms.size(); ++i) {
+    got[i].assign(syms[i].size(), 0);
+    jobs.push_back({&decoders[i], blocks[i], got[i].data(), got[i].size()});
+  }
+  ASSERT_TRUE(DecodeBlocks(jobs).ok());
+  EXPECT_EQ(got, syms);
+  // A damaged block fails the batch, whichever side of a pair it is on.
+  for (size_t bad = 0; bad < jobs.size(); ++bad) {
+    std::string damaged = blocks[bad].substr(0, blocks[bad].size() - 2);
+    std::vector<BlockJob> with_bad = jobs;
+    with_bad[bad].block = damaged;
+    EXPECT_FALSE(DecodeBlocks(with_bad).ok()) << bad;
   }
 }
 
@@ -156,28 +203,32 @@ TEST(RansTest, SingleSymbolAndUniformTables) {
 }
 
 TEST(RansTest, CorruptBlocksFailCleanly) {
-  const std::vector<uint8_t> syms = Skewed(3000, 3, 30);
-  const Frequencies f = Normalize(Count(syms));
-  std::string block;
-  Encoder(f).EncodeBlock(syms.data(), syms.size(), &block);
-  const Decoder dec(f);
-  std::vector<uint8_t> got(syms.size());
-  // Every truncation fails: words run out or the final states differ.
-  for (size_t len = 0; len < block.size(); len += 2) {
-    EXPECT_FALSE(
-        dec.DecodeBlock(block.substr(0, len), got.data(), got.size()).ok())
-        << len;
+  // 5 lanes (one by one), 17 (two groups of eight and one more), 32.
+  for (size_t n : {3000, 9000, 16384}) {
+    const std::vector<uint8_t> syms = Skewed(n, 3, 30);
+    const Frequencies f = Normalize(Count(syms));
+    std::string block;
+    Encoder(f).EncodeBlock(syms.data(), syms.size(), &block);
+    const Decoder dec(f);
+    std::vector<uint8_t> got(syms.size());
+    // Every truncation fails: words run out or the final states differ.
+    for (size_t len = 0; len < block.size(); len += 2) {
+      EXPECT_FALSE(
+          dec.DecodeBlock(block.substr(0, len), got.data(), got.size()).ok())
+          << n << " " << len;
+    }
+    EXPECT_FALSE(dec.DecodeBlock(block + "xx", got.data(), got.size()).ok());
+    EXPECT_FALSE(dec.DecodeBlock(block, got.data(), got.size() - 1).ok());
+    int detected = 0;
+    for (size_t pos = 0; pos < block.size(); pos += 13) {
+      std::string bad = block;
+      bad[pos] ^= 0x04;
+      detected += !dec.DecodeBlock(bad, got.data(), got.size()).ok();
+    }
+    // The final-state check catches nearly all flips (the CRC catches the
+    // rest).
+    EXPECT_GT(detected, static_cast<int>(block.size() / 13 * 9 / 10)) << n;
   }
-  EXPECT_FALSE(dec.DecodeBlock(block + "xx", got.data(), got.size()).ok());
-  EXPECT_FALSE(dec.DecodeBlock(block, got.data(), got.size() - 1).ok());
-  int detected = 0;
-  for (size_t pos = 0; pos < block.size(); pos += 13) {
-    std::string bad = block;
-    bad[pos] ^= 0x04;
-    detected += !dec.DecodeBlock(bad, got.data(), got.size()).ok();
-  }
-  // The final-state check catches nearly all flips (the CRC catches the rest).
-  EXPECT_GT(detected, static_cast<int>(block.size() / 13 * 9 / 10));
 }
 
 }  // namespace

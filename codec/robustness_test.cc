@@ -76,13 +76,30 @@ TEST(RobustnessTest, WrongMagicAndVersion) {
   bad[0] = 'X';
   EXPECT_TRUE(absl::IsDataLoss(PeekShape(bad).status()));
   bad = s;
-  bad[4] = 2;
+  bad[4] = 3;  // A version from the future.
+  FixCrc(&bad);
+  EXPECT_TRUE(absl::IsUnimplemented(PeekShape(bad).status()));
+  bad[4] = 0;
   FixCrc(&bad);
   EXPECT_TRUE(absl::IsUnimplemented(PeekShape(bad).status()));
   bad = s;
   bad[7] = 1;  // A transform this decoder does not know.
   FixCrc(&bad);
   EXPECT_TRUE(absl::IsUnimplemented(Decode(bad)));
+}
+
+TEST(RobustnessTest, VersionOneStreamsStillDecode) {
+  // Version 2 only added a table kind, so a stream that says version 1 is
+  // read the same way.
+  for (Level level : {Level::kLossless, Level::kDefault}) {
+    std::string s = Encode(level);
+    std::vector<uint16_t> want(kShape.NumValues()), got(kShape.NumValues());
+    ASSERT_TRUE(DecodeChunk(s, absl::MakeSpan(want)).ok());
+    s[4] = 1;
+    FixCrc(&s);
+    ASSERT_TRUE(DecodeChunk(s, absl::MakeSpan(got)).ok());
+    EXPECT_EQ(got, want);
+  }
 }
 
 TEST(RobustnessTest, LyingHeaderFieldsFailEvenWithValidCrc) {

@@ -341,7 +341,7 @@ TEST(GpuDecodeTest, HostileStreamsFailAlone) {
   magic[0] = 'X';
   add(magic);
   std::string version = good;
-  version[4] = 2;
+  version[4] = 3;
   FixCrc(&version);
   add(version);
   // Wrong shape for this layout (more tokens).

@@ -163,6 +163,7 @@ __device__ uint16_t NextTable(const uint8_t* win, uint32_t len,
   switch (static_cast<rans::TableKind>(win[i])) {
     case rans::TableKind::kEmpty:
     case rans::TableKind::kUniform:
+    case rans::TableKind::kStored:
       return static_cast<uint16_t>(i + 1);
     case rans::TableKind::kSingle:
       return i + 2 <= len ? static_cast<uint16_t>(i + 2) : kPastWindow;
@@ -446,6 +447,9 @@ __global__ __launch_bounds__(kParseThreads) void ParseKernel(
         case rans::TableKind::kUniform:
           ok = n != 0;
           break;
+        case rans::TableKind::kStored:
+          ok = n != 0 && alphabet == 256;
+          break;
         case rans::TableKind::kExplicit:
           ok = n != 0 && t[2] < alphabet;
           break;
@@ -627,13 +631,19 @@ __device__ bool DecodeBlock(const DecodeChunk& c, const ChunkState& s,
   const uint32_t begin = b ? LoadU32(dir + 4 * (b - 1)) : 0;
   if (end < begin || end > s.payload_bytes) return false;
   const uint32_t m = d.z;
-  const uint32_t lanes = rans::LanesFor(m);
   const uint32_t size = end - begin;
+  const uint8_t* block = c.stream + s.payload_off + begin;
+  if (c.stream[s.tables_off + d.x] ==
+      static_cast<uint8_t>(rans::TableKind::kStored)) {
+    if (size != m) return false;
+    for (uint32_t k = lane; k < m; k += kWarp) c.symbols[d.y + k] = block[k];
+    return true;
+  }
+  const uint32_t lanes = rans::LanesFor(m);
   if (size < 4 * lanes || size % 2 != 0) return false;
   if (!BuildTable(c.stream + s.tables_off, s.tables_bytes, d.x, d.w, wt)) {
     return false;
   }
-  const uint8_t* block = c.stream + s.payload_off + begin;
   uint32_t x = lane < lanes ? LoadU32(block + 4 * lane) : rans::kStateLow;
   if (__any_sync(~0u, x < rans::kStateLow)) return false;
   const uint8_t* words = block + 4 * lanes;

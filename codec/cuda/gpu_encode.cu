@@ -51,6 +51,8 @@ constexpr int kRansWarps = 4;
 constexpr uint32_t kGroupTile = 256;  // Token groups UnitKernel holds at once.
 // An explicit table: 3 bytes and at most 256 frequencies below 2^14.
 constexpr uint32_t kTableStride = 3 + 256 * 2;
+// The words count of a block whose symbols are stored as they are.
+constexpr uint32_t kStoredBlock = 0xFFFFFFFF;
 
 // Per plane, in the workspace.
 struct PlaneEnc {
@@ -74,6 +76,7 @@ struct UnitEnc {
   uint32_t blocks[4];
   uint32_t table_off;    // In the tables section.
   uint32_t first_block;  // In the chunk.
+  uint32_t stored;       // Bit s: stream s keeps its symbols as they are.
 };
 
 // One chunk as the kernels see it; the host fills it.
@@ -103,7 +106,8 @@ struct EncChunk {
   uint32_t* freqs;  // Per stream: freq << 16 | start of 256 symbols.
   uint8_t* tables;  // Per stream: its table, kTableStride apart.
   uint8_t* symbols;
-  uint4* blocks;  // Per block: first symbol, symbols, words, bytes.
+  uint4* blocks;  // Per block: first symbol, symbols, words (or
+                  // kStoredBlock), bytes.
   uint32_t* block_starts;
   uint8_t* staging;  // Block b at 2 * first symbol + 128 * b.
 };
@@ -435,7 +439,7 @@ class BlockTables {
     if (uniform_cost < explicit_cost) {
       freqs[s] = static_cast<uint16_t>(s < alphabet ? uniform : 0);
       __syncthreads();
-      t.kind = rans::TableKind::kUniform;
+      t.kind = rans::UniformKind(alphabet);
       t.bytes = 1;
       return t;
     }
@@ -623,6 +627,7 @@ __global__ __launch_bounds__(kThreads) void UnitKernel(const EncChunk* chunks,
 
   // Tables, one thread per stream, in stream order.
   UnitEnc& unit = c.units[u];
+  uint32_t stored = 0;
   for (int h = 0; h < 4; ++h) {
     if ((h & 1) >= bp) continue;
     const uint32_t stream = (h >> 1) * bp + (h & 1);
@@ -638,6 +643,7 @@ __global__ __launch_bounds__(kThreads) void UnitKernel(const EncChunk* chunks,
       unit.table_bytes[stream] = t.bytes;
       unit.blocks[stream] = (n + prm.block_symbols - 1) / prm.block_symbols;
     }
+    stored |= uint32_t{t.kind == rans::TableKind::kStored} << stream;
     __syncthreads();  // Before the next stream overwrites freqs.
   }
   if (tid == 0) {
@@ -645,6 +651,7 @@ __global__ __launch_bounds__(kThreads) void UnitKernel(const EncChunk* chunks,
     unit.delta = delta_n;
     unit.base = base;
     unit.streams = 2 * bp;
+    unit.stored = stored;
   }
 }
 
@@ -747,6 +754,10 @@ __device__ void EncodeBlock(const EncChunk& c, const EncParams& prm, uint32_t b,
       unit.base + (delta ? bp * unit.raw + k * unit.delta : k * unit.raw) +
       j * prm.block_symbols;
   const uint32_t m = min(prm.block_symbols, n - j * prm.block_symbols);
+  if (unit.stored >> stream & 1) {
+    if (lane == 0) c.blocks[b] = make_uint4(sym0, m, kStoredBlock, m);
+    return;
+  }
   const uint32_t* freqs = c.freqs + (uint64_t{lo} * 4 + stream) * 256;
   __syncwarp();
   for (uint32_t s = lane; s < 256; s += kWarp) fs[s] = freqs[s];
@@ -891,12 +902,18 @@ __global__ __launch_bounds__(kRansWarps* kWarp) void CopyBlocksKernel(
     const EncState& st = states[i];
     const uint32_t b = g - block_prefix[i];
     const uint4 blk = c.blocks[b];  // first symbol, symbols, words, bytes
+    uint8_t* out = c.out + c.tables_off + st.tables_bytes +
+                   4 * uint64_t{st.num_blocks} + c.block_starts[b];
+    if (blk.z == kStoredBlock) {
+      for (uint32_t x = lane; x < blk.w; x += kWarp) {
+        out[x] = c.symbols[blk.x + x];
+      }
+      continue;
+    }
     const uint32_t state_bytes = blk.w - 2 * blk.z;
     const uint8_t* staging =
         c.staging + 2 * uint64_t{blk.x} + 128 * uint64_t{b};
     const uint8_t* words = staging + 128 + 2 * (blk.y - blk.z);
-    uint8_t* out = c.out + c.tables_off + st.tables_bytes +
-                   4 * uint64_t{st.num_blocks} + c.block_starts[b];
     for (uint32_t x = lane; x < blk.w; x += kWarp) {
       out[x] = x < state_bytes ? staging[x] : words[x - state_bytes];
     }
