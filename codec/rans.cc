@@ -24,13 +24,19 @@ Frequencies Uniform(uint32_t alphabet) {
   return f;
 }
 
+// Writes the symbol of state x to *out and returns the state after it,
+// before any refill. lut entries are laid out as in Decoder::lut_.
+inline uint32_t TakeSymbol(const uint32_t* lut, uint32_t x, uint8_t* out) {
+  const uint32_t e = lut[x & (kProbScale - 1)];
+  *out = static_cast<uint8_t>(e);
+  return DecodeAdvance(x, (e >> 8 & 0xFFF) + 1, e >> 20);
+}
+
 // One symbol of one lane: returns the lane's next state, advancing *p past
 // the word it took, if any. The caller guarantees a word is there.
 inline uint32_t DecodeSymbol(const uint32_t* lut, uint32_t x, const uint8_t** p,
                              uint8_t* out) {
-  const uint32_t e = lut[x & (kProbScale - 1)];
-  *out = static_cast<uint8_t>(e);
-  x = DecodeAdvance(x, (e >> 8 & 0xFFF) + 1, e >> 20);
+  x = TakeSymbol(lut, x, out);
   // Whether a lane refills is close to a coin flip on well-compressed data,
   // so a branch here would mispredict about every other symbol: shift and
   // mask instead.
@@ -189,10 +195,7 @@ void Run(Cursor* c, size_t k) {
 absl::Status Finish(Cursor& c) {
   for (; c.i < c.n; ++c.i) {
     const int lane = static_cast<int>(c.i % c.lanes);
-    uint32_t x = c.state[lane];
-    const uint32_t e = c.lut[x & (kProbScale - 1)];
-    c.out[c.i] = static_cast<uint8_t>(e);
-    x = DecodeAdvance(x, (e >> 8 & 0xFFF) + 1, e >> 20);
+    uint32_t x = TakeSymbol(c.lut, c.state[lane], c.out + c.i);
     if (x < kStateLow) {
       if (c.p == c.end) return absl::DataLossError("rANS block overrun");
       x = x << 16 | LoadU16(c.p);
