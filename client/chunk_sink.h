@@ -8,8 +8,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+struct CUstream_st;
 
 namespace kvcache {
 
@@ -32,6 +36,21 @@ class ChunkSink {
   // valid until Finish returns. Called only if accepts_device_memory().
   virtual absl::Status ConsumeOnDevice(size_t index, const void* device_bytes,
                                        uint64_t size) {
+    return absl::UnimplementedError("this sink takes host memory only");
+  }
+
+  // Takes chunks first, first + 1, ... (their sizes in `sizes`), which a
+  // transport writes into device memory itself, in one piece (an NCCL
+  // receive): chunk i + 1 starts where chunk i ends, rounded up to a
+  // multiple of 256 bytes. The sink calls write(destination, bytes, stream)
+  // once, with room for the piece in device memory, and `write` queues
+  // writing the piece's `bytes` on that CUDA stream before it returns; the
+  // sink reads them after it. Called only if accepts_device_memory().
+  virtual absl::Status ConsumeWrittenOnDevice(
+      size_t first, absl::Span<const uint64_t> sizes,
+      absl::FunctionRef<absl::Status(void* destination, uint64_t bytes,
+                                     CUstream_st* stream)>
+          write) {
     return absl::UnimplementedError("this sink takes host memory only");
   }
 

@@ -234,6 +234,43 @@ absl::StatusOr<bool> KvCacheClient::Release(uint64_t lease_id) {
   return response.released();
 }
 
+absl::StatusOr<v1::OpenNcclLinkResponse> KvCacheClient::OpenNcclLink(
+    absl::string_view nccl_id, absl::Duration join_timeout) {
+  v1::OpenNcclLinkRequest request;
+  request.set_nccl_id(std::string(nccl_id));
+  request.set_join_timeout_ms(absl::ToInt64Milliseconds(join_timeout));
+  v1::OpenNcclLinkResponse response;
+  grpc::Status status =
+      admin_->OpenNcclLink(NewContext().get(), request, &response);
+  if (!status.ok()) return Annotate(status, "open NCCL link", options_.address);
+  return response;
+}
+
+absl::StatusOr<bool> KvCacheClient::CloseNcclLink(uint64_t link_id) {
+  v1::CloseNcclLinkRequest request;
+  request.set_link_id(link_id);
+  v1::CloseNcclLinkResponse response;
+  grpc::Status status =
+      admin_->CloseNcclLink(NewContext().get(), request, &response);
+  if (!status.ok()) {
+    return Annotate(status, "close NCCL link", options_.address);
+  }
+  return response.closed();
+}
+
+absl::StatusOr<v1::SendOverNcclResponse> KvCacheClient::SendOverNccl(
+    uint64_t link_id, absl::Span<const ChunkKey> keys, uint64_t max_bytes) {
+  v1::SendOverNcclRequest request;
+  request.set_link_id(link_id);
+  AddKeys(keys, request);
+  request.set_max_bytes(max_bytes);
+  v1::SendOverNcclResponse response;
+  grpc::Status status =
+      data_->SendOverNccl(NewContext().get(), request, &response);
+  if (!status.ok()) return Annotate(status, "send over NCCL", options_.address);
+  return response;
+}
+
 absl::StatusOr<uint32_t> KvCacheClient::Delete(
     absl::Span<const ChunkKey> keys) {
   v1::DeleteRequest request;

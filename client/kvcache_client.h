@@ -77,6 +77,17 @@ class KvCacheClient : public ChunkStore {
       absl::string_view gpu_region_id = {});
   // False if the lease had expired (its chunks may have been reused).
   absl::StatusOr<bool> Release(uint64_t lease_id);
+  // GPU to GPU (see OpenNcclLink in kvcache.proto): asks the node to join
+  // the NCCL link `nccl_id` names, waiting up to `join_timeout` for this
+  // side; then to send the leading chunks of `keys` it holds over link
+  // `link_id`, at most `max_bytes` of them, for this side to receive in the
+  // order and sizes answered.
+  absl::StatusOr<v1::OpenNcclLinkResponse> OpenNcclLink(
+      absl::string_view nccl_id, absl::Duration join_timeout);
+  absl::StatusOr<bool> CloseNcclLink(uint64_t link_id);
+  absl::StatusOr<v1::SendOverNcclResponse> SendOverNccl(
+      uint64_t link_id, absl::Span<const ChunkKey> keys, uint64_t max_bytes);
+
   absl::StatusOr<uint32_t> Delete(absl::Span<const ChunkKey> keys) override;
   absl::StatusOr<absl::Time> Pin(absl::Span<const ChunkKey> keys,
                                  absl::Duration ttl) override;

@@ -1,11 +1,14 @@
 #include "client/prefix_fetcher.h"
 
+#include <cuda_runtime.h>
+
 #include <cstdio>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "transfer/cuda_devices.h"
+#include "transfer/cuda_status.h"
 
 namespace kvcache {
 
@@ -13,17 +16,35 @@ absl::StatusOr<std::unique_ptr<PrefixFetcher>> PrefixFetcher::Create(
     std::shared_ptr<KvCacheClient> client, FetcherOptions options) {
   std::unique_ptr<PrefixFetcher> fetcher(
       new PrefixFetcher(std::move(client), options));
-  if (options.transport != Transport::kGrpc) {
+  const Transport transport = options.transport;
+  if (transport == Transport::kAuto || transport == Transport::kSharedMemory) {
     absl::Status s = fetcher->ConnectRegion();
-    if (!s.ok() && options.transport == Transport::kSharedMemory) {
+    if (!s.ok() && transport == Transport::kSharedMemory) {
       return absl::FailedPreconditionError(absl::StrCat(
           "shared-memory transport asked for, but: ", s.message()));
+    }
+  }
+  if (transport == Transport::kNccl ||
+      (transport == Transport::kAuto && !fetcher->shared_memory())) {
+    absl::Status s = fetcher->OpenNcclLink();
+    if (!s.ok() && transport == Transport::kNccl) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("NCCL transport asked for, but: ", s.message()));
+    }
+    // Nodes without NCCL links, and workers without a GPU, are the usual
+    // case for gRPC; only a link that failed to open is news.
+    if (!s.ok() && !absl::IsFailedPrecondition(s)) {
+      std::fprintf(stderr, "kvcache: no NCCL link to the node: %s\n",
+                   s.ToString().c_str());
     }
   }
   return fetcher;
 }
 
-PrefixFetcher::~PrefixFetcher() { DropRegion(); }
+PrefixFetcher::~PrefixFetcher() {
+  DropNcclLink();
+  DropRegion();
+}
 
 absl::Status PrefixFetcher::ConnectRegion() {
   absl::StatusOr<v1::NodeInfoResponse> info = client_->NodeInfo();
@@ -80,6 +101,53 @@ void PrefixFetcher::DropRegion() {
   gpu_region_.reset();
 }
 
+absl::Status PrefixFetcher::OpenNcclLink() {
+  absl::StatusOr<v1::NodeInfoResponse> info = client_->NodeInfo();
+  if (!info.ok()) return info.status();
+  if (!info->nccl_links()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "node ", info->node_id(), " opens no NCCL links (no GPU tier)"));
+  }
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    return absl::FailedPreconditionError("this process has no GPU");
+  }
+  absl::StatusOr<std::string> id = transfer::NcclLink::NewId();
+  if (!id.ok()) return id.status();
+  absl::StatusOr<v1::OpenNcclLinkResponse> opened =
+      client_->OpenNcclLink(*id, options_.nccl_join_timeout);
+  if (!opened.ok()) return opened.status();
+  absl::StatusOr<std::unique_ptr<transfer::NcclLink>> link =
+      transfer::NcclLink::Join(*id, transfer::NcclLink::kWorkerRank, device,
+                               options_.nccl_join_timeout);
+  if (!link.ok()) {
+    (void)client_->CloseNcclLink(opened->link_id());
+    return link.status();
+  }
+  if (absl::Status s = CudaError(
+          cudaEventCreateWithFlags(&nccl_received_, cudaEventDisableTiming),
+          "setting up the NCCL link");
+      !s.ok()) {
+    (void)client_->CloseNcclLink(opened->link_id());
+    return s;
+  }
+  nccl_ = *std::move(link);
+  nccl_link_id_ = opened->link_id();
+  return absl::OkStatus();
+}
+
+void PrefixFetcher::DropNcclLink() {
+  if (nccl_ == nullptr) return;
+  // Aborting ends receives the node will never send, so streams move on.
+  nccl_->Abort();
+  nccl_.reset();
+  cudaEventDestroy(nccl_received_);
+  nccl_received_ = nullptr;
+  // Best effort: the node aborts its side too, or has gone.
+  (void)client_->CloseNcclLink(nccl_link_id_);
+  nccl_link_id_ = 0;
+}
+
 absl::StatusOr<size_t> PrefixFetcher::Lookup(absl::Span<const ChunkKey> keys) {
   absl::StatusOr<LookupResult> found = client_->Lookup(keys);
   if (!found.ok()) return found.status();
@@ -102,8 +170,29 @@ absl::StatusOr<FetchReport> PrefixFetcher::Fetch(
       status = shared.status();
     }
   }
+  bool received_over_nccl = false;
+  if (status.ok() && first_over_grpc < keys.size() && nccl_ != nullptr &&
+      sink.accepts_device_memory()) {
+    absl::StatusOr<size_t> received =
+        FetchOverNccl(keys, first_over_grpc, sink, report);
+    if (received.ok()) {
+      received_over_nccl = *received > first_over_grpc;
+      first_over_grpc = *received;
+    } else {
+      status = received.status();
+    }
+  }
+  if (status.ok() && received_over_nccl) status = AwaitNcclReceives();
   if (status.ok() && first_over_grpc < keys.size()) {
-    if (options_.transport == Transport::kSharedMemory) {
+    if (options_.transport == Transport::kNccl) {
+      status = sink.accepts_device_memory()
+                   ? absl::NotFoundError(absl::StrCat(
+                         "the node sent ", first_over_grpc, " of ", keys.size(),
+                         " chunks over NCCL: it lacks chunk ", first_over_grpc))
+                   : absl::FailedPreconditionError(
+                         "NCCL transport asked for, but the sink takes host "
+                         "memory only");
+    } else if (options_.transport == Transport::kSharedMemory) {
       status = absl::FailedPreconditionError(absl::StrCat(
           "shared-memory transport asked for, but the node lent only ",
           first_over_grpc, " of ", keys.size(),
@@ -185,6 +274,98 @@ absl::StatusOr<size_t> PrefixFetcher::FetchShared(
     report.bytes += size;
   }
   return lent;
+}
+
+absl::StatusOr<size_t> PrefixFetcher::FetchOverNccl(
+    absl::Span<const ChunkKey> keys, size_t first, ChunkSink& sink,
+    FetchReport& report) {
+  size_t next = first;
+  while (next < keys.size()) {
+    absl::StatusOr<v1::SendOverNcclResponse> sent = client_->SendOverNccl(
+        nccl_link_id_, keys.subspan(next), options_.nccl_request_bytes);
+    if (!sent.ok()) {
+      // Nothing of this request is on the link. A link the node lost (it
+      // restarted, or aborted a stuck send) is not used again; under kAuto
+      // gRPC takes the rest.
+      if (absl::IsNotFound(sent.status()) ||
+          absl::IsUnavailable(sent.status())) {
+        DropNcclLink();
+        if (options_.transport == Transport::kAuto) return next;
+      }
+      return sent.status();
+    }
+    if (sent->chunks().empty()) break;  // the node lacks keys[next]
+    std::vector<uint64_t> sizes;
+    absl::Status s;
+    for (const v1::ChunkInfo& info : sent->chunks()) {
+      if (info.key() != keys[next + sizes.size()].AsBytes()) {
+        s = absl::InternalError(absl::StrCat(
+            "node sent chunks out of order at ", next + sizes.size()));
+        break;
+      }
+      sizes.push_back(info.size_bytes());
+    }
+    // The node sends the chunks as one message, packed as the sink lays
+    // them out.
+    if (s.ok()) {
+      s = sink.ConsumeWrittenOnDevice(
+          next, sizes,
+          [&](void* destination, uint64_t bytes, CUstream_st* stream) {
+            absl::Status received = nccl_->Recv(destination, bytes, stream);
+            if (received.ok()) {
+              received = CudaError(cudaEventRecord(nccl_received_, stream),
+                                   "tracking NCCL receives");
+            }
+            return received;
+          });
+    }
+    if (!s.ok()) {
+      // The node's sends and this side's receives no longer pair up.
+      DropNcclLink();
+      return s;
+    }
+    for (uint64_t size : sizes) report.bytes += size;
+    report.nccl_chunks += sizes.size();
+    next += sizes.size();
+  }
+  return next;
+}
+
+absl::Status PrefixFetcher::AwaitNcclReceives() {
+  // A node that dies after answering leaves receives that never end, and a
+  // sink that waits on them forever: watch them here, where the node's
+  // health can be asked, and abort the link if it is gone.
+  const absl::Time deadline = absl::Now() + options_.lease;
+  absl::Time next_probe = absl::Now() + absl::Milliseconds(250);
+  absl::Status status;
+  while (true) {
+    const cudaError_t state = cudaEventQuery(nccl_received_);
+    if (state == cudaSuccess) return absl::OkStatus();
+    if (state != cudaErrorNotReady) {
+      status = CudaError(state, "receiving over NCCL");
+      break;
+    }
+    const absl::Time now = absl::Now();
+    if (now > deadline) {
+      status = absl::DeadlineExceededError(absl::StrCat(
+          "NCCL receives not done after ", absl::FormatDuration(options_.lease),
+          " (FetcherOptions::lease)"));
+      break;
+    }
+    if (now >= next_probe) {
+      next_probe = now + absl::Milliseconds(250);
+      status = nccl_->Check();
+      if (status.ok()) status = client_->NodeInfo().status();
+      if (!status.ok()) {
+        status = absl::UnavailableError(absl::StrCat(
+            "the node stopped sending over NCCL: ", status.message()));
+        break;
+      }
+    }
+    absl::SleepFor(absl::Microseconds(100));
+  }
+  DropNcclLink();
+  return status;
 }
 
 absl::Status PrefixFetcher::FetchOverGrpc(absl::Span<const ChunkKey> keys,

@@ -14,8 +14,15 @@
 //    takes device memory (ChunkSink::accepts_device_memory) opens it too,
 //    and the chunks held there reach the sink in place in the node's
 //    device memory, under the same lease.
-// kAuto uses shared memory where the node offers it on this host, and gRPC
-// otherwise, or when the region goes away (a restarted node) mid-life.
+//  - NCCL: GPU to GPU, from the node's GPU (on this host or another NCCL
+//    reaches) straight into the sink's device staging, for a sink that
+//    takes device memory. The link is opened once, when the fetcher is
+//    made; each fetch asks the node for batches of chunks and receives them
+//    while the sink decodes the batch before.
+// kAuto uses shared memory where the node offers it on this host; NCCL
+// where it does not but the node's GPU tier opens NCCL links and this
+// process has a GPU; and gRPC otherwise, for chunks the node does not send
+// over NCCL, or when the region goes away (a restarted node) mid-life.
 //
 // Thread-compatible: one fetch at a time per PrefixFetcher; use one per
 // worker thread (they can share a KvCacheClient).
@@ -33,11 +40,14 @@
 #include "client/chunk_sink.h"
 #include "client/kvcache_client.h"
 #include "transfer/gpu_region.h"
+#include "transfer/nccl_link.h"
 #include "transfer/shared_region.h"
+
+struct CUevent_st;
 
 namespace kvcache {
 
-enum class Transport { kAuto, kSharedMemory, kGrpc };
+enum class Transport { kAuto, kSharedMemory, kGrpc, kNccl };
 
 struct FetcherOptions {
   Transport transport = Transport::kAuto;
@@ -52,6 +62,11 @@ struct FetcherOptions {
   // Open the node's GPU tier where it has one on this host (needs a GPU
   // that can reach the node's; skipped, with a note on stderr, if not).
   bool open_gpu_tier = true;
+  // NCCL: most bytes of chunks one request asks the node for (the sink's
+  // staging must hold them: GpuDecodeSinkOptions::slot_bytes), and how long
+  // opening the link may take.
+  uint64_t nccl_request_bytes = 32 << 20;
+  absl::Duration nccl_join_timeout = absl::Seconds(30);
 };
 
 struct FetchReport {
@@ -60,13 +75,14 @@ struct FetchReport {
   size_t gpu_tier_chunks = 0;
   size_t shared_memory_chunks = 0;
   size_t grpc_chunks = 0;
+  size_t nccl_chunks = 0;  // received over NCCL
   uint64_t bytes = 0;
 };
 
 class PrefixFetcher {
  public:
   // FAILED_PRECONDITION if kSharedMemory is forced and the node offers no
-  // region on this host.
+  // region on this host, or kNccl and no link could be opened.
   static absl::StatusOr<std::unique_ptr<PrefixFetcher>> Create(
       std::shared_ptr<KvCacheClient> client, FetcherOptions options = {});
   ~PrefixFetcher();
@@ -85,6 +101,8 @@ class PrefixFetcher {
   // right now.
   bool shared_memory() const { return region_ != nullptr; }
   bool gpu_tier() const { return gpu_region_ != nullptr; }
+  // Whether fetches receive chunks over an NCCL link.
+  bool nccl() const { return nccl_ != nullptr; }
 
  private:
   PrefixFetcher(std::shared_ptr<KvCacheClient> client, FetcherOptions options)
@@ -100,6 +118,18 @@ class PrefixFetcher {
   absl::StatusOr<size_t> FetchShared(absl::Span<const ChunkKey> keys,
                                      ChunkSink& sink, uint64_t* lease_id,
                                      absl::Time* expiry, FetchReport& report);
+  // Opens an NCCL link from the node's GPU to this process's.
+  absl::Status OpenNcclLink();
+  void DropNcclLink();
+  // Receives the chunks of keys[first, ...) the node sends over the NCCL
+  // link into the sink; returns how many (it stops at a key the node does
+  // not hold).
+  absl::StatusOr<size_t> FetchOverNccl(absl::Span<const ChunkKey> keys,
+                                       size_t first, ChunkSink& sink,
+                                       FetchReport& report);
+  // Waits until the NCCL receives queued so far are done; aborts the link
+  // if the node goes away first.
+  absl::Status AwaitNcclReceives();
   absl::Status FetchOverGrpc(absl::Span<const ChunkKey> keys, size_t first,
                              ChunkSink& sink, FetchReport& report);
 
@@ -108,6 +138,9 @@ class PrefixFetcher {
   std::unique_ptr<transfer::SharedRegion> region_;
   std::unique_ptr<transfer::GpuRegion> gpu_region_;
   bool registered_ = false;
+  std::unique_ptr<transfer::NcclLink> nccl_;
+  uint64_t nccl_link_id_ = 0;
+  CUevent_st* nccl_received_ = nullptr;  // after the last receive queued
 };
 
 }  // namespace kvcache

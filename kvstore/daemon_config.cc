@@ -148,6 +148,16 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config) {
       config.gpu_tier().max_admit_percent() > 100) {
     return FieldError("gpu_tier.max_admit_percent", "must be within [1, 100]");
   }
+  if (config.gpu_tier().max_nccl_links() > 0) {
+    if (config.gpu_tier().nccl_staging_bytes() == 0) {
+      return FieldError("gpu_tier.nccl_staging_bytes",
+                        "must be > 0 when NCCL links are on");
+    }
+    if (config.gpu_tier().nccl_send_timeout_seconds() == 0) {
+      return FieldError("gpu_tier.nccl_send_timeout_seconds",
+                        "must be > 0 when NCCL links are on");
+    }
+  }
   const v1::NvmeTierConfig& nvme = config.nvme_tier();
   if (!nvme.data_dir().empty()) {
     if (nvme.slab_bytes() == 0 || nvme.slab_bytes() % 4096 != 0) {

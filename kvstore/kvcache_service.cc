@@ -15,6 +15,7 @@
 #include "kvstore/daemon_config.h"
 #include "kvstore/gpu_arena.h"
 #include "transfer/grpc_stream.h"
+#include "transfer/nccl_link.h"
 
 namespace kvcache::kvstore {
 namespace {
@@ -205,7 +206,17 @@ NodeState::NodeState(v1::DaemonConfig config,
       leases_(
           (store_->cpu_arena().capacity_bytes() +
            (store_->gpu_arena() ? store_->gpu_arena()->capacity_bytes() : 0)) /
-          100 * config_.shared_memory().max_leased_percent()) {}
+          100 * config_.shared_memory().max_leased_percent()) {
+  const v1::GpuTierConfig& gpu = config_.gpu_tier();
+  if (store_->gpu_arena() != nullptr && gpu.max_nccl_links() > 0) {
+    NcclLinksOptions options;
+    options.device = store_->gpu_arena()->device();
+    options.max_links = gpu.max_nccl_links();
+    options.staging_bytes = gpu.nccl_staging_bytes();
+    options.send_timeout = absl::Seconds(gpu.nccl_send_timeout_seconds());
+    nccl_links_ = std::make_unique<NcclLinks>(options);
+  }
+}
 
 std::string NodeState::shared_memory_socket() const {
   absl::MutexLock lock(&socket_mu_);
@@ -432,6 +443,57 @@ grpc::Status KvCacheService::Release(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
+grpc::Status KvCacheService::SendOverNccl(
+    grpc::ServerContext*, const v1::SendOverNcclRequest* request,
+    v1::SendOverNcclResponse* response) {
+  if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
+      !s.ok()) {
+    return s;
+  }
+  NcclLinks* links = node_.nccl_links();
+  if (links == nullptr) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this node opens no NCCL links");
+  }
+  std::vector<ChunkRef> chunks;
+  uint64_t bytes = 0;
+  for (const std::string& key : request->keys()) {
+    absl::StatusOr<LocatedChunk> chunk =
+        node_.store().GetInMemory(key, /*accept_device=*/true);
+    if (!chunk.ok()) break;
+    bytes += chunk->chunk.size_bytes;
+    if (bytes > request->max_bytes()) {
+      if (chunks.empty()) {
+        return grpc::Status(
+            grpc::StatusCode::RESOURCE_EXHAUSTED,
+            absl::StrCat("the first chunk is ", chunk->chunk.size_bytes,
+                         " bytes; the receiver takes ", request->max_bytes()));
+      }
+      break;
+    }
+    FillInfo(key, *chunk, *response->add_chunks());
+    chunks.push_back(std::move(chunk->chunk));
+  }
+  const size_t found = chunks.size();
+  absl::StatusOr<size_t> queued =
+      found == 0 ? 0 : links->Send(request->link_id(), std::move(chunks));
+  if (!queued.ok()) return ToGrpcStatus(queued.status());
+  response->mutable_chunks()->DeleteSubrange(*queued,
+                                             response->chunks_size() - *queued);
+  uint64_t sent_bytes = 0;
+  for (const v1::ChunkInfo& info : response->chunks()) {
+    sent_bytes += info.size_bytes();
+  }
+  node_.hits.fetch_add(*queued, std::memory_order_relaxed);
+  if (found < static_cast<size_t>(request->keys_size()) &&
+      bytes <= request->max_bytes()) {
+    node_.misses.fetch_add(request->keys_size() - found,
+                           std::memory_order_relaxed);
+  }
+  node_.bytes_out.fetch_add(sent_bytes, std::memory_order_relaxed);
+  return grpc::Status::OK;
+}
+
 grpc::Status KvCacheService::Delete(grpc::ServerContext*,
                                     const v1::DeleteRequest* request,
                                     v1::DeleteResponse* response) {
@@ -534,6 +596,38 @@ grpc::Status AdminService::NodeInfo(grpc::ServerContext*,
     response->set_gpu_region_bytes(gpu->capacity_bytes());
     response->set_gpu_pci_bus_id(gpu->pci_bus_id());
   }
+  response->set_nccl_links(node_.nccl_links() != nullptr &&
+                           transfer::NcclLink::Available().ok());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::OpenNcclLink(grpc::ServerContext*,
+                                        const v1::OpenNcclLinkRequest* request,
+                                        v1::OpenNcclLinkResponse* response) {
+  NcclLinks* links = node_.nccl_links();
+  if (links == nullptr) {
+    return grpc::Status(
+        grpc::StatusCode::FAILED_PRECONDITION,
+        "this node opens no NCCL links: it has no GPU tier "
+        "(gpu_tier.capacity_bytes) or gpu_tier.max_nccl_links is 0");
+  }
+  const absl::Duration timeout =
+      request->join_timeout_ms() == 0
+          ? absl::Seconds(30)
+          : std::min(absl::Milliseconds(request->join_timeout_ms()),
+                     absl::Minutes(5));
+  absl::StatusOr<uint64_t> id = links->Open(request->nccl_id(), timeout);
+  if (!id.ok()) return ToGrpcStatus(id.status());
+  response->set_link_id(*id);
+  response->set_gpu_pci_bus_id(node_.store().gpu_arena()->pci_bus_id());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::CloseNcclLink(
+    grpc::ServerContext*, const v1::CloseNcclLinkRequest* request,
+    v1::CloseNcclLinkResponse* response) {
+  NcclLinks* links = node_.nccl_links();
+  response->set_closed(links != nullptr && links->Close(request->link_id()));
   return grpc::Status::OK;
 }
 

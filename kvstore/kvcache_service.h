@@ -21,6 +21,7 @@
 #include "kvcache/v1/config.pb.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
 #include "kvstore/chunk_leases.h"
+#include "kvstore/nccl_links.h"
 #include "kvstore/tiered_store.h"
 
 namespace kvcache::kvstore {
@@ -41,6 +42,9 @@ class NodeState {
 
   // Same-host workers' reservations of CPU-tier chunks (Locate).
   ChunkLeases& leases() { return leases_; }
+  // NCCL links to workers' GPUs; null without a GPU tier, or with
+  // gpu_tier.max_nccl_links 0.
+  NcclLinks* nccl_links() { return nccl_links_.get(); }
   // Where workers on this host get the shared CPU tier; empty until the
   // daemon serves it (and when shared_memory.enabled is off).
   std::string shared_memory_socket() const;
@@ -74,6 +78,7 @@ class NodeState {
   const absl::Time started_;
   std::unique_ptr<TieredStore> store_;
   ChunkLeases leases_;
+  std::unique_ptr<NcclLinks> nccl_links_;
   mutable absl::Mutex socket_mu_;
   std::string shared_memory_socket_ ABSL_GUARDED_BY(socket_mu_);
   std::atomic<bool> draining_{false};
@@ -111,6 +116,9 @@ class KvCacheService final : public v1::KvCache::Service {
   grpc::Status Release(grpc::ServerContext* context,
                        const v1::ReleaseRequest* request,
                        v1::ReleaseResponse* response) override;
+  grpc::Status SendOverNccl(grpc::ServerContext* context,
+                            const v1::SendOverNcclRequest* request,
+                            v1::SendOverNcclResponse* response) override;
 
  private:
   NodeState& node_;
@@ -132,6 +140,12 @@ class AdminService final : public v1::Admin::Service {
   grpc::Status Drain(grpc::ServerContext* context,
                      const v1::DrainRequest* request,
                      v1::DrainResponse* response) override;
+  grpc::Status OpenNcclLink(grpc::ServerContext* context,
+                            const v1::OpenNcclLinkRequest* request,
+                            v1::OpenNcclLinkResponse* response) override;
+  grpc::Status CloseNcclLink(grpc::ServerContext* context,
+                             const v1::CloseNcclLinkRequest* request,
+                             v1::CloseNcclLinkResponse* response) override;
 
  private:
   NodeState& node_;

@@ -344,6 +344,31 @@ class Bench {
     return Median(times);
   }
 
+  // The raw peer of a restore over NCCL from another GPU: the fp16 copied
+  // from GPU `peer` into the worker's blocks (over NVLink where there is
+  // one).
+  double TimePeerCopy(int peer) {
+    int here = 0;
+    KVCACHE_CUDA_OR_DIE(cudaGetDevice(&here));
+    KVCACHE_CUDA_OR_DIE(cudaSetDevice(peer));
+    uint16_t* there = nullptr;
+    KVCACHE_CUDA_OR_DIE(cudaMalloc(&there, Raw()));
+    KVCACHE_CUDA_OR_DIE(cudaSetDevice(here));
+    int can = 0;
+    KVCACHE_CUDA_OR_DIE(cudaDeviceCanAccessPeer(&can, here, peer));
+    if (can) (void)cudaDeviceEnablePeerAccess(peer, 0);
+    std::vector<double> times;
+    for (int rep = 0; rep < kReps; ++rep) {
+      KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
+      const auto start = std::chrono::steady_clock::now();
+      KVCACHE_CUDA_OR_DIE(cudaMemcpyPeer(dest_, here, there, peer, Raw()));
+      KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
+      times.push_back(Seconds(start));
+    }
+    cudaFree(there);
+    return Median(times);
+  }
+
   // Decode alone, from compressed chunks already in device memory: what a
   // restore from a GPU tier would cost at best.
   double TimeDecodeFromDevice() {
@@ -549,6 +574,34 @@ int Run(int argc, char** argv) {
     alone.restore_s = decode_alone_s = bench.TimeDecodeFromDevice();
     alone.transport = "none";
     rows.push_back(alone);
+  }
+
+  // GPU tier of a node on another GPU: the chunks come GPU to GPU over an
+  // NCCL link into the worker's staging, and decode there.
+  int devices = 0;
+  KVCACHE_CUDA_OR_DIE(cudaGetDeviceCount(&devices));
+  if (devices >= 2) {
+    auto daemon = bench.StartDaemon(
+        {"--set=cpu_tier { capacity_bytes: 1073741824 }",
+         "--set=gpu_tier { capacity_bytes: 2147483648 max_admit_percent: 100 "
+         "device: 1 }",
+         "--set=limits { max_chunk_bytes: 67108864 }"});
+    auto client = bench.Connect(*daemon);
+    Note("storing the prefix in the GPU tier of GPU 1");
+    bench.PutCompressed(*client);
+    Note("restoring over NCCL");
+    auto fetcher = MakeFetcher(client, Transport::kNccl);
+    Row row;
+    FetchReport report;
+    row.path = "(e) GPU tier on another GPU (NCCL, then decoded)";
+    row.restore_s = bench.TimeRestore(*fetcher, &row.first_ms, &report);
+    row.transport = absl::StrCat(report.nccl_chunks, " nccl");
+    row.raw_s = bench.TimePeerCopy(1);
+    row.raw_what = "cudaMemcpyPeer GPU1->GPU0";
+    rows.push_back(row);
+  } else {
+    std::printf("(e) NCCL from another GPU: not run, this host has %d GPU\n",
+                devices);
   }
 
   // NVMe tier: a restarted node has everything on disk and nothing in

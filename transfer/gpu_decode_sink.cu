@@ -128,42 +128,77 @@ absl::StatusOr<GpuDecodeSink::Slot*> GpuDecodeSink::SlotFor(
   return slot;
 }
 
-absl::Status GpuDecodeSink::AddJob(Slot& slot, size_t index,
-                                   const void* device_bytes, uint64_t size) {
+void GpuDecodeSink::AddJob(Slot& slot, size_t index, const void* device_bytes,
+                           uint64_t size) {
   DecodeJob job;
   job.stream = static_cast<const uint8_t*>(device_bytes);
   job.stream_bytes = size;
   job.dest = destinations_[index];
   slot.jobs.push_back(job);
   ++consumed_;
+}
+
+absl::Status GpuDecodeSink::LaunchIfFull(const Slot& slot) {
   const uint32_t batch = slot.staged_jobs > 0 ? options_.batch_chunks
                                               : options_.device_batch_chunks;
-  if (slot.jobs.size() >= batch) return Launch();
-  return absl::OkStatus();
+  return slot.jobs.size() >= batch ? Launch() : absl::OkStatus();
+}
+
+absl::Status GpuDecodeSink::Stage(
+    size_t first, absl::Span<const uint64_t> sizes,
+    absl::FunctionRef<absl::Status(Slot&, uint8_t*, uint64_t)> write) {
+  if (first + sizes.size() > destinations_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunks ", first, "..", first + sizes.size() - 1,
+        " have no destination (", destinations_.size(), " given)"));
+  }
+  // Streams start 256-byte aligned, as the decoder's loads like.
+  std::vector<uint64_t> offsets;
+  uint64_t end = 0;
+  for (uint64_t size : sizes) {
+    offsets.push_back((end + 255) / 256 * 256);
+    end = offsets.back() + size;
+  }
+  const uint64_t reserved = (end + 255) / 256 * 256;
+  absl::StatusOr<Slot*> slot = SlotFor(first, reserved);
+  if (!slot.ok()) return slot.status();
+  uint8_t* staged = (*slot)->device + (*slot)->used;
+  if (absl::Status s = write(**slot, staged, end); !s.ok()) return s;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    AddJob(**slot, first + i, staged + offsets[i], sizes[i]);
+  }
+  (*slot)->used += reserved;
+  (*slot)->staged_jobs += sizes.size();
+  return LaunchIfFull(**slot);
 }
 
 absl::Status GpuDecodeSink::Consume(size_t index, absl::string_view bytes,
                                     bool stable) {
-  absl::StatusOr<Slot*> slot = SlotFor(index, bytes.size());
-  if (!slot.ok()) return slot.status();
-  uint8_t* staged = (*slot)->device + (*slot)->used;
-  const void* source = bytes.data();
-  if (!stable) {
-    // gRPC's buffer is gone after this call, and pageable besides.
-    std::memcpy((*slot)->pinned + (*slot)->used, bytes.data(), bytes.size());
-    source = (*slot)->pinned + (*slot)->used;
-  }
-  if (absl::Status s =
-          CudaError(cudaMemcpyAsync(staged, source, bytes.size(),
-                                    cudaMemcpyHostToDevice, copy_stream_),
-                    "copying a chunk to the GPU");
-      !s.ok()) {
-    return s;
-  }
-  // Streams start 256-byte aligned, as the decoder's loads like.
-  (*slot)->used += (bytes.size() + 255) / 256 * 256;
-  ++(*slot)->staged_jobs;
-  return AddJob(**slot, index, staged, bytes.size());
+  const uint64_t size = bytes.size();
+  return Stage(index, absl::MakeConstSpan(&size, 1),
+               [&](Slot& slot, uint8_t* staged, uint64_t) {
+                 const void* source = bytes.data();
+                 if (!stable) {
+                   // gRPC's buffer is gone after this call, and pageable
+                   // besides.
+                   std::memcpy(slot.pinned + slot.used, bytes.data(), size);
+                   source = slot.pinned + slot.used;
+                 }
+                 return CudaError(
+                     cudaMemcpyAsync(staged, source, size,
+                                     cudaMemcpyHostToDevice, copy_stream_),
+                     "copying a chunk to the GPU");
+               });
+}
+
+absl::Status GpuDecodeSink::ConsumeWrittenOnDevice(
+    size_t first, absl::Span<const uint64_t> sizes,
+    absl::FunctionRef<absl::Status(void*, uint64_t, CUstream_st*)> write) {
+  // Written on the copy stream, so a batch's decode waits for it as it
+  // waits for copies.
+  return Stage(first, sizes, [&](Slot&, uint8_t* staged, uint64_t bytes) {
+    return write(staged, bytes, copy_stream_);
+  });
 }
 
 absl::Status GpuDecodeSink::ConsumeOnDevice(size_t index,
@@ -173,7 +208,8 @@ absl::Status GpuDecodeSink::ConsumeOnDevice(size_t index,
   // staging space.
   absl::StatusOr<Slot*> slot = SlotFor(index, 0);
   if (!slot.ok()) return slot.status();
-  return AddJob(**slot, index, device_bytes, size);
+  AddJob(**slot, index, device_bytes, size);
+  return LaunchIfFull(**slot);
 }
 
 absl::Status GpuDecodeSink::Launch() {

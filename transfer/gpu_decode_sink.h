@@ -5,7 +5,8 @@
 // batch of chunks decodes on the worker's stream while the next slot fills.
 // So chunk i + 1 is in flight, and on the PCIe bus, while chunk i decodes.
 // Chunks already in device memory (a node's GPU tier opened through CUDA
-// IPC) join a batch without a copy and decode where they lie.
+// IPC) join a batch without a copy and decode where they lie; chunks that
+// arrive over NCCL are received straight into a slot.
 //
 // Thread-compatible. Needs a GPU.
 #ifndef KVCACHE_TRANSFER_GPU_DECODE_SINK_H_
@@ -53,6 +54,10 @@ class GpuDecodeSink : public ChunkSink {
   bool accepts_device_memory() const override { return true; }
   absl::Status ConsumeOnDevice(size_t index, const void* device_bytes,
                                uint64_t size) override;
+  absl::Status ConsumeWrittenOnDevice(
+      size_t first, absl::Span<const uint64_t> sizes,
+      absl::FunctionRef<absl::Status(void*, uint64_t, CUstream_st*)> write)
+      override;
   // Decodes what is left, waits for the stream, and reports the first chunk
   // the GPU rejected (DATA_LOSS naming it and why). A rejected chunk leaves
   // its blocks untouched.
@@ -73,9 +78,18 @@ class GpuDecodeSink : public ChunkSink {
   // The slot that takes chunk `index` with `staged_bytes` of staging,
   // launching the filling one first if it is full.
   absl::StatusOr<Slot*> SlotFor(size_t index, uint64_t staged_bytes);
+  // Gives chunks first, first + 1, ... (of `sizes`) one piece of a slot's
+  // device staging, back to back at 256-byte aligned offsets, which `write`
+  // fills (queued on the copy stream, given the piece and its length), and
+  // queues them for decoding.
+  absl::Status Stage(
+      size_t first, absl::Span<const uint64_t> sizes,
+      absl::FunctionRef<absl::Status(Slot&, uint8_t*, uint64_t)> write);
   // Queues chunk `index`, at `device_bytes`, for decoding with its slot.
-  absl::Status AddJob(Slot& slot, size_t index, const void* device_bytes,
-                      uint64_t size);
+  void AddJob(Slot& slot, size_t index, const void* device_bytes,
+              uint64_t size);
+  // Launches the slot's batch once it has enough chunks.
+  absl::Status LaunchIfFull(const Slot& slot);
   // Starts decoding the filling slot's batch and moves to the next slot.
   absl::Status Launch();
 

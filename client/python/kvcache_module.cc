@@ -165,9 +165,10 @@ Transport ParseTransport(const std::string& name) {
   if (name == "auto") return Transport::kAuto;
   if (name == "shared_memory") return Transport::kSharedMemory;
   if (name == "grpc") return Transport::kGrpc;
+  if (name == "nccl") return Transport::kNccl;
   Raise(absl::InvalidArgumentError(
-      absl::StrCat("transport must be \"auto\", \"shared_memory\" or "
-                   "\"grpc\", not \"",
+      absl::StrCat("transport must be \"auto\", \"shared_memory\", "
+                   "\"grpc\" or \"nccl\", not \"",
                    name, "\"")));
 }
 
@@ -189,6 +190,7 @@ py::dict ReportDict(const FetchReport& report) {
   out["gpu_tier_chunks"] = report.gpu_tier_chunks;
   out["shared_memory_chunks"] = report.shared_memory_chunks;
   out["grpc_chunks"] = report.grpc_chunks;
+  out["nccl_chunks"] = report.nccl_chunks;
   out["bytes"] = report.bytes;
   return out;
 }
@@ -1133,14 +1135,15 @@ out: one array per key, which you own: C-contiguous, writeable, shaped as
 transport: 'auto' reads the node's memory in place when it runs on this
   host, and streams over gRPC otherwise (or for chunks it cannot lend);
   'shared_memory' insists on memory, raising FailedPreconditionError for
-  any chunk it cannot lend (a missing one too); 'grpc' always streams.
+  any chunk it cannot lend (a missing one too); 'grpc' always streams;
+  'nccl' is for fetch_to_device only.
 lease_s: how long the node keeps the chunks in place for a shared-memory
   read; a fetch that outlasts it fails rather than read reused memory.
 
 Returns {'gpu_tier_chunks', 'shared_memory_chunks', 'grpc_chunks',
-'bytes'}: which transport carried how many chunks (gpu_tier_chunks is
-always 0 here: only fetch_to_device reads the node's GPU tier), and their
-compressed bytes. Releases the GIL.
+'nccl_chunks', 'bytes'}: which transport carried how many chunks
+(gpu_tier_chunks and nccl_chunks are always 0 here: only fetch_to_device
+reads the node's GPU), and their compressed bytes. Releases the GIL.
 
 Raises InvalidArgumentError for arrays of the wrong shape, dtype or
 layout: before fetching where the arrays show it (wrong count, rank,
@@ -1161,11 +1164,12 @@ Threads may fetch through one Client at once.)doc")
 Each chunk's compressed bytes are copied to the GPU (from the node's memory
 in place on this host, else as they arrive over gRPC) and decoded there,
 batches of chunks decoding on `stream` while the next ones copy; chunks in
-the node's GPU tier (same host, CUDA IPC) decode where they lie. Returns
-when the decode is done (it synchronizes `stream`):
-{'gpu_tier_chunks', 'shared_memory_chunks', 'grpc_chunks', 'bytes',
-'first_batch_ms'}, the last the GPU time from the first copy to the first
-batch decoded.
+the node's GPU tier (same host, CUDA IPC) decode where they lie. A node
+on another host whose GPU tier opens NCCL links sends chunks GPU to GPU
+(transport 'auto' or 'nccl'). Returns when the decode is done (it
+synchronizes `stream`): {'gpu_tier_chunks', 'shared_memory_chunks',
+'grpc_chunks', 'nccl_chunks', 'bytes', 'first_batch_ms'}, the last the
+GPU time from the first copy to the first batch decoded.
 
 keys: a prefix the node holds (lookup()'s prefix_chunks of them).
 layout: where the cache lives, as a dict or as keyword arguments:
@@ -1191,7 +1195,8 @@ blocks: one dict per key, where its chunk goes:
     request can share one block table with first_slot = i * chunk_tokens.
 stream: the cudaStream_t to decode on, as an int
   (torch.cuda.current_stream().cuda_stream); 0 is the default stream.
-transport, lease_s: as for fetch().
+transport, lease_s: as for fetch(); 'nccl' insists on an NCCL link from
+  the node's GPU (FailedPreconditionError if it cannot open one).
 
 All addresses must be on one GPU; the call runs on that GPU. The first
 call of a Client page-locks the node's shared memory for the GPU, which

@@ -198,7 +198,7 @@ class KvcacheModuleTest(unittest.TestCase):
             np.testing.assert_array_equal(got, want.view(np.uint16))
         self.assertEqual(self.client.fetch([], []),
                          {"gpu_tier_chunks": 0, "shared_memory_chunks": 0,
-                          "grpc_chunks": 0, "bytes": 0})
+                          "grpc_chunks": 0, "nccl_chunks": 0, "bytes": 0})
 
     def test_threads_fetch_through_one_client_at_once(self):
         keys, streams = self.put_prompt("fetch-threads")
@@ -253,6 +253,10 @@ class KvcacheModuleTest(unittest.TestCase):
         # Forced shared memory cannot lend it, missing or not.
         with self.assertRaises(kvcache.FailedPreconditionError):
             self.client.fetch(keys, out, transport="shared_memory")
+        # NCCL needs a node with a GPU tier, and a GPU here.
+        with self.assertRaisesRegex(kvcache.FailedPreconditionError,
+                                    "NCCL transport asked for"):
+            self.client.fetch(keys, out, transport="nccl")
         # The prefix before it is still there.
         self.client.fetch(keys[:3], out[:3])
 

@@ -8,6 +8,7 @@
 #                            # has .gpu/: runs everything, logs to $OUT or
 #                            # .gpu/results/, ends with "N passed, N failed"
 #   tests/gpu/run.sh         # both, on a GPU host that can also build
+#   tests/gpu/run.sh run gpu_nccl_test e2e_bench   # only the entries named
 #
 # The GPU host needs only the NVIDIA driver and glibc >= 2.36; gRPC, Abseil,
 # GoogleTest and the CUDA runtime travel in .gpu/lib, the real KV dumps
@@ -17,7 +18,8 @@ cd "$(dirname "$0")/../.."
 
 # Each entry: a Bazel target, the arguments it runs with on the GPU host and,
 # optionally, "memcheck" to run it under compute-sanitizer (skipped where the
-# host has none).
+# host has none) or "two_gpus" for a test that needs two GPUs (skipped, and
+# reported so, on a host with one).
 TARGETS=(
   "//transfer:gpu_probe|"
   "//codec/cuda:codec_gpu_test|"
@@ -25,6 +27,7 @@ TARGETS=(
   "//kvstore:gpu_tier_test|"
   "//tests:gpu_fetch_test|--kvcached=.gpu/bin/kvcached"
   "//tests:gpu_store_test|--kvcached=.gpu/bin/kvcached"
+  "//tests:gpu_nccl_test|--kvcached=.gpu/bin/kvcached|two_gpus"
   "//codec/cuda:codec_gpu_bench|"
   "//transfer:e2e_bench|--kvcached=.gpu/bin/kvcached --nvme_dir=.gpu/nvme"
 )
@@ -33,6 +36,8 @@ HELPERS=("//kvstore:kvcached")
 SANITIZER=/usr/local/cuda/bin/compute-sanitizer
 
 # Libraries every GPU host has; everything else a binary links is carried.
+# NCCL (over 200 MB) is not linked but loaded when a link opens: run() finds
+# the host's own.
 HOST_LIBS='^(libc|libm|libdl|librt|libpthread|ld-linux-x86-64|libstdc\+\+|libgcc_s|libcuda|libnccl|linux-vdso)\.so'
 
 build() {
@@ -68,19 +73,35 @@ run() {
   # Tests' NVMe tiers need O_DIRECT, which a tmpfs /tmp lacks.
   export TEST_TMPDIR=$PWD/.gpu/tmp
   mkdir -p "$TEST_TMPDIR"
+  # NVLink multicast stays off: on a shared host it can take the GPUs down.
+  export NCCL_NVLS_ENABLE=0
+  if [[ -z ${KVCACHE_NCCL_LIBRARY:-} ]] && ! ldconfig -p | grep -q 'libnccl\.so\.2 '; then
+    local nccl
+    nccl=$(find /usr/local/cuda/lib64 /usr/lib /opt -name libnccl.so.2 2>/dev/null | head -1)
+    [[ -n $nccl ]] && export KVCACHE_NCCL_LIBRARY=$nccl
+  fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader |
     tee "$results/gpu.txt"
-  local passed=0 failed=0
+  local gpus
+  gpus=$(nvidia-smi -L | grep -c '^GPU')
+  local passed=0 failed=0 skipped=0
   for entry in "${TARGETS[@]}"; do
     local label=${entry%%|*} rest=${entry#*|}
     local args=${rest%%|*} wrap=""
     [[ $rest == *"|"* ]] && wrap=${rest#*|}
     local name=${label##*:} log=${label##*:}
+    if [[ $# -gt 0 && " $* " != *" $name "* ]]; then continue; fi
     local cmd=(".gpu/bin/$name")
+    if [[ $wrap == two_gpus && $gpus -lt 2 ]]; then
+      echo "=== $name: skipped, needs two GPUs (this host has $gpus)"
+      skipped=$((skipped + 1))
+      continue
+    fi
     if [[ $wrap == memcheck ]]; then
       log+=.memcheck
       if [[ ! -x $SANITIZER ]]; then
         echo "=== $name $args under memcheck: skipped, no $SANITIZER"
+        skipped=$((skipped + 1))
         continue
       fi
       cmd=("$SANITIZER" --tool memcheck --error-exitcode 1 "${cmd[@]}")
@@ -94,13 +115,13 @@ run() {
       echo "gpu: $name FAILED"
     fi
   done
-  echo "${passed} passed, ${failed} failed"
+  echo "${passed} passed, ${failed} failed, ${skipped} skipped"
   [[ $failed -eq 0 ]]
 }
 
 case "${1:-all}" in
   build) build ;;
-  run) run ;;
+  run) shift; run "$@" ;;
   all) build && run ;;
-  *) echo "usage: $0 [build|run]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build | run [name...]]" >&2; exit 2 ;;
 esac

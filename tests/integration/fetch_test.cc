@@ -114,6 +114,29 @@ TEST_F(FetchTest, NoSharedRegionFallsBackToGrpc) {
   EXPECT_EQ(forced.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+TEST_F(FetchTest, NcclNeedsANodeWithAGpuTier) {
+  StartDaemon();
+  PutPrompt(2);
+  absl::StatusOr<v1::NodeInfoResponse> info = client_->NodeInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_FALSE(info->nccl_links());
+  FetcherOptions options;
+  options.transport = Transport::kNccl;
+  absl::StatusOr<std::unique_ptr<PrefixFetcher>> forced =
+      PrefixFetcher::Create(client_, options);
+  EXPECT_EQ(forced.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(forced.status().message().find("no NCCL links"), std::string::npos)
+      << forced.status();
+  // Asked directly, the node refuses both halves.
+  EXPECT_EQ(client_->OpenNcclLink(std::string(128, 'x'), absl::Seconds(1))
+                .status()
+                .code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(
+      client_->SendOverNccl(1, {prompt_->keys[0]}, 1 << 20).status().code(),
+      absl::StatusCode::kFailedPrecondition);
+}
+
 TEST_F(FetchTest, LeaseLimitSendsTheRestOverGrpc) {
   // Leases may hold 2% of 1 MiB: a few chunks, not the whole prompt.
   StartDaemon({"--set=cpu_tier { capacity_bytes: 1048576 }",

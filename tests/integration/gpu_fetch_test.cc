@@ -9,84 +9,21 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "client/host_decode_sink.h"
+#include "tests/testing/device_blocks.h"
 #include "tests/testing/fetch_fixture.h"
 #include "transfer/gpu_decode_sink.h"
 
 namespace kvcache {
 namespace {
 
-using codec::gpu::KvChunkRef;
-using codec::gpu::KvLayout;
-
-// Device buffers for a prompt's first `n` chunks, contiguous per chunk.
-class DeviceBlocks {
- public:
-  DeviceBlocks(const testing::Prompt& prompt, size_t n)
-      : prompt_(prompt), values_per_chunk_(prompt.shape.NumValues()) {
-    EXPECT_EQ(cudaMalloc(&values_, 2 * values_per_chunk_ * n), cudaSuccess);
-    EXPECT_EQ(cudaMemset(values_, 0xFF, 2 * values_per_chunk_ * n),
-              cudaSuccess);
-    for (size_t i = 0; i < n; ++i) {
-      KvChunkRef ref;
-      ref.tokens = prompt.shape.tokens;
-      ref.values = values_ + i * values_per_chunk_;
-      refs_.push_back(ref);
-    }
-  }
-  ~DeviceBlocks() { cudaFree(values_); }
-
-  std::unique_ptr<transfer::GpuDecodeSink> Sink() {
-    const codec::ChunkShape& shape = prompt_.shape;
-    absl::StatusOr<std::unique_ptr<transfer::GpuDecodeSink>> sink =
-        transfer::GpuDecodeSink::Create(
-            KvLayout::Contiguous(shape.layers, shape.kv_heads, shape.head_dim,
-                                 shape.dtype),
-            refs_, nullptr);
-    EXPECT_TRUE(sink.ok()) << sink.status();
-    return sink.ok() ? std::move(*sink) : nullptr;
-  }
-
-  // Copies the restored values back and compares them with the CPU
-  // decoder's.
-  void ExpectDecoded() const {
-    std::vector<uint16_t> host(values_per_chunk_);
-    for (size_t i = 0; i < refs_.size(); ++i) {
-      ASSERT_EQ(cudaMemcpy(host.data(), refs_[i].values, 2 * host.size(),
-                           cudaMemcpyDeviceToHost),
-                cudaSuccess);
-      EXPECT_EQ(host, prompt_.decoded[i]) << "chunk " << i;
-    }
-  }
-
- private:
-  const testing::Prompt& prompt_;
-  const uint64_t values_per_chunk_;
-  uint16_t* values_ = nullptr;
-  std::vector<KvChunkRef> refs_;
-};
+using testing::DeviceBlocks;
 
 class GpuFetchTest : public testing::FetchFixture {
  protected:
   // A node whose GPU tier holds `gpu_chunks` of the prompt's chunks.
   void StartGpuNode(size_t gpu_chunks) {
-    uint64_t largest = 0;
-    for (const std::string& s : prompt_->streams) {
-      largest = std::max<uint64_t>(largest, s.size());
-    }
-    const uint64_t block = (largest + 4095) / 4096 * 4096;
-    StartDaemon(
-        {absl::StrCat("--set=gpu_tier { capacity_bytes: ", gpu_chunks * block,
-                      " max_admit_percent: 100 }")});
-  }
-
-  FetchReport FetchAll(PrefixFetcher& fetcher, DeviceBlocks& blocks) {
-    std::unique_ptr<transfer::GpuDecodeSink> sink = blocks.Sink();
-    absl::StatusOr<FetchReport> report = fetcher.Fetch(prompt_->keys, *sink);
-    EXPECT_TRUE(report.ok()) << report.status();
-    blocks.ExpectDecoded();
-    return report.ok() ? *report : FetchReport{};
+    StartDaemon({testing::GpuTierFlag(*prompt_, gpu_chunks)});
   }
 };
 
@@ -98,7 +35,7 @@ TEST_F(GpuFetchTest, GpuTierChunksAreDecodedInPlace) {
   ASSERT_TRUE(fetcher->shared_memory());
   ASSERT_TRUE(fetcher->gpu_tier());
   DeviceBlocks blocks(*prompt_, n);
-  const FetchReport report = FetchAll(*fetcher, blocks);
+  const FetchReport report = blocks.FetchAndCheck(*fetcher);
   EXPECT_EQ(report.gpu_tier_chunks, n);
   EXPECT_EQ(report.shared_memory_chunks + report.grpc_chunks, 0u);
 }
@@ -113,7 +50,7 @@ TEST_F(GpuFetchTest, ChunksSpreadOverGpuAndCpuTiersAllArrive) {
   // does not promote them, which would push those out before they are read.
   for (int round = 0; round < 2; ++round) {
     DeviceBlocks blocks(*prompt_, n);
-    const FetchReport report = FetchAll(*fetcher, blocks);
+    const FetchReport report = blocks.FetchAndCheck(*fetcher);
     EXPECT_GE(report.gpu_tier_chunks, 3u);
     EXPECT_LT(report.gpu_tier_chunks, n);
     EXPECT_EQ(report.gpu_tier_chunks + report.shared_memory_chunks, n);
@@ -142,7 +79,7 @@ TEST_F(GpuFetchTest, GrpcReadsGpuChunksToo) {
   PutPrompt(n);
   std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kGrpc);
   DeviceBlocks blocks(*prompt_, n);
-  EXPECT_EQ(FetchAll(*fetcher, blocks).grpc_chunks, n);
+  EXPECT_EQ(blocks.FetchAndCheck(*fetcher).grpc_chunks, n);
 }
 
 TEST_F(GpuFetchTest, GpuTierCanBeLeftClosed) {
@@ -154,7 +91,7 @@ TEST_F(GpuFetchTest, GpuTierCanBeLeftClosed) {
   std::unique_ptr<PrefixFetcher> fetcher = Fetcher(options);
   EXPECT_FALSE(fetcher->gpu_tier());
   DeviceBlocks blocks(*prompt_, n);
-  EXPECT_EQ(FetchAll(*fetcher, blocks).shared_memory_chunks, n);
+  EXPECT_EQ(blocks.FetchAndCheck(*fetcher).shared_memory_chunks, n);
 }
 
 TEST_F(GpuFetchTest, CorruptGpuChunkIsRejectedByIndex) {
@@ -176,9 +113,3 @@ TEST_F(GpuFetchTest, CorruptGpuChunkIsRejectedByIndex) {
 
 }  // namespace
 }  // namespace kvcache
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  kvcache::testing::FetchFixture::ReadDaemonFlag(argc, argv);
-  return RUN_ALL_TESTS();
-}

@@ -286,9 +286,3 @@ TEST_F(GpuStoreTest, BadRequestsAndADeadNodeAreErrors) {
 
 }  // namespace
 }  // namespace kvcache
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  kvcache::testing::FetchFixture::ReadDaemonFlag(argc, argv);
-  return RUN_ALL_TESTS();
-}
