@@ -5,7 +5,8 @@
 //
 // Chunks are the real dumps tiled to the Llama shape and encoded at the
 // default level; every restore is checked against the CPU decoder. Needs a
-// GPU: run through tests/gpu/run.sh (which passes --kvcached).
+// GPU: run through tests/gpu/run.sh (which passes --kvcached). With two
+// GPUs it also restores over NCCL from a node on the other GPU.
 #include <cuda_runtime.h>
 #include <signal.h>
 
