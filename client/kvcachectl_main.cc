@@ -32,7 +32,10 @@ commands:
                                  store a file as one chunk; prints its key
                                  (default key: SHA-256 of the contents)
   get KEY --out=FILE             fetch a chunk into FILE ('-' for stdout)
-  lookup KEY...                  how many leading keys are cached
+  lookup KEY...                  how many leading keys are cached, and
+                                 each one's size, tier, pin and codec
+                                 shape (layers x tokens x kv heads x
+                                 head dim, dtype, level)
   rm KEY...                      delete chunks
   pin KEY... --ttl=DURATION      keep chunks from eviction (e.g. --ttl=30m)
   unpin KEY...
@@ -224,6 +227,15 @@ absl::Status Get(KvCacheClient& client, const Args& args) {
   return absl::OkStatus();
 }
 
+// " codec=LAYERSxTOKENSxKV_HEADSxHEAD_DIM DTYPE LEVEL" for a codec chunk,
+// "" for opaque bytes.
+std::string CodecDescription(const v1::ChunkInfo& info) {
+  if (!info.has_codec()) return "";
+  const v1::CodecSummary& c = info.codec();
+  return absl::StrCat(" codec=", c.layers(), "x", c.tokens(), "x", c.kv_heads(),
+                      "x", c.head_dim(), " ", c.dtype(), " ", c.level());
+}
+
 absl::Status Lookup(KvCacheClient& client, const Args& args) {
   absl::StatusOr<std::vector<ChunkKey>> keys =
       KeysFrom({args.positional.begin() + 1, args.positional.end()});
@@ -234,9 +246,10 @@ absl::Status Lookup(KvCacheClient& client, const Args& args) {
               keys->size());
   for (size_t i = 0; i < result->chunks.size(); ++i) {
     const v1::ChunkInfo& info = result->chunks[i];
-    std::printf("  %s %llu bytes tier=%s%s\n", (*keys)[i].ToHex().c_str(),
+    std::printf("  %s %llu bytes tier=%s%s%s\n", (*keys)[i].ToHex().c_str(),
                 static_cast<unsigned long long>(info.size_bytes()),
-                TierName(info.tier()), info.pinned() ? " pinned" : "");
+                TierName(info.tier()), info.pinned() ? " pinned" : "",
+                CodecDescription(info).c_str());
   }
   return absl::OkStatus();
 }

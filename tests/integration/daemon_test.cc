@@ -14,6 +14,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/chunk_key.h"
 #include "client/kvcache_client.h"
@@ -384,6 +385,26 @@ TEST_F(DaemonTest, KvcachectlPutLookupGetPinRmStatus) {
   auto [bad_code, bad_out] = RunCtl(daemon_->address(), "rm nothex");
   EXPECT_EQ(bad_code, 2);
   EXPECT_TRUE(absl::StrContains(bad_out, "INVALID_ARGUMENT")) << bad_out;
+}
+
+TEST_F(DaemonTest, KvcachectlLookupPrintsTheCodecSummary) {
+  const codec::ChunkShape shape{3, 24, 2, 8, codec::DType::kFloat16};
+  absl::StatusOr<std::string> stream = codec::EncodeChunk(
+      shape, codec::SyntheticChunk(shape, 9), codec::Level::kDefault);
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  const std::vector<ChunkKey> keys = PromptKeys(2, 7100);
+  ASSERT_TRUE(
+      client_->Put({{keys[0], *stream}, {keys[1], RandomBytes(4096, 2)}}).ok());
+  auto [code, out] = RunCtl(
+      daemon_->address(), "lookup " + keys[0].ToHex() + " " + keys[1].ToHex());
+  EXPECT_EQ(code, 0) << out;
+  const std::vector<std::string> lines = absl::StrSplit(out, '\n');
+  ASSERT_GE(lines.size(), 3u) << out;
+  EXPECT_TRUE(absl::StrContains(lines[1], keys[0].ToHex())) << out;
+  EXPECT_TRUE(absl::StrContains(lines[1], "codec=3x24x2x8 float16 default"))
+      << out;
+  EXPECT_TRUE(absl::StrContains(lines[2], keys[1].ToHex())) << out;
+  EXPECT_FALSE(absl::StrContains(lines[2], "codec=")) << out;
 }
 
 TEST(DaemonEvictionTest, PinnedChunkSurvivesEviction) {
