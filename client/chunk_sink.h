@@ -54,6 +54,11 @@ class ChunkSink {
     return absl::UnimplementedError("this sink takes host memory only");
   }
 
+  // Starts work on the chunks taken so far instead of waiting for more to
+  // fill a batch. The fetcher calls it before it waits on the node (reading
+  // the next chunks up from NVMe), so those it has are not held back.
+  virtual absl::Status Flush() { return absl::OkStatus(); }
+
   // Called once after the last chunk (also after a failed fetch): returns
   // when nothing reads the bytes given to Consume any more, with the first
   // error the sink met (a corrupt chunk, a failed copy).

@@ -211,10 +211,11 @@ absl::Status KvCacheClient::GetStream(
 
 absl::StatusOr<v1::LocateResponse> KvCacheClient::Locate(
     absl::Span<const ChunkKey> keys, absl::Duration lease,
-    absl::string_view gpu_region_id) {
+    absl::string_view gpu_region_id, uint64_t max_read_bytes) {
   v1::LocateRequest request;
   AddKeys(keys, request);
   request.set_lease_ms(absl::ToInt64Milliseconds(lease));
+  request.set_max_read_bytes(max_read_bytes);
   if (!gpu_region_id.empty()) {
     request.set_accept_gpu(true);
     request.set_gpu_region_id(std::string(gpu_region_id));

@@ -72,9 +72,11 @@ class KvCacheClient : public ChunkStore {
   // cached chunks of `keys` lie in the node's shared CPU tier, or in its GPU
   // tier if `gpu_region_id` names the GPU region this process opened,
   // reserved for `lease`. Release the lease once the bytes are copied.
+  // The node reads at most `max_read_bytes` (0: no limit) up from NVMe in
+  // one call (LocateResponse.read_limited).
   absl::StatusOr<v1::LocateResponse> Locate(
       absl::Span<const ChunkKey> keys, absl::Duration lease,
-      absl::string_view gpu_region_id = {});
+      absl::string_view gpu_region_id = {}, uint64_t max_read_bytes = 0);
   // False if the lease had expired (its chunks may have been reused).
   absl::StatusOr<bool> Release(uint64_t lease_id);
   // GPU to GPU (see OpenNcclLink in kvcache.proto): asks the node to join

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <utility>
@@ -157,13 +158,11 @@ absl::StatusOr<size_t> PrefixFetcher::Lookup(absl::Span<const ChunkKey> keys) {
 absl::StatusOr<FetchReport> PrefixFetcher::Fetch(
     absl::Span<const ChunkKey> keys, ChunkSink& sink) {
   FetchReport report;
-  uint64_t lease_id = 0;
-  absl::Time lease_expiry;
+  Leases leases;
   size_t first_over_grpc = 0;
   absl::Status status;
   if (region_ != nullptr) {
-    absl::StatusOr<size_t> shared =
-        FetchShared(keys, sink, &lease_id, &lease_expiry, report);
+    absl::StatusOr<size_t> shared = FetchShared(keys, sink, leases, report);
     if (shared.ok()) {
       first_over_grpc = *shared;
     } else {
@@ -203,51 +202,79 @@ absl::StatusOr<FetchReport> PrefixFetcher::Fetch(
     }
   }
   const absl::Status finished = sink.Finish();
-  if (lease_id != 0) {
-    // Host and node share a clock. Past the expiry the node may have reused
-    // the memory while the sink still read it.
-    if (status.ok() && finished.ok() && absl::Now() >= lease_expiry) {
-      status = absl::AbortedError(
-          "the node's lease on the shared chunks expired before they were "
-          "copied; fetch again (with a longer FetcherOptions::lease)");
-    }
-    // Best effort: a node that is gone took its leases with it.
-    (void)client_->Release(lease_id);
+  // Host and node share a clock. Past the expiry the node may have reused
+  // the memory while the sink still read it.
+  if (!leases.ids.empty() && status.ok() && finished.ok() &&
+      absl::Now() >= leases.expiry) {
+    status = absl::AbortedError(
+        "the node's lease on the shared chunks expired before they were "
+        "copied; fetch again (with a longer FetcherOptions::lease)");
   }
+  // Best effort: a node that is gone took its leases with it.
+  for (uint64_t id : leases.ids) (void)client_->Release(id);
   if (!status.ok()) return status;
   if (!finished.ok()) return finished;
   return report;
 }
 
 absl::StatusOr<size_t> PrefixFetcher::FetchShared(
-    absl::Span<const ChunkKey> keys, ChunkSink& sink, uint64_t* lease_id,
-    absl::Time* expiry, FetchReport& report) {
+    absl::Span<const ChunkKey> keys, ChunkSink& sink, Leases& leases,
+    FetchReport& report) {
   const bool use_gpu = gpu_region_ != nullptr && sink.accepts_device_memory();
-  absl::StatusOr<v1::LocateResponse> located =
-      client_->Locate(keys, options_.lease, use_gpu ? gpu_region_->id() : "");
-  if (located.ok() && located->region_id() != region_->id()) {
-    // The node restarted with a new region: map that one for later fetches
-    // and take this one over gRPC.
-    if (located->lease_id() != 0) (void)client_->Release(located->lease_id());
-    DropRegion();
-    (void)ConnectRegion();
-    return 0;
-  }
-  if (!located.ok()) {
-    // Out of lease room, or sharing switched off: gRPC serves it all.
-    if (options_.transport == Transport::kAuto &&
-        (absl::IsResourceExhausted(located.status()) ||
-         absl::IsUnavailable(located.status()))) {
-      return 0;
+  size_t lent = 0;
+  while (lent < keys.size()) {
+    absl::StatusOr<v1::LocateResponse> located = client_->Locate(
+        keys.subspan(lent), options_.lease, use_gpu ? gpu_region_->id() : "",
+        options_.nvme_window_bytes);
+    ++report.locate_calls;
+    if (located.ok() && located->region_id() != region_->id()) {
+      // The node restarted with a new region: the rest comes over gRPC.
+      // The region is mapped anew for later fetches, unless the sink may
+      // still be reading this one.
+      if (located->lease_id() != 0) {
+        (void)client_->Release(located->lease_id());
+      }
+      if (lent == 0) {
+        DropRegion();
+        (void)ConnectRegion();
+      }
+      return lent;
     }
-    return located.status();
+    if (!located.ok()) {
+      // Out of lease room, or sharing switched off: gRPC serves the rest.
+      if (options_.transport == Transport::kAuto &&
+          (absl::IsResourceExhausted(located.status()) ||
+           absl::IsUnavailable(located.status()))) {
+        return lent;
+      }
+      return located.status();
+    }
+    if (located->chunks().empty()) return lent;
+    leases.ids.push_back(located->lease_id());
+    leases.expiry = std::min(
+        leases.expiry, absl::FromUnixMillis(located->lease_expires_unix_ms()));
+    if (absl::Status s =
+            ConsumeLocated(*located, keys, lent, use_gpu, sink, report);
+        !s.ok()) {
+      return s;
+    }
+    lent += located->chunks_size();
+    if (!located->read_limited()) return lent;
+    // The next Locate waits on NVMe reads: decode this window meanwhile.
+    if (absl::Status s = sink.Flush(); !s.ok()) return s;
   }
-  *lease_id = located->lease_id();
-  *expiry = absl::FromUnixMillis(located->lease_expires_unix_ms());
-  const size_t lent = located->chunks_size();
-  for (size_t i = 0; i < lent; ++i) {
-    const v1::ChunkExtent& extent = located->chunks(i);
-    if (extent.info().key() != keys[i].AsBytes()) {
+  return lent;
+}
+
+absl::Status PrefixFetcher::ConsumeLocated(const v1::LocateResponse& located,
+                                           absl::Span<const ChunkKey> keys,
+                                           size_t first, bool use_gpu,
+                                           ChunkSink& sink,
+                                           FetchReport& report) {
+  for (int j = 0; j < located.chunks_size(); ++j) {
+    const size_t i = first + j;
+    const v1::ChunkExtent& extent = located.chunks(j);
+    if (i >= keys.size() || extent.info().key() != keys[i].AsBytes()) {
       return absl::InternalError(
           absl::StrCat("node located chunks out of order at ", i));
     }
@@ -273,7 +300,7 @@ absl::StatusOr<size_t> PrefixFetcher::FetchShared(
     if (!consumed.ok()) return consumed;
     report.bytes += size;
   }
-  return lent;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<size_t> PrefixFetcher::FetchOverNccl(

@@ -31,6 +31,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -62,6 +63,11 @@ struct FetcherOptions {
   // Open the node's GPU tier where it has one on this host (needs a GPU
   // that can reach the node's; skipped, with a note on stderr, if not).
   bool open_gpu_tier = true;
+  // Most bytes the node reads up from its NVMe tier for one Locate. A
+  // prefix on NVMe is then located in windows: the sink decodes one window
+  // while the node reads the next, instead of starting only once the whole
+  // prefix is in memory. 0: one Locate for all.
+  uint64_t nvme_window_bytes = 64 << 20;
   // NCCL: most bytes of chunks one request asks the node for (the sink's
   // staging must hold them: GpuDecodeSinkOptions::slot_bytes), and how long
   // opening the link may take.
@@ -77,6 +83,9 @@ struct FetchReport {
   size_t grpc_chunks = 0;
   size_t nccl_chunks = 0;  // received over NCCL
   uint64_t bytes = 0;
+  // Locate calls the shared-memory chunks took (more than one where the
+  // node read them up from NVMe in windows).
+  size_t locate_calls = 0;
 };
 
 class PrefixFetcher {
@@ -113,11 +122,21 @@ class PrefixFetcher {
   absl::Status ConnectRegion();
   void OpenGpuRegion(const v1::NodeInfoResponse& info);
   void DropRegion();
-  // Feeds the sink the leading chunks the node can lend from shared memory;
-  // returns how many, and the lease's expiry in `expiry`.
+  // The node's reservations of the chunks a fetch reads in place.
+  struct Leases {
+    std::vector<uint64_t> ids;
+    absl::Time expiry = absl::InfiniteFuture();  // the earliest
+  };
+  // Feeds the sink the leading chunks the node can lend from shared memory,
+  // a window at a time where they are read up from NVMe; returns how many.
   absl::StatusOr<size_t> FetchShared(absl::Span<const ChunkKey> keys,
-                                     ChunkSink& sink, uint64_t* lease_id,
-                                     absl::Time* expiry, FetchReport& report);
+                                     ChunkSink& sink, Leases& leases,
+                                     FetchReport& report);
+  // Feeds the sink the chunks of one Locate answer, keys[first, ...).
+  absl::Status ConsumeLocated(const v1::LocateResponse& located,
+                              absl::Span<const ChunkKey> keys, size_t first,
+                              bool use_gpu, ChunkSink& sink,
+                              FetchReport& report);
   // Opens an NCCL link from the node's GPU to this process's.
   absl::Status OpenNcclLink();
   void DropNcclLink();

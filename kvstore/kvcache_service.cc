@@ -389,14 +389,21 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext*,
   // copied out of the GPU tier, only to go unleased: stop before them. The
   // first is always tried, so a full cap is RESOURCE_EXHAUSTED below.
   const uint64_t room = node_.leases().room_bytes();
-  uint64_t offered = 0;
-  bool out_of_room = false;
+  const uint64_t max_read = request->max_read_bytes();
+  uint64_t offered = 0, read = 0;
+  bool out_of_room = false, read_limited = false;
   for (const std::string& key : request->keys()) {
     absl::StatusOr<LocatedChunk> peeked = node_.store().Peek(key);
     if (!peeked.ok()) break;
     offered += peeked->chunk.size_bytes;
     out_of_room = offered > room && !chunks.empty();
     if (out_of_room) break;
+    if (peeked->tier == TierId::kNvme) {
+      read_limited = max_read != 0 && read != 0 &&
+                     read + peeked->chunk.size_bytes > max_read;
+      if (read_limited) break;
+      read += peeked->chunk.size_bytes;
+    }
     absl::StatusOr<LocatedChunk> chunk =
         node_.store().GetInMemory(key, accept_gpu);
     if (!chunk.ok()) break;
@@ -410,8 +417,9 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext*,
   }
   const size_t found = chunks.size();
   node_.hits.fetch_add(found, std::memory_order_relaxed);
-  // Keys left for lack of lease room are not known to be absent.
-  if (!out_of_room) {
+  // Keys left for lack of lease room or read budget are not known to be
+  // absent.
+  if (!out_of_room && !read_limited) {
     node_.misses.fetch_add(request->keys_size() - found,
                            std::memory_order_relaxed);
   }
@@ -433,6 +441,8 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext*,
       lease.chunks, response->chunks_size() - lease.chunks);
   response->set_lease_id(lease.id);
   response->set_lease_expires_unix_ms(absl::ToUnixMillis(lease.expiry));
+  response->set_read_limited(read_limited &&
+                             lease.chunks == static_cast<size_t>(found));
   return grpc::Status::OK;
 }
 

@@ -58,6 +58,8 @@ class GpuDecodeSink : public ChunkSink {
       size_t first, absl::Span<const uint64_t> sizes,
       absl::FunctionRef<absl::Status(void*, uint64_t, CUstream_st*)> write)
       override;
+  // Launches the decode of the chunks staged so far.
+  absl::Status Flush() override { return Launch(); }
   // Decodes what is left, waits for the stream, and reports the first chunk
   // the GPU rejected (DATA_LOSS naming it and why). A rejected chunk leaves
   // its blocks untouched.

@@ -159,6 +159,43 @@ TEST_F(FetchTest, LeaseLimitSendsTheRestOverGrpc) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+TEST_F(FetchTest, PrefixOnNvmeIsLocatedInWindows) {
+  const std::string data_dir = absl::StrCat(
+      getenv("TEST_TMPDIR") ? getenv("TEST_TMPDIR") : "/tmp", "/nvme_windows");
+  std::filesystem::remove_all(data_dir);
+  StartDaemon({"--set=cpu_tier { capacity_bytes: 1048576 }",
+               absl::StrCat("--set=nvme_tier { data_dir: '", data_dir,
+                            "' slab_bytes: 16777216 slab_count: 1 }")});
+  const size_t n = prompt_->keys.size();
+  PutPrompt(n);
+  // Newer chunks push the prompt out of memory, down to NVMe.
+  for (int i = 0; i < 3; ++i) {
+    const std::string filler(512 << 10, static_cast<char>(i));
+    ASSERT_TRUE(client_->Put({{ContentKey(filler), filler}}).ok());
+  }
+  for (uint64_t window : {uint64_t{0}, 3 * prompt_->streams[0].size()}) {
+    absl::StatusOr<LookupResult> before = client_->Lookup(prompt_->keys);
+    ASSERT_TRUE(before.ok()) << before.status();
+    ASSERT_EQ(before->prefix_chunks, n);
+    ASSERT_EQ(before->chunks[0].tier(), v1::TIER_NVME);
+    std::unique_ptr<PrefixFetcher> fetcher = Fetcher(
+        {.transport = Transport::kSharedMemory, .nvme_window_bytes = window});
+    const FetchReport report = FetchPrompt(*fetcher);
+    EXPECT_EQ(report.shared_memory_chunks, n) << "window " << window;
+    if (window == 0) {
+      EXPECT_EQ(report.locate_calls, 1u);
+    } else {
+      // About three chunks a window (chunk sizes vary a little).
+      EXPECT_GE(report.locate_calls, n / 4) << "window " << window;
+    }
+    // Back to NVMe for the next round.
+    for (int i = 0; i < 3; ++i) {
+      const std::string filler(512 << 10, static_cast<char>(10 * window + i));
+      ASSERT_TRUE(client_->Put({{ContentKey(filler), filler}}).ok());
+    }
+  }
+}
+
 TEST_F(FetchTest, RestartedNodeIsMappedAnew) {
   StartDaemon();
   const size_t n = prompt_->keys.size();
