@@ -1,5 +1,6 @@
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -59,12 +60,9 @@ GpuDecodeSink::GpuDecodeSink(const codec::gpu::KvLayout& layout,
       options_(options) {}
 
 absl::Status GpuDecodeSink::Allocate() {
+  if (absl::Status s = AllocateStatuses(); !s.ok()) return s;
   cudaError_t e =
       cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking);
-  if (e == cudaSuccess) {
-    e = cudaMalloc(&status_,
-                   sizeof(int32_t) * std::max<size_t>(1, destinations_.size()));
-  }
   if (e == cudaSuccess) e = cudaEventCreate(&started_);
   if (e == cudaSuccess) e = cudaEventCreate(&first_decoded_);
   for (uint32_t i = 0; e == cudaSuccess && i < options_.slots; ++i) {
@@ -80,6 +78,47 @@ absl::Status GpuDecodeSink::Allocate() {
     }
   }
   return CudaError(e, "setting up the GPU decode sink");
+}
+
+absl::Status GpuDecodeSink::AllocateStatuses() {
+  const size_t needed = std::max<size_t>(1, destinations_.size());
+  if (needed <= status_capacity_) return absl::OkStatus();
+  cudaFree(status_);
+  status_ = nullptr;
+  status_capacity_ = 0;
+  if (absl::Status s = CudaError(cudaMalloc(&status_, sizeof(int32_t) * needed),
+                                 "setting up the GPU decode sink");
+      !s.ok()) {
+    return s;
+  }
+  status_capacity_ = needed;
+  return absl::OkStatus();
+}
+
+absl::Status GpuDecodeSink::Reset(
+    const codec::gpu::KvLayout& layout,
+    std::vector<codec::gpu::KvChunkRef> destinations,
+    codec::gpu::Stream stream) {
+  if (consumed_ > 0 && !finished_) {
+    return absl::FailedPreconditionError(
+        "a GPU decode sink is reset only after Finish");
+  }
+  // A batch whose launch failed may still hold jobs; Finish waited for
+  // every one that launched.
+  for (auto& slot : slots_) {
+    slot->jobs.clear();
+    slot->staged_jobs = 0;
+    slot->used = 0;
+  }
+  layout_ = layout;
+  destinations_ = std::move(destinations);
+  stream_ = stream;
+  filling_ = 0;
+  consumed_ = 0;
+  finished_ = false;
+  launched_any_ = false;
+  first_batch_ms_ = 0;
+  return AllocateStatuses();
 }
 
 GpuDecodeSink::~GpuDecodeSink() {
@@ -250,6 +289,7 @@ absl::Status GpuDecodeSink::Finish() {
   const absl::Status launched = Launch();
   const cudaError_t synced = cudaStreamSynchronize(stream_);
   for (auto& slot : slots_) slot->in_flight = false;
+  finished_ = true;
   if (!launched.ok()) return launched;
   if (synced != cudaSuccess) return CudaError(synced, "decoding on the GPU");
   if (launched_any_) {

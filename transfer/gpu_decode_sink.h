@@ -49,6 +49,14 @@ class GpuDecodeSink : public ChunkSink {
       codec::gpu::Stream stream, GpuDecodeSinkOptions options = {});
   ~GpuDecodeSink() override;
 
+  // Aims the sink at another fetch once Finish has returned, keeping its
+  // staging slots and workspace (device and pinned memory, which take far
+  // longer to allocate than a fetch of a few chunks). FAILED_PRECONDITION
+  // while a fetch is under way.
+  absl::Status Reset(const codec::gpu::KvLayout& layout,
+                     std::vector<codec::gpu::KvChunkRef> destinations,
+                     codec::gpu::Stream stream);
+
   absl::Status Consume(size_t index, absl::string_view bytes,
                        bool stable) override;
   bool accepts_device_memory() const override { return true; }
@@ -95,15 +103,20 @@ class GpuDecodeSink : public ChunkSink {
   // Starts decoding the filling slot's batch and moves to the next slot.
   absl::Status Launch();
 
-  const codec::gpu::KvLayout layout_;
-  const std::vector<codec::gpu::KvChunkRef> destinations_;
-  const codec::gpu::Stream stream_;
+  // Allocates room for a status per destination.
+  absl::Status AllocateStatuses();
+
+  codec::gpu::KvLayout layout_;
+  std::vector<codec::gpu::KvChunkRef> destinations_;
+  codec::gpu::Stream stream_;
   const GpuDecodeSinkOptions options_;
   codec::gpu::Stream copy_stream_ = nullptr;
   std::vector<std::unique_ptr<Slot>> slots_;
   size_t filling_ = 0;         // index of the slot taking chunks
   int32_t* status_ = nullptr;  // device, one per destination
+  size_t status_capacity_ = 0;
   size_t consumed_ = 0;
+  bool finished_ = false;
   bool launched_any_ = false;
   CUevent_st* started_ = nullptr;
   CUevent_st* first_decoded_ = nullptr;

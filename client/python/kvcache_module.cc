@@ -15,12 +15,12 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
-#include "absl/cleanup/cleanup.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
@@ -34,6 +34,7 @@
 #include "codec/codec.h"
 #include "codec/cuda/gpu_codec.h"
 #include "transfer/gpu_decode_sink.h"
+#include "transfer/gpu_storer.h"
 
 namespace kvcache::python {
 namespace {
@@ -195,12 +196,48 @@ py::dict ReportDict(const FetchReport& report) {
   return out;
 }
 
+// Things costly to set up (fetchers, GPU staging), kept idle between calls
+// by key, at most `max_idle` a key: a call borrows an idle one or makes its
+// own, so threads sharing a Client work at once rather than queue behind
+// one. Thread-safe.
+template <typename Key, typename T>
+class IdlePool {
+ public:
+  explicit IdlePool(size_t max_idle) : max_idle_(max_idle) {}
+
+  // nullptr if none is idle.
+  std::unique_ptr<T> Take(const Key& key) {
+    absl::MutexLock lock(&mu_);
+    auto it = idle_.find(key);
+    if (it == idle_.end() || it->second.empty()) return nullptr;
+    std::unique_ptr<T> item = std::move(it->second.back());
+    it->second.pop_back();
+    return item;
+  }
+
+  void Return(const Key& key, std::unique_ptr<T> item) {
+    absl::MutexLock lock(&mu_);
+    std::vector<std::unique_ptr<T>>& idle = idle_[key];
+    if (idle.size() < max_idle_) idle.push_back(std::move(item));
+  }
+
+ private:
+  const size_t max_idle_;
+  absl::Mutex mu_;
+  std::map<Key, std::vector<std::unique_ptr<T>>> idle_ ABSL_GUARDED_BY(mu_);
+};
+
+// Whether what served a call that ended in `s` can serve the next: errors
+// of the request or its data say nothing of it; after any other (a node
+// gone, a lease run out, a CUDA error) the next call starts afresh.
+bool Reusable(const absl::Status& s) {
+  return s.ok() || absl::IsNotFound(s) || absl::IsInvalidArgument(s) ||
+         absl::IsDataLoss(s);
+}
+
 // PrefixFetchers kept across calls. Making one maps the node's CPU tier
 // (NodeInfo, then a Unix socket), and on the GPU path page-locks all of it,
-// which for a tier of many GiB costs far more than a fetch. A PrefixFetcher
-// does one fetch at a time, so each call borrows an idle one of its options
-// or makes one, rather than all calls queueing on one fetcher behind a
-// mutex: threads that share a Client fetch at once. Thread-safe.
+// which for a tier of many GiB costs far more than a fetch. Thread-safe.
 class FetcherPool {
  public:
   explicit FetcherPool(std::shared_ptr<KvCacheClient> client)
@@ -211,7 +248,7 @@ class FetcherPool {
                                     ChunkSink& sink) {
     const Key key{options.transport, options.register_for_gpu,
                   absl::ToInt64Milliseconds(options.lease)};
-    std::unique_ptr<PrefixFetcher> fetcher = Take(key);
+    std::unique_ptr<PrefixFetcher> fetcher = idle_.Take(key);
     if (fetcher == nullptr) {
       absl::StatusOr<std::unique_ptr<PrefixFetcher>> created =
           PrefixFetcher::Create(client_, options);
@@ -219,42 +256,17 @@ class FetcherPool {
       fetcher = *std::move(created);
     }
     absl::StatusOr<FetchReport> report = fetcher->Fetch(keys, sink);
-    // Errors of the request or its data say nothing of the fetcher; after
-    // any other (a node gone, a lease run out) the next call starts afresh.
-    const absl::Status& s = report.status();
-    if (s.ok() || absl::IsNotFound(s) || absl::IsInvalidArgument(s) ||
-        absl::IsDataLoss(s)) {
-      Return(key, std::move(fetcher));
-    }
+    if (Reusable(report.status())) idle_.Return(key, std::move(fetcher));
     return report;
   }
 
  private:
   // Transport, registered for the GPU, lease in milliseconds.
   using Key = std::tuple<Transport, bool, int64_t>;
-  // Idle fetchers kept per key: more than the threads that fetch at once
-  // would never be used.
-  static constexpr size_t kMaxIdle = 4;
-
-  std::unique_ptr<PrefixFetcher> Take(const Key& key) {
-    absl::MutexLock lock(&mu_);
-    auto it = idle_.find(key);
-    if (it == idle_.end() || it->second.empty()) return nullptr;
-    std::unique_ptr<PrefixFetcher> fetcher = std::move(it->second.back());
-    it->second.pop_back();
-    return fetcher;
-  }
-
-  void Return(const Key& key, std::unique_ptr<PrefixFetcher> fetcher) {
-    absl::MutexLock lock(&mu_);
-    std::vector<std::unique_ptr<PrefixFetcher>>& idle = idle_[key];
-    if (idle.size() < kMaxIdle) idle.push_back(std::move(fetcher));
-  }
 
   const std::shared_ptr<KvCacheClient> client_;
-  absl::Mutex mu_;
-  std::map<Key, std::vector<std::unique_ptr<PrefixFetcher>>> idle_
-      ABSL_GUARDED_BY(mu_);
+  // More than the threads that fetch at once would never be used.
+  IdlePool<Key, PrefixFetcher> idle_{4};
 };
 
 // One caller array of fetch(), checked to take a chunk of its shape.
@@ -603,14 +615,17 @@ void ParseBlocks(const py::object& blocks, size_t chunks,
 }
 
 // Host lists a layout or chunk refers to (per-layer bases, block tables),
-// copied to the GPU for one fetch.
+// gathered for one fetch and copied to the GPU in one piece. The device
+// copy stays for the next fetch: freeing it would wait for the whole GPU.
 class DeviceUploads {
  public:
   DeviceUploads() = default;
   DeviceUploads(const DeviceUploads&) = delete;
   DeviceUploads& operator=(const DeviceUploads&) = delete;
-  // cudaFree waits for the device, so nothing still reads the copy.
   ~DeviceUploads() { cudaFree(device_); }
+
+  // Forgets the lists of the last fetch, which must be done reading them.
+  void Clear() { host_.clear(); }
 
   // Queues `bytes` at `data`; returns their offset in the device copy.
   size_t Add(const void* data, size_t bytes) {
@@ -624,7 +639,14 @@ class DeviceUploads {
   // on that stream sees it.
   absl::Status Upload(codec::gpu::Stream stream) {
     if (host_.empty()) return absl::OkStatus();
-    cudaError_t e = cudaMalloc(&device_, host_.size());
+    cudaError_t e = cudaSuccess;
+    if (host_.size() > capacity_) {
+      cudaFree(device_);
+      device_ = nullptr;
+      capacity_ = 0;
+      e = cudaMalloc(&device_, host_.size());
+      if (e == cudaSuccess) capacity_ = host_.size();
+    }
     if (e == cudaSuccess) {
       e = cudaMemcpyAsync(device_, host_.data(), host_.size(),
                           cudaMemcpyHostToDevice, stream);
@@ -644,22 +666,34 @@ class DeviceUploads {
  private:
   std::vector<char> host_;
   void* device_ = nullptr;
+  size_t capacity_ = 0;
 };
 
-// FAILED_PRECONDITION unless the CUDA runtime finds a GPU.
-absl::Status CheckGpu() {
+// What fetch_to_device keeps between calls on one GPU: a decode sink, whose
+// staging slots (device and pinned memory) take far longer to allocate than
+// a short fetch, and the device copy of block tables.
+struct DeviceFetch {
+  std::unique_ptr<transfer::GpuDecodeSink> sink;
+  DeviceUploads uploads;
+};
+// By device ordinal. Each idle one holds its sink's slots: a few hundred
+// MiB of device and pinned memory.
+using DeviceFetchPool = IdlePool<int, DeviceFetch>;
+
+// FAILED_PRECONDITION unless the CUDA runtime finds a GPU: `call` needs
+// one, `instead` says what works without.
+absl::Status CheckGpu(absl::string_view call, absl::string_view instead) {
   int count = 0;
   const cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
     cudaGetLastError();  // not sticky; leave no error for later calls
     return absl::FailedPreconditionError(absl::StrCat(
-        "fetch_to_device needs a CUDA GPU, and the CUDA runtime found none (",
-        cudaGetErrorString(e), "); decode on the CPU with fetch()"));
+        call, " needs a CUDA GPU, and the CUDA runtime found none (",
+        cudaGetErrorString(e), "); ", instead));
   }
   if (count == 0) {
-    return absl::FailedPreconditionError(
-        "fetch_to_device needs a CUDA GPU, and this host has none; decode on "
-        "the CPU with fetch()");
+    return absl::FailedPreconditionError(absl::StrCat(
+        call, " needs a CUDA GPU, and this host has none; ", instead));
   }
   return absl::OkStatus();
 }
@@ -696,6 +730,48 @@ absl::StatusOr<int> DestinationDevice(
   return device;
 }
 
+// Makes a GPU the calling thread's current one for a call (a thread that
+// never called torch.cuda.set_device has 0), and the previous one current
+// again after it.
+class CurrentDevice {
+ public:
+  CurrentDevice() = default;
+  CurrentDevice(const CurrentDevice&) = delete;
+  CurrentDevice& operator=(const CurrentDevice&) = delete;
+  ~CurrentDevice() {
+    if (entered_ && previous_ != device_) cudaSetDevice(previous_);
+  }
+
+  // INVALID_ARGUMENT if `stream` (nullptr: the default stream) is on
+  // another GPU.
+  absl::Status Enter(int device, codec::gpu::Stream stream) {
+    cudaError_t e = cudaGetDevice(&previous_);
+    if (e == cudaSuccess && previous_ != device) e = cudaSetDevice(device);
+    if (e != cudaSuccess) {
+      return absl::InternalError(
+          absl::StrCat("selecting GPU ", device, ": ", cudaGetErrorString(e)));
+    }
+    entered_ = true;
+    device_ = device;
+    if (stream != nullptr) {
+      int stream_device = -1;
+      if (cudaStreamGetDevice(stream, &stream_device) == cudaSuccess &&
+          stream_device != device) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("stream is on GPU ", stream_device,
+                         " but the blocks are on GPU ", device));
+      }
+      cudaGetLastError();
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  bool entered_ = false;
+  int previous_ = 0;
+  int device_ = 0;
+};
+
 struct DeviceReport {
   FetchReport report;
   float first_batch_ms = 0;
@@ -704,35 +780,19 @@ struct DeviceReport {
 // fetch_to_device's work, with the GIL released: on the destination's GPU,
 // uploads host block tables, then fetches through a GpuDecodeSink.
 absl::StatusOr<DeviceReport> FetchToDeviceUnlocked(
-    FetcherPool& pool, const FetcherOptions& options,
+    FetcherPool& pool, DeviceFetchPool& devices, const FetcherOptions& options,
     absl::Span<const ChunkKey> keys, const DeviceTarget& target,
     codec::gpu::Stream stream) {
   absl::StatusOr<int> device = DestinationDevice(target.addresses);
   if (!device.ok()) return device.status();
-  // The sink allocates and launches on the current device, which a thread
-  // that never called torch.cuda.set_device has at 0.
-  int previous = 0;
-  cudaError_t e = cudaGetDevice(&previous);
-  if (e == cudaSuccess && previous != *device) e = cudaSetDevice(*device);
-  if (e != cudaSuccess) {
-    return absl::InternalError(
-        absl::StrCat("selecting GPU ", *device, ": ", cudaGetErrorString(e)));
-  }
-  absl::Cleanup restore = [&] {
-    if (previous != *device) cudaSetDevice(previous);
-  };
-  if (stream != nullptr) {
-    int stream_device = -1;
-    if (cudaStreamGetDevice(stream, &stream_device) == cudaSuccess &&
-        stream_device != *device) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("stream is on GPU ", stream_device,
-                       " but the blocks are on GPU ", *device));
-    }
-    cudaGetLastError();
-  }
+  // The sink allocates and launches on the current device.
+  CurrentDevice current;
+  if (absl::Status s = current.Enter(*device, stream); !s.ok()) return s;
 
-  DeviceUploads uploads;
+  std::unique_ptr<DeviceFetch> fetch = devices.Take(*device);
+  if (fetch == nullptr) fetch = std::make_unique<DeviceFetch>();
+  DeviceUploads& uploads = fetch->uploads;
+  uploads.Clear();
   codec::gpu::KvLayout layout = target.layout;
   size_t bases_at = 0;
   if (!target.layer_bases.empty()) {
@@ -757,13 +817,151 @@ absl::StatusOr<DeviceReport> FetchToDeviceUnlocked(
     }
   }
 
-  absl::StatusOr<std::unique_ptr<transfer::GpuDecodeSink>> sink =
-      transfer::GpuDecodeSink::Create(layout, std::move(refs), stream);
-  if (!sink.ok()) return sink.status();
-  absl::StatusOr<FetchReport> report = pool.Fetch(options, keys, **sink);
+  if (fetch->sink == nullptr) {
+    absl::StatusOr<std::unique_ptr<transfer::GpuDecodeSink>> sink =
+        transfer::GpuDecodeSink::Create(layout, std::move(refs), stream);
+    if (!sink.ok()) return sink.status();
+    fetch->sink = *std::move(sink);
+  } else if (absl::Status s =
+                 fetch->sink->Reset(layout, std::move(refs), stream);
+             !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<FetchReport> report = pool.Fetch(options, keys, *fetch->sink);
+  const float first_batch_ms = fetch->sink->first_batch_ms();
+  if (Reusable(report.status())) devices.Return(*device, std::move(fetch));
   if (!report.ok()) return report.status();
-  return DeviceReport{*report, (*sink)->first_batch_ms()};
+  return DeviceReport{*report, first_batch_ms};
 }
+
+// Client.storer(): stores chunks straight from a worker's GPU blocks in one
+// layout through a transfer::GpuStorer, which encodes them on the worker's
+// stream and puts them in the background. Thread-safe.
+class Storer {
+ public:
+  Storer(std::shared_ptr<KvCacheClient> client, DeviceTarget target,
+         transfer::GpuStorerOptions options)
+      : layout_(target.layout) {
+    // The layout's GPU, or the calling thread's where the layout names no
+    // address (contiguous chunks name theirs at store()).
+    device_ = Value(DestinationDevice(target.addresses));
+    if (device_ < 0 && cudaGetDevice(&device_) != cudaSuccess) {
+      Raise(absl::FailedPreconditionError("this thread has no current GPU"));
+    }
+    absl::StatusOr<std::unique_ptr<transfer::GpuStorer>> storer;
+    {
+      py::gil_scoped_release release;
+      CurrentDevice current;
+      absl::Status s = current.Enter(device_, nullptr);
+      if (s.ok() && !target.layer_bases.empty()) {
+        // Lives as long as the storer, which reads it at every encode.
+        bases_.Add(target.layer_bases.data(),
+                   target.layer_bases.size() * sizeof(uint16_t*));
+        s = bases_.Upload(nullptr);
+        if (s.ok() && cudaStreamSynchronize(nullptr) != cudaSuccess) {
+          s = absl::InternalError("copying layer bases to the GPU failed");
+        }
+        layout_.layer_bases = bases_.At<uint16_t* const>(0);
+      }
+      storer = s.ok() ? transfer::GpuStorer::Create(std::move(client), layout_,
+                                                    options)
+                      : s;
+    }
+    storer_ = Value(std::move(storer));
+  }
+
+  const codec::gpu::KvLayout& layout() const { return layout_; }
+
+  uint64_t Store(std::vector<ChunkKey> keys, DeviceTarget target,
+                 codec::gpu::Stream stream, std::optional<ChunkKey> parent,
+                 double pin_ttl_s) {
+    if (!(pin_ttl_s >= 0)) {
+      Raise(absl::InvalidArgumentError(
+          absl::StrCat("pin_ttl_s must be 0 or more, not ", pin_ttl_s)));
+    }
+    absl::StatusOr<transfer::GpuStorer::Ticket> ticket;
+    {
+      py::gil_scoped_release release;
+      ticket = StoreUnlocked(std::move(keys), target, stream, parent,
+                             PutOptions{Seconds(pin_ttl_s)});
+    }
+    return Value(std::move(ticket));
+  }
+
+  py::dict Wait(uint64_t ticket) {
+    absl::StatusOr<transfer::StoreReport> report;
+    {
+      py::gil_scoped_release release;
+      report = storer_->Wait(ticket);
+    }
+    const transfer::StoreReport r = Value(std::move(report));
+    py::dict out;
+    out["chunks"] = r.chunks;
+    out["raw_bytes"] = r.raw_bytes;
+    out["stored_bytes"] = r.stored_bytes;
+    return out;
+  }
+
+  uint64_t device_bytes() const { return storer_->device_bytes(); }
+
+ private:
+  absl::StatusOr<transfer::GpuStorer::Ticket> StoreUnlocked(
+      std::vector<ChunkKey> keys, const DeviceTarget& target,
+      codec::gpu::Stream stream, const std::optional<ChunkKey>& parent,
+      const PutOptions& options) {
+    absl::StatusOr<int> device = DestinationDevice(target.addresses);
+    if (!device.ok()) return device.status();
+    if (*device >= 0 && *device != device_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the blocks are on GPU ", *device,
+                       " but this storer's layout is on GPU ", device_));
+    }
+    CurrentDevice current;
+    if (absl::Status s = current.Enter(device_, stream); !s.ok()) return s;
+    // Block tables given as host lists go to the GPU on the worker's stream
+    // and are freed on it after the encode that reads them: no wait.
+    std::vector<int32_t> ids;
+    std::vector<size_t> ids_at(target.refs.size());
+    for (size_t i = 0; i < target.refs.size(); ++i) {
+      ids_at[i] = ids.size();
+      ids.insert(ids.end(), target.block_ids[i].begin(),
+                 target.block_ids[i].end());
+    }
+    int32_t* device_ids = nullptr;
+    if (!ids.empty()) {
+      cudaError_t e =
+          cudaMallocAsync(&device_ids, ids.size() * sizeof(int32_t), stream);
+      if (e == cudaSuccess) {
+        e = cudaMemcpyAsync(device_ids, ids.data(),
+                            ids.size() * sizeof(int32_t),
+                            cudaMemcpyHostToDevice, stream);
+      }
+      if (e != cudaSuccess) {
+        if (device_ids != nullptr) cudaFreeAsync(device_ids, stream);
+        return absl::InternalError(absl::StrCat(
+            "copying block tables to the GPU: ", cudaGetErrorString(e)));
+      }
+    }
+    std::vector<transfer::ChunkFromDevice> chunks(keys.size());
+    for (size_t i = 0; i < keys.size(); ++i) {
+      chunks[i].key = keys[i];
+      chunks[i].parent = i == 0 ? parent : std::optional<ChunkKey>(keys[i - 1]);
+      chunks[i].source = target.refs[i];
+      if (!target.block_ids[i].empty()) {
+        chunks[i].source.block_ids = device_ids + ids_at[i];
+      }
+    }
+    absl::StatusOr<transfer::GpuStorer::Ticket> ticket =
+        storer_->Store(std::move(chunks), stream, options);
+    if (device_ids != nullptr) cudaFreeAsync(device_ids, stream);
+    return ticket;
+  }
+
+  codec::gpu::KvLayout layout_;
+  int device_ = 0;
+  DeviceUploads bases_;
+  std::unique_ptr<transfer::GpuStorer> storer_;
+};
 
 // A connection to `address`; waits, without the GIL, for the node to answer.
 std::shared_ptr<KvCacheClient> Connect(const std::string& address,
@@ -924,7 +1122,7 @@ class Client {
     // Arguments first, so their errors read the same with or without a GPU.
     DeviceTarget target = ParseLayout(layout, layout_fields);
     ParseBlocks(blocks, parsed.size(), target);
-    Check(CheckGpu());
+    Check(CheckGpu("fetch_to_device", "decode on the CPU with fetch()"));
     py::dict out = ReportDict({});
     out["first_batch_ms"] = 0.0;
     if (parsed.empty()) return out;
@@ -932,7 +1130,7 @@ class Client {
     {
       py::gil_scoped_release release;
       report =
-          FetchToDeviceUnlocked(fetchers_, options, parsed, target,
+          FetchToDeviceUnlocked(fetchers_, devices_, options, parsed, target,
                                 reinterpret_cast<codec::gpu::Stream>(stream));
     }
     const DeviceReport r = Value(std::move(report));
@@ -941,9 +1139,31 @@ class Client {
     return out;
   }
 
+  std::unique_ptr<Storer> MakeStorer(const py::object& layout,
+                                     const std::string& level,
+                                     uint32_t chunk_tokens,
+                                     uint32_t batch_chunks, uint32_t slots,
+                                     const py::kwargs& layout_fields) {
+    DeviceTarget target = ParseLayout(layout, layout_fields);
+    transfer::GpuStorerOptions options;
+    options.level = Value(codec::ParseLevel(level));
+    if (chunk_tokens == 0 || chunk_tokens > codec::kMaxTokens ||
+        batch_chunks == 0 || slots == 0) {
+      Raise(absl::InvalidArgumentError(
+          absl::StrCat("chunk_tokens must be 1 to ", codec::kMaxTokens,
+                       ", batch_chunks and slots 1 or more")));
+    }
+    options.chunk_tokens = chunk_tokens;
+    options.batch_chunks = batch_chunks;
+    options.slots = slots;
+    Check(CheckGpu("storer", "encode on the CPU with encode() and put()"));
+    return std::make_unique<Storer>(client_, std::move(target), options);
+  }
+
  private:
   const std::shared_ptr<KvCacheClient> client_;
   FetcherPool fetchers_;
+  DeviceFetchPool devices_{2};
 };
 
 std::vector<py::bytes> ChunkKeys(const std::vector<int32_t>& tokens,
@@ -1207,7 +1427,78 @@ InvalidArgumentError for a malformed layout or blocks, or an address
 that is not GPU memory (checked before anything is fetched);
 NotFoundError if a chunk is missing; DataLossError if the GPU rejects a
 chunk (corrupt, or of another shape or dtype than the layout), whose
-blocks are then left untouched.)doc");
+blocks are then left untouched.)doc")
+      .def(
+          "storer", &Client::MakeStorer, py::arg("layout") = py::none(),
+          py::arg("level") = "default", py::arg("chunk_tokens") = 256,
+          py::arg("batch_chunks") = 8, py::arg("slots") = 2,
+          R"doc(A Storer: stores chunks straight from the engine's GPU KV cache.
+
+layout: where the cache lives, as for fetch_to_device() (a dict, or
+  keyword arguments); a list of layer_bases is copied to the GPU once,
+  here, so the caches must stay where they are for the Storer's life.
+level: the codec level the chunks are encoded at.
+chunk_tokens: the longest chunk store() takes (sizes the GPU slots).
+batch_chunks, slots: chunks encoded per launch, and launches in flight.
+
+The Storer holds device memory on the layout's GPU for its slots
+(device_bytes): about 2 GiB for 2 slots of 8 Llama-8B chunks of 256
+tokens. Raises FailedPreconditionError on a host without a GPU.)doc");
+
+  py::class_<Storer>(m, "Storer",
+                     "Stores chunks from GPU blocks; made by Client.storer().")
+      .def(
+          "store",
+          [](Storer& storer, const std::vector<py::bytes>& keys,
+             const py::object& blocks, uintptr_t stream,
+             const py::object& parent, double pin_ttl_s) {
+            std::vector<ChunkKey> parsed = ToKeys(keys);
+            DeviceTarget target;
+            target.layout = storer.layout();
+            ParseBlocks(blocks, parsed.size(), target);
+            std::optional<ChunkKey> first_parent;
+            if (!parent.is_none()) {
+              if (!py::isinstance<py::bytes>(parent)) {
+                Raise(absl::InvalidArgumentError(
+                    "parent must be a chunk key (bytes) or None"));
+              }
+              first_parent =
+                  ToKeys({py::reinterpret_borrow<py::bytes>(parent)}).front();
+            }
+            return storer.Store(std::move(parsed), std::move(target),
+                                reinterpret_cast<codec::gpu::Stream>(stream),
+                                first_parent, pin_ttl_s);
+          },
+          py::arg("keys"), py::arg("blocks"), py::arg("stream") = 0,
+          py::arg("parent") = py::none(), py::arg("pin_ttl_s") = 0.0,
+          R"doc(Queues storing the chunks of `keys` from the blocks; returns a ticket.
+
+The chunks are encoded on `stream` (a cudaStream_t as an int; 0 is the
+default stream) behind the work already queued there, so call it after
+the prefill that wrote them, on the same stream; work queued on the
+stream afterwards may overwrite the blocks. It returns once the encode is
+queued (it waits only when every slot is busy); the bitstreams are copied
+down and put into the node in the background. Chunk i names keys[i - 1]
+as its parent, and the first names `parent` (the chunk before them in
+their prompt, or None for a prompt's first chunk), so the node evicts a
+prompt from its end. pin_ttl_s > 0 stores them pinned that long.
+
+blocks: one dict per key, as for fetch_to_device() (tokens, and values or
+  block_ids / first_slot), read instead of written.
+
+Raises InvalidArgumentError for malformed blocks, a chunk longer than
+chunk_tokens, or addresses on another GPU than the layout's.)doc")
+      .def("wait", &Storer::Wait, py::arg("ticket"),
+           R"doc(Waits until a ticket's chunks are stored in the node.
+
+Returns {'chunks', 'raw_bytes', 'stored_bytes'}: chunks put, fp16/bf16
+bytes read from the blocks, and compressed bytes stored. A chunk the GPU
+could not read (a block id outside the cache) raises InvalidArgumentError
+naming it, and none of the ticket's later chunks is stored, so a stored
+prompt has no holes; a node's error (UnavailableError, ...) is raised as
+it came. A ticket can be waited for once.)doc")
+      .def_property_readonly("device_bytes", &Storer::device_bytes,
+                             "Device memory the Storer's slots hold.");
 
   m.def("encode", &Encode, py::arg("values"), py::arg("kv_heads"),
         py::arg("head_dim"), py::arg("level") = "default",

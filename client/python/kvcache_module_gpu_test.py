@@ -269,6 +269,100 @@ class FetchToDeviceTest(unittest.TestCase):
             np.testing.assert_array_equal(
                 self.cuda.download(b, w.shape, np.uint16), w)
 
+    def chunks_of_dump(self, model_id):
+        """The dump's chunks [layers, 2, tokens, C] (fp16), and their keys."""
+        m, kv = self.manifest, self.kv
+        keys = kvcache.chunk_keys(m["generation"]["token_ids"], model_id,
+                                  chunk_tokens=CHUNK_TOKENS,
+                                  layers=m["layers"], kv_heads=m["kv_heads"],
+                                  head_dim=m["head_dim"])
+        chunks = [np.ascontiguousarray(
+            kv[:, :, i * CHUNK_TOKENS:(i + 1) * CHUNK_TOKENS])
+                  for i in range(len(keys))]
+        return keys, chunks
+
+    def cpu_streams(self, chunks, level):
+        m = self.manifest
+        return [kvcache.encode(c, m["kv_heads"], m["head_dim"], level=level)
+                for c in chunks]
+
+    def test_storer_stores_what_the_cpu_encoder_writes(self):
+        keys, chunks = self.chunks_of_dump("gpu-store-contiguous")
+        storer = self.client.storer(self.layout(), level="high",
+                                    chunk_tokens=CHUNK_TOKENS, batch_chunks=4)
+        self.assertGreater(storer.device_bytes, 0)
+        buffers = [self.cuda.upload(c) for c in chunks]
+        ticket = storer.store(keys, [{"tokens": c.shape[2], "values": b}
+                                     for c, b in zip(chunks, buffers)])
+        report = storer.wait(ticket)
+        want = self.cpu_streams(chunks, "high")
+        self.assertEqual(report["chunks"], len(keys))
+        self.assertEqual(report["raw_bytes"], sum(c.nbytes for c in chunks))
+        self.assertEqual(report["stored_bytes"], sum(len(w) for w in want))
+        self.assertEqual(self.client.get(keys), want)
+        self.assertEqual(self.client.lookup(keys)["prefix_chunks"], len(keys))
+        with self.assertRaises(kvcache.InvalidArgumentError):
+            storer.wait(ticket)  # waited for already
+
+    def test_storer_reads_a_paged_cache_on_a_stream(self):
+        keys, chunks = self.chunks_of_dump("gpu-store-paged")
+        layers, _, _, channels = chunks[0].shape
+        tokens = sum(c.shape[2] for c in chunks)
+        prompt = np.concatenate(chunks, axis=2)
+        table = np.random.default_rng(9).permutation(NUM_BLOCKS).tolist()
+        # Scatter the prompt into per-layer caches [num_blocks, 2,
+        # BLOCK_TOKENS, C], token t at slot t of the table.
+        caches = np.full((layers, NUM_BLOCKS, 2, BLOCK_TOKENS, channels),
+                         0xFFFF, np.uint16)
+        for t in range(tokens):
+            caches[:, table[t // BLOCK_TOKENS], :, t % BLOCK_TOKENS] = (
+                prompt[:, :, t].view(np.uint16))
+        layer_bases = [self.cuda.upload(c) for c in caches]
+        storer = self.client.storer(
+            kind="paged", layer_bases=layer_bases, block_tokens=BLOCK_TOKENS,
+            num_blocks=NUM_BLOCKS, chunk_tokens=CHUNK_TOKENS, **self.layout())
+        blocks = [{"tokens": c.shape[2], "block_ids": table,
+                   "first_slot": i * CHUNK_TOKENS}
+                  for i, c in enumerate(chunks)]
+        stream = self.cuda.stream()
+        first, rest = keys[:2], keys[2:]
+        t1 = storer.store(first, blocks[:2], stream=stream)
+        t2 = storer.store(rest, blocks[2:], stream=stream, parent=first[-1],
+                          pin_ttl_s=60)
+        self.assertEqual(storer.wait(t2)["chunks"], len(rest))
+        self.assertEqual(storer.wait(t1)["chunks"], len(first))
+        self.assertEqual(self.client.get(keys),
+                         self.cpu_streams(chunks, "default"))
+        found = self.client.lookup(keys)
+        self.assertTrue(all(c["pinned"] for c in found["chunks"][2:]))
+        self.assertFalse(found["chunks"][0]["pinned"])
+
+    def test_storer_errors(self):
+        keys, chunks = self.chunks_of_dump("gpu-store-errors")
+        layers, _, _, channels = chunks[0].shape
+        base = self.cuda.malloc(
+            2 * layers * NUM_BLOCKS * 2 * BLOCK_TOKENS * channels)
+        storer = self.client.storer(
+            kind="paged", base=base, block_tokens=BLOCK_TOKENS,
+            num_blocks=NUM_BLOCKS, chunk_tokens=CHUNK_TOKENS, **self.layout())
+        # Longer than the storer's chunks.
+        with self.assertRaisesRegex(kvcache.InvalidArgumentError,
+                                    "chunk_tokens"):
+            storer.store(keys[:1], [{"tokens": CHUNK_TOKENS + 16,
+                                     "block_ids": list(range(7))}])
+        # A device block table naming a block outside the cache: found by
+        # the GPU, so wait() says which chunk, and no later one is stored.
+        per_chunk = CHUNK_TOKENS // BLOCK_TOKENS
+        ids = np.arange(3 * per_chunk, dtype=np.int32)
+        ids[per_chunk + 2] = NUM_BLOCKS + 5
+        device_ids = self.cuda.upload(ids)
+        ticket = storer.store(keys[:3], [
+            {"tokens": CHUNK_TOKENS, "block_ids": device_ids,
+             "first_slot": i * CHUNK_TOKENS} for i in range(3)])
+        with self.assertRaisesRegex(kvcache.InvalidArgumentError, "chunk 1"):
+            storer.wait(ticket)
+        self.assertEqual(self.client.lookup(keys[:3])["prefix_chunks"], 1)
+
 
 if __name__ == "__main__":
     unittest.main()

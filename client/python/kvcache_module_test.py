@@ -349,6 +349,24 @@ class KvcacheModuleTest(unittest.TestCase):
             keys[:1], filled([np.empty((5, 2, 96, 32), np.float16)]))
         self.assertGreater(report["bytes"], 0)
 
+    def test_storer_checks_its_arguments_then_needs_a_gpu(self):
+        if has_gpu():
+            self.skipTest("a GPU is here: kvcache_module_gpu_test.py covers it")
+        layout = dict(layers=5, kv_heads=4, head_dim=8)
+        for name, kwargs in [
+            ("no layers", dict(kv_heads=4, head_dim=8)),
+            ("bad level", dict(layout, level="smallest")),
+            ("no chunk tokens", dict(layout, chunk_tokens=0)),
+            ("no slots", dict(layout, slots=0)),
+            ("paged, no base", dict(layout, kind="paged", block_tokens=16,
+                                    num_blocks=64)),
+        ]:
+            with self.assertRaises(kvcache.InvalidArgumentError, msg=name):
+                self.client.storer(**kwargs)
+        with self.assertRaisesRegex(kvcache.FailedPreconditionError,
+                                    "storer needs a CUDA GPU"):
+            self.client.storer(layout, level="high")
+
 
 if __name__ == "__main__":
     unittest.main()

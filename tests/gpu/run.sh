@@ -12,7 +12,9 @@
 #
 # The GPU host needs only the NVIDIA driver and glibc >= 2.36; gRPC, Abseil,
 # GoogleTest and the CUDA runtime travel in .gpu/lib, the real KV dumps
-# (../shared/kvdata, or $KVCACHE_KVDATA) in .gpu/kvdata.
+# (../shared/kvdata, or $KVCACHE_KVDATA) in .gpu/kvdata, and Debian's
+# Python 3.11 with numpy (what the kvcache module is built for) as packages
+# in .gpu/debs, unpacked on the GPU host into .gpu/py.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -31,9 +33,16 @@ TARGETS=(
   "//codec/cuda:codec_gpu_bench|"
   "//transfer:e2e_bench|--kvcached=.gpu/bin/kvcached --nvme_dir=.gpu/nvme"
 )
+# Python tests of the kvcache module, run with the Python it is built for.
+PYTHON_TESTS=("client/python/kvcache_module_gpu_test.py")
+PYTHON_FILES=("client/python/kvcache_testing.py" "${PYTHON_TESTS[@]}")
 # Programs the entries above start (packed, not run on their own).
-HELPERS=("//kvstore:kvcached")
+HELPERS=("//kvstore:kvcached" "//client/python:kvcache.so")
 SANITIZER=/usr/local/cuda/bin/compute-sanitizer
+# The module is built for Debian's Python 3.11, which GPU hosts lack: it
+# travels as Debian's packages (with numpy) and is unpacked there.
+PYTHON_DEBS=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib
+             python3-numpy libblas3 liblapack3 libgfortran5)
 
 # Libraries every GPU host has; everything else a binary links is carried.
 # NCCL (over 200 MB) is not linked but loaded when a link opens: run() finds
@@ -56,12 +65,32 @@ build() {
       [[ $name =~ $HOST_LIBS ]] || cp -Ln "$file" .gpu/lib/ 2>/dev/null || true
     done
   done
+  mkdir -p .gpu/python .gpu/debs
+  cp "${PYTHON_FILES[@]}" .gpu/python/
+  mv .gpu/bin/kvcache.so .gpu/python/
+  (cd .gpu/debs && apt-get download "${PYTHON_DEBS[@]}" >/dev/null) || return 1
   local kvdata=${KVCACHE_KVDATA:-../shared/kvdata}
   if [[ -d $kvdata ]]; then
     mkdir -p .gpu/kvdata
     cp "$kvdata"/*.json "$kvdata"/*.kv "$kvdata"/*.q.f16 .gpu/kvdata/
   fi
-  echo "gpu: packed $(ls .gpu/bin | wc -l) binaries, $(du -sh .gpu/lib | cut -f1) of libraries in .gpu/"
+  echo "gpu: packed $(ls .gpu/bin | wc -l) binaries, $(du -sh .gpu/lib | cut -f1) of libraries, $(du -sh .gpu/debs | cut -f1) of Python packages in .gpu/"
+}
+
+# Unpacks the packed Python into .gpu/py once; sets PYTHON to it.
+setup_python() {
+  local root=$PWD/.gpu/py
+  if [[ ! -x $root/usr/bin/python3.11 ]]; then
+    mkdir -p "$root"
+    for deb in .gpu/debs/*.deb; do dpkg-deb -x "$deb" "$root" || return 1; done
+  fi
+  PYTHON=$root/usr/bin/python3.11
+  export PYTHONHOME=$root/usr
+  export PYTHONPATH=$PWD/.gpu/python:$root/usr/lib/python3/dist-packages
+  # numpy's BLAS and LAPACK sit where Debian's alternatives would link them.
+  local libs=$root/usr/lib/x86_64-linux-gnu
+  export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$libs:$libs/blas:$libs/lapack
+  export KVCACHED=$PWD/.gpu/bin/kvcached
 }
 
 run() {
@@ -85,6 +114,18 @@ run() {
   local gpus
   gpus=$(nvidia-smi -L | grep -c '^GPU')
   local passed=0 failed=0 skipped=0
+  # Runs one entry: its name, its log's name, the command.
+  run_one() {
+    local name=$1 log=$2
+    shift 2
+    echo "=== $name"
+    if "$@" 2>&1 | tee "$results/$log.log"; then
+      passed=$((passed + 1))
+    else
+      failed=$((failed + 1))
+      echo "gpu: $name FAILED"
+    fi
+  }
   for entry in "${TARGETS[@]}"; do
     local label=${entry%%|*} rest=${entry#*|}
     local args=${rest%%|*} wrap=""
@@ -106,14 +147,15 @@ run() {
       fi
       cmd=("$SANITIZER" --tool memcheck --error-exitcode 1 "${cmd[@]}")
     fi
-    echo "=== $name $args${wrap:+ ($wrap)}"
     # shellcheck disable=SC2086
-    if "${cmd[@]}" $args 2>&1 | tee "$results/$log.log"; then
-      passed=$((passed + 1))
-    else
-      failed=$((failed + 1))
-      echo "gpu: $name FAILED"
-    fi
+    run_one "$name $args${wrap:+ ($wrap)}" "$log" "${cmd[@]}" $args
+  done
+  for test in "${PYTHON_TESTS[@]}"; do
+    local name
+    name=$(basename "$test" .py)
+    if [[ $# -gt 0 && " $* " != *" $name "* ]]; then continue; fi
+    [[ -n ${PYTHON:-} ]] || setup_python || return 1
+    run_one "$name (Python 3.11)" "$name" "$PYTHON" ".gpu/python/$name.py"
   done
   echo "${passed} passed, ${failed} failed, ${skipped} skipped"
   [[ $failed -eq 0 ]]
