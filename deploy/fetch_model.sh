@@ -44,6 +44,6 @@ fi
 # Tests read these; `bazel test` picks the file up through .bazelrc.
 cat > .setup.bazelrc <<RC
 # Written by deploy/fetch_model.sh; paths on this machine.
-test --test_env=KVCACHE_MODEL=$model
-test --test_env=KVCACHE_PYTHON=$pyenv/bin/python3
+build --test_env=KVCACHE_MODEL=$model
+build --test_env=KVCACHE_PYTHON=$pyenv/bin/python3
 RC

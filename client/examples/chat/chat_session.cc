@@ -15,10 +15,9 @@
 #include "absl/time/clock.h"
 
 namespace kvcache::chat {
-namespace {
 
-// SHA-256 of a file, read in pieces so that a checkpoint of many gigabytes
-// is not held in memory twice.
+// Read in pieces, so that a checkpoint of many gigabytes is not held in
+// memory twice.
 absl::StatusOr<std::string> FileSha256Hex(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
@@ -38,8 +37,6 @@ absl::StatusOr<std::string> FileSha256Hex(const std::string& path) {
       absl::string_view(reinterpret_cast<const char*>(digest), size));
 }
 
-}  // namespace
-
 absl::StatusOr<KeySpace> ChatKeySpace(const std::string& checkpoint_path,
                                       const LlamaConfig& config,
                                       uint32_t chunk_tokens, codec::Level level,
@@ -48,7 +45,7 @@ absl::StatusOr<KeySpace> ChatKeySpace(const std::string& checkpoint_path,
   if (!sha.ok()) return sha.status();
   KeySpace space;
   space.name_space = absl::StrCat(name_space, "/", codec::LevelName(level));
-  space.model_id = absl::StrCat("llama2.c/sha256:", *sha);
+  space.model_id = absl::StrCat("sha256:", *sha);
   space.dtype = "float16";
   space.layers = config.layers;
   space.kv_heads = config.kv_heads;

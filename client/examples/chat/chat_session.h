@@ -45,8 +45,11 @@
 
 namespace kvcache::chat {
 
-// The key space of a llama2.c checkpoint's KV as the chat worker caches it.
-// The model id is the SHA-256 of the checkpoint file, so only identical
+// The SHA-256 of a file, in lowercase hex; NOT_FOUND if it cannot be read.
+absl::StatusOr<std::string> FileSha256Hex(const std::string& path);
+
+// The key space of a model's KV as the chat worker caches it.
+// The model id is the SHA-256 of the model file, so only identical
 // weights share chunks whatever the files are called. The namespace ends in
 // the codec level: a session stored lossily is never served to a worker that
 // asked for lossless (the bitstream would decode, but to other values).

@@ -4,13 +4,15 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 
 namespace kvcache::chat {
 
 absl::StatusOr<std::vector<int32_t>> Generate(
     const LlamaModel& model, PagedKvCache* cache, SequenceId seq, int count,
-    Sampler& sampler, double temperature, std::vector<float>& logits) {
+    Sampler& sampler, double temperature, std::vector<float>& logits,
+    std::optional<int32_t> stop_token) {
   std::vector<int32_t> tokens;
   tokens.reserve(count);
   for (int i = 0; i < count; ++i) {
@@ -21,6 +23,7 @@ absl::StatusOr<std::vector<int32_t>> Generate(
     if (!after.ok()) return after.status();
     logits = *std::move(after);
     tokens.push_back(*next);
+    if (*next == stop_token) break;
   }
   return tokens;
 }
@@ -86,13 +89,36 @@ absl::Status FinishTurn(const LlamaModel& model, PagedKvCache* cache,
   Sampler sampler(spec.seed);
   absl::StatusOr<std::vector<int32_t>> reply =
       Generate(model, cache, outcome.seq, spec.reply_tokens, sampler,
-               spec.temperature, *logits);
+               spec.temperature, *logits, spec.stop_token);
   if (!reply.ok()) return reply.status();
   outcome.reply = *std::move(reply);
   return absl::OkStatus();
 }
 
 }  // namespace
+
+absl::StatusOr<TurnOutcome> ContinueTurn(const LlamaModel& model,
+                                         PagedKvCache* cache, SequenceId seq,
+                                         const TurnSpec& spec) {
+  if (spec.user.empty()) {
+    return absl::InvalidArgumentError("a turn needs a user message");
+  }
+  absl::StatusOr<int> length = cache->Length(seq);
+  if (!length.ok()) return length.status();
+  if (*length != static_cast<int>(spec.history.size())) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the sequence holds ", *length, " tokens, the history ",
+        spec.history.size()));
+  }
+  TurnOutcome outcome;
+  outcome.seq = seq;
+  outcome.restore.tokens = *length;
+  if (absl::Status status = FinishTurn(model, cache, spec, outcome);
+      !status.ok()) {
+    return status;
+  }
+  return outcome;
+}
 
 absl::StatusOr<TurnOutcome> RunTurn(const LlamaModel& model,
                                     PagedKvCache* cache, ChatSession* session,

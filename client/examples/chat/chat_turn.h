@@ -8,6 +8,7 @@
 #define KVCACHE_CLIENT_EXAMPLES_CHAT_CHAT_TURN_H_
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -20,13 +21,15 @@
 
 namespace kvcache::chat {
 
-// Draws `count` tokens, starting from `logits` (the model's output for the
-// sequence's last token) and feeding each one back, so that on return the
+// Draws up to `count` tokens, starting from `logits` (the model's output for
+// the sequence's last token) and feeding each one back, so that on return the
 // sequence holds the KV of all of them and `logits` predicts the next token.
-// Temperature 0 is greedy. The model's or sampler's errors otherwise.
+// Stops early after drawing `stop_token`, which is returned too. Temperature
+// 0 is greedy. The model's or sampler's errors otherwise.
 absl::StatusOr<std::vector<int32_t>> Generate(
     const LlamaModel& model, PagedKvCache* cache, SequenceId seq, int count,
-    Sampler& sampler, double temperature, std::vector<float>& logits);
+    Sampler& sampler, double temperature, std::vector<float>& logits,
+    std::optional<int32_t> stop_token = std::nullopt);
 
 // How the model scores a fixed continuation of the sequence.
 struct ContinuationScore {
@@ -52,6 +55,7 @@ struct TurnSpec {
   // Scored after the prompt when not empty (see ScoreContinuation).
   std::vector<int32_t> continuation;
   int reply_tokens = 0;
+  std::optional<int32_t> stop_token;  // ends a reply early (see Generate)
   double temperature = 0;  // 0: greedy
   uint64_t seed = 0;
 };
@@ -74,6 +78,16 @@ struct TurnOutcome {
 absl::StatusOr<TurnOutcome> RunTurn(const LlamaModel& model,
                                     PagedKvCache* cache, ChatSession* session,
                                     const TurnSpec& spec);
+
+// Runs a turn on `seq`, which already holds the history's KV: what a worker
+// that kept the KV does, to compare with one that restored it. Prefills the
+// user message, scores the continuation and generates; the outcome's
+// sequence is `seq` and restore.tokens the history's length.
+// FAILED_PRECONDITION unless `seq` holds exactly the history's tokens;
+// otherwise as RunTurn, except that `seq` is not freed on error.
+absl::StatusOr<TurnOutcome> ContinueTurn(const LlamaModel& model,
+                                         PagedKvCache* cache, SequenceId seq,
+                                         const TurnSpec& spec);
 
 }  // namespace kvcache::chat
 

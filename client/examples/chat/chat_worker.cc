@@ -1,20 +1,25 @@
 // chat_worker: the reference chat worker. Runs a multi-turn conversation
-// with a llama2.c checkpoint on the CPU, keeping each turn's KV in kvcache
-// between turns instead of in the worker:
+// on the CPU, keeping each turn's KV in kvcache between turns instead of in
+// the worker:
 //
-//   turn 1: prefill BOS + user message, generate the reply, store the
+//   turn 1: prefill the first user message, generate the reply, store the
 //           conversation's KV (pinned for --pin_ttl_s), drop it locally;
 //   turn n: restore the longest cached prefix of the history, prefill only
 //           what was not restored plus the new user message, generate, store.
 //
 //   chat_worker --addr=HOST:PORT --checkpoint=FILE [--level=default]
-//       [--turns=3] [--seed=1] [--manifest=FILE.json] [--user_tokens=24]
-//       [--reply_tokens=48] [--temperature=0] [--chunk_tokens=64]
-//       [--pin_ttl_s=600] [--transcript_in=FILE] [--transcript_out=FILE]
-//       [--verify=true]
+//       [--turns=3] [--user=TEXT]... [--docs=DIR] [--seed=1]
+//       [--manifest=FILE.json] [--user_tokens=24] [--reply_tokens=48]
+//       [--temperature=0] [--chunk_tokens=64] [--pin_ttl_s=600]
+//       [--transcript_in=FILE] [--transcript_out=FILE] [--verify=true]
 //
-// User messages are slices of a kvdump manifest's real token ids
-// (--manifest), or tokens drawn from the vocabulary with --seed. The
+// With a GGUF model (SmolLM2) the chat is text: ChatML turns whose user
+// messages are --user, or else the questions of Python's FAQ (real_text.h),
+// replies ending at the model's end-of-message token or --reply_tokens,
+// both printed as text. With a llama2.c checkpoint (stories260K), which has
+// no tokenizer here, user messages are slices of a kvdump manifest's real
+// token ids (--manifest), or tokens drawn from the vocabulary with --seed,
+// after BOS. The
 // conversation's token ids can be written after the last turn
 // (--transcript_out) and picked up by another worker process
 // (--transcript_in), which then restores the session from the daemon.
@@ -39,10 +44,15 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "client/examples/chat/chat_session.h"
 #include "client/examples/chat/chat_turn.h"
 #include "client/examples/chat/llama_model.h"
 #include "client/examples/chat/paged_kv_cache.h"
+#include "client/examples/chat/real_text.h"
+#include "client/examples/model/bpe_tokenizer.h"
+#include "client/examples/model/chat_template.h"
+#include "client/examples/model/gguf.h"
 #include "client/kvcache_client.h"
 #include "codec/codec.h"
 #include "codec/kv_dump.h"
@@ -58,6 +68,8 @@ struct WorkerOptions {
   codec::Level level = codec::kDefaultLevel;
   int turns = 3;
   uint64_t seed = 1;
+  std::vector<std::string> user_texts;
+  std::string docs = kPythonDocsRoot;
   std::string manifest;
   int user_tokens = 24;
   int reply_tokens = 48;
@@ -103,6 +115,41 @@ class UserMessages {
   size_t next_;
 };
 
+// A text chat in the model's own template: user messages as text, replies
+// decoded back to text.
+struct TextChat {
+  std::unique_ptr<model::BpeTokenizer> tokenizer;
+  model::ChatMlTemplate chat_template{""};
+  int32_t end_of_message = 0;
+  std::vector<std::string> messages;  // user messages, used in turn
+  size_t next = 0;
+
+  static absl::StatusOr<TextChat> Load(const model::GgufFile& file,
+                                       const WorkerOptions& options) {
+    TextChat chat;
+    absl::StatusOr<std::unique_ptr<model::BpeTokenizer>> tokenizer =
+        model::BpeTokenizer::FromGguf(file);
+    if (!tokenizer.ok()) return tokenizer.status();
+    chat.tokenizer = *std::move(tokenizer);
+    absl::StatusOr<model::ChatMlTemplate> chat_template =
+        model::ChatMlTemplate::FromGguf(file);
+    if (!chat_template.ok()) return chat_template.status();
+    chat.chat_template = *std::move(chat_template);
+    absl::StatusOr<int32_t> end =
+        chat.tokenizer->TokenId(model::ChatMlTemplate::kEndOfMessage);
+    if (!end.ok()) return end.status();
+    chat.end_of_message = *end;
+    chat.messages = options.user_texts;
+    if (chat.messages.empty()) {
+      absl::StatusOr<std::vector<std::string>> questions =
+          LoadFaqQuestions(options.docs);
+      if (!questions.ok()) return questions.status();
+      chat.messages = *std::move(questions);
+    }
+    return chat;
+  }
+};
+
 absl::StatusOr<std::vector<int32_t>> ReadTranscript(const std::string& path) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
@@ -128,11 +175,13 @@ absl::Status WriteTranscript(const std::string& path,
 class Worker {
  public:
   Worker(const WorkerOptions& options, const LlamaModel& model,
-         PagedKvCache cache, UserMessages user_messages)
+         PagedKvCache cache, UserMessages user_messages,
+         std::optional<TextChat> text_chat)
       : options_(options),
         model_(model),
         cache_(std::move(cache)),
-        user_messages_(std::move(user_messages)) {}
+        user_messages_(std::move(user_messages)),
+        text_chat_(std::move(text_chat)) {}
 
   absl::Status Connect(KvCacheClient* client) {
     absl::StatusOr<KeySpace> space =
@@ -153,10 +202,26 @@ class Worker {
   absl::Status Turn(int number) {
     TurnSpec spec;
     spec.history = conversation_;
-    if (spec.history.empty()) spec.user.push_back(kBos);
-    const std::vector<int32_t> message =
-        user_messages_.Next(options_.user_tokens);
-    spec.user.insert(spec.user.end(), message.begin(), message.end());
+    if (text_chat_.has_value()) {
+      if (text_chat_->next == text_chat_->messages.size()) {
+        return absl::OutOfRangeError("no user message left");
+      }
+      const std::string& message = text_chat_->messages[text_chat_->next++];
+      std::printf("\nuser: %s\n", message.c_str());
+      absl::StatusOr<std::vector<int32_t>> prompt =
+          text_chat_->tokenizer->Encode(text_chat_->chat_template.TurnPrompt(
+              {"user", message}, conversation_.empty(),
+              !conversation_.empty() &&
+                  conversation_.back() == text_chat_->end_of_message));
+      if (!prompt.ok()) return prompt.status();
+      spec.user = *std::move(prompt);
+      spec.stop_token = text_chat_->end_of_message;
+    } else {
+      if (spec.history.empty()) spec.user.push_back(kBos);
+      const std::vector<int32_t> message =
+          user_messages_.Next(options_.user_tokens);
+      spec.user.insert(spec.user.end(), message.begin(), message.end());
+    }
     spec.reply_tokens = options_.reply_tokens;
     spec.temperature = options_.temperature;
     spec.seed = options_.seed + number;
@@ -178,9 +243,18 @@ class Worker {
                               : absl::StrCat("; fell back to recompute: ",
                                              restore.fallback.ToString())
                                     .c_str());
-    std::printf("  recomputed %d tokens in %.2f ms; reply: %s\n",
-                turn->recomputed_tokens, Ms(turn->prefill_time),
-                absl::StrJoin(turn->reply, " ").c_str());
+    std::printf("  recomputed %d tokens in %.2f ms\n", turn->recomputed_tokens,
+                Ms(turn->prefill_time));
+    if (text_chat_.has_value()) {
+      absl::StatusOr<std::string> reply =
+          text_chat_->tokenizer->Decode(turn->reply);
+      if (!reply.ok()) return reply.status();
+      std::printf("assistant: %s\n", std::string(absl::StripSuffix(
+                                          *reply, model::ChatMlTemplate::kEndOfMessage))
+                                          .c_str());
+    } else {
+      std::printf("  reply: %s\n", absl::StrJoin(turn->reply, " ").c_str());
+    }
 
     conversation_ = spec.history;
     conversation_.insert(conversation_.end(), spec.user.begin(),
@@ -239,6 +313,7 @@ class Worker {
   const LlamaModel& model_;
   PagedKvCache cache_;
   UserMessages user_messages_;
+  std::optional<TextChat> text_chat_;
   std::optional<ChatSession> session_;
   std::vector<int32_t> conversation_;
 };
@@ -265,8 +340,18 @@ absl::Status Run(const WorkerOptions& options) {
       KvCacheClient::Connect(client_options);
   if (!client.ok()) return client.status();
 
+  // A GGUF model brings its tokenizer and chat template.
+  std::optional<TextChat> text_chat;
+  if (absl::StatusOr<model::GgufFile> file =
+          model::GgufFile::Open(options.checkpoint);
+      file.ok()) {
+    absl::StatusOr<TextChat> chat = TextChat::Load(*file, options);
+    if (!chat.ok()) return chat.status();
+    text_chat.emplace(*std::move(chat));
+  }
   Worker worker(options, *model, *std::move(cache),
-                UserMessages(std::move(text), config.vocab_size, options.seed));
+                UserMessages(std::move(text), config.vocab_size, options.seed),
+                std::move(text_chat));
   if (absl::Status status = worker.Connect(client->get()); !status.ok()) {
     return status;
   }
@@ -309,6 +394,11 @@ bool ParseFlag(const std::string& arg, WorkerOptions& options) {
   if (name == "--addr") return !(options.address = v).empty();
   if (name == "--checkpoint") return !(options.checkpoint = v).empty();
   if (name == "--manifest") return !(options.manifest = v).empty();
+  if (name == "--docs") return !(options.docs = v).empty();
+  if (name == "--user") {
+    options.user_texts.push_back(v);
+    return !v.empty();
+  }
   if (name == "--transcript_in") return !(options.transcript_in = v).empty();
   if (name == "--transcript_out") return !(options.transcript_out = v).empty();
   if (name == "--level") {
@@ -356,7 +446,8 @@ int main(int argc, char** argv) {
   if (options.address.empty() || options.checkpoint.empty()) {
     std::fprintf(stderr,
                  "usage: chat_worker --addr=HOST:PORT --checkpoint=FILE "
-                 "[--level=NAME] [--turns=N] [--seed=N] [--manifest=FILE] "
+                 "[--level=NAME] [--turns=N] [--user=TEXT]... [--docs=DIR] "
+                 "[--seed=N] [--manifest=FILE] "
                  "[--user_tokens=N] [--reply_tokens=N] [--temperature=T] "
                  "[--chunk_tokens=N] [--pin_ttl_s=N] [--transcript_in=FILE] "
                  "[--transcript_out=FILE] [--verify=BOOL]\n");

@@ -6,10 +6,16 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
+#include <string>
+#include <tuple>
 #include <utility>
+
+#include <cblas.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "client/examples/model/gguf.h"
+#include "codec/half.h"
 
 namespace kvcache::chat {
 namespace {
@@ -19,12 +25,9 @@ constexpr size_t kHeaderBytes = kHeaderFields * sizeof(int32_t);
 // Far above any real llama2.c model; keeps the size arithmetic below from
 // overflowing 64 bits on a garbage header.
 constexpr int32_t kMaxHeaderField = 1 << 20;
-constexpr float kRmsEps = 1e-5f;
-constexpr double kRopeTheta = 10000.0;
 
 // Dot product with eight independent partial sums: without -ffast-math the
-// compiler may not reorder one running sum, but it can vectorise these. The
-// order is fixed, so results do not depend on how callers batch their work.
+// compiler may not reorder one running sum, but it can vectorise these.
 float Dot(const float* a, const float* b, int n) {
   float acc[8] = {};
   int i = 0;
@@ -37,32 +40,23 @@ float Dot(const float* a, const float* b, int n) {
 }
 
 // out[t][r] = w[r] . x[t] for a row-major weight w[rows][cols] and n inputs
-// x[n][cols]. Tokens are taken a few at a time so their inputs stay in L1
-// while the weight streams past once per tile.
+// x[n][cols].
 void MatMul(const float* w, int rows, int cols, const float* x, int n,
             float* out) {
-  constexpr int kTokenTile = 8;
-  for (int t0 = 0; t0 < n; t0 += kTokenTile) {
-    const int t1 = std::min(n, t0 + kTokenTile);
-    for (int r = 0; r < rows; ++r) {
-      const float* w_row = w + static_cast<size_t>(r) * cols;
-      for (int t = t0; t < t1; ++t) {
-        out[static_cast<size_t>(t) * rows + r] =
-            Dot(w_row, x + static_cast<size_t>(t) * cols, cols);
-      }
-    }
-  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, cols, 1.0f, x,
+              cols, w, cols, 0.0f, out, rows);
 }
 
 // out = x / sqrt(mean(x^2) + eps) * weight, for n rows of `dim`. The norm is
 // formed in double and rounded once, as numpy does in kvdump.py.
-void RmsNorm(const float* x, const float* weight, int dim, int n, float* out) {
+void RmsNorm(const float* x, const float* weight, int dim, int n, float eps,
+             float* out) {
   for (int t = 0; t < n; ++t) {
     const float* row = x + static_cast<size_t>(t) * dim;
     float* dst = out + static_cast<size_t>(t) * dim;
     const float mean_square = Dot(row, row, dim) / static_cast<float>(dim);
     const float norm = static_cast<float>(
-        std::sqrt(static_cast<double>(mean_square) + kRmsEps));
+        std::sqrt(static_cast<double>(mean_square) + eps));
     for (int i = 0; i < dim; ++i) dst[i] = row[i] / norm * weight[i];
   }
 }
@@ -94,6 +88,41 @@ void Softmax(float* x, int n) {
 
 void AddInPlace(float* x, const float* y, size_t n) {
   for (size_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+// Causal grouped-query attention: row t of q ([n][heads * head_dim], the
+// token at position start + t) attends to positions 0..start+t of keys and
+// values ([start + n][kv_heads * head_dim]); results go to out, laid out as q.
+void Attend(const float* q, const float* keys, const float* values, int n,
+            int start, int heads, int kv_heads, int head_dim, float* out) {
+  // Query rows a tile at a time bound the score buffer.
+  constexpr int kQueryTile = 128;
+  const int dim = heads * head_dim, kv_dim = kv_heads * head_dim;
+  const int group = heads / kv_heads;
+  const float inv_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  std::vector<float> scores;
+  for (int t0 = 0; t0 < n; t0 += kQueryTile) {
+    const int rows = std::min(kQueryTile, n - t0);
+    const int cols = start + t0 + rows;  // positions the tile's last row sees
+    scores.resize(static_cast<size_t>(rows) * cols);
+    for (int h = 0; h < heads; ++h) {
+      const float* k_head = keys + (h / group) * head_dim;
+      const float* v_head = values + (h / group) * head_dim;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols,
+                  head_dim, inv_scale, q + static_cast<size_t>(t0) * dim +
+                  h * head_dim, dim, k_head, kv_dim, 0.0f, scores.data(),
+                  cols);
+      for (int r = 0; r < rows; ++r) {
+        float* row = &scores[static_cast<size_t>(r) * cols];
+        const int visible = start + t0 + r + 1;
+        Softmax(row, visible);
+        std::fill(row + visible, row + cols, 0.0f);
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, head_dim,
+                  cols, 1.0f, scores.data(), cols, v_head, kv_dim, 0.0f,
+                  out + static_cast<size_t>(t0) * dim + h * head_dim, dim);
+    }
+  }
 }
 
 absl::Status CheckConfig(const LlamaConfig& c, const std::string& path) {
@@ -131,6 +160,17 @@ absl::Status CheckConfig(const LlamaConfig& c, const std::string& path) {
 }  // namespace
 
 absl::StatusOr<LlamaModel> LlamaModel::Load(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  char magic[4] = {};
+  file.read(magic, sizeof(magic));
+  if (file && std::string(magic, sizeof(magic)) == "GGUF") {
+    return LoadGguf(path);
+  }
+  return LoadLlama2c(path);
+}
+
+absl::StatusOr<LlamaModel> LlamaModel::LoadLlama2c(const std::string& path) {
   std::ifstream file(path, std::ios::binary | std::ios::ate);
   if (!file) return absl::NotFoundError(absl::StrCat("cannot open ", path));
   const auto file_size = static_cast<uint64_t>(file.tellg());
@@ -159,7 +199,8 @@ absl::StatusOr<LlamaModel> LlamaModel::Load(const std::string& path) {
 
   // Every field is at most 2^20, so each tensor has at most 2^60 floats and
   // the total, a handful of them, stays below 2^63.
-  const uint64_t floats = Layout(config).end;
+  const Tensors tensors = Layout(config, /*legacy_rope_table=*/true);
+  const uint64_t floats = tensors.end;
   const uint64_t payload = file_size - kHeaderBytes;
   if (payload % sizeof(float) != 0 || payload / sizeof(float) != floats) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -175,10 +216,117 @@ absl::StatusOr<LlamaModel> LlamaModel::Load(const std::string& path) {
                  static_cast<std::streamsize>(floats * sizeof(float)))) {
     return absl::DataLossError(absl::StrCat(path, ": short read"));
   }
-  return LlamaModel(config, std::move(weights));
+  return LlamaModel(config, tensors, std::move(weights));
 }
 
-LlamaModel::Tensors LlamaModel::Layout(const LlamaConfig& config) {
+absl::StatusOr<LlamaModel> LlamaModel::LoadGguf(const std::string& path) {
+  absl::StatusOr<model::GgufFile> file = model::GgufFile::Open(path);
+  if (!file.ok()) return file.status();
+  absl::StatusOr<std::string> arch = file->GetString("general.architecture");
+  if (!arch.ok()) return arch.status();
+  if (*arch != "llama") {
+    return absl::UnimplementedError(absl::StrCat(
+        path, ": architecture \"", *arch, "\"; only \"llama\" is implemented"));
+  }
+  LlamaConfig config;
+  const std::pair<const char*, int*> ints[] = {
+      {"llama.embedding_length", &config.dim},
+      {"llama.feed_forward_length", &config.hidden_dim},
+      {"llama.block_count", &config.layers},
+      {"llama.attention.head_count", &config.heads},
+      {"llama.attention.head_count_kv", &config.kv_heads},
+      {"llama.context_length", &config.seq_len}};
+  for (const auto& [key, field] : ints) {
+    absl::StatusOr<int64_t> value = file->GetInt(key);
+    if (!value.ok()) return value.status();
+    if (*value <= 0 || *value > kMaxHeaderField) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": ", key, " = ", *value, " is out of range [1, ",
+          kMaxHeaderField, "]"));
+    }
+    *field = static_cast<int>(*value);
+  }
+  const model::GgufTensorInfo* embedding = file->FindTensor("token_embd.weight");
+  if (embedding == nullptr || embedding->dims.size() != 2 ||
+      embedding->dims[1] > static_cast<uint64_t>(kMaxHeaderField)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": no two-dimensional token_embd.weight"));
+  }
+  config.vocab_size = static_cast<int>(embedding->dims[1]);
+  config.shared_classifier = file->FindTensor("output.weight") == nullptr;
+  absl::StatusOr<double> eps =
+      file->GetFloat("llama.attention.layer_norm_rms_epsilon");
+  if (!eps.ok()) return eps.status();
+  config.rms_eps = static_cast<float>(*eps);
+  // llama.cpp's default when a file does not say.
+  config.rope_theta = file->GetFloat("llama.rope.freq_base").value_or(10000.0);
+  if (absl::Status status = CheckConfig(config, path); !status.ok()) {
+    return status;
+  }
+  if (file->Has("llama.rope.dimension_count") &&
+      file->GetInt("llama.rope.dimension_count").value_or(0) !=
+          config.head_dim()) {
+    return absl::UnimplementedError(absl::StrCat(
+        path, ": RoPE over part of a head (llama.rope.dimension_count != ",
+        config.head_dim(), ") is not implemented"));
+  }
+
+  const Tensors tensors = Layout(config, /*legacy_rope_table=*/false);
+  std::vector<float> weights(tensors.end);
+  // Copies a GGUF tensor of `rows` x `cols` (cols fastest) into the weights.
+  auto read = [&](const std::string& name, uint64_t cols, uint64_t rows,
+                  size_t at) -> absl::Status {
+    const model::GgufTensorInfo* info = file->FindTensor(name);
+    const bool vector_ok = rows == 1 && info != nullptr &&
+                           info->dims.size() == 1 && info->dims[0] == cols;
+    const bool matrix_ok = info != nullptr && info->dims.size() == 2 &&
+                           info->dims[0] == cols && info->dims[1] == rows;
+    if (!vector_ok && !matrix_ok) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": tensor ", name,
+          info == nullptr ? " is missing" : " has the wrong shape",
+          "; expected [", cols, rows == 1 ? "" : absl::StrCat(", ", rows),
+          "]"));
+    }
+    absl::StatusOr<std::vector<float>> values = file->ReadF32(name);
+    if (!values.ok()) return values.status();
+    std::copy(values->begin(), values->end(), weights.begin() + at);
+    return absl::OkStatus();
+  };
+  const uint64_t dim = config.dim, hidden = config.hidden_dim,
+                 kv_dim = config.kv_dim();
+  absl::Status status = read("token_embd.weight", dim, config.vocab_size,
+                             tensors.embedding);
+  for (int l = 0; status.ok() && l < config.layers; ++l) {
+    const std::string blk = absl::StrCat("blk.", l, ".");
+    // (name, cols, rows, where layer 0's tensor starts)
+    const std::tuple<const char*, uint64_t, uint64_t, size_t> layer_tensors[] =
+        {{"attn_norm.weight", dim, 1, tensors.rms_att},
+         {"attn_q.weight", dim, dim, tensors.wq},
+         {"attn_k.weight", dim, kv_dim, tensors.wk},
+         {"attn_v.weight", dim, kv_dim, tensors.wv},
+         {"attn_output.weight", dim, dim, tensors.wo},
+         {"ffn_norm.weight", dim, 1, tensors.rms_ffn},
+         {"ffn_gate.weight", dim, hidden, tensors.w1},
+         {"ffn_down.weight", hidden, dim, tensors.w2},
+         {"ffn_up.weight", dim, hidden, tensors.w3}};
+    for (const auto& [name, cols, rows, first] : layer_tensors) {
+      status = read(blk + name, cols, rows, first + l * cols * rows);
+      if (!status.ok()) break;
+    }
+  }
+  if (status.ok()) {
+    status = read("output_norm.weight", dim, 1, tensors.rms_final);
+  }
+  if (status.ok() && !config.shared_classifier) {
+    status = read("output.weight", dim, config.vocab_size, tensors.classifier);
+  }
+  if (!status.ok()) return status;
+  return LlamaModel(config, tensors, std::move(weights));
+}
+
+LlamaModel::Tensors LlamaModel::Layout(const LlamaConfig& config,
+                                       bool legacy_rope_table) {
   const uint64_t dim = config.dim, hidden = config.hidden_dim,
                  layers = config.layers, vocab = config.vocab_size,
                  kv_dim = config.kv_dim();
@@ -203,19 +351,22 @@ LlamaModel::Tensors LlamaModel::Layout(const LlamaConfig& config) {
   t.rms_final = take(dim);
   // Legacy RoPE cos and sin tables, [seq_len][head_dim / 2] each; RoPE is
   // recomputed in double instead.
-  take(static_cast<uint64_t>(config.seq_len) * config.head_dim());
+  if (legacy_rope_table) {
+    take(static_cast<uint64_t>(config.seq_len) * config.head_dim());
+  }
   t.classifier = config.shared_classifier ? t.embedding : take(vocab * dim);
   t.end = offset;
   return t;
 }
 
-LlamaModel::LlamaModel(const LlamaConfig& config, std::vector<float> weights)
-    : config_(config), weights_(std::move(weights)) {
-  tensors_ = Layout(config);
+LlamaModel::LlamaModel(const LlamaConfig& config, const Tensors& tensors,
+                       std::vector<float> weights)
+    : config_(config), weights_(std::move(weights)), tensors_(tensors) {
   const int half = config.head_dim() / 2;
   rope_freq_.resize(half);
   for (int j = 0; j < half; ++j) {
-    rope_freq_[j] = 1.0 / std::pow(kRopeTheta, 2.0 * j / config.head_dim());
+    rope_freq_[j] =
+        1.0 / std::pow(config.rope_theta, 2.0 * j / config.head_dim());
   }
 }
 
@@ -231,7 +382,7 @@ KvCacheShape LlamaModel::CacheShape(int block_tokens, int num_blocks) const {
 
 absl::StatusOr<std::vector<float>> LlamaModel::Prefill(
     PagedKvCache* cache, SequenceId seq, absl::Span<const int32_t> tokens,
-    LogitsFor logits_for) const {
+    LogitsFor logits_for, PrefillTrace* trace) const {
   const KvCacheShape& shape = cache->shape();
   if (shape.layers != config_.layers || shape.kv_heads != config_.kv_heads ||
       shape.head_dim != config_.head_dim()) {
@@ -259,21 +410,20 @@ absl::StatusOr<std::vector<float>> LlamaModel::Prefill(
     return status;
   }
   absl::StatusOr<std::vector<float>> logits =
-      Run(cache, seq, *start, tokens, logits_for);
+      Run(cache, seq, *start, tokens, logits_for, trace);
   if (!logits.ok()) cache->Truncate(seq, *start).IgnoreError();
   return logits;
 }
 
 absl::StatusOr<std::vector<float>> LlamaModel::Run(
     PagedKvCache* cache, SequenceId seq, int start,
-    absl::Span<const int32_t> tokens, LogitsFor logits_for) const {
+    absl::Span<const int32_t> tokens, LogitsFor logits_for,
+    PrefillTrace* trace) const {
   const LlamaConfig& c = config_;
   const int n = static_cast<int>(tokens.size());
   const int end = start + n;
   const int head_dim = c.head_dim(), kv_dim = c.kv_dim();
   const int half = head_dim / 2;
-  const int group = c.heads / c.kv_heads;  // query heads per KV head
-  const float scale = static_cast<float>(std::sqrt(head_dim));
   const size_t dim = c.dim, hidden = c.hidden_dim;
 
   // Activations for all n tokens, row t being token t.
@@ -283,7 +433,6 @@ absl::StatusOr<std::vector<float>> LlamaModel::Run(
   // The whole sequence's keys and values of one layer, widened from fp16.
   std::vector<float> keys(static_cast<size_t>(end) * kv_dim),
       values(static_cast<size_t>(end) * kv_dim);
-  std::vector<float> scores(end);
 
   std::vector<double> cos_pos(static_cast<size_t>(n) * half),
       sin_pos(static_cast<size_t>(n) * half);
@@ -300,7 +449,8 @@ absl::StatusOr<std::vector<float>> LlamaModel::Run(
   }
 
   for (int l = 0; l < c.layers; ++l) {
-    RmsNorm(x.data(), LayerTensor(tensors_.rms_att, l, dim), dim, n, xb.data());
+    RmsNorm(x.data(), LayerTensor(tensors_.rms_att, l, dim), dim, n, c.rms_eps,
+            xb.data());
     MatMul(LayerTensor(tensors_.wq, l, dim * dim), dim, dim, xb.data(), n,
            q.data());
     MatMul(LayerTensor(tensors_.wk, l, kv_dim * dim), kv_dim, dim, xb.data(), n,
@@ -311,6 +461,12 @@ absl::StatusOr<std::vector<float>> LlamaModel::Run(
       Rope(&q[t * dim], dim, head_dim, &cos_pos[t * half], &sin_pos[t * half]);
       Rope(&k[t * kv_dim], kv_dim, head_dim, &cos_pos[t * half],
            &sin_pos[t * half]);
+    }
+    if (trace != nullptr) {
+      if (l == 0) trace->queries.resize(c.layers * n * dim);
+      std::transform(q.begin(), q.end(),
+                     trace->queries.begin() + static_cast<size_t>(l) * n * dim,
+                     codec::FloatToHalf);
     }
     // Round trip through the cache first: attention must see the stored
     // fp16 values, including for the tokens of this very call.
@@ -323,29 +479,14 @@ absl::StatusOr<std::vector<float>> LlamaModel::Run(
       return s;
     }
 
-    std::fill(attended.begin(), attended.end(), 0.0f);
-    for (int t = 0; t < n; ++t) {
-      const int visible = start + t + 1;  // causal: positions 0..start+t
-      for (int h = 0; h < c.heads; ++h) {
-        const float* q_head = &q[t * dim + h * head_dim];
-        const size_t kv_offset = static_cast<size_t>(h / group) * head_dim;
-        for (int p = 0; p < visible; ++p) {
-          scores[p] =
-              Dot(q_head, &keys[p * kv_dim + kv_offset], head_dim) / scale;
-        }
-        Softmax(scores.data(), visible);
-        float* out = &attended[t * dim + h * head_dim];
-        for (int p = 0; p < visible; ++p) {
-          const float* value = &values[p * kv_dim + kv_offset];
-          for (int i = 0; i < head_dim; ++i) out[i] += scores[p] * value[i];
-        }
-      }
-    }
+    Attend(q.data(), keys.data(), values.data(), n, start, c.heads,
+           c.kv_heads, head_dim, attended.data());
     MatMul(LayerTensor(tensors_.wo, l, dim * dim), dim, dim, attended.data(), n,
            xb.data());
     AddInPlace(x.data(), xb.data(), x.size());
 
-    RmsNorm(x.data(), LayerTensor(tensors_.rms_ffn, l, dim), dim, n, xb.data());
+    RmsNorm(x.data(), LayerTensor(tensors_.rms_ffn, l, dim), dim, n, c.rms_eps,
+            xb.data());
     MatMul(LayerTensor(tensors_.w1, l, hidden * dim), hidden, dim, xb.data(), n,
            h1.data());
     MatMul(LayerTensor(tensors_.w3, l, hidden * dim), hidden, dim, xb.data(), n,
@@ -361,7 +502,7 @@ absl::StatusOr<std::vector<float>> LlamaModel::Run(
   const int first = logits_for == LogitsFor::kLastToken ? n - 1 : 0;
   const int rows = n - first;
   RmsNorm(&x[first * dim], weights_.data() + tensors_.rms_final, dim, rows,
-          xb.data());
+          c.rms_eps, xb.data());
   std::vector<float> logits(static_cast<size_t>(rows) * c.vocab_size);
   MatMul(weights_.data() + tensors_.classifier, c.vocab_size, dim, xb.data(),
          rows, logits.data());

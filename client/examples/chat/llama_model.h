@@ -1,5 +1,7 @@
-// A llama2.c checkpoint and its fp32 CPU forward pass, for the reference
-// chat worker.
+// A Llama-architecture model and its fp32 CPU forward pass, for the
+// reference chat worker: a llama2.c checkpoint (stories260K) or a GGUF file
+// (SmolLM2-135M-Instruct, the reference workload), whose quantized weights
+// are widened to fp32 at load.
 //
 // The model keeps no per-sequence state: every token's keys (after RoPE) and
 // values go into a PagedKvCache, and attention reads them back from there as
@@ -8,10 +10,11 @@
 // same logits as the original one, bit for bit.
 //
 // The math follows llama2.c (and kvdump.py, the numpy reference the dumps in
-// shared/kvdata came from): RMSNorm with eps 1e-5, RoPE rotating adjacent
-// pairs with theta 10000 per head, grouped-query attention where query head h
-// reads KV head h / (heads / kv_heads), SwiGLU feed-forward, and a classifier
-// shared with the embedding unless the header's vocab_size is negative.
+// shared/kvdata came from; for GGUF, llama.cpp's "llama" architecture):
+// RMSNorm, RoPE rotating adjacent pairs of each head, grouped-query attention
+// where query head h reads KV head h / (heads / kv_heads), SwiGLU
+// feed-forward, and a classifier shared with the embedding unless the file
+// has its own. Matrix products run on OpenBLAS (threaded).
 #ifndef KVCACHE_CLIENT_EXAMPLES_CHAT_LLAMA_MODEL_H_
 #define KVCACHE_CLIENT_EXAMPLES_CHAT_LLAMA_MODEL_H_
 
@@ -35,6 +38,8 @@ struct LlamaConfig {
   int vocab_size = 0;
   int seq_len = 0;  // the longest context the model was trained for
   bool shared_classifier = true;
+  float rms_eps = 1e-5f;
+  double rope_theta = 10000.0;
 
   int head_dim() const { return dim / heads; }
   int kv_dim() const { return kv_heads * head_dim(); }
@@ -43,15 +48,32 @@ struct LlamaConfig {
 // Which positions of a Prefill get logits.
 enum class LogitsFor { kLastToken, kEveryToken };
 
+// What a Prefill can record besides logits.
+struct PrefillTrace {
+  // The queries after RoPE of the call's tokens, [layer][token][heads *
+  // head_dim] in fp16: with the cache's keys, what attention reads, so that
+  // codec errors can be measured where they matter.
+  std::vector<uint16_t> queries;
+};
+
 // Immutable once loaded; Prefill is const, so threads may share a model as
 // long as each uses its own cache.
 class LlamaModel {
  public:
-  // Reads a llama2.c checkpoint: 7 little-endian int32 (dim, hidden_dim,
-  // n_layers, n_heads, n_kv_heads, vocab_size, seq_len) and then the float32
-  // weights. NOT_FOUND if the file cannot be opened; INVALID_ARGUMENT, naming
-  // the problem, if the header is implausible or the file size does not
-  // match it exactly (truncated, padded, or not a checkpoint).
+  // Reads a GGUF file (it starts with "GGUF") or a llama2.c checkpoint.
+  //
+  // GGUF: architecture "llama", hyperparameters from its llama.* metadata,
+  // every tensor dequantized to fp32. The GGUF reader's errors for a damaged
+  // file; UNIMPLEMENTED for another architecture or partial RoPE;
+  // INVALID_ARGUMENT if a tensor is missing or has the wrong shape.
+  //
+  // llama2.c: 7 little-endian int32 (dim, hidden_dim, n_layers, n_heads,
+  // n_kv_heads, vocab_size, seq_len) and then the float32 weights.
+  // INVALID_ARGUMENT, naming the problem, if the header is implausible or the
+  // file size does not match it exactly (truncated, padded, or not a
+  // checkpoint).
+  //
+  // NOT_FOUND if the file cannot be opened.
   static absl::StatusOr<LlamaModel> Load(const std::string& path);
 
   LlamaModel(LlamaModel&&) = default;
@@ -69,11 +91,15 @@ class LlamaModel {
   // of another shape; OUT_OF_RANGE past seq_len; the cache's errors (unknown
   // sequence, no free blocks) otherwise. On error the sequence is unchanged.
   //
-  // Each output is computed the same way however the tokens are batched, so
-  // one Prefill of n tokens and n calls of one token give identical bits.
+  // The same calls on the same cache contents give the same bits, so a
+  // worker that restores a prefix losslessly and continues it matches one
+  // that kept the prefix, bit for bit. How tokens are batched can change
+  // the last bits (BLAS picks its kernels by matrix size): one Prefill of n
+  // tokens and n calls of one token agree to rounding, not to the bit.
   absl::StatusOr<std::vector<float>> Prefill(
       PagedKvCache* cache, SequenceId seq, absl::Span<const int32_t> tokens,
-      LogitsFor logits_for = LogitsFor::kLastToken) const;
+      LogitsFor logits_for = LogitsFor::kLastToken,
+      PrefillTrace* trace = nullptr) const;
 
  private:
   // Offsets of each tensor in the weights, which follow the header; per-layer
@@ -94,10 +120,15 @@ class LlamaModel {
     size_t end = 0;  // floats after the header in all
   };
 
-  // Where each tensor of a checkpoint with this header starts.
-  static Tensors Layout(const LlamaConfig& config);
+  // Where each tensor starts; llama2.c checkpoints also hold a legacy RoPE
+  // table, which is skipped.
+  static Tensors Layout(const LlamaConfig& config, bool legacy_rope_table);
 
-  LlamaModel(const LlamaConfig& config, std::vector<float> weights);
+  static absl::StatusOr<LlamaModel> LoadLlama2c(const std::string& path);
+  static absl::StatusOr<LlamaModel> LoadGguf(const std::string& path);
+
+  LlamaModel(const LlamaConfig& config, const Tensors& tensors,
+             std::vector<float> weights);
 
   // Layer `layer`'s slice of a stacked tensor of `per_layer` floats a layer.
   const float* LayerTensor(size_t offset, int layer, size_t per_layer) const {
@@ -107,12 +138,13 @@ class LlamaModel {
   absl::StatusOr<std::vector<float>> Run(PagedKvCache* cache, SequenceId seq,
                                          int start,
                                          absl::Span<const int32_t> tokens,
-                                         LogitsFor logits_for) const;
+                                         LogitsFor logits_for,
+                                         PrefillTrace* trace) const;
 
   LlamaConfig config_;
   std::vector<float> weights_;
   Tensors tensors_;
-  // RoPE frequency of each pair within a head: 10000^(-2j / head_dim).
+  // RoPE frequency of each pair within a head: theta^(-2j / head_dim).
   std::vector<double> rope_freq_;
 };
 

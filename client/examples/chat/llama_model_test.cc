@@ -125,6 +125,28 @@ std::ostream& operator<<(std::ostream& os, const HalfDiff& d) {
             << " ulp, max abs " << d.max_abs << ", mean abs " << d.mean_abs;
 }
 
+// Logits that agree to rounding: each row within 2e-3 (these logits reach
+// about 15) and with the same top token.
+void ExpectSameUpToRounding(const std::vector<float>& a,
+                            const std::vector<float>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  float max_diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    max_diff = std::max(max_diff, std::fabs(a[i] - b[i]));
+  }
+  EXPECT_LT(max_diff, 2e-3f);
+  const size_t vocab = 512;  // stories260K
+  for (size_t row = 0; row < a.size() / vocab; ++row) {
+    EXPECT_EQ(std::max_element(a.begin() + row * vocab,
+                               a.begin() + (row + 1) * vocab) -
+                  a.begin(),
+              std::max_element(b.begin() + row * vocab,
+                               b.begin() + (row + 1) * vocab) -
+                  b.begin())
+        << "row " << row;
+  }
+}
+
 class ParityTest : public LlamaModelTest,
                    public ::testing::WithParamInterface<const char*> {};
 
@@ -135,9 +157,9 @@ class ParityTest : public LlamaModelTest,
 // kvdump.py attends over fp32 K and V; this model attends over their fp16
 // roundings, as an engine with an fp16 cache does and as the brief requires.
 // Layer 0's K and V come before any attention and match but for ~0.1% off by
-// an ulp or two: float32 summation order can tip an fp16 rounding, and for
-// keys that RoPE's a*cos - b*sin makes tiny by cancellation the same
-// absolute error is two of their ulps. From layer 1 on,
+// a few ulps: float32 summation order (BLAS's, not numpy's) can tip an fp16
+// rounding, and for keys that RoPE's a*cos - b*sin makes tiny by
+// cancellation the same absolute error is several of their ulps. From layer 1 on,
 // the fp16 cache moves values by up to ~0.03 (a numpy run with an fp16 cache
 // differs from the dump as much), so those layers get an absolute bound; the
 // end-to-end NLL still agrees to ~3e-4.
@@ -168,7 +190,7 @@ TEST_P(ParityTest, MatchesKvdumpReference) {
                                dump->kv.data() + l * per_layer, per_layer);
     std::cout << GetParam() << " layer " << l << " K/V: " << d << "\n";
     if (l == 0) {
-      EXPECT_LE(d.max_ulps, 2);
+      EXPECT_LE(d.max_ulps, 4);
       EXPECT_GT(d.equal, d.count * 995 / 1000);
     }
     EXPECT_LT(d.max_abs, 0.05);
@@ -242,7 +264,9 @@ TEST_F(LlamaModelTest, LogitsMatchReference) {
   EXPECT_NEAR(mean_nll, meta.at("mean_token_nll").get<double>(), 1e-4);
 }
 
-TEST_F(LlamaModelTest, PrefillEqualsTokenByToken) {
+// Batching changes only rounding: BLAS picks other kernels for one row than
+// for many.
+TEST_F(LlamaModelTest, PrefillMatchesTokenByToken) {
   const std::vector<int32_t> inputs = S1Inputs(64);
   PagedKvCache batched = NewCache(), stepped = NewCache();
   const SequenceId a = batched.CreateSequence(), b = stepped.CreateSequence();
@@ -253,38 +277,49 @@ TEST_F(LlamaModelTest, PrefillEqualsTokenByToken) {
     const std::vector<float> row = *model().Prefill(&stepped, b, {token});
     one_by_one.insert(one_by_one.end(), row.begin(), row.end());
   }
-  EXPECT_TRUE(SameBits(all, one_by_one));
-  EXPECT_EQ(*batched.ExportChunk(a, 0, 64), *stepped.ExportChunk(b, 0, 64));
+  ExpectSameUpToRounding(all, one_by_one);
+  const HalfDiff kv = Compare(batched.ExportChunk(a, 0, 64)->data(),
+                              stepped.ExportChunk(b, 0, 64)->data(),
+                              batched.ExportChunk(a, 0, 64)->size());
+  // A few values round to the neighbouring fp16 value.
+  EXPECT_LT(kv.max_abs, 4e-3) << kv;
+  EXPECT_GT(kv.equal, kv.count * 98 / 100) << kv;
   // kLastToken is the last row of kEveryToken.
   PagedKvCache last_only = NewCache();
   const std::vector<float> last =
       *model().Prefill(&last_only, last_only.CreateSequence(), inputs);
-  EXPECT_TRUE(
-      SameBits(last, std::vector<float>(all.end() - last.size(), all.end())));
+  ExpectSameUpToRounding(last,
+                         std::vector<float>(all.end() - last.size(), all.end()));
 }
 
 // A sequence whose blocks are scattered among another's, with another block
 // size, computes exactly what a contiguous one does.
 TEST_F(LlamaModelTest, FragmentedBlockTableGivesSameLogits) {
   const std::vector<int32_t> inputs = S1Inputs(200);
+  constexpr int kBlock = 5;
+  // Both run the same calls, 10 tokens each; only the paging differs.
+  auto run = [&](PagedKvCache* cache, SequenceId seq,
+                 std::optional<SequenceId> filler) {
+    std::vector<float> rows;
+    for (size_t begin = 0; begin < inputs.size(); begin += 2 * kBlock) {
+      if (filler.has_value()) {
+        EXPECT_TRUE(cache->Extend(*filler, kBlock).ok());
+      }
+      const size_t end = std::min(inputs.size(), begin + 2 * kBlock);
+      const std::vector<float> more = *model().Prefill(
+          cache, seq, absl::MakeConstSpan(inputs).subspan(begin, end - begin),
+          LogitsFor::kEveryToken);
+      rows.insert(rows.end(), more.begin(), more.end());
+    }
+    return rows;
+  };
   PagedKvCache contiguous = NewCache();
   const SequenceId a = contiguous.CreateSequence();
-  const std::vector<float> want =
-      *model().Prefill(&contiguous, a, inputs, LogitsFor::kEveryToken);
-
-  constexpr int kBlock = 5;
+  const std::vector<float> want = run(&contiguous, a, std::nullopt);
   PagedKvCache fragmented = NewCache(kBlock, 100);
   const SequenceId filler = fragmented.CreateSequence();
   const SequenceId b = fragmented.CreateSequence();
-  std::vector<float> got;
-  for (size_t begin = 0; begin < inputs.size(); begin += 2 * kBlock) {
-    ASSERT_TRUE(fragmented.Extend(filler, kBlock).ok());
-    const size_t end = std::min(inputs.size(), begin + 2 * kBlock);
-    const std::vector<float> rows = *model().Prefill(
-        &fragmented, b, absl::MakeConstSpan(inputs).subspan(begin, end - begin),
-        LogitsFor::kEveryToken);
-    got.insert(got.end(), rows.begin(), rows.end());
-  }
+  const std::vector<float> got = run(&fragmented, b, filler);
   absl::Span<const int32_t> table = *fragmented.BlockTable(b);
   ASSERT_EQ(table.size(), 40u);
   EXPECT_EQ(table[1], table[0] + 1);
@@ -296,27 +331,27 @@ TEST_F(LlamaModelTest, FragmentedBlockTableGivesSameLogits) {
 
 TEST_F(LlamaModelTest, TruncateThenRerunReproduces) {
   const std::vector<int32_t> inputs = S1Inputs(120);
+  const absl::Span<const int32_t> head = absl::MakeConstSpan(inputs).first(70),
+                                  tail = absl::MakeConstSpan(inputs).subspan(70);
   PagedKvCache cache = NewCache();
   const SequenceId seq = cache.CreateSequence();
+  ASSERT_TRUE(model().Prefill(&cache, seq, head).ok());
   const std::vector<float> want =
-      *model().Prefill(&cache, seq, inputs, LogitsFor::kEveryToken);
+      *model().Prefill(&cache, seq, tail, LogitsFor::kEveryToken);
   const std::vector<uint16_t> kv = *cache.ExportChunk(seq, 0, 120);
   const int free_before = cache.free_blocks();
   ASSERT_TRUE(cache.Truncate(seq, 70).ok());
   EXPECT_EQ(cache.free_blocks(), free_before + 3);  // 8 blocks -> 5
   const std::vector<float> again =
-      *model().Prefill(&cache, seq, absl::MakeConstSpan(inputs).subspan(70),
-                       LogitsFor::kEveryToken);
-  const int vocab = model().config().vocab_size;
-  EXPECT_TRUE(SameBits(
-      again, std::vector<float>(want.begin() + 70 * vocab, want.end())));
+      *model().Prefill(&cache, seq, tail, LogitsFor::kEveryToken);
+  EXPECT_TRUE(SameBits(again, want));
   EXPECT_EQ(*cache.ExportChunk(seq, 0, 120), kv);
 }
 
 // What kvcache's lossless level must preserve: a worker that restores a
 // prompt's KV from exported chunks (into another cache, with other paging)
 // and generates from there produces the same logits and tokens, bit for bit,
-// as the worker that computed the prompt itself.
+// as the worker that computed the prompt itself and kept it.
 TEST_F(LlamaModelTest, RestoredPrefixContinuesBitIdentically) {
   const std::vector<int32_t> prompt = S1Inputs(300);
   constexpr int kChunkTokens = 128;
@@ -337,16 +372,21 @@ TEST_F(LlamaModelTest, RestoredPrefixContinuesBitIdentically) {
     return seen;
   };
 
+  // The prompt is computed but for its last token, which is run on its own
+  // to get logits, as an engine that restored the rest would do.
+  const int prefix = static_cast<int>(prompt.size()) - 1;
   PagedKvCache original = NewCache();
   const SequenceId a = original.CreateSequence();
+  ASSERT_TRUE(model()
+                  .Prefill(&original, a, absl::MakeConstSpan(prompt).first(prefix))
+                  .ok());
   const std::vector<float> want =
-      generate(&original, a, *model().Prefill(&original, a, prompt));
+      generate(&original, a, *model().Prefill(&original, a, {prompt.back()}));
 
   // Restore all but the last prompt token, chunk by chunk as kvcache stores
-  // them; the last token is recomputed to get logits, as engines do.
+  // them.
   PagedKvCache restored = NewCache(/*block_tokens=*/7, /*num_blocks=*/80);
   const SequenceId b = restored.CreateSequence();
-  const int prefix = static_cast<int>(prompt.size()) - 1;
   for (int begin = 0; begin < prefix; begin += kChunkTokens) {
     const int end = std::min(prefix, begin + kChunkTokens);
     const std::vector<uint16_t> chunk = *original.ExportChunk(a, begin, end);
