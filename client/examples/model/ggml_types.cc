@@ -72,9 +72,7 @@ void DecodeF32(const uint8_t* b, float* y) { *y = BitsFloat(Load32(b)); }
 
 void DecodeF16(const uint8_t* b, float* y) { *y = HalfToFloat(Load16(b)); }
 
-void DecodeBF16(const uint8_t* b, float* y) {
-  *y = BFloat16ToFloat(Load16(b));
-}
+void DecodeBF16(const uint8_t* b, float* y) { *y = BFloat16ToFloat(Load16(b)); }
 
 // block_q4_0: fp16 d; uint8 qs[16]. Element j < 16 is the low nibble of
 // qs[j], element j + 16 its high nibble; value (q - 8) * d.
@@ -196,9 +194,8 @@ absl::Status DequantizeToF32(GgmlType type, absl::string_view data,
       data.size() % traits.block_bytes != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "cannot dequantize ", data.size(), " bytes of ", traits.name, " into ",
-        out.size(), " floats: ", traits.name, " stores ",
-        traits.block_elements, " elements in ", traits.block_bytes,
-        " bytes"));
+        out.size(), " floats: ", traits.name, " stores ", traits.block_elements,
+        " elements in ", traits.block_bytes, " bytes"));
   }
   const auto* block = reinterpret_cast<const uint8_t*>(data.data());
   float* y = out.data();

@@ -73,7 +73,6 @@ namespace {
 constexpr char kMagic[] = "GGUF";
 constexpr uint32_t kMinVersion = 2;  // version 1 had 32-bit counts
 constexpr uint32_t kMaxVersion = 3;
-constexpr uint64_t kDefaultAlignment = 32;
 constexpr char kAlignmentKey[] = "general.alignment";
 constexpr uint32_t kMaxDims = 4;  // GGML_MAX_DIMS
 constexpr uint64_t kMaxInt64 = std::numeric_limits<int64_t>::max();
@@ -188,8 +187,8 @@ std::string DimsString(const std::vector<uint64_t>& dims) {
 
 std::string GgufValueTypeName(GgufValueType type) {
   static constexpr const char* kNames[] = {
-      "uint8",  "int8", "uint16", "int16",  "uint32", "int32",  "float32",
-      "bool",   "string", "array", "uint64", "int64",  "float64"};
+      "uint8", "int8",   "uint16", "int16",  "uint32", "int32",  "float32",
+      "bool",  "string", "array",  "uint64", "int64",  "float64"};
   const auto tag = static_cast<uint32_t>(type);
   if (!IsKnownValueType(tag)) return absl::StrCat("type ", tag);
   return kNames[tag];
@@ -252,9 +251,8 @@ class GgufParser {
     while (n > 0) {
       const uint64_t buffer_end = buffer_start_ + buffer_.size();
       if (offset_ < buffer_start_ || offset_ >= buffer_end) {
-        const size_t len =
-            static_cast<size_t>(std::min<uint64_t>(kReadBufferBytes,
-                                                   remaining()));
+        const size_t len = static_cast<size_t>(
+            std::min<uint64_t>(kReadBufferBytes, remaining()));
         buffer_.resize(len);
         if (absl::Status s = file_.source_->Read(offset_, len, buffer_.data());
             !s.ok()) {
@@ -295,10 +293,10 @@ class GgufParser {
       return s;
     }
     if (length > remaining()) {
-      return Error(absl::StatusCode::kDataLoss, at,
-                   absl::StrCat(what, " is ", length,
-                                " bytes long but the file ends ", remaining(),
-                                " bytes after its length; truncated?"));
+      return Error(
+          absl::StatusCode::kDataLoss, at,
+          absl::StrCat(what, " is ", length, " bytes long but the file ends ",
+                       remaining(), " bytes after its length; truncated?"));
     }
     out->resize(length);
     return Read(out->data(), length, what);
@@ -332,8 +330,8 @@ class GgufParser {
       }
       return Error(absl::StatusCode::kInvalidArgument, 4,
                    absl::StrCat("unsupported GGUF version ", version, hint,
-                                "; versions ", kMinVersion, " to ",
-                                kMaxVersion, " are supported"));
+                                "; versions ", kMinVersion, " to ", kMaxVersion,
+                                " are supported"));
     }
     file_.version_ = version;
     if (absl::Status s = ReadU64(tensor_count, "tensor count"); !s.ok()) {
@@ -343,19 +341,19 @@ class GgufParser {
       return s;
     }
     if (*kv_count > remaining() / kMinKeyValueBytes) {
-      return Error(absl::StatusCode::kDataLoss, 16,
-                   absl::StrCat("metadata count ", *kv_count,
-                                " needs at least ", kMinKeyValueBytes,
-                                " bytes each but the file has ", remaining(),
-                                " bytes left"));
+      return Error(
+          absl::StatusCode::kDataLoss, 16,
+          absl::StrCat("metadata count ", *kv_count, " needs at least ",
+                       kMinKeyValueBytes, " bytes each but the file has ",
+                       remaining(), " bytes left"));
     }
     const uint64_t left = remaining() - *kv_count * kMinKeyValueBytes;
     if (*tensor_count > left / kMinTensorInfoBytes) {
-      return Error(absl::StatusCode::kDataLoss, 8,
-                   absl::StrCat("tensor count ", *tensor_count,
-                                " needs at least ", kMinTensorInfoBytes,
-                                " bytes each but the file has ", left,
-                                " bytes left after the metadata"));
+      return Error(
+          absl::StatusCode::kDataLoss, 8,
+          absl::StrCat("tensor count ", *tensor_count, " needs at least ",
+                       kMinTensorInfoBytes, " bytes each but the file has ",
+                       left, " bytes left after the metadata"));
     }
     return absl::OkStatus();
   }
@@ -371,7 +369,8 @@ class GgufParser {
     const std::string what = absl::StrCat("key ", Quote(key));
     const uint64_t type_at = offset_;
     uint32_t tag = 0;
-    if (absl::Status s = ReadU32(&tag, absl::StrCat("the type of ", what)); !s.ok()) {
+    if (absl::Status s = ReadU32(&tag, absl::StrCat("the type of ", what));
+        !s.ok()) {
       return s;
     }
     if (!IsKnownValueType(tag)) {
@@ -408,7 +407,8 @@ class GgufParser {
     }
     const uint64_t element_at = offset_;
     uint32_t tag = 0;
-    if (absl::Status s = ReadU32(&tag, absl::StrCat("the element type of ", what));
+    if (absl::Status s =
+            ReadU32(&tag, absl::StrCat("the element type of ", what));
         !s.ok()) {
       return s;
     }
@@ -419,8 +419,9 @@ class GgufParser {
     const auto element_type = static_cast<GgufValueType>(tag);
     if (element_type == GgufValueType::kArray) {
       return Error(absl::StatusCode::kInvalidArgument, element_at,
-                   absl::StrCat(what, " is an array of arrays, which is not "
-                                      "supported"));
+                   absl::StrCat(what,
+                                " is an array of arrays, which is not "
+                                "supported"));
     }
     value->element_type = element_type;
     const uint64_t count_at = offset_;
@@ -446,8 +447,8 @@ class GgufParser {
     }
     value->strings.resize(value->count);
     for (uint64_t i = 0; i < value->count; ++i) {
-      if (absl::Status s = ReadString(&value->strings[i],
-                                      absl::StrCat(what, "[", i, "]"));
+      if (absl::Status s =
+              ReadString(&value->strings[i], absl::StrCat(what, "[", i, "]"));
           !s.ok()) {
         return s;
       }
@@ -459,10 +460,10 @@ class GgufParser {
   // general.alignment must be valid as soon as it is seen.
   absl::Status SetAlignment(const GgufFile::Value& value, uint64_t at) {
     if (value.type != GgufValueType::kUint32) {
-      return Error(absl::StatusCode::kInvalidArgument, at,
-                   absl::StrCat(kAlignmentKey, " is a ",
-                                GgufValueTypeName(value.type),
-                                ", not a uint32"));
+      return Error(
+          absl::StatusCode::kInvalidArgument, at,
+          absl::StrCat(kAlignmentKey, " is a ", GgufValueTypeName(value.type),
+                       ", not a uint32"));
     }
     const uint64_t alignment = LoadLe(value.bytes.data(), 4);
     if (alignment == 0 || (alignment & (alignment - 1)) != 0) {
@@ -477,8 +478,8 @@ class GgufParser {
   absl::Status ParseTensorInfo(uint64_t index) {
     const uint64_t at = offset_;
     GgufTensorInfo info;
-    if (absl::Status s = ReadString(&info.name,
-                                    absl::StrCat("the name of tensor ", index));
+    if (absl::Status s =
+            ReadString(&info.name, absl::StrCat("the name of tensor ", index));
         !s.ok()) {
       return s;
     }
@@ -497,8 +498,8 @@ class GgufParser {
     info.dims.resize(n_dims);
     uint64_t elements = 1;
     for (uint32_t d = 0; d < n_dims; ++d) {
-      if (absl::Status s = ReadU64(&info.dims[d],
-                                   absl::StrCat("ne[", d, "] of ", what));
+      if (absl::Status s =
+              ReadU64(&info.dims[d], absl::StrCat("ne[", d, "] of ", what));
           !s.ok()) {
         return s;
       }
@@ -526,12 +527,12 @@ class GgufParser {
     info.type = traits->type;
     const uint64_t row = n_dims == 0 ? 1 : info.dims[0];
     if (row % traits->block_elements != 0) {
-      return Error(absl::StatusCode::kInvalidArgument, type_at,
-                   absl::StrCat(what, " is ", traits->name, " with shape ",
-                                DimsString(info.dims), ", but ", traits->name,
-                                " packs rows in blocks of ",
-                                traits->block_elements, " and ne[0] = ", row,
-                                " is not a multiple of that"));
+      return Error(
+          absl::StatusCode::kInvalidArgument, type_at,
+          absl::StrCat(what, " is ", traits->name, " with shape ",
+                       DimsString(info.dims), ", but ", traits->name,
+                       " packs rows in blocks of ", traits->block_elements,
+                       " and ne[0] = ", row, " is not a multiple of that"));
     }
     // A whole number of blocks, since ne[0] is a multiple of the block.
     const uint64_t blocks = elements / traits->block_elements;
@@ -542,18 +543,18 @@ class GgufParser {
                                 ": its size in bytes overflows int64"));
     }
     info.bytes = blocks * traits->block_bytes;
-    if (absl::Status s = ReadU64(&info.offset, absl::StrCat("the offset of ", what));
+    if (absl::Status s =
+            ReadU64(&info.offset, absl::StrCat("the offset of ", what));
         !s.ok()) {
       return s;
     }
     if (info.offset % file_.alignment_ != 0) {
-      return Error(absl::StatusCode::kInvalidArgument, offset_ - 8,
-                   absl::StrCat(what, " has data offset ", info.offset,
-                                ", not a multiple of the alignment ",
-                                file_.alignment_));
+      return Error(
+          absl::StatusCode::kInvalidArgument, offset_ - 8,
+          absl::StrCat(what, " has data offset ", info.offset,
+                       ", not a multiple of the alignment ", file_.alignment_));
     }
-    if (!file_.tensor_index_.emplace(info.name, file_.tensors_.size())
-             .second) {
+    if (!file_.tensor_index_.emplace(info.name, file_.tensors_.size()).second) {
       return Error(absl::StatusCode::kInvalidArgument, at,
                    absl::StrCat("duplicate ", what));
     }
@@ -570,9 +571,9 @@ class GgufParser {
     const uint64_t data_offset = file_.data_offset_;
     if (data_offset > size()) {
       return Error(absl::StatusCode::kDataLoss, offset_,
-                   absl::StrCat("the data section would start at ",
-                                data_offset, ", past the end of the file (",
-                                size(), " bytes); truncated?"));
+                   absl::StrCat("the data section would start at ", data_offset,
+                                ", past the end of the file (", size(),
+                                " bytes); truncated?"));
     }
     const uint64_t data_bytes = size() - data_offset;
     for (size_t i = 0; i < tensors.size(); ++i) {
@@ -591,21 +592,23 @@ class GgufParser {
     // Ties keep file order, so the error names the later tensor.
     std::vector<size_t> order(tensors.size());
     for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(), [&tensors](size_t a, size_t b) {
-      return tensors[a].offset < tensors[b].offset;
-    });
+    std::stable_sort(order.begin(), order.end(),
+                     [&tensors](size_t a, size_t b) {
+                       return tensors[a].offset < tensors[b].offset;
+                     });
     const GgufTensorInfo* previous = nullptr;
     for (size_t i : order) {
       const GgufTensorInfo& t = tensors[i];
       if (t.bytes == 0) continue;
       // Both ends lie inside the file, so the sum cannot overflow.
-      if (previous != nullptr && previous->offset + previous->bytes > t.offset) {
-        return Error(absl::StatusCode::kInvalidArgument, info_offsets_[i],
-                     absl::StrCat("tensor ", Quote(t.name), " at data offset ",
-                                  t.offset, " overlaps tensor ",
-                                  Quote(previous->name), " (", previous->bytes,
-                                  " bytes at data offset ", previous->offset,
-                                  ")"));
+      if (previous != nullptr &&
+          previous->offset + previous->bytes > t.offset) {
+        return Error(
+            absl::StatusCode::kInvalidArgument, info_offsets_[i],
+            absl::StrCat("tensor ", Quote(t.name), " at data offset ", t.offset,
+                         " overlaps tensor ", Quote(previous->name), " (",
+                         previous->bytes, " bytes at data offset ",
+                         previous->offset, ")"));
       }
       previous = &t;
     }
@@ -691,10 +694,9 @@ absl::StatusOr<int64_t> GgufFile::GetInt(absl::string_view key) const {
   if (!IsInteger((*value)->type)) return WrongType(key, **value, "an integer");
   std::optional<int64_t> i = IntegerAt((*value)->type, (*value)->bytes.data());
   if (!i.has_value()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name_, ": metadata key ", Quote(key), " is uint64 ",
-                     LoadLe((*value)->bytes.data(), 8),
-                     ", which does not fit in int64"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        name_, ": metadata key ", Quote(key), " is uint64 ",
+        LoadLe((*value)->bytes.data(), 8), ", which does not fit in int64"));
   }
   return *i;
 }
@@ -817,16 +819,15 @@ absl::StatusOr<std::vector<float>> GgufFile::ReadF32(
   if (!info.ok()) return info.status();
   if (!CanDequantize((*info)->type)) {
     return absl::UnimplementedError(absl::StrCat(
-        name_, ": tensor ", Quote(name), " is ",
-        GgmlTypeName((*info)->type),
+        name_, ": tensor ", Quote(name), " is ", GgmlTypeName((*info)->type),
         ", which ReadF32 cannot dequantize (it reads F32, F16, BF16, Q4_0, "
         "Q4_1, Q5_0, Q5_1 and Q8_0); ReadRaw gives its bytes"));
   }
   absl::StatusOr<std::string> bytes = ReadRaw(name);
   if (!bytes.ok()) return bytes.status();
   std::vector<float> out((*info)->elements());
-  if (absl::Status s = DequantizeToF32((*info)->type, *bytes,
-                                       absl::MakeSpan(out));
+  if (absl::Status s =
+          DequantizeToF32((*info)->type, *bytes, absl::MakeSpan(out));
       !s.ok()) {
     return absl::Status(s.code(), absl::StrCat(name_, ": tensor ", Quote(name),
                                                ": ", s.message()));

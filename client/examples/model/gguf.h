@@ -112,15 +112,14 @@ class GgufFile {
   absl::StatusOr<int64_t> GetInt(absl::string_view key) const;
   // float32 or float64 exactly, or an integer converted to double.
   absl::StatusOr<double> GetFloat(absl::string_view key) const;
-  // A bool; any nonzero byte is true, as in ggml.
+  // A bool; any nonzero byte is true.
   absl::StatusOr<bool> GetBool(absl::string_view key) const;
   absl::StatusOr<std::string> GetString(absl::string_view key) const;
   // Arrays: of strings; of any integer type (each value must fit in int64);
   // of float32/float64 or integers, as double.
   absl::StatusOr<std::vector<std::string>> GetStringArray(
       absl::string_view key) const;
-  absl::StatusOr<std::vector<int64_t>> GetIntArray(
-      absl::string_view key) const;
+  absl::StatusOr<std::vector<int64_t>> GetIntArray(absl::string_view key) const;
   absl::StatusOr<std::vector<double>> GetFloatArray(
       absl::string_view key) const;
   // For an array, the type of its elements; INVALID_ARGUMENT for a scalar.
@@ -172,7 +171,7 @@ class GgufFile {
   std::shared_ptr<const GgufByteSource> source_;
   std::string name_;
   uint32_t version_ = 0;
-  uint64_t alignment_ = 32;
+  uint64_t alignment_ = 32;  // GGUF's default
   uint64_t data_offset_ = 0;
   std::vector<std::string> keys_;
   absl::flat_hash_map<std::string, Value> values_;
