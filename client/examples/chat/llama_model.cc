@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "client/examples/chat/activations.h"
 #include "client/examples/model/gguf.h"
 #include "codec/half.h"
 
@@ -74,16 +75,6 @@ void Rope(float* v, int width, int head_dim, const double* cos_pos,
       v[h + 2 * j + 1] = static_cast<float>(a * sin_pos[j] + b * cos_pos[j]);
     }
   }
-}
-
-void Softmax(float* x, int n) {
-  const float max = *std::max_element(x, x + n);
-  float sum = 0.0f;
-  for (int i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - max);
-    sum += x[i];
-  }
-  for (int i = 0; i < n; ++i) x[i] /= sum;
 }
 
 void AddInPlace(float* x, const float* y, size_t n) {
@@ -491,9 +482,7 @@ absl::StatusOr<std::vector<float>> LlamaModel::Run(
            h1.data());
     MatMul(LayerTensor(tensors_.w3, l, hidden * dim), hidden, dim, xb.data(), n,
            h3.data());
-    for (size_t i = 0; i < h1.size(); ++i) {
-      h1[i] = h1[i] / (1.0f + std::exp(-h1[i])) * h3[i];  // SwiGLU
-    }
+    SwiGlu(h1.data(), h3.data(), h1.size());
     MatMul(LayerTensor(tensors_.w2, l, dim * hidden), dim, hidden, h1.data(), n,
            xb.data());
     AddInPlace(x.data(), xb.data(), x.size());

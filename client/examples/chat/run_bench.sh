@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 deploy/fetch_model.sh >/dev/null
 model=${KVCACHE_MODEL:-${KVCACHE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvcache}/models/SmolLM2-135M-Instruct.Q4_1.gguf}
-bazel build -c opt //kvstore:kvcached //client/examples/chat:chat_restore_bench
+bazel build //kvstore:kvcached //client/examples/chat:chat_restore_bench
 work="$(mktemp -d)"
 # Every level's sessions of the quality run are pinned at once: give the
 # daemon room for them.
