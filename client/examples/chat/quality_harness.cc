@@ -208,8 +208,7 @@ absl::StatusOr<std::vector<VariantResult>> QualityHarness::Run(
     results[v].name = variants[v].name;
   }
   for (const Conversation& conversation : conversations) {
-    absl::StatusOr<std::vector<std::vector<float>>> reference =
-        Reference(conversation);
+    absl::StatusOr<ReferenceRun> reference = Reference(conversation);
     if (!reference.ok()) return reference.status();
     for (size_t v = 0; v < variants.size(); ++v) {
       if (absl::Status s =
@@ -224,24 +223,30 @@ absl::StatusOr<std::vector<VariantResult>> QualityHarness::Run(
   return results;
 }
 
-absl::StatusOr<std::vector<std::vector<float>>> QualityHarness::Reference(
+absl::StatusOr<QualityHarness::ReferenceRun> QualityHarness::Reference(
     const Conversation& conversation) {
   absl::StatusOr<PagedKvCache> cache = CacheFor(model_, {conversation});
   if (!cache.ok()) return cache.status();
   const SequenceId seq = cache->CreateSequence();
-  std::vector<std::vector<float>> out;
+  ReferenceRun out;
   for (const Segment& segment : conversation.segments) {
     absl::StatusOr<std::vector<float>> rows =
         RunSegment(model_, &*cache, seq, segment);
     if (!rows.ok()) return rows.status();
-    out.push_back(*std::move(rows));
+    out.logits.push_back(*std::move(rows));
+    if (out.logits.size() == 1) {
+      absl::StatusOr<std::vector<uint16_t>> kv =
+          cache->ExportChunk(seq, 0, *cache->Length(seq));
+      if (!kv.ok()) return kv.status();
+      out.first_segment_kv = *std::move(kv);
+    }
   }
   return out;
 }
 
 absl::Status QualityHarness::RunVariant(
     const Conversation& conversation, const Variant& variant,
-    absl::Span<const std::vector<float>> reference, VariantResult& result) {
+    const ReferenceRun& reference, VariantResult& result) {
   absl::StatusOr<PagedKvCache> cache = CacheFor(model_, {conversation});
   if (!cache.ok()) return cache.status();
   const size_t vocab = model_.config().vocab_size;
@@ -268,11 +273,18 @@ absl::Status QualityHarness::RunVariant(
   shape.kv_heads = model_.config().kv_heads;
   shape.head_dim = model_.config().head_dim();
 
+  // Segment 0 runs as in the reference: start from its KV.
   SequenceId seq = cache->CreateSequence();
-  std::vector<int32_t> tokens;  // the sequence's tokens
-  for (size_t s = 0; s < conversation.segments.size(); ++s) {
+  if (absl::Status st = cache->ImportChunk(seq, 0, reference.first_segment_kv);
+      !st.ok()) {
+    return st;
+  }
+  const Segment& first = conversation.segments[0];
+  std::vector<int32_t> tokens = first.prompt;  // the sequence's tokens
+  tokens.insert(tokens.end(), first.scored.begin(), first.scored.end());
+  for (size_t s = 1; s < conversation.segments.size(); ++s) {
     const Segment& segment = conversation.segments[s];
-    if (s > 0 && session.has_value()) {
+    if (session.has_value()) {
       // Store, drop, restore: the next turn starts from kvcache.
       absl::StatusOr<StoreStats> stored = session->Store(seq, tokens);
       if (!stored.ok()) return stored.status();
@@ -291,7 +303,7 @@ absl::Status QualityHarness::RunVariant(
           ChunkKeysForTokens(session->key_space(), tokens);
       if (!keys.ok()) return keys.status();
       stored_keys.insert(stored_keys.end(), keys->begin(), keys->end());
-    } else if (s > 0) {
+    } else {
       // KIVI: quantize what a store would send, in place.
       const size_t chunk = chunk_tokens_;
       const size_t chunks = (tokens.size() + chunk - 1) / chunk;
@@ -322,9 +334,8 @@ absl::Status QualityHarness::RunVariant(
     if (!rows.ok()) return rows.status();
     tokens.insert(tokens.end(), segment.prompt.begin(), segment.prompt.end());
     tokens.insert(tokens.end(), segment.scored.begin(), segment.scored.end());
-    if (s == 0) continue;
 
-    const std::vector<float>& want = reference[s];
+    const std::vector<float>& want = reference.logits[s];
     size_t first_difference = segment.scored.size();
     for (size_t j = 0; j < segment.scored.size(); ++j) {
       const absl::Span<const float> got_row(rows->data() + j * vocab, vocab);

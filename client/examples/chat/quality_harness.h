@@ -136,13 +136,17 @@ class QualityHarness {
       absl::Span<const Variant> variants);
 
  private:
-  // The reference's logits at each scored position of each segment, each
-  // [scored][vocab].
-  absl::StatusOr<std::vector<std::vector<float>>> Reference(
-      const Conversation& conversation);
+  // What the reference run gives: the logits at each scored position of
+  // each segment, each [scored][vocab], and the KV after segment 0, which
+  // every variant starts from (nothing is restored before it).
+  struct ReferenceRun {
+    std::vector<std::vector<float>> logits;
+    std::vector<uint16_t> first_segment_kv;
+  };
+  absl::StatusOr<ReferenceRun> Reference(const Conversation& conversation);
   absl::Status RunVariant(const Conversation& conversation,
                           const Variant& variant,
-                          absl::Span<const std::vector<float>> reference,
+                          const ReferenceRun& reference,
                           VariantResult& result);
 
   const LlamaModel& model_;
