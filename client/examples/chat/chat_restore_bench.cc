@@ -39,7 +39,7 @@
 #include "client/examples/chat/real_text.h"
 #include "client/examples/model/bpe_tokenizer.h"
 #include "client/examples/model/chat_template.h"
-#include "client/examples/model/gguf.h"
+#include "client/examples/model/model_text.h"
 #include "client/kvcache_client.h"
 #include "codec/codec.h"
 
@@ -247,14 +247,8 @@ absl::Status Timing(const BenchOptions& options, const LlamaModel& model,
 absl::Status Run(const BenchOptions& options) {
   absl::StatusOr<LlamaModel> model = LlamaModel::Load(options.model);
   if (!model.ok()) return model.status();
-  absl::StatusOr<model::GgufFile> file = model::GgufFile::Open(options.model);
-  if (!file.ok()) return file.status();
-  absl::StatusOr<std::unique_ptr<model::BpeTokenizer>> tokenizer =
-      model::BpeTokenizer::FromGguf(*file);
-  if (!tokenizer.ok()) return tokenizer.status();
-  absl::StatusOr<model::ChatMlTemplate> chat_template =
-      model::ChatMlTemplate::FromGguf(*file);
-  if (!chat_template.ok()) return chat_template.status();
+  absl::StatusOr<model::ModelText> text = model::ModelText::Open(options.model);
+  if (!text.ok()) return text.status();
 
   ClientOptions client_options;
   client_options.address = options.address;
@@ -268,12 +262,12 @@ absl::Status Run(const BenchOptions& options) {
       "vocab %d), kvcached at %s\n\n",
       options.model.c_str(), c.dim, c.layers, c.heads, c.kv_heads,
       c.head_dim(), c.vocab_size, options.address.c_str());
-  if (absl::Status s = Quality(options, *model, **tokenizer, *chat_template,
-                               **client);
+  if (absl::Status s = Quality(options, *model, *text->tokenizer,
+                               text->chat_template, **client);
       !s.ok()) {
     return s;
   }
-  return Timing(options, *model, **tokenizer, **client);
+  return Timing(options, *model, *text->tokenizer, **client);
 }
 
 bool ParseInts(absl::string_view text, std::vector<int>& out) {

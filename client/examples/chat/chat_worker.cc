@@ -50,9 +50,9 @@
 #include "client/examples/chat/llama_model.h"
 #include "client/examples/chat/paged_kv_cache.h"
 #include "client/examples/chat/real_text.h"
-#include "client/examples/model/bpe_tokenizer.h"
 #include "client/examples/model/chat_template.h"
 #include "client/examples/model/gguf.h"
+#include "client/examples/model/model_text.h"
 #include "client/kvcache_client.h"
 #include "codec/codec.h"
 #include "codec/kv_dump.h"
@@ -118,36 +118,9 @@ class UserMessages {
 // A text chat in the model's own template: user messages as text, replies
 // decoded back to text.
 struct TextChat {
-  std::unique_ptr<model::BpeTokenizer> tokenizer;
-  model::ChatMlTemplate chat_template{""};
-  int32_t end_of_message = 0;
+  model::ModelText text;
   std::vector<std::string> messages;  // user messages, used in turn
   size_t next = 0;
-
-  static absl::StatusOr<TextChat> Load(const model::GgufFile& file,
-                                       const WorkerOptions& options) {
-    TextChat chat;
-    absl::StatusOr<std::unique_ptr<model::BpeTokenizer>> tokenizer =
-        model::BpeTokenizer::FromGguf(file);
-    if (!tokenizer.ok()) return tokenizer.status();
-    chat.tokenizer = *std::move(tokenizer);
-    absl::StatusOr<model::ChatMlTemplate> chat_template =
-        model::ChatMlTemplate::FromGguf(file);
-    if (!chat_template.ok()) return chat_template.status();
-    chat.chat_template = *std::move(chat_template);
-    absl::StatusOr<int32_t> end =
-        chat.tokenizer->TokenId(model::ChatMlTemplate::kEndOfMessage);
-    if (!end.ok()) return end.status();
-    chat.end_of_message = *end;
-    chat.messages = options.user_texts;
-    if (chat.messages.empty()) {
-      absl::StatusOr<std::vector<std::string>> questions =
-          LoadFaqQuestions(options.docs);
-      if (!questions.ok()) return questions.status();
-      chat.messages = *std::move(questions);
-    }
-    return chat;
-  }
 };
 
 absl::StatusOr<std::vector<int32_t>> ReadTranscript(const std::string& path) {
@@ -208,14 +181,15 @@ class Worker {
       }
       const std::string& message = text_chat_->messages[text_chat_->next++];
       std::printf("\nuser: %s\n", message.c_str());
+      const model::ModelText& text = text_chat_->text;
       absl::StatusOr<std::vector<int32_t>> prompt =
-          text_chat_->tokenizer->Encode(text_chat_->chat_template.TurnPrompt(
+          text.tokenizer->Encode(text.chat_template.TurnPrompt(
               {"user", message}, conversation_.empty(),
               !conversation_.empty() &&
-                  conversation_.back() == text_chat_->end_of_message));
+                  conversation_.back() == text.end_of_message));
       if (!prompt.ok()) return prompt.status();
       spec.user = *std::move(prompt);
-      spec.stop_token = text_chat_->end_of_message;
+      spec.stop_token = text.end_of_message;
     } else {
       if (spec.history.empty()) spec.user.push_back(kBos);
       const std::vector<int32_t> message =
@@ -247,7 +221,7 @@ class Worker {
                 Ms(turn->prefill_time));
     if (text_chat_.has_value()) {
       absl::StatusOr<std::string> reply =
-          text_chat_->tokenizer->Decode(turn->reply);
+          text_chat_->text.tokenizer->Decode(turn->reply);
       if (!reply.ok()) return reply.status();
       std::printf("assistant: %s\n", std::string(absl::StripSuffix(
                                           *reply, model::ChatMlTemplate::kEndOfMessage))
@@ -345,9 +319,16 @@ absl::Status Run(const WorkerOptions& options) {
   if (absl::StatusOr<model::GgufFile> file =
           model::GgufFile::Open(options.checkpoint);
       file.ok()) {
-    absl::StatusOr<TextChat> chat = TextChat::Load(*file, options);
-    if (!chat.ok()) return chat.status();
-    text_chat.emplace(*std::move(chat));
+    absl::StatusOr<model::ModelText> text = model::ModelText::FromGguf(*file);
+    if (!text.ok()) return text.status();
+    std::vector<std::string> messages = options.user_texts;
+    if (messages.empty()) {
+      absl::StatusOr<std::vector<std::string>> questions =
+          LoadFaqQuestions(options.docs);
+      if (!questions.ok()) return questions.status();
+      messages = *std::move(questions);
+    }
+    text_chat.emplace(TextChat{*std::move(text), std::move(messages)});
   }
   Worker worker(options, *model, *std::move(cache),
                 UserMessages(std::move(text), config.vocab_size, options.seed),

@@ -13,9 +13,7 @@
 
 #include "client/examples/chat/llama_model.h"
 #include "client/examples/chat/real_text.h"
-#include "client/examples/model/bpe_tokenizer.h"
-#include "client/examples/model/chat_template.h"
-#include "client/examples/model/gguf.h"
+#include "client/examples/model/model_text.h"
 #include "client/kvcache_client.h"
 #include "gtest/gtest.h"
 #include "tests/testing/daemon_process.h"
@@ -30,13 +28,8 @@ TEST(QualityHarnessTest, LosslessIsExactAndLossyLevelsStayClose) {
   ASSERT_NE(path, nullptr) << "KVCACHE_MODEL is not set: run deploy/setup.sh";
   absl::StatusOr<LlamaModel> model = LlamaModel::Load(path);
   ASSERT_TRUE(model.ok()) << model.status();
-  absl::StatusOr<model::GgufFile> file = model::GgufFile::Open(path);
-  ASSERT_TRUE(file.ok()) << file.status();
-  auto tokenizer = model::BpeTokenizer::FromGguf(*file);
-  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
-  absl::StatusOr<model::ChatMlTemplate> chat_template =
-      model::ChatMlTemplate::FromGguf(*file);
-  ASSERT_TRUE(chat_template.ok()) << chat_template.status();
+  absl::StatusOr<model::ModelText> text = model::ModelText::Open(path);
+  ASSERT_TRUE(text.ok()) << text.status();
 
   absl::StatusOr<std::vector<Document>> documents =
       LoadDocuments(kPythonDocsRoot, TextSet::kEvaluation);
@@ -46,7 +39,7 @@ TEST(QualityHarnessTest, LosslessIsExactAndLossyLevelsStayClose) {
   doc_options.history_tokens = {300, 200};  // not a multiple of the chunk
   doc_options.scored_tokens = 32;
   absl::StatusOr<std::vector<Conversation>> conversations =
-      DocumentConversations(**tokenizer, *documents, doc_options);
+      DocumentConversations(*text->tokenizer, *documents, doc_options);
   ASSERT_TRUE(conversations.ok()) << conversations.status();
   absl::StatusOr<std::vector<std::string>> questions =
       LoadFaqQuestions(kPythonDocsRoot);
@@ -57,7 +50,7 @@ TEST(QualityHarnessTest, LosslessIsExactAndLossyLevelsStayClose) {
   chat_options.turns = 2;
   chat_options.reply_tokens = 24;
   absl::StatusOr<std::vector<Conversation>> chats = ChatConversations(
-      *model, **tokenizer, *chat_template, *questions, chat_options);
+      *model, *text->tokenizer, text->chat_template, *questions, chat_options);
   ASSERT_TRUE(chats.ok()) << chats.status();
   ASSERT_EQ(chats->size(), 1u);
   ASSERT_EQ((*chats)[0].segments.size(), 2u);
