@@ -77,7 +77,7 @@ TEST(LevelTest, NamesRoundTrip) {
     EXPECT_EQ(*parsed, level);
   }
   EXPECT_FALSE(ParseLevel("fastest").ok());
-  EXPECT_EQ(LevelName(kDefaultLevel), "default");
+  EXPECT_EQ(LevelName(kDefaultLevel), "near-lossless");
 }
 
 TEST(CodecTest, EveryLevelAndDtypeOnSyntheticData) {
@@ -171,7 +171,7 @@ TEST(CodecTest, RealDumpsRoundTripWithinBounds) {
       for (Level level : kAllLevels) {
         size_t bytes = 0;
         ExpectWithinBound(s, in, RoundTrip(s, in, level, &bytes), level);
-        if (level == kDefaultLevel) {
+        if (level == Level::kDefault) {
           EXPECT_GE(static_cast<double>(s.RawBytes()) / bytes, 6.0) << path;
         }
       }

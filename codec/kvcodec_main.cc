@@ -36,7 +36,7 @@ Compresses a KV-cache dump with the kvcache chunk codec.
           ratio against fp16, then the totals
 
   --level=LEVEL     lossless, near-lossless, high, default, compact or tiny
-                    (default: default); error bounds in codec/README.md
+                    (default: near-lossless); error bounds in codec/README.md
   --chunk_tokens=N  tokens per chunk, 1..16777216 (default: 256)
 
 exit status: 0 done; 1 a file could not be read, written or decoded;

@@ -19,7 +19,7 @@ if ! deploy/setup.sh; then
   [[ -f $model ]] && exit 1
   echo "demo: setup could not fetch the model; chatting with stories260K" >&2
 fi
-level=${KVCACHE_DEMO_LEVEL:-high}
+level=${KVCACHE_DEMO_LEVEL:-near-lossless}
 
 echo "demo: building (the first build takes several minutes)"
 bazel build //kvstore:kvcached //client:kvcachectl \

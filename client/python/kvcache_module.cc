@@ -1430,7 +1430,7 @@ chunk (corrupt, or of another shape or dtype than the layout), whose
 blocks are then left untouched.)doc")
       .def(
           "storer", &Client::MakeStorer, py::arg("layout") = py::none(),
-          py::arg("level") = "default", py::arg("chunk_tokens") = 256,
+          py::arg("level") = "near-lossless", py::arg("chunk_tokens") = 256,
           py::arg("batch_chunks") = 8, py::arg("slots") = 2,
           R"doc(A Storer: stores chunks straight from the engine's GPU KV cache.
 
@@ -1501,7 +1501,7 @@ it came. A ticket can be waited for once.)doc")
                              "Device memory the Storer's slots hold.");
 
   m.def("encode", &Encode, py::arg("values"), py::arg("kv_heads"),
-        py::arg("head_dim"), py::arg("level") = "default",
+        py::arg("head_dim"), py::arg("level") = "near-lossless",
         py::arg("dtype") = "float16",
         "Compresses one chunk: a C-contiguous 16-bit array shaped [layers, 2, "
         "tokens, kv_heads * head_dim]\n(numpy float16, or uint16 holding "

@@ -275,7 +275,7 @@ TEST_F(ChatSessionTest, LaterTurnsResendOnlyNewChunksAndUnpinTheOldTail) {
 // Over four two-turn conversations each.
 TEST_F(ChatSessionTest, LossyLevelsKeepTokenAgreement) {
   for (const codec::Level level :
-       {codec::Level::kNearLossless, codec::kDefaultLevel}) {
+       {codec::Level::kNearLossless, codec::Level::kDefault}) {
     StartDaemon(level);
     constexpr int kConversations = 4;
     Agreements mean;
@@ -295,7 +295,7 @@ TEST_F(ChatSessionTest, LossyLevelsKeepTokenAgreement) {
                 std::string(codec::LevelName(level)).c_str(), mean.greedy,
                 mean.top1);
     const Agreements& bound =
-        level == codec::kDefaultLevel ? kDefaultLevelMin : kNearLosslessMin;
+        level == codec::Level::kDefault ? kDefaultLevelMin : kNearLosslessMin;
     EXPECT_GE(mean.greedy, bound.greedy) << codec::LevelName(level);
     EXPECT_GE(mean.top1, bound.top1) << codec::LevelName(level);
   }
