@@ -134,7 +134,7 @@ absl::Status EtcdClient::Put(absl::string_view key, absl::string_view value,
 }
 
 absl::StatusOr<std::vector<KeyValue>> EtcdClient::RangePrefix(
-    absl::string_view prefix) {
+    absl::string_view prefix, int* skipped) {
   absl::StatusOr<std::string> body = Call(
       "/v3/kv/range",
       Json{{"key", Base64(prefix)}, {"range_end", Base64(PrefixEnd(prefix))}}
@@ -143,12 +143,23 @@ absl::StatusOr<std::vector<KeyValue>> EtcdClient::RangePrefix(
   absl::StatusOr<Json> json = ParseJson(*body, "a range");
   if (!json.ok()) return json.status();
   std::vector<KeyValue> kvs;
+  if (skipped != nullptr) *skipped = 0;
   if (!json->contains("kvs")) return kvs;  // omitted when empty
-  for (const Json& kv : (*json)["kvs"]) {
+  const Json& entries = (*json)["kvs"];
+  if (!entries.is_array()) {
+    return absl::InternalError(
+        "etcd answered a range with \"kvs\" that is not a list");
+  }
+  for (const Json& kv : entries) {
     KeyValue out;
-    if (!absl::Base64Unescape(kv.value("key", ""), &out.key) ||
-        !absl::Base64Unescape(kv.value("value", ""), &out.value)) {
-      return absl::InternalError("etcd returned a key that is not base64");
+    const bool readable =
+        kv.is_object() && kv.contains("key") && kv["key"].is_string() &&
+        (!kv.contains("value") || kv["value"].is_string()) &&
+        absl::Base64Unescape(kv["key"].get<std::string>(), &out.key) &&
+        absl::Base64Unescape(kv.value("value", std::string()), &out.value);
+    if (!readable) {
+      if (skipped != nullptr) ++*skipped;
+      continue;
     }
     kvs.push_back(std::move(out));
   }

@@ -49,8 +49,13 @@ class EtcdClient {
   // Sets `key` to `value`, attached to `lease` (0: no lease).
   absl::Status Put(absl::string_view key, absl::string_view value,
                    int64_t lease = 0);
-  // Every key starting with `prefix` (non-empty), in key order.
-  absl::StatusOr<std::vector<KeyValue>> RangePrefix(absl::string_view prefix);
+  // Every key starting with `prefix` (non-empty), in key order. An entry of
+  // the reply that is not a key and value (not an object, fields that are
+  // not base64 strings) is skipped and counted in `*skipped` if given; a
+  // reply whose entries are not a list is INTERNAL. Nothing etcd sends can
+  // throw or crash.
+  absl::StatusOr<std::vector<KeyValue>> RangePrefix(absl::string_view prefix,
+                                                    int* skipped = nullptr);
 
   const EtcdOptions& options() const { return options_; }
 

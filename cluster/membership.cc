@@ -55,23 +55,35 @@ MembershipView::~MembershipView() {
 }
 
 absl::Status MembershipView::Refresh() {
+  int skipped = 0;
   absl::StatusOr<std::vector<KeyValue>> kvs =
-      etcd_.RangePrefix(NodesPrefix(options_.cluster_name));
+      etcd_.RangePrefix(NodesPrefix(options_.cluster_name), &skipped);
+  absl::Status skipped_reason;
+  if (skipped > 0) {
+    skipped_reason = absl::InvalidArgumentError(
+        "etcd listed an entry that is not a key and value");
+  }
   std::vector<NodeRecord> nodes;
-  absl::Status status = kvs.status();
+  const absl::Status status = kvs.status();
   for (size_t i = 0; status.ok() && i < kvs->size(); ++i) {
     absl::StatusOr<NodeRecord> record = NodeRecord::FromJson((*kvs)[i].value);
-    if (!record.ok()) {
-      status = absl::Status(record.status().code(),
-                            absl::StrCat("etcd key ", (*kvs)[i].key, ": ",
-                                         record.status().message()));
-    } else {
+    if (record.ok()) {
       nodes.push_back(*std::move(record));
+      continue;
+    }
+    // One bad record must not hide every good one.
+    if (skipped++ == 0) {
+      skipped_reason = absl::Status(
+          record.status().code(), absl::StrCat("etcd key ", (*kvs)[i].key, ": ",
+                                               record.status().message()));
     }
   }
   absl::MutexLock lock(&mu_);
   last_error_ = status;
-  if (!status.ok() || nodes == current_->nodes) return status;
+  if (!status.ok()) return status;
+  skipped_ = skipped;
+  skipped_reason_ = skipped_reason;
+  if (nodes == current_->nodes) return status;
   // Range returns keys in order and the key ends with the node id, so
   // `nodes` is already sorted by node id.
   auto next = std::make_shared<Membership>();
@@ -94,6 +106,11 @@ std::shared_ptr<const Membership> MembershipView::WaitForChange(
   };
   mu_.AwaitWithTimeout(absl::Condition(&changed), timeout);
   return current_;
+}
+
+std::pair<int, absl::Status> MembershipView::skipped_records() const {
+  absl::MutexLock lock(&mu_);
+  return {skipped_, skipped_reason_};
 }
 
 absl::Status MembershipView::last_error() const {

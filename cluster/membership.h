@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -69,8 +70,11 @@ class MembershipView {
   MembershipView& operator=(const MembershipView&) = delete;
   ~MembershipView();
 
-  // Reads the membership now. On error (etcd unreachable, a record that is
-  // not JSON) the view keeps its last membership and returns the error.
+  // Reads the membership now. On error (etcd unreachable or its reply
+  // unreadable) the view keeps its last membership and returns the error.
+  // Records that are not node records (bad JSON, missing fields) are
+  // skipped: the others make the membership, and skipped_records() says
+  // how many and why.
   absl::Status Refresh();
 
   // The membership as last read (empty, generation 0, before the first).
@@ -84,6 +88,10 @@ class MembershipView {
   // The error of the last reading (OK if it succeeded).
   absl::Status last_error() const;
 
+  // Records the last reading skipped, and the first one's problem (OK if
+  // none).
+  std::pair<int, absl::Status> skipped_records() const;
+
  private:
   void PollLoop();
 
@@ -92,6 +100,8 @@ class MembershipView {
   mutable absl::Mutex mu_;
   std::shared_ptr<const Membership> current_ ABSL_GUARDED_BY(mu_);
   absl::Status last_error_ ABSL_GUARDED_BY(mu_);
+  int skipped_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Status skipped_reason_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread poller_;
 };
