@@ -27,8 +27,9 @@ std::vector<uint32_t> QueryPositions(uint32_t tokens) {
   const uint32_t count = std::min(tokens, kMaxQueries);
   std::vector<uint32_t> positions(count);
   for (uint32_t i = 0; i < count; ++i) {
-    positions[i] = tokens - 1 - static_cast<uint32_t>(
-                                    uint64_t{count - 1 - i} * tokens / count);
+    positions[i] =
+        tokens - 1 -
+        static_cast<uint32_t>(uint64_t{count - 1 - i} * tokens / count);
   }
   return positions;
 }

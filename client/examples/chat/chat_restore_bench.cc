@@ -75,9 +75,8 @@ absl::StatusOr<std::vector<Variant>> ChooseVariants(
   std::vector<Variant> chosen;
   for (const std::string& name : names) {
     auto it = std::find_if(all.begin(), all.end(), [&](const Variant& v) {
-      return v.level.has_value()
-                 ? codec::LevelName(*v.level) == name
-                 : absl::StrCat("kivi", v.kivi_bits) == name;
+      return v.level.has_value() ? codec::LevelName(*v.level) == name
+                                 : absl::StrCat("kivi", v.kivi_bits) == name;
     });
     if (it == all.end()) {
       return absl::InvalidArgumentError(
@@ -172,8 +171,8 @@ absl::Status Timing(const BenchOptions& options, const LlamaModel& model,
         absl::StrCat("no evaluation document has ", longest, " tokens"));
   }
   const std::vector<codec::Level> levels = {
-      codec::Level::kLossless, codec::Level::kNearLossless,
-      codec::Level::kHigh, codec::Level::kDefault};
+      codec::Level::kLossless, codec::Level::kNearLossless, codec::Level::kHigh,
+      codec::Level::kDefault};
   absl::StatusOr<PagedKvCache> cache =
       PagedKvCache::Create(model.CacheShape(16, longest / 16 + 8));
   if (!cache.ok()) return cache.status();
@@ -222,13 +221,14 @@ absl::Status Timing(const BenchOptions& options, const LlamaModel& model,
       cache->FreeSequence(seq).IgnoreError();
       for (size_t l = 0; l < levels.size(); ++l) {
         seq = cache->CreateSequence();
-        absl::StatusOr<RestoreStats> restored = sessions[l].Restore(seq, history);
+        absl::StatusOr<RestoreStats> restored =
+            sessions[l].Restore(seq, history);
         cache->FreeSequence(seq).IgnoreError();
         if (!restored.ok()) return restored.status();
         if (!restored->fallback.ok()) return restored->fallback;
         if (restored->tokens != length) {
-          return absl::InternalError(absl::StrCat(
-              "restored ", restored->tokens, " of ", length, " tokens"));
+          return absl::InternalError(absl::StrCat("restored ", restored->tokens,
+                                                  " of ", length, " tokens"));
         }
         restore[l].push_back(Ms(restored->total_time()));
       }
@@ -260,8 +260,8 @@ absl::Status Run(const BenchOptions& options) {
   std::printf(
       "chat_restore_bench: %s (dim %d, %d layers, %d heads, %d kv heads x %d, "
       "vocab %d), kvcached at %s\n\n",
-      options.model.c_str(), c.dim, c.layers, c.heads, c.kv_heads,
-      c.head_dim(), c.vocab_size, options.address.c_str());
+      options.model.c_str(), c.dim, c.layers, c.heads, c.kv_heads, c.head_dim(),
+      c.vocab_size, options.address.c_str());
   if (absl::Status s = Quality(options, *model, *text->tokenizer,
                                text->chat_template, **client);
       !s.ok()) {

@@ -4,10 +4,10 @@
 // same result as a worker that never had a cache.
 #include "client/examples/chat/chat_session.h"
 
-#include <algorithm>
-#include <cmath>
 #include <signal.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -131,8 +131,7 @@ class ChatSessionTest : public ::testing::Test {
   // then a greedy reply. Returns the conversation so far after storing its
   // KV through the session and dropping it from the worker.
   // With `kept`, the worker's copy stays there too, as that sequence.
-  std::vector<int32_t> FirstTurnStored(int n, int user_tokens,
-                                       int reply_tokens,
+  std::vector<int32_t> FirstTurnStored(int n, int user_tokens, int reply_tokens,
                                        SequenceId* kept = nullptr) {
     TurnSpec spec;
     spec.history = {kBos};
@@ -344,8 +343,8 @@ TEST_F(ChatSessionTest, PartiallyEvictedHistoryRestoresTheCachedPrefix) {
   const TurnOutcome want = Run(spec, /*use_cache=*/false);
   float max_diff = 0;
   for (size_t i = 0; i < want.first_logits.size(); ++i) {
-    max_diff = std::max(
-        max_diff, std::fabs(got.first_logits[i] - want.first_logits[i]));
+    max_diff = std::max(max_diff,
+                        std::fabs(got.first_logits[i] - want.first_logits[i]));
   }
   EXPECT_LT(max_diff, 2e-3f);
   EXPECT_EQ(*ArgMax(got.first_logits), *ArgMax(want.first_logits));

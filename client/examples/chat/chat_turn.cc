@@ -106,9 +106,9 @@ absl::StatusOr<TurnOutcome> ContinueTurn(const LlamaModel& model,
   absl::StatusOr<int> length = cache->Length(seq);
   if (!length.ok()) return length.status();
   if (*length != static_cast<int>(spec.history.size())) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the sequence holds ", *length, " tokens, the history ",
-        spec.history.size()));
+    return absl::FailedPreconditionError(
+        absl::StrCat("the sequence holds ", *length, " tokens, the history ",
+                     spec.history.size()));
   }
   TurnOutcome outcome;
   outcome.seq = seq;

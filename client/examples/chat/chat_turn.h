@@ -56,7 +56,7 @@ struct TurnSpec {
   std::vector<int32_t> continuation;
   int reply_tokens = 0;
   std::optional<int32_t> stop_token;  // ends a reply early (see Generate)
-  double temperature = 0;  // 0: greedy
+  double temperature = 0;             // 0: greedy
   uint64_t seed = 0;
 };
 

@@ -223,9 +223,10 @@ class Worker {
       absl::StatusOr<std::string> reply =
           text_chat_->text.tokenizer->Decode(turn->reply);
       if (!reply.ok()) return reply.status();
-      std::printf("assistant: %s\n", std::string(absl::StripSuffix(
-                                          *reply, model::ChatMlTemplate::kEndOfMessage))
-                                          .c_str());
+      std::printf("assistant: %s\n",
+                  std::string(absl::StripSuffix(
+                                  *reply, model::ChatMlTemplate::kEndOfMessage))
+                      .c_str());
     } else {
       std::printf("  reply: %s\n", absl::StrJoin(turn->reply, " ").c_str());
     }

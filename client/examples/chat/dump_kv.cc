@@ -57,7 +57,8 @@ struct Options {
 absl::Status WriteFile(const std::string& path, const void* data,
                        size_t bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+  out.write(static_cast<const char*>(data),
+            static_cast<std::streamsize>(bytes));
   if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
   return absl::OkStatus();
 }
@@ -65,7 +66,8 @@ absl::Status WriteFile(const std::string& path, const void* data,
 // Runs `tokens` through the model and writes the dump.
 absl::Status Dump(const Options& options, const LlamaModel& model,
                   const std::string& model_sha256, const std::string& name,
-                  const std::string& source, const std::vector<int32_t>& tokens) {
+                  const std::string& source,
+                  const std::vector<int32_t>& tokens) {
   const LlamaConfig& c = model.config();
   const int n = static_cast<int>(tokens.size());
   absl::StatusOr<PagedKvCache> cache =
@@ -84,10 +86,10 @@ absl::Status Dump(const Options& options, const LlamaModel& model,
         LogitsFor::kEveryToken, &trace);
     if (!logits.ok()) return logits.status();
     for (int t = 0; t < count && t0 + t + 1 < n; ++t) {
-      nll_sum += *TokenNll(absl::MakeConstSpan(*logits).subspan(
-                               static_cast<size_t>(t) * c.vocab_size,
-                               c.vocab_size),
-                           tokens[t0 + t + 1]);
+      nll_sum +=
+          *TokenNll(absl::MakeConstSpan(*logits).subspan(
+                        static_cast<size_t>(t) * c.vocab_size, c.vocab_size),
+                    tokens[t0 + t + 1]);
     }
     const size_t row = static_cast<size_t>(count) * c.dim;
     for (int l = 0; l < c.layers; ++l) {
@@ -122,13 +124,14 @@ absl::Status Dump(const Options& options, const LlamaModel& model,
       {"dtype", "float16"},
       {"byte_order", "little"},
       {"kv_file", name + ".kv"},
-      {"kv_layout", "[layer][k_or_v][token][kv_head][head_dim], keys after RoPE"},
+      {"kv_layout",
+       "[layer][k_or_v][token][kv_head][head_dim], keys after RoPE"},
       {"q_file", name + ".q.f16"},
       {"q_layout", "[layer][token][head][head_dim], queries after RoPE"},
       {"text",
        {{"source", absl::StrCat("python3.11-doc: ", source)},
-        {"set", options.set == TextSet::kEvaluation ? "evaluation"
-                                                    : "calibration"}}},
+        {"set",
+         options.set == TextSet::kEvaluation ? "evaluation" : "calibration"}}},
       {"generation",
        {{"from", "real text, teacher-forced"},
         {"temperature", 1.0},
@@ -139,10 +142,11 @@ absl::Status Dump(const Options& options, const LlamaModel& model,
       !s.ok()) {
     return s;
   }
-  std::printf("%s: %d tokens of %s, mean NLL %.4f (perplexity %.2f), %.1f s "
-              "(%.0f tokens/s)\n",
-              name.c_str(), n, source.c_str(), mean_nll, std::exp(mean_nll),
-              seconds, n / seconds);
+  std::printf(
+      "%s: %d tokens of %s, mean NLL %.4f (perplexity %.2f), %.1f s "
+      "(%.0f tokens/s)\n",
+      name.c_str(), n, source.c_str(), mean_nll, std::exp(mean_nll), seconds,
+      n / seconds);
   return absl::OkStatus();
 }
 
@@ -187,10 +191,10 @@ absl::Status Run(const Options& options) {
       return absl::NotFoundError(
           absl::StrCat("no document left in the set has ", length, " tokens"));
     }
-    const std::string name = absl::StrCat(model_name, "-", set_name, "-",
-                                          length);
-    if (absl::Status s = Dump(options, *model, *sha, name,
-                              (*documents)[next].path, tokens);
+    const std::string name =
+        absl::StrCat(model_name, "-", set_name, "-", length);
+    if (absl::Status s =
+            Dump(options, *model, *sha, name, (*documents)[next].path, tokens);
         !s.ok()) {
       return s;
     }
@@ -215,8 +219,9 @@ int main(int argc, char** argv) {
       options.docs = std::string(value);
     } else if (absl::ConsumePrefix(&value, "--set=")) {
       ok = value == "evaluation" || value == "calibration";
-      options.set = value == "evaluation" ? kvcache::chat::TextSet::kEvaluation
-                                          : kvcache::chat::TextSet::kCalibration;
+      options.set = value == "evaluation"
+                        ? kvcache::chat::TextSet::kEvaluation
+                        : kvcache::chat::TextSet::kCalibration;
     } else if (absl::ConsumePrefix(&value, "--tokens=")) {
       options.lengths.clear();
       for (absl::string_view part : absl::StrSplit(value, ',')) {

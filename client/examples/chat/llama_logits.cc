@@ -60,10 +60,9 @@ absl::Status Run(const std::string& model_path,
   }
   double nll = 0;
   for (int p = 0; p + 1 < n; ++p) {
-    nll += *TokenNll(
-        absl::MakeConstSpan(*logits).subspan(static_cast<size_t>(p) * vocab,
-                                             vocab),
-        tokens[p + 1]);
+    nll += *TokenNll(absl::MakeConstSpan(*logits).subspan(
+                         static_cast<size_t>(p) * vocab, vocab),
+                     tokens[p + 1]);
   }
   std::ofstream f32(out + ".f32", std::ios::binary | std::ios::trunc);
   f32.write(reinterpret_cast<const char*>(rows.data()),
@@ -74,7 +73,8 @@ absl::Status Run(const std::string& model_path,
                                {"mean_token_nll", n > 1 ? nll / (n - 1) : 0.0}};
   std::ofstream json(out + ".json", std::ios::trunc);
   json << meta.dump();
-  if (!f32 || !json) return absl::InternalError(absl::StrCat("cannot write ", out));
+  if (!f32 || !json)
+    return absl::InternalError(absl::StrCat("cannot write ", out));
   return absl::OkStatus();
 }
 
@@ -109,8 +109,7 @@ int main(int argc, char** argv) {
                  "--positions=P,Q,... --out=PREFIX\n");
     return 2;
   }
-  const absl::Status status =
-      kvcache::chat::Run(model, tokens, positions, out);
+  const absl::Status status = kvcache::chat::Run(model, tokens, positions, out);
   if (!status.ok()) {
     std::fprintf(stderr, "llama_logits: %s\n", status.ToString().c_str());
     return 1;

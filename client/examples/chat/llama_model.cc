@@ -1,6 +1,8 @@
 // llama2.c checkpoint loading and forward pass (see llama_model.h).
 #include "client/examples/chat/llama_model.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -9,8 +11,6 @@
 #include <string>
 #include <tuple>
 #include <utility>
-
-#include <cblas.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -56,8 +56,8 @@ void RmsNorm(const float* x, const float* weight, int dim, int n, float eps,
     const float* row = x + static_cast<size_t>(t) * dim;
     float* dst = out + static_cast<size_t>(t) * dim;
     const float mean_square = Dot(row, row, dim) / static_cast<float>(dim);
-    const float norm = static_cast<float>(
-        std::sqrt(static_cast<double>(mean_square) + eps));
+    const float norm =
+        static_cast<float>(std::sqrt(static_cast<double>(mean_square) + eps));
     for (int i = 0; i < dim; ++i) dst[i] = row[i] / norm * weight[i];
   }
 }
@@ -99,10 +99,9 @@ void Attend(const float* q, const float* keys, const float* values, int n,
     for (int h = 0; h < heads; ++h) {
       const float* k_head = keys + (h / group) * head_dim;
       const float* v_head = values + (h / group) * head_dim;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols,
-                  head_dim, inv_scale, q + static_cast<size_t>(t0) * dim +
-                  h * head_dim, dim, k_head, kv_dim, 0.0f, scores.data(),
-                  cols);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, head_dim,
+                  inv_scale, q + static_cast<size_t>(t0) * dim + h * head_dim,
+                  dim, k_head, kv_dim, 0.0f, scores.data(), cols);
       for (int r = 0; r < rows; ++r) {
         float* row = &scores[static_cast<size_t>(r) * cols];
         const int visible = start + t0 + r + 1;
@@ -231,13 +230,14 @@ absl::StatusOr<LlamaModel> LlamaModel::LoadGguf(const std::string& path) {
     absl::StatusOr<int64_t> value = file->GetInt(key);
     if (!value.ok()) return value.status();
     if (*value <= 0 || *value > kMaxHeaderField) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ": ", key, " = ", *value, " is out of range [1, ",
-          kMaxHeaderField, "]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": ", key, " = ", *value, " is out of range [1, ",
+                       kMaxHeaderField, "]"));
     }
     *field = static_cast<int>(*value);
   }
-  const model::GgufTensorInfo* embedding = file->FindTensor("token_embd.weight");
+  const model::GgufTensorInfo* embedding =
+      file->FindTensor("token_embd.weight");
   if (embedding == nullptr || embedding->dims.size() != 2 ||
       embedding->dims[1] > static_cast<uint64_t>(kMaxHeaderField)) {
     return absl::InvalidArgumentError(
@@ -273,11 +273,11 @@ absl::StatusOr<LlamaModel> LlamaModel::LoadGguf(const std::string& path) {
     const bool matrix_ok = info != nullptr && info->dims.size() == 2 &&
                            info->dims[0] == cols && info->dims[1] == rows;
     if (!vector_ok && !matrix_ok) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ": tensor ", name,
-          info == nullptr ? " is missing" : " has the wrong shape",
-          "; expected [", cols, rows == 1 ? "" : absl::StrCat(", ", rows),
-          "]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": tensor ", name,
+                       info == nullptr ? " is missing" : " has the wrong shape",
+                       "; expected [", cols,
+                       rows == 1 ? "" : absl::StrCat(", ", rows), "]"));
     }
     absl::StatusOr<std::vector<float>> values = file->ReadF32(name);
     if (!values.ok()) return values.status();
@@ -286,8 +286,8 @@ absl::StatusOr<LlamaModel> LlamaModel::LoadGguf(const std::string& path) {
   };
   const uint64_t dim = config.dim, hidden = config.hidden_dim,
                  kv_dim = config.kv_dim();
-  absl::Status status = read("token_embd.weight", dim, config.vocab_size,
-                             tensors.embedding);
+  absl::Status status =
+      read("token_embd.weight", dim, config.vocab_size, tensors.embedding);
   for (int l = 0; status.ok() && l < config.layers; ++l) {
     const std::string blk = absl::StrCat("blk.", l, ".");
     // (name, cols, rows, where layer 0's tensor starts)
@@ -470,8 +470,8 @@ absl::StatusOr<std::vector<float>> LlamaModel::Run(
       return s;
     }
 
-    Attend(q.data(), keys.data(), values.data(), n, start, c.heads,
-           c.kv_heads, head_dim, attended.data());
+    Attend(q.data(), keys.data(), values.data(), n, start, c.heads, c.kv_heads,
+           head_dim, attended.data());
     MatMul(LayerTensor(tensors_.wo, l, dim * dim), dim, dim, attended.data(), n,
            xb.data());
     AddInPlace(x.data(), xb.data(), x.size());

@@ -159,10 +159,10 @@ class ParityTest : public LlamaModelTest,
 // Layer 0's K and V come before any attention and match but for ~0.1% off by
 // a few ulps: float32 summation order (BLAS's, not numpy's) can tip an fp16
 // rounding, and for keys that RoPE's a*cos - b*sin makes tiny by
-// cancellation the same absolute error is several of their ulps. From layer 1 on,
-// the fp16 cache moves values by up to ~0.03 (a numpy run with an fp16 cache
-// differs from the dump as much), so those layers get an absolute bound; the
-// end-to-end NLL still agrees to ~3e-4.
+// cancellation the same absolute error is several of their ulps. From layer 1
+// on, the fp16 cache moves values by up to ~0.03 (a numpy run with an fp16
+// cache differs from the dump as much), so those layers get an absolute bound;
+// the end-to-end NLL still agrees to ~3e-4.
 TEST_P(ParityTest, MatchesKvdumpReference) {
   absl::StatusOr<codec::KvDump> dump =
       codec::LoadKvDump(absl::StrCat(kvdata(), "/", GetParam(), ".json"));
@@ -288,8 +288,8 @@ TEST_F(LlamaModelTest, PrefillMatchesTokenByToken) {
   PagedKvCache last_only = NewCache();
   const std::vector<float> last =
       *model().Prefill(&last_only, last_only.CreateSequence(), inputs);
-  ExpectSameUpToRounding(last,
-                         std::vector<float>(all.end() - last.size(), all.end()));
+  ExpectSameUpToRounding(
+      last, std::vector<float>(all.end() - last.size(), all.end()));
 }
 
 // A sequence whose blocks are scattered among another's, with another block
@@ -332,7 +332,8 @@ TEST_F(LlamaModelTest, FragmentedBlockTableGivesSameLogits) {
 TEST_F(LlamaModelTest, TruncateThenRerunReproduces) {
   const std::vector<int32_t> inputs = S1Inputs(120);
   const absl::Span<const int32_t> head = absl::MakeConstSpan(inputs).first(70),
-                                  tail = absl::MakeConstSpan(inputs).subspan(70);
+                                  tail =
+                                      absl::MakeConstSpan(inputs).subspan(70);
   PagedKvCache cache = NewCache();
   const SequenceId seq = cache.CreateSequence();
   ASSERT_TRUE(model().Prefill(&cache, seq, head).ok());
@@ -377,9 +378,10 @@ TEST_F(LlamaModelTest, RestoredPrefixContinuesBitIdentically) {
   const int prefix = static_cast<int>(prompt.size()) - 1;
   PagedKvCache original = NewCache();
   const SequenceId a = original.CreateSequence();
-  ASSERT_TRUE(model()
-                  .Prefill(&original, a, absl::MakeConstSpan(prompt).first(prefix))
-                  .ok());
+  ASSERT_TRUE(
+      model()
+          .Prefill(&original, a, absl::MakeConstSpan(prompt).first(prefix))
+          .ok());
   const std::vector<float> want =
       generate(&original, a, *model().Prefill(&original, a, {prompt.back()}));
 

@@ -45,7 +45,8 @@ absl::StatusOr<PagedKvCache> CacheFor(const LlamaModel& model,
   size_t longest = 0;
   for (const Conversation& c : all) {
     size_t tokens = 0;
-    for (const Segment& s : c.segments) tokens += s.prompt.size() + s.scored.size();
+    for (const Segment& s : c.segments)
+      tokens += s.prompt.size() + s.scored.size();
     longest = std::max(longest, tokens);
   }
   constexpr int kBlockTokens = 16;
@@ -109,9 +110,9 @@ absl::StatusOr<std::vector<Conversation>> DocumentConversations(
     out.push_back(std::move(c));
   }
   if (static_cast<int>(out.size()) < options.count) {
-    return absl::NotFoundError(absl::StrCat(
-        "only ", out.size(), " of ", documents.size(),
-        " documents are long enough; ", options.count, " wanted"));
+    return absl::NotFoundError(
+        absl::StrCat("only ", out.size(), " of ", documents.size(),
+                     " documents are long enough; ", options.count, " wanted"));
   }
   return out;
 }
@@ -122,8 +123,8 @@ absl::StatusOr<std::vector<Conversation>> ChatConversations(
     absl::Span<const std::string> questions, const ChatOptions& options) {
   const size_t needed = static_cast<size_t>(options.count) * options.turns;
   if (questions.size() < needed) {
-    return absl::NotFoundError(absl::StrCat(
-        needed, " questions needed, ", questions.size(), " available"));
+    return absl::NotFoundError(absl::StrCat(needed, " questions needed, ",
+                                            questions.size(), " available"));
   }
   absl::StatusOr<int32_t> end_of_message =
       tokenizer.TokenId(model::ChatMlTemplate::kEndOfMessage);
@@ -173,7 +174,8 @@ std::vector<Variant> DefaultVariants() {
     variants.push_back({std::string(codec::LevelName(level)), level, 0});
   }
   for (int bits : {8, 4, 2}) {
-    variants.push_back({absl::StrCat("KIVI ", bits, "-bit"), std::nullopt, bits});
+    variants.push_back(
+        {absl::StrCat("KIVI ", bits, "-bit"), std::nullopt, bits});
   }
   return variants;
 }
@@ -214,9 +216,9 @@ absl::StatusOr<std::vector<VariantResult>> QualityHarness::Run(
       if (absl::Status s =
               RunVariant(conversation, variants[v], *reference, results[v]);
           !s.ok()) {
-        return absl::Status(s.code(), absl::StrCat(conversation.name, ", ",
-                                                   variants[v].name, ": ",
-                                                   s.message()));
+        return absl::Status(
+            s.code(), absl::StrCat(conversation.name, ", ", variants[v].name,
+                                   ": ", s.message()));
       }
     }
   }
@@ -244,18 +246,18 @@ absl::StatusOr<QualityHarness::ReferenceRun> QualityHarness::Reference(
   return out;
 }
 
-absl::Status QualityHarness::RunVariant(
-    const Conversation& conversation, const Variant& variant,
-    const ReferenceRun& reference, VariantResult& result) {
+absl::Status QualityHarness::RunVariant(const Conversation& conversation,
+                                        const Variant& variant,
+                                        const ReferenceRun& reference,
+                                        VariantResult& result) {
   absl::StatusOr<PagedKvCache> cache = CacheFor(model_, {conversation});
   if (!cache.ok()) return cache.status();
   const size_t vocab = model_.config().vocab_size;
   std::optional<ChatSession> session;
   std::vector<ChunkKey> stored_keys;  // to delete at the end
   if (variant.level.has_value()) {
-    absl::StatusOr<KeySpace> space =
-        ChatKeySpace(model_path_, model_.config(), chunk_tokens_,
-                     *variant.level, "quality");
+    absl::StatusOr<KeySpace> space = ChatKeySpace(
+        model_path_, model_.config(), chunk_tokens_, *variant.level, "quality");
     if (!space.ok()) return space.status();
     ChatSessionOptions options;
     options.level = *variant.level;
@@ -310,7 +312,8 @@ absl::Status QualityHarness::RunVariant(
       kivi_bytes.resize(chunks);
       for (size_t c = kivi_full_chunks; c < chunks; ++c) {
         const int begin = static_cast<int>(c * chunk);
-        const int end = static_cast<int>(std::min(tokens.size(), (c + 1) * chunk));
+        const int end =
+            static_cast<int>(std::min(tokens.size(), (c + 1) * chunk));
         absl::StatusOr<std::vector<uint16_t>> values =
             cache->ExportChunk(seq, begin, end);
         if (!values.ok()) return values.status();
@@ -346,8 +349,8 @@ absl::Status QualityHarness::RunVariant(
       const int32_t top_got = *ArgMax(got_row), top_want = *ArgMax(want_row);
       ++result.positions;
       result.top1_same += top_got == top_want;
-      result.rows_identical +=
-          std::memcmp(got_row.data(), want_row.data(), vocab * sizeof(float)) == 0;
+      result.rows_identical += std::memcmp(got_row.data(), want_row.data(),
+                                           vocab * sizeof(float)) == 0;
       // A reply is the model's greedy choice at every position, so greedy
       // decoding from the restored KV would follow it until the first
       // position where the restored and recomputed top tokens differ.

@@ -60,8 +60,8 @@ struct DocumentOptions {
 // The first documents of `documents` long enough for their history, prompt
 // and scored tokens, in order. NOT_FOUND if too few are.
 absl::StatusOr<std::vector<Conversation>> DocumentConversations(
-    const model::BpeTokenizer& tokenizer,
-    absl::Span<const Document> documents, const DocumentOptions& options);
+    const model::BpeTokenizer& tokenizer, absl::Span<const Document> documents,
+    const DocumentOptions& options);
 
 struct ChatOptions {
   int count = 12;
@@ -107,8 +107,7 @@ struct VariantResult {
   double reply_tokens_sum = 0;
 
   double Ratio() const {
-    return restored_bytes ? static_cast<double>(raw_bytes) / restored_bytes
-                          : 0;
+    return restored_bytes ? static_cast<double>(raw_bytes) / restored_bytes : 0;
   }
   double Top1() const { return positions ? double(top1_same) / positions : 0; }
   double MeanKl() const;
@@ -145,8 +144,7 @@ class QualityHarness {
   };
   absl::StatusOr<ReferenceRun> Reference(const Conversation& conversation);
   absl::Status RunVariant(const Conversation& conversation,
-                          const Variant& variant,
-                          const ReferenceRun& reference,
+                          const Variant& variant, const ReferenceRun& reference,
                           VariantResult& result);
 
   const LlamaModel& model_;

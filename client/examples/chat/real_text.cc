@@ -55,8 +55,7 @@ bool IsUnderline(absl::string_view line, size_t title_length) {
   if (line.size() < 3 || line.size() < title_length) return false;
   const char c = line[0];
   if (c != '=' && c != '-' && c != '~' && c != '^' && c != '*') return false;
-  return std::all_of(line.begin(), line.end(),
-                     [c](char x) { return x == c; });
+  return std::all_of(line.begin(), line.end(), [c](char x) { return x == c; });
 }
 
 }  // namespace

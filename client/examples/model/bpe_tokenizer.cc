@@ -77,9 +77,11 @@ std::vector<absl::string_view> CodePoints(absl::string_view s) {
   size_t i = 0;
   while (i < s.size()) {
     const auto lead = static_cast<unsigned char>(s[i]);
-    size_t n = lead < 0x80 ? 1 : lead >> 5 == 6 ? 2 : lead >> 4 == 14 ? 3
-                             : lead >> 3 == 30  ? 4
-                                                : 1;
+    size_t n = lead < 0x80       ? 1
+               : lead >> 5 == 6  ? 2
+               : lead >> 4 == 14 ? 3
+               : lead >> 3 == 30 ? 4
+                                 : 1;
     if (i + n > s.size()) n = 1;
     for (size_t k = 1; k < n; ++k) {
       if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) n = 1;
@@ -185,9 +187,8 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Create(
         absl::StrCat("vocabulary of ", tokens.size(), " tokens"));
   }
   if (types.size() != tokens.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(types.size(), " token types for ", tokens.size(),
-                     " tokens"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        types.size(), " token types for ", tokens.size(), " tokens"));
   }
   std::unique_ptr<BpeTokenizer> t(new BpeTokenizer);
   t->ids_.reserve(tokens.size());
@@ -215,8 +216,7 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Create(
   for (size_t rank = 0; rank < merges.size(); ++rank) {
     const std::string& merge = merges[rank];
     const size_t space = merge.find(' ');
-    if (space == std::string::npos || space == 0 ||
-        space + 1 >= merge.size() ||
+    if (space == std::string::npos || space == 0 || space + 1 >= merge.size() ||
         merge.find(' ', space + 1) != std::string::npos) {
       return absl::InvalidArgumentError(absl::StrCat(
           "merge ", rank, " (\"", merge, "\") is not \"left right\""));
@@ -224,9 +224,9 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Create(
     const std::string joined =
         absl::StrCat(merge.substr(0, space), merge.substr(space + 1));
     if (!t->ids_.contains(joined)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "merge ", rank, " (\"", merge, "\") makes \"", joined,
-          "\", which is not in the vocabulary"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("merge ", rank, " (\"", merge, "\") makes \"", joined,
+                       "\", which is not in the vocabulary"));
     }
     // The first occurrence of a pair is its rank, as in the reference.
     t->merge_ranks_.emplace(merge, static_cast<int32_t>(rank));
@@ -247,9 +247,9 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::FromGguf(
   absl::StatusOr<std::string> model = file.GetString("tokenizer.ggml.model");
   if (!model.ok()) return model.status();
   if (*model != "gpt2") {
-    return absl::UnimplementedError(absl::StrCat(
-        "tokenizer.ggml.model is \"", *model,
-        "\"; only byte-level BPE (\"gpt2\") is implemented"));
+    return absl::UnimplementedError(
+        absl::StrCat("tokenizer.ggml.model is \"", *model,
+                     "\"; only byte-level BPE (\"gpt2\") is implemented"));
   }
   absl::StatusOr<std::vector<std::string>> tokens =
       file.GetStringArray("tokenizer.ggml.tokens");
@@ -371,7 +371,8 @@ absl::StatusOr<std::string> BpeTokenizer::Decode(
   return text;
 }
 
-absl::StatusOr<int32_t> BpeTokenizer::TokenId(absl::string_view raw_text) const {
+absl::StatusOr<int32_t> BpeTokenizer::TokenId(
+    absl::string_view raw_text) const {
   for (const auto& [special, id] : specials_) {
     if (special == raw_text) return id;
   }

@@ -7,7 +7,8 @@
 //     own ids, leftmost and longest first;
 //  2. the text between them is split around every numeric character (each
 //     digit is a piece of its own), then by the GPT-2 pattern
-//     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+//     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+|
+//     ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 //  3. each piece's bytes are mapped to the printable stand-ins GPT-2 uses and
 //     merged pairwise, lowest merge rank first, into vocabulary tokens.
 //

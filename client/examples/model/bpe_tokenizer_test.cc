@@ -72,7 +72,8 @@ TEST(BpeTokenizerTest, MergesByRank) {
   const TinyVocab v;
   auto t = Tiny(v);
   // "abcab": a+b first (rank 0) everywhere, then ab+c.
-  EXPECT_EQ(*t->Encode("abcab"), (std::vector<int32_t>{v.Id("abc"), v.Id("ab")}));
+  EXPECT_EQ(*t->Encode("abcab"),
+            (std::vector<int32_t>{v.Id("abc"), v.Id("ab")}));
   // "ba": no merge applies.
   EXPECT_EQ(*t->Encode("ba"), (std::vector<int32_t>{'b', 'a'}));
 }
@@ -83,8 +84,7 @@ TEST(BpeTokenizerTest, PreTokenizesBeforeMerging) {
   // " x" is one piece (a space joins the letters after it), so it merges;
   // "a b" is two pieces, so "a" and " b" never merge into "ab".
   EXPECT_EQ(*t->Encode(" x"), (std::vector<int32_t>{v.Id("Ġx")}));
-  EXPECT_EQ(*t->Encode("a b"),
-            (std::vector<int32_t>{'a', v.Id("Ġ"), 'b'}));
+  EXPECT_EQ(*t->Encode("a b"), (std::vector<int32_t>{'a', v.Id("Ġ"), 'b'}));
   // Every digit stands alone, even in a run: "12" is "1", "2".
   EXPECT_EQ(*t->Encode("12"), (std::vector<int32_t>{'1', '2'}));
 }
@@ -116,22 +116,24 @@ TEST(BpeTokenizerTest, DropsBytesWithoutATokenAsTheReferenceDoes) {
   v.tokens[7] = "seven";  // byte 7 has no token of its own now
   auto t = BpeTokenizer::Create(v.tokens, v.merges, v.types);
   ASSERT_TRUE(t.ok()) << t.status();
-  EXPECT_EQ(*(*t)->Encode("a\x07" "b"), (std::vector<int32_t>{'a', 'b'}));
+  EXPECT_EQ(*(*t)->Encode("a\x07"
+                          "b"),
+            (std::vector<int32_t>{'a', 'b'}));
 }
 
 TEST(BpeTokenizerTest, RejectsInconsistentVocabularies) {
   TinyVocab bad_merge;
   bad_merge.merges.push_back("x y");  // "xy" is no token
-  EXPECT_EQ(BpeTokenizer::Create(bad_merge.tokens, bad_merge.merges,
-                                 bad_merge.types)
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      BpeTokenizer::Create(bad_merge.tokens, bad_merge.merges, bad_merge.types)
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
   TinyVocab malformed;
   malformed.merges.push_back("abc");
-  EXPECT_FALSE(BpeTokenizer::Create(malformed.tokens, malformed.merges,
-                                    malformed.types)
-                   .ok());
+  EXPECT_FALSE(
+      BpeTokenizer::Create(malformed.tokens, malformed.merges, malformed.types)
+          .ok());
   TinyVocab repeated;
   repeated.tokens.back() = "ab";
   EXPECT_FALSE(
@@ -179,10 +181,10 @@ TEST_F(SmolLm2Test, ChatPromptGetsTheModelsIds) {
             "trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the "
             "capital of France?<|im_end|>\n<|im_start|>assistant\n");
   const std::vector<int32_t> want = {
-      1,   9690,  198,  2683, 359,   253,  5356, 5646, 11173, 3365,
-      3511, 308,  34519, 28,  7018,  411,  407,  19712, 8182, 2,
-      198, 1,     4093, 198,  1780,  314,  260,  3575, 282,   4649,
-      47,  2,     198,  1,    520,   9531, 198};
+      1,    9690, 198,   2683, 359,  253,  5356, 5646,  11173, 3365,
+      3511, 308,  34519, 28,   7018, 411,  407,  19712, 8182,  2,
+      198,  1,    4093,  198,  1780, 314,  260,  3575,  282,   4649,
+      47,   2,    198,   1,    520,  9531, 198};
   EXPECT_EQ(*tokenizer_->Encode(prompt), want);
   EXPECT_EQ(*tokenizer_->Decode(want), prompt);
   EXPECT_EQ(*tokenizer_->TokenId("<|im_start|>"), 1);

@@ -16,11 +16,13 @@ constexpr absl::string_view kSystemOpening = "'<|im_start|>system\n";
 }  // namespace
 
 absl::StatusOr<ChatMlTemplate> ChatMlTemplate::FromGguf(const GgufFile& file) {
-  absl::StatusOr<std::string> source = file.GetString("tokenizer.chat_template");
+  absl::StatusOr<std::string> source =
+      file.GetString("tokenizer.chat_template");
   if (!source.ok()) return source.status();
   const bool chatml =
-      absl::StrContains(*source, "'<|im_start|>' + message['role'] + '\n' + "
-                                 "message['content'] + '<|im_end|>'") &&
+      absl::StrContains(*source,
+                        "'<|im_start|>' + message['role'] + '\n' + "
+                        "message['content'] + '<|im_end|>'") &&
       absl::StrContains(*source, "<|im_start|>assistant\n");
   if (!chatml) {
     return absl::UnimplementedError(
@@ -44,8 +46,7 @@ std::string ChatMlTemplate::RenderMessage(const ChatMessage& message) {
                       kEndOfMessage, "\n");
 }
 
-std::string ChatMlTemplate::TurnPrompt(const ChatMessage& user,
-                                       bool first_turn,
+std::string ChatMlTemplate::TurnPrompt(const ChatMessage& user, bool first_turn,
                                        bool reply_closed) const {
   if (first_turn) return Render({user}, /*add_generation_prompt=*/true);
   return absl::StrCat(reply_closed ? "" : kEndOfMessage, "\n",

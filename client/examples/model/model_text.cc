@@ -11,8 +11,7 @@ absl::StatusOr<ModelText> ModelText::FromGguf(const GgufFile& file) {
       BpeTokenizer::FromGguf(file);
   if (!tokenizer.ok()) return tokenizer.status();
   text.tokenizer = *std::move(tokenizer);
-  absl::StatusOr<ChatMlTemplate> chat_template =
-      ChatMlTemplate::FromGguf(file);
+  absl::StatusOr<ChatMlTemplate> chat_template = ChatMlTemplate::FromGguf(file);
   if (!chat_template.ok()) return chat_template.status();
   text.chat_template = *std::move(chat_template);
   absl::StatusOr<int32_t> end =
