@@ -262,33 +262,25 @@ absl::StatusOr<LlamaModel> LlamaModel::LoadGguf(const std::string& path) {
         config.head_dim(), ") is not implemented"));
   }
 
-  const Tensors tensors = Layout(config, /*legacy_rope_table=*/false);
-  std::vector<float> weights(tensors.end);
-  // Copies a GGUF tensor of `rows` x `cols` (cols fastest) into the weights.
-  auto read = [&](const std::string& name, uint64_t cols, uint64_t rows,
-                  size_t at) -> absl::Status {
-    const model::GgufTensorInfo* info = file->FindTensor(name);
-    const bool vector_ok = rows == 1 && info != nullptr &&
-                           info->dims.size() == 1 && info->dims[0] == cols;
-    const bool matrix_ok = info != nullptr && info->dims.size() == 2 &&
-                           info->dims[0] == cols && info->dims[1] == rows;
-    if (!vector_ok && !matrix_ok) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": tensor ", name,
-                       info == nullptr ? " is missing" : " has the wrong shape",
-                       "; expected [", cols,
-                       rows == 1 ? "" : absl::StrCat(", ", rows), "]"));
-    }
-    absl::StatusOr<std::vector<float>> values = file->ReadF32(name);
-    if (!values.ok()) return values.status();
-    std::copy(values->begin(), values->end(), weights.begin() + at);
-    return absl::OkStatus();
+  // Every tensor the model needs, checked against the file before anything
+  // is allocated: the hyperparameters come from the file too, and only
+  // tensors that are really there (the reader has checked they lie inside
+  // it) bound what the weights take.
+  struct Wanted {
+    std::string name;
+    uint64_t cols, rows;  // a vector has one row and one dimension
+    size_t at;            // where it goes in the weights
   };
+  const Tensors tensors = Layout(config, /*legacy_rope_table=*/false);
   const uint64_t dim = config.dim, hidden = config.hidden_dim,
-                 kv_dim = config.kv_dim();
-  absl::Status status =
-      read("token_embd.weight", dim, config.vocab_size, tensors.embedding);
-  for (int l = 0; status.ok() && l < config.layers; ++l) {
+                 kv_dim = config.kv_dim(), vocab = config.vocab_size;
+  std::vector<Wanted> wanted = {
+      {"token_embd.weight", dim, vocab, tensors.embedding},
+      {"output_norm.weight", dim, 1, tensors.rms_final}};
+  if (!config.shared_classifier) {
+    wanted.push_back({"output.weight", dim, vocab, tensors.classifier});
+  }
+  for (int l = 0; l < config.layers; ++l) {
     const std::string blk = absl::StrCat("blk.", l, ".");
     // (name, cols, rows, where layer 0's tensor starts)
     const std::tuple<const char*, uint64_t, uint64_t, size_t> layer_tensors[] =
@@ -302,17 +294,29 @@ absl::StatusOr<LlamaModel> LlamaModel::LoadGguf(const std::string& path) {
          {"ffn_down.weight", hidden, dim, tensors.w2},
          {"ffn_up.weight", dim, hidden, tensors.w3}};
     for (const auto& [name, cols, rows, first] : layer_tensors) {
-      status = read(blk + name, cols, rows, first + l * cols * rows);
-      if (!status.ok()) break;
+      wanted.push_back({blk + name, cols, rows, first + l * cols * rows});
     }
   }
-  if (status.ok()) {
-    status = read("output_norm.weight", dim, 1, tensors.rms_final);
+  for (const Wanted& w : wanted) {
+    const model::GgufTensorInfo* info = file->FindTensor(w.name);
+    const bool vector_ok = w.rows == 1 && info != nullptr &&
+                           info->dims.size() == 1 && info->dims[0] == w.cols;
+    const bool matrix_ok = info != nullptr && info->dims.size() == 2 &&
+                           info->dims[0] == w.cols && info->dims[1] == w.rows;
+    if (!vector_ok && !matrix_ok) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": tensor ", w.name,
+                       info == nullptr ? " is missing" : " has the wrong shape",
+                       "; expected [", w.cols,
+                       w.rows == 1 ? "" : absl::StrCat(", ", w.rows), "]"));
+    }
   }
-  if (status.ok() && !config.shared_classifier) {
-    status = read("output.weight", dim, config.vocab_size, tensors.classifier);
+  std::vector<float> weights(tensors.end);
+  for (const Wanted& w : wanted) {
+    absl::StatusOr<std::vector<float>> values = file->ReadF32(w.name);
+    if (!values.ok()) return values.status();
+    std::copy(values->begin(), values->end(), weights.begin() + w.at);
   }
-  if (!status.ok()) return status;
   return LlamaModel(config, tensors, std::move(weights));
 }
 

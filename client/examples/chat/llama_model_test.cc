@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "client/examples/chat/paged_kv_cache.h"
 #include "client/examples/chat/sampler.h"
+#include "client/examples/model/gguf_writer.h"
 #include "codec/half.h"
 #include "codec/kv_dump.h"
 #include "gtest/gtest.h"
@@ -508,6 +509,43 @@ TEST_F(CheckpointTest, ReadsAnUnsharedClassifier) {
   PagedKvCache a = NewCache(), b = NewCache();
   EXPECT_TRUE(SameBits(*model().Prefill(&a, a.CreateSequence(), inputs),
                        *unshared->Prefill(&b, b.CreateSequence(), inputs)));
+}
+
+// A GGUF file's hyperparameters are checked against the tensors it really
+// holds before the weights are allocated, so a hostile header cannot ask for
+// exabytes.
+TEST_F(CheckpointTest, GgufHyperparametersMustMatchItsTensors) {
+  auto llama_header = [](uint32_t dim, uint32_t layers) {
+    model::GgufWriter w;
+    w.AddString("general.architecture", "llama");
+    w.AddUint32("llama.embedding_length", dim);
+    w.AddUint32("llama.feed_forward_length", dim);
+    w.AddUint32("llama.block_count", layers);
+    w.AddUint32("llama.attention.head_count", dim / 64);
+    w.AddUint32("llama.attention.head_count_kv", dim / 64);
+    w.AddUint32("llama.context_length", 1 << 20);
+    w.AddFloat32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
+    return w;
+  };
+  // 2^20 layers of 2^20 x 2^20 weights: only the embedding (one row) is
+  // there.
+  model::GgufWriter huge = llama_header(1 << 20, 1 << 20);
+  huge.AddTensor("token_embd.weight", {1 << 20, 1}, model::GgmlType::kF16,
+                 std::string(2 << 20, '\0'));
+  ExpectError(LoadBytes(huge.Build()), "output_norm.weight is missing");
+
+  model::GgufWriter wrong = llama_header(1024, 1);
+  wrong.AddTensor("token_embd.weight", {1024, 4}, model::GgmlType::kF32,
+                  std::string(4 * 1024 * 4, '\0'));
+  wrong.AddTensor("output_norm.weight", {1023}, model::GgmlType::kF32,
+                  std::string(1023 * 4, '\0'));
+  ExpectError(LoadBytes(wrong.Build()),
+              "output_norm.weight has the wrong shape; expected [1024]");
+
+  model::GgufWriter other;
+  other.AddString("general.architecture", "mamba");
+  EXPECT_EQ(LoadBytes(other.Build()).status().code(),
+            absl::StatusCode::kUnimplemented);
 }
 
 }  // namespace
