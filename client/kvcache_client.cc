@@ -43,11 +43,20 @@ absl::StatusOr<std::unique_ptr<KvCacheClient>> KvCacheClient::Connect(
       options.address, grpc::InsecureChannelCredentials(), args);
   const auto deadline = std::chrono::system_clock::now() +
                         absl::ToChronoMilliseconds(options.connect_timeout);
-  if (!channel->WaitForConnected(deadline)) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot reach kvcached at ", options.address, " within ",
-                     absl::FormatDuration(options.connect_timeout),
-                     "; is the daemon running?"));
+  grpc_connectivity_state state = channel->GetState(/*try_to_connect=*/true);
+  while (state != GRPC_CHANNEL_READY &&
+         !(options.fail_fast && state == GRPC_CHANNEL_TRANSIENT_FAILURE) &&
+         channel->WaitForStateChange(state, deadline)) {
+    state = channel->GetState(/*try_to_connect=*/true);
+  }
+  if (state != GRPC_CHANNEL_READY) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot reach kvcached at ", options.address,
+        state == GRPC_CHANNEL_TRANSIENT_FAILURE
+            ? " (the connection failed)"
+            : absl::StrCat(" within ",
+                           absl::FormatDuration(options.connect_timeout)),
+        "; is the daemon running?"));
   }
   return std::unique_ptr<KvCacheClient>(
       new KvCacheClient(options, std::move(channel)));

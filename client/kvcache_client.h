@@ -34,6 +34,10 @@ struct ClientOptions {
   absl::Duration timeout = absl::Seconds(30);
   // How long Connect waits for the node to answer.
   absl::Duration connect_timeout = absl::Seconds(5);
+  // Connect gives up at the first failed attempt (a refused connection, an
+  // unknown host) instead of retrying until connect_timeout: for a person at
+  // a terminal, not for a worker riding out a node's restart.
+  bool fail_fast = false;
   // Size of the data messages a Put sends.
   size_t piece_bytes = 1 << 20;
 };

@@ -403,6 +403,8 @@ absl::Status Run(const Args& args) {
   ClientOptions options;
   options.address = args.Flag("addr", options.address);
   options.timeout = *timeout;
+  options.connect_timeout = std::min(options.connect_timeout, *timeout);
+  options.fail_fast = true;
   absl::StatusOr<std::unique_ptr<KvCacheClient>> client =
       KvCacheClient::Connect(options);
   if (!client.ok()) return client.status();

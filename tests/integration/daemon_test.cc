@@ -1,7 +1,11 @@
 // Drives a real kvcached process over loopback gRPC, with the client library
 // and with kvcachectl, the way workers and operators use it.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
@@ -385,6 +389,36 @@ TEST_F(DaemonTest, KvcachectlPutLookupGetPinRmStatus) {
   auto [bad_code, bad_out] = RunCtl(daemon_->address(), "rm nothex");
   EXPECT_EQ(bad_code, 2);
   EXPECT_TRUE(absl::StrContains(bad_out, "INVALID_ARGUMENT")) << bad_out;
+}
+
+// A refused connection fails at once, not after the connect timeout, and
+// --timeout bounds the wait for an address that never answers.
+TEST(KvcachectlTest, FailsFastWhenNothingListens) {
+  // A port nothing listens on: bound, never listened.
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), len), 0);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  const std::string refused = absl::StrCat("127.0.0.1:", ntohs(addr.sin_port));
+  absl::Time start = absl::Now();
+  auto [code, out] = RunCtl(refused, "status");
+  EXPECT_NE(code, 0);
+  EXPECT_TRUE(absl::StrContains(out, "cannot reach kvcached")) << out;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+
+  // Listening but never answering (connections complete in the kernel, the
+  // HTTP/2 handshake never does): --timeout bounds the wait, here 500 ms
+  // rather than the default 5 s.
+  ASSERT_EQ(listen(fd, 8), 0);
+  start = absl::Now();
+  auto [silent_code, silent_out] = RunCtl(refused, "status --timeout=500ms");
+  EXPECT_NE(silent_code, 0);
+  EXPECT_TRUE(absl::StrContains(silent_out, "within 500ms")) << silent_out;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+  close(fd);
 }
 
 TEST_F(DaemonTest, KvcachectlLookupPrintsTheCodecSummary) {
