@@ -6,6 +6,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -61,6 +62,26 @@ grpc::Status ValidateKeys(const RepeatedPtrField<std::string>& keys,
     if (grpc::Status s = ValidateKey(keys[i], absl::StrCat("keys[", i, "]"));
         !s.ok()) {
       return s;
+    }
+  }
+  return grpc::Status::OK;
+}
+
+// For calls that hand out each key's bytes or lease (Get, Locate,
+// SendOverNccl): a key named twice would cost twice for nothing, and a
+// request that names one chunk thousands of times would multiply a small
+// request into gigabytes sent or leased.
+grpc::Status ValidateDistinctKeys(const RepeatedPtrField<std::string>& keys,
+                                  const v1::LimitsConfig& limits) {
+  if (grpc::Status s = ValidateKeys(keys, limits); !s.ok()) return s;
+  absl::flat_hash_map<absl::string_view, int> first;
+  first.reserve(keys.size());
+  for (int i = 0; i < keys.size(); ++i) {
+    auto [it, added] = first.emplace(keys[i], i);
+    if (!added) {
+      return InvalidArgument(absl::StrCat("keys[", i, "] repeats keys[",
+                                          it->second,
+                                          "]; name each chunk once"));
     }
   }
   return grpc::Status::OK;
@@ -337,7 +358,9 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
                                  const v1::GetRequest* request,
                                  grpc::ServerWriter<v1::GetResponse>* writer) {
   const v1::LimitsConfig& limits = node_.config().limits();
-  if (grpc::Status s = ValidateKeys(request->keys(), limits); !s.ok()) return s;
+  if (grpc::Status s = ValidateDistinctKeys(request->keys(), limits); !s.ok()) {
+    return s;
+  }
   for (int i = 0; i < request->keys_size(); ++i) {
     const std::string& key = request->keys(i);
     absl::StatusOr<LocatedChunk> chunk = node_.store().Get(key);
@@ -372,7 +395,8 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
 grpc::Status KvCacheService::Locate(grpc::ServerContext*,
                                     const v1::LocateRequest* request,
                                     v1::LocateResponse* response) {
-  if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
+  if (grpc::Status s =
+          ValidateDistinctKeys(request->keys(), node_.config().limits());
       !s.ok()) {
     return s;
   }
@@ -456,7 +480,8 @@ grpc::Status KvCacheService::Release(grpc::ServerContext*,
 grpc::Status KvCacheService::SendOverNccl(
     grpc::ServerContext*, const v1::SendOverNcclRequest* request,
     v1::SendOverNcclResponse* response) {
-  if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
+  if (grpc::Status s =
+          ValidateDistinctKeys(request->keys(), node_.config().limits());
       !s.ok()) {
     return s;
   }

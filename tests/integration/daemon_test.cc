@@ -279,6 +279,27 @@ TEST_F(DaemonTest, MalformedParentKeyIsInvalidArgument) {
   ExpectStillServing();
 }
 
+// One small request naming a stored chunk many times must not make the node
+// send (or lease) it once per copy.
+TEST_F(DaemonTest, RepeatedKeysInAGetAreInvalidArgument) {
+  const std::string bytes = RandomBytes(1 << 20, 5);
+  const ChunkKey key = ContentKey(bytes);
+  ASSERT_TRUE(client_->Put({{key, bytes}}).ok());
+  grpc::ClientContext context;
+  v1::GetRequest repeated;
+  for (int i = 0; i < 64; ++i) repeated.add_keys(std::string(key.AsBytes()));
+  auto reader = stub_->Get(&context, repeated);
+  v1::GetResponse response;
+  size_t received = 0;
+  while (reader->Read(&response)) received += response.ByteSizeLong();
+  const grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "keys[1] repeats"))
+      << status.error_message();
+  EXPECT_EQ(received, 0u);
+  EXPECT_EQ(client_->Get({key})->front().bytes, bytes);
+}
+
 TEST_F(DaemonTest, MalformedKeyListsAreInvalidArgument) {
   std::vector<ChunkKey> too_many(65, ContentKey("x"));
   auto lookup = client_->Lookup(too_many);
