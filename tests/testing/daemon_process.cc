@@ -84,6 +84,8 @@ absl::StatusOr<DaemonProcess> DaemonProcess::Start(
     int port = 0;
     if (std::ifstream(port_file) >> port && port > 0) {
       daemon->address_ = absl::StrCat(options.host, ":", port);
+      daemon->socket_path_ = absl::StrCat("/tmp/kvcached-", port, ".sock");
+      std::remove(port_file.c_str());
       return daemon;
     }
     int status = 0;
@@ -99,7 +101,9 @@ absl::StatusOr<DaemonProcess> DaemonProcess::Start(
 }
 
 DaemonProcess::DaemonProcess(DaemonProcess&& other) noexcept
-    : pid_(other.pid_), address_(std::move(other.address_)) {
+    : pid_(other.pid_),
+      address_(std::move(other.address_)),
+      socket_path_(std::move(other.socket_path_)) {
   other.pid_ = -1;
 }
 
@@ -107,7 +111,12 @@ DaemonProcess::~DaemonProcess() {
   if (pid_ > 0) {
     kill(pid_, SIGKILL);
     waitpid(pid_, nullptr, 0);
+    RemoveLeftovers();
   }
+}
+
+void DaemonProcess::RemoveLeftovers() {
+  if (!socket_path_.empty()) std::remove(socket_path_.c_str());
 }
 
 void DaemonProcess::Signal(int signal_number) const {
@@ -120,6 +129,7 @@ absl::StatusOr<int> DaemonProcess::WaitForExit(absl::Duration timeout) {
     int status = 0;
     if (waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;
+      RemoveLeftovers();
       return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     }
     if (absl::Now() > deadline) {

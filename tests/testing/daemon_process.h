@@ -59,8 +59,14 @@ class DaemonProcess {
   DaemonProcess(pid_t pid, std::string address)
       : pid_(pid), address_(std::move(address)) {}
 
+  // Called once the process has exited: removes the shared-memory socket
+  // that a killed daemon leaves behind.
+  void RemoveLeftovers();
+
   pid_t pid_ = -1;
   std::string address_;
+  // The daemon's default shared-memory socket, /tmp/kvcached-PORT.sock.
+  std::string socket_path_;
 };
 
 // A TCP port of `host` (an IPv4 address) nothing listens on right now, for
