@@ -1,8 +1,27 @@
 #include "kvstore/chunk_leases.h"
 
+#include <sys/random.h>
+
 #include <utility>
 
+#include "absl/time/clock.h"
+
 namespace kvcache::kvstore {
+namespace {
+
+// Lease ids are random, so that one worker cannot guess, and release,
+// another's lease. Early in boot, when the kernel has no randomness yet, a
+// counter mixed with the time still gives distinct ids.
+uint64_t RandomId(uint64_t fallback) {
+  uint64_t id = 0;
+  if (getrandom(&id, sizeof(id), 0) == sizeof(id)) return id;
+  uint64_t x = fallback ^ static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()));
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;  // splitmix64's finalizer
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
 
 ChunkLeases::ChunkLeases(uint64_t max_bytes, Clock clock)
     : max_bytes_(max_bytes),
@@ -21,7 +40,9 @@ ChunkLeases::Lease ChunkLeases::Grant(std::vector<ChunkRef> chunks,
   }
   if (held.chunks.empty()) return Lease{};
   held.expiry = now + ttl;
-  Lease lease{next_id_++, held.expiry, held.chunks.size()};
+  uint64_t id = 0;
+  while (id == 0 || leases_.contains(id)) id = RandomId(++ids_drawn_);
+  Lease lease{id, held.expiry, held.chunks.size()};
   held_bytes_ += held.bytes;
   leases_.emplace(lease.id, std::move(held));
   return lease;

@@ -28,7 +28,7 @@ class ChunkLeases {
   using Clock = std::function<absl::Time()>;
 
   struct Lease {
-    uint64_t id = 0;  // 0: nothing was leased.
+    uint64_t id = 0;  // 0: nothing was leased; otherwise random.
     absl::Time expiry;
     // How many of the offered chunks, from the front, the lease holds.
     size_t chunks = 0;
@@ -65,7 +65,7 @@ class ChunkLeases {
   mutable absl::Mutex mu_;
   absl::flat_hash_map<uint64_t, Held> leases_ ABSL_GUARDED_BY(mu_);
   uint64_t held_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t ids_drawn_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace kvcache::kvstore

@@ -1,7 +1,9 @@
 #include "kvstore/chunk_leases.h"
 
+#include <algorithm>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "kvstore/host_arena.h"
@@ -71,6 +73,27 @@ TEST(ChunkLeasesTest, CapLeasesTheLeadingChunksThatFit) {
   ASSERT_TRUE(leases.Release(first.id));
   EXPECT_EQ(leases.held_bytes(), 0u);
   EXPECT_EQ(leases.Grant({ChunkOf(4000)}, absl::Minutes(1)).chunks, 1u);
+}
+
+// A worker that knows its own lease id must not be able to name, and
+// release, another's: ids are random, not a sequence.
+TEST(ChunkLeasesTest, LeaseIdsCannotBeGuessedFromOneAnother) {
+  ChunkLeases leases(1 << 30);
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 64; ++i) {
+    ids.push_back(leases.Grant({ChunkOf(100)}, absl::Minutes(1)).id);
+  }
+  int sequential = 0;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    EXPECT_NE(ids[i], 0u);
+    if (i > 0 && ids[i] - ids[i - 1] < 1024) ++sequential;
+    // A guess near one's own id finds nothing to release.
+    EXPECT_FALSE(leases.Release(ids[i] + 1));
+  }
+  EXPECT_EQ(sequential, 0);
+  std::sort(ids.begin(), ids.end());
+  EXPECT_EQ(std::unique(ids.begin(), ids.end()), ids.end());
+  EXPECT_EQ(leases.live_leases(), 64u);
 }
 
 TEST(ChunkLeasesTest, ExpiredLeasesLetGo) {
