@@ -39,19 +39,16 @@ double Kl(absl::Span<const double> log_p, absl::Span<const double> log_q) {
   return std::max(0.0, kl);  // rounding can make an exact match -1e-17
 }
 
-// Room for the longest conversation, twice over.
+// Room for the conversation, twice over.
 absl::StatusOr<PagedKvCache> CacheFor(const LlamaModel& model,
-                                      absl::Span<const Conversation> all) {
-  size_t longest = 0;
-  for (const Conversation& c : all) {
-    size_t tokens = 0;
-    for (const Segment& s : c.segments)
-      tokens += s.prompt.size() + s.scored.size();
-    longest = std::max(longest, tokens);
+                                      const Conversation& conversation) {
+  size_t tokens = 0;
+  for (const Segment& s : conversation.segments) {
+    tokens += s.prompt.size() + s.scored.size();
   }
   constexpr int kBlockTokens = 16;
   return PagedKvCache::Create(model.CacheShape(
-      kBlockTokens, static_cast<int>(2 * longest / kBlockTokens + 8)));
+      kBlockTokens, static_cast<int>(2 * tokens / kBlockTokens + 8)));
 }
 
 // Prefills a segment into `seq`: the prompt, then the scored tokens
@@ -227,7 +224,7 @@ absl::StatusOr<std::vector<VariantResult>> QualityHarness::Run(
 
 absl::StatusOr<QualityHarness::ReferenceRun> QualityHarness::Reference(
     const Conversation& conversation) {
-  absl::StatusOr<PagedKvCache> cache = CacheFor(model_, {conversation});
+  absl::StatusOr<PagedKvCache> cache = CacheFor(model_, conversation);
   if (!cache.ok()) return cache.status();
   const SequenceId seq = cache->CreateSequence();
   ReferenceRun out;
@@ -250,7 +247,7 @@ absl::Status QualityHarness::RunVariant(const Conversation& conversation,
                                         const Variant& variant,
                                         const ReferenceRun& reference,
                                         VariantResult& result) {
-  absl::StatusOr<PagedKvCache> cache = CacheFor(model_, {conversation});
+  absl::StatusOr<PagedKvCache> cache = CacheFor(model_, conversation);
   if (!cache.ok()) return cache.status();
   const size_t vocab = model_.config().vocab_size;
   std::optional<ChatSession> session;
