@@ -1,5 +1,5 @@
 // libFuzzer entry point for the decoder. Build and run with
-// tests/fuzz/run_codec_fuzz.sh. Each input is decoded as given and again
+// tests/fuzz/run_fuzz.sh codec. Each input is decoded as given and again
 // with its trailing CRC32C recomputed, so mutations also reach the table,
 // directory and rANS parsers behind the checksum.
 #include <cstddef>

@@ -160,6 +160,10 @@ absl::StatusOr<IndexRecord> DecodeIndexRecord(absl::string_view bytes) {
       return BadRecord(bytes, "impossible codec summary");
     }
     summary.level = static_cast<codec::Level>(level);
+    // An unknown level would be reported to clients as "unknown".
+    if (codec::LevelName(summary.level) == "unknown") {
+      return BadRecord(bytes, absl::StrCat("unknown codec level ", int{level}));
+    }
     record.codec = summary;
   }
   if (!in.TakeLengthPrefixed(record.parent_key)) {

@@ -1,7 +1,7 @@
 // libFuzzer target: parses arbitrary bytes as a GGUF file, then reads back
 // everything the file claims to hold, metadata through every getter and
 // each tensor through ReadF32. Any crash, sanitizer report, hang or huge
-// allocation is a bug. Built and run by tests/fuzz/run_gguf_fuzz.sh.
+// allocation is a bug. Built and run by tests/fuzz/run_fuzz.sh gguf.
 #include <cstddef>
 #include <cstdint>
 #include <string>
