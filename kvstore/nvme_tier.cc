@@ -80,11 +80,16 @@ absl::StatusOr<std::unique_ptr<NvmeTier>> NvmeTier::Open(
   }
   std::unique_ptr<NvmeTier> tier(new NvmeTier(options, std::move(clock)));
   if (absl::Status s = tier->OpenSlabs(); !s.ok()) return s;
-  UringOptions uring;
-  uring.queue_depth = std::max<uint32_t>(1, options.queue_depth);
-  absl::StatusOr<std::unique_ptr<UringFileIo>> io = UringFileIo::Create(uring);
-  if (!io.ok()) return io.status();
-  tier->io_ = std::move(*io);
+  tier->io_ = options.file_io;
+  if (tier->io_ == nullptr) {
+    UringOptions uring;
+    uring.queue_depth = std::max<uint32_t>(1, options.queue_depth);
+    absl::StatusOr<std::unique_ptr<UringFileIo>> io =
+        UringFileIo::Create(uring);
+    if (!io.ok()) return io.status();
+    tier->own_io_ = std::move(*io);
+    tier->io_ = tier->own_io_.get();
+  }
   absl::StatusOr<std::unique_ptr<ChunkIndex>> index =
       ChunkIndex::Open(options.data_dir + "/index");
   if (!index.ok()) return index.status();
@@ -291,10 +296,10 @@ absl::Status NvmeTier::WriteDurably(const Extent& extent,
   }
   // O_DIRECT bypasses the page cache but not the device's cache, and the
   // first write into preallocated blocks changes file metadata.
-  if (fdatasync(fd) != 0) {
-    return absl::ErrnoToStatus(
-        errno, absl::StrFormat("fdatasync of %s/slab-%03d", options_.data_dir,
-                               extent.slab));
+  if (absl::Status s = io_->Sync(fd); !s.ok()) {
+    return absl::Status(s.code(),
+                        absl::StrFormat("%s of %s/slab-%03d", s.message(),
+                                        options_.data_dir, extent.slab));
   }
   return absl::OkStatus();
 }

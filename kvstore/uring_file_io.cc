@@ -1,5 +1,7 @@
 #include "kvstore/uring_file_io.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -57,6 +59,14 @@ absl::Status UringFileIo::Write(int fd, uint64_t offset, const char* buffer,
   // io_uring's write prep takes a mutable pointer but only reads from it.
   return Transfer(true, fd, offset, const_cast<char*>(buffer), length,
                   [](absl::string_view) {});
+}
+
+absl::Status UringFileIo::Sync(int fd) {
+  // A plain fdatasync rather than IORING_OP_FSYNC: a device cache flush can
+  // take milliseconds, and on a ring it would hold that ring from other
+  // callers' reads all the while.
+  if (fdatasync(fd) != 0) return absl::ErrnoToStatus(errno, "fdatasync");
+  return absl::OkStatus();
 }
 
 absl::Status UringFileIo::Transfer(

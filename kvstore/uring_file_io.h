@@ -7,8 +7,9 @@
 // still being read. Short transfers are resumed; errors come back as the
 // errno's status (ENOSPC is RESOURCE_EXHAUSTED).
 //
-// Thread-safe: several rings serve concurrent callers; each call takes one
-// ring for its duration, so up to `rings` calls proceed in parallel.
+// Thread-safe: several rings serve concurrent callers; each read or write
+// takes one ring for its duration, so up to `rings` of them proceed in
+// parallel. A sync takes no ring.
 #ifndef KVCACHE_KVSTORE_URING_FILE_IO_H_
 #define KVCACHE_KVSTORE_URING_FILE_IO_H_
 
@@ -25,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "kvstore/file_io.h"
 
 namespace kvcache::kvstore {
 
@@ -34,26 +36,25 @@ struct UringOptions {
   uint64_t op_bytes = 1 << 20;
 };
 
-class UringFileIo {
+class UringFileIo : public FileIo {
  public:
   // UNAVAILABLE (with the kernel's reason) if io_uring cannot be set up, e.g.
   // it is disabled by sysctl kernel.io_uring_disabled or a seccomp profile.
   static absl::StatusOr<std::unique_ptr<UringFileIo>> Create(
       const UringOptions& options);
-  ~UringFileIo();
+  ~UringFileIo() override;
 
   UringFileIo(const UringFileIo&) = delete;
   UringFileIo& operator=(const UringFileIo&) = delete;
 
-  // Transfers `length` bytes between `buffer` and `fd` at `offset`. All
-  // three must be multiples of the block size for an O_DIRECT fd. A read past
-  // the end of the file is DATA_LOSS (the slab is shorter than the index
-  // says). Read calls `on_read` with consecutive pieces of `buffer`, in
-  // order, each as soon as it has been read; not after an error.
-  absl::Status Read(int fd, uint64_t offset, char* buffer, uint64_t length,
-                    absl::FunctionRef<void(absl::string_view)> on_read);
+  // As FileIo says; a read past the end of the file means the slab is
+  // shorter than the index says.
+  absl::Status Read(
+      int fd, uint64_t offset, char* buffer, uint64_t length,
+      absl::FunctionRef<void(absl::string_view)> on_read) override;
   absl::Status Write(int fd, uint64_t offset, const char* buffer,
-                     uint64_t length);
+                     uint64_t length) override;
+  absl::Status Sync(int fd) override;
 
  private:
   struct Ring {
