@@ -17,7 +17,7 @@ PACKAGES=(
   bazel-bootstrap bazel-rules-java bazel-platforms bazel-skylib
   g++ clang-format
   protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev
-  libabsl-dev libssl-dev libzstd-dev zstd nlohmann-json3-dev
+  libabsl-dev libssl-dev libzstd-dev zstd nlohmann-json3-dev libcpp-httplib-dev
   librocksdb-dev liburing-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   redis-server libhiredis-dev fio

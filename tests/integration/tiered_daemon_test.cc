@@ -223,7 +223,7 @@ TEST_F(TieredDaemonTest, StatusAndPrometheusReportEveryTier) {
   EXPECT_EQ(nvme.hits(), 1u);
 
   const std::string scrape = HttpGet(port, "/metrics");
-  EXPECT_TRUE(absl::StartsWith(scrape, "HTTP/1.0 200")) << scrape;
+  EXPECT_TRUE(absl::StartsWith(scrape, "HTTP/1.1 200")) << scrape;
   EXPECT_TRUE(absl::StrContains(
       scrape,
       absl::StrCat("kvcache_tier_capacity_bytes{tier=\"nvme\"} ", 32 << 20)))
