@@ -44,6 +44,9 @@ std::vector<ChunkToPut> PromptChunks(absl::Span<const ChunkKey> keys,
 struct PutOptions {
   // If positive, the chunks are stored pinned for this long (chat sessions).
   absl::Duration pin_ttl = absl::ZeroDuration();
+  // A key the node already holds keeps its first copy unless this is set
+  // (PutHeader.replace).
+  bool replace = false;
 };
 
 // A fetched chunk: its bytes and where the node kept it.

@@ -122,6 +122,7 @@ absl::Status KvCacheClient::Put(absl::Span<const ChunkToPut> chunks,
     header.set_key(std::string(chunk.key.AsBytes()));
     header.set_crc32c(codec::Crc32c(chunk.bytes));
     header.set_pin_ttl_ms(absl::ToInt64Milliseconds(options.pin_ttl));
+    header.set_replace(options.replace);
     if (chunk.parent.has_value()) {
       header.set_parent_key(std::string(chunk.parent->AsBytes()));
     }

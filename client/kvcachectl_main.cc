@@ -28,9 +28,11 @@ constexpr char kUsage[] =
 commands:
   status                         node, tier usage and counters
   config                         the node's effective configuration
-  put FILE [--key=HEX] [--pin_ttl=DURATION]
+  put FILE [--key=HEX] [--pin_ttl=DURATION] [--replace]
                                  store a file as one chunk; prints its key
-                                 (default key: SHA-256 of the contents)
+                                 (default key: SHA-256 of the contents); a
+                                 key already held keeps its bytes unless
+                                 --replace
   get KEY --out=FILE             fetch a chunk into FILE ('-' for stdout)
   lookup KEY...                  how many leading keys are cached, and
                                  each one's size, tier, pin and codec
@@ -197,7 +199,8 @@ absl::Status Put(KvCacheClient& client, const Args& args) {
   absl::StatusOr<absl::Duration> pin_ttl = DurationFlag(args, "pin_ttl", "0s");
   if (!pin_ttl.ok()) return pin_ttl.status();
   const ChunkToPut chunk{key, bytes};
-  if (absl::Status s = client.Put({chunk}, PutOptions{*pin_ttl}); !s.ok()) {
+  const PutOptions options{*pin_ttl, args.flags.count("replace") > 0};
+  if (absl::Status s = client.Put({chunk}, options); !s.ok()) {
     return s;
   }
   std::printf("%s %zu bytes\n", key.ToHex().c_str(), bytes.size());

@@ -2,6 +2,7 @@
 
 #include <sys/random.h>
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/time/clock.h"
@@ -23,18 +24,24 @@ uint64_t RandomId(uint64_t fallback) {
 
 }  // namespace
 
-ChunkLeases::ChunkLeases(uint64_t max_bytes, Clock clock)
+ChunkLeases::ChunkLeases(uint64_t max_bytes, uint64_t max_bytes_per_owner,
+                         Clock clock)
     : max_bytes_(max_bytes),
+      max_bytes_per_owner_(std::min(max_bytes, max_bytes_per_owner)),
       clock_(clock ? std::move(clock) : Clock([] { return absl::Now(); })) {}
 
-ChunkLeases::Lease ChunkLeases::Grant(std::vector<ChunkRef> chunks,
+ChunkLeases::Lease ChunkLeases::Grant(const std::string& owner,
+                                      std::vector<ChunkRef> chunks,
                                       absl::Duration ttl) {
   const absl::Time now = clock_();
   absl::MutexLock lock(&mu_);
   DropExpired(now);
+  const uint64_t room = std::min(max_bytes_ - held_bytes_,
+                                 max_bytes_per_owner_ - OwnerBytes(owner));
   Held held;
+  held.owner = owner;
   for (const ChunkRef& chunk : chunks) {
-    if (held_bytes_ + held.bytes + chunk.size_bytes > max_bytes_) break;
+    if (held.bytes + chunk.size_bytes > room) break;
     held.bytes += chunk.size_bytes;
     held.chunks.push_back(chunk);
   }
@@ -44,17 +51,18 @@ ChunkLeases::Lease ChunkLeases::Grant(std::vector<ChunkRef> chunks,
   while (id == 0 || leases_.contains(id)) id = RandomId(++ids_drawn_);
   Lease lease{id, held.expiry, held.chunks.size()};
   held_bytes_ += held.bytes;
+  owner_bytes_[owner] += held.bytes;
   leases_.emplace(lease.id, std::move(held));
   return lease;
 }
 
-bool ChunkLeases::Release(uint64_t id) {
+bool ChunkLeases::Release(const std::string& owner, uint64_t id) {
   const absl::Time now = clock_();
   absl::MutexLock lock(&mu_);
   DropExpired(now);
   auto it = leases_.find(id);
-  if (it == leases_.end()) return false;
-  held_bytes_ -= it->second.bytes;
+  if (it == leases_.end() || it->second.owner != owner) return false;
+  Drop(it->second);
   leases_.erase(it);
   return true;
 }
@@ -64,11 +72,29 @@ uint64_t ChunkLeases::held_bytes() const {
   return held_bytes_;
 }
 
-uint64_t ChunkLeases::room_bytes() {
+uint64_t ChunkLeases::held_bytes(const std::string& owner) const {
+  absl::MutexLock lock(&mu_);
+  return OwnerBytes(owner);
+}
+
+uint64_t ChunkLeases::room_bytes(const std::string& owner) {
   const absl::Time now = clock_();
   absl::MutexLock lock(&mu_);
   DropExpired(now);
-  return max_bytes_ - held_bytes_;
+  return std::min(max_bytes_ - held_bytes_,
+                  max_bytes_per_owner_ - OwnerBytes(owner));
+}
+
+uint64_t ChunkLeases::OwnerBytes(const std::string& owner) const {
+  auto it = owner_bytes_.find(owner);
+  return it == owner_bytes_.end() ? 0 : it->second;
+}
+
+void ChunkLeases::Drop(const Held& held) {
+  held_bytes_ -= held.bytes;
+  auto it = owner_bytes_.find(held.owner);
+  it->second -= held.bytes;
+  if (it->second == 0) owner_bytes_.erase(it);
 }
 
 size_t ChunkLeases::live_leases() const {
@@ -79,7 +105,7 @@ size_t ChunkLeases::live_leases() const {
 void ChunkLeases::DropExpired(absl::Time now) {
   absl::erase_if(leases_, [&](const auto& entry) {
     if (entry.second.expiry > now) return false;
-    held_bytes_ -= entry.second.bytes;
+    Drop(entry.second);
     return true;
   });
 }

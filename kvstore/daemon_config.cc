@@ -194,6 +194,44 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config) {
         absl::StrCat("must be within [", kMinPiece, ", ", kMaxPiece, "], got ",
                      limits.get_piece_bytes()));
   }
+  if (limits.max_put_bytes_in_flight() < limits.max_chunk_bytes()) {
+    return FieldError("limits.max_put_bytes_in_flight",
+                      absl::StrCat("must be at least limits.max_chunk_bytes (",
+                                   limits.max_chunk_bytes(),
+                                   "), or no chunk of the largest "
+                                   "size could ever be stored; got ",
+                                   limits.max_put_bytes_in_flight()));
+  }
+  // gRPC's synchronous server keeps a few threads polling for new calls,
+  // out of the same allowance as the calls themselves.
+  constexpr uint32_t kMinCalls = 8;
+  if (limits.max_concurrent_calls() < kMinCalls) {
+    return FieldError("limits.max_concurrent_calls",
+                      absl::StrCat("must be at least ", kMinCalls));
+  }
+  if (limits.max_streams_per_connection() == 0) {
+    return FieldError("limits.max_streams_per_connection", "must be > 0");
+  }
+  if (limits.stream_idle_timeout_seconds() == 0) {
+    return FieldError("limits.stream_idle_timeout_seconds", "must be > 0");
+  }
+  constexpr uint64_t kMinGrpcMemory = 16 << 20;
+  if (limits.grpc_memory_bytes() < kMinGrpcMemory) {
+    return FieldError("limits.grpc_memory_bytes",
+                      absl::StrCat("must be at least ", kMinGrpcMemory));
+  }
+  if (limits.keepalive_time_seconds() == 0 ||
+      limits.keepalive_timeout_seconds() == 0) {
+    return FieldError("limits.keepalive_time_seconds",
+                      "keepalive_time_seconds and keepalive_timeout_seconds "
+                      "must be > 0");
+  }
+  const uint32_t per_connection =
+      config.shared_memory().max_leased_percent_per_connection();
+  if (per_connection == 0 || per_connection > 100) {
+    return FieldError("shared_memory.max_leased_percent_per_connection",
+                      "must be within [1, 100]");
+  }
   return absl::OkStatus();
 }
 

@@ -138,7 +138,10 @@ TEST_F(GpuTierTest, ReplacingAChunkLeavesNoStaleCopyBelow) {
   ASSERT_TRUE(Put(Key(1), Bytes(kChunk, 1)).ok());
   ASSERT_TRUE(Put(Key(2), Bytes(kChunk, 2)).ok());  // k0 to CPU
   ASSERT_EQ(store_->Peek(Key(0))->tier, TierId::kCpu);
-  ASSERT_TRUE(Put(Key(0), Bytes(kChunk, 100)).ok());  // new bytes, in GPU
+  // New bytes, in GPU.
+  ASSERT_TRUE(
+      Put(Key(0), Bytes(kChunk, 100), absl::ZeroDuration(), PutMode::kReplace)
+          .ok());
   for (int i = 3; i < 9; ++i) ASSERT_TRUE(Put(Key(i), Bytes(kChunk, i)).ok());
   // Wherever k0 went since, it has the new bytes.
   GetTier(Key(0), Bytes(kChunk, 100));

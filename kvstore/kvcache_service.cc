@@ -121,6 +121,12 @@ void FillInfo(absl::string_view key, const LocatedChunk& located,
   }
 }
 
+// Bytes of the tiers same-host workers map (CPU, and GPU where there is one).
+uint64_t SharedBytes(const TieredStore& store) {
+  return store.cpu_arena().capacity_bytes() +
+         (store.gpu_arena() ? store.gpu_arena()->capacity_bytes() : 0);
+}
+
 absl::Duration CappedTtl(uint64_t ttl_ms, const v1::LimitsConfig& limits) {
   return std::min(absl::Milliseconds(ttl_ms),
                   absl::Seconds(limits.max_pin_ttl_seconds()));
@@ -129,6 +135,8 @@ absl::Duration CappedTtl(uint64_t ttl_ms, const v1::LimitsConfig& limits) {
 // Accumulates one chunk of a Put stream until its declared size arrived.
 class IncomingChunk {
  public:
+  explicit IncomingChunk(ByteBudget& budget) : budget_(budget) {}
+
   grpc::Status Start(const v1::PutHeader& header,
                      const v1::LimitsConfig& limits) {
     if (grpc::Status s = ValidateKey(header.key(), "put header key"); !s.ok()) {
@@ -149,10 +157,22 @@ class IncomingChunk {
           "chunk of ", header.size_bytes(), " bytes exceeds this node's ",
           "limit of ", limits.max_chunk_bytes(), " (limits.max_chunk_bytes)"));
     }
+    // The declared size is held from the node's allowance before any byte
+    // is buffered; a client that then sends nothing holds it only until the
+    // stream's idle timeout.
+    reservation_ = budget_.TryReserve(header.size_bytes());
+    if (!reservation_) {
+      return grpc::Status(
+          grpc::StatusCode::RESOURCE_EXHAUSTED,
+          absl::StrCat("a chunk of ", header.size_bytes(),
+                       " bytes does not fit: Puts in flight already hold ",
+                       budget_.used(), " of ", budget_.capacity(),
+                       " bytes (limits.max_put_bytes_in_flight); retry later"));
+    }
     header_ = header;
-    // Grow as data arrives rather than trusting the declared size up front:
-    // a client that declares a huge chunk and sends nothing costs nothing.
     bytes_.clear();
+    // Pages are touched only as data arrives.
+    bytes_.reserve(header.size_bytes());
     crc32c_ = 0;
     open_ = true;
     return grpc::Status::OK;
@@ -180,13 +200,17 @@ class IncomingChunk {
   // CRC32C of the bytes received so far.
   uint32_t crc32c() const { return crc32c_; }
 
-  // Hands over the finished chunk's bytes and closes it.
-  std::string Take() {
+  // Hands over the finished chunk's bytes and closes it; its reservation
+  // goes back once the caller has stored (copied) the bytes and dropped it.
+  std::string Take(ByteBudget::Reservation& reservation) {
     open_ = false;
+    reservation = std::move(reservation_);
     return std::move(bytes_);
   }
 
  private:
+  ByteBudget& budget_;
+  ByteBudget::Reservation reservation_;
   v1::PutHeader header_;
   std::string bytes_;
   uint32_t crc32c_ = 0;
@@ -224,10 +248,12 @@ NodeState::NodeState(v1::DaemonConfig config,
       store_(std::move(store)),
       // One cap over both shared tiers: a lease of GPU chunks holds device
       // memory the way one of CPU chunks holds host memory.
-      leases_(
-          (store_->cpu_arena().capacity_bytes() +
-           (store_->gpu_arena() ? store_->gpu_arena()->capacity_bytes() : 0)) /
-          100 * config_.shared_memory().max_leased_percent()) {
+      leases_(SharedBytes(*store_) / 100 *
+                  config_.shared_memory().max_leased_percent(),
+              SharedBytes(*store_) / 100 *
+                  config_.shared_memory().max_leased_percent_per_connection()),
+      put_budget_(config_.limits().max_put_bytes_in_flight()),
+      watchdog_(absl::Seconds(config_.limits().stream_idle_timeout_seconds())) {
   const v1::GpuTierConfig& gpu = config_.gpu_tier();
   if (store_->gpu_arena() != nullptr && gpu.max_nccl_links() > 0) {
     NcclLinksOptions options;
@@ -296,13 +322,15 @@ grpc::Status KvCacheService::LookupEach(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status KvCacheService::Put(grpc::ServerContext*,
+grpc::Status KvCacheService::Put(grpc::ServerContext* context,
                                  grpc::ServerReader<v1::PutRequest>* reader,
                                  v1::PutResponse* response) {
   const v1::LimitsConfig& limits = node_.config().limits();
-  IncomingChunk chunk;
+  StreamWatchdog::Watch watch(node_.watchdog(), *context);
+  IncomingChunk chunk(node_.put_budget());
   v1::PutRequest request;
   while (reader->Read(&request)) {
+    watch.Progress();
     if (request.has_header()) {
       if (chunk.open()) {
         return InvalidArgument(absl::StrCat(
@@ -314,6 +342,9 @@ grpc::Status KvCacheService::Put(grpc::ServerContext*,
                             "node is draining and accepts no new chunks");
       }
       if (grpc::Status s = chunk.Start(request.header(), limits); !s.ok()) {
+        if (s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+          node_.refused_puts.fetch_add(1, std::memory_order_relaxed);
+        }
         return s;
       }
     } else if (request.has_data()) {
@@ -325,7 +356,8 @@ grpc::Status KvCacheService::Put(grpc::ServerContext*,
 
     const v1::PutHeader header = chunk.header();
     const uint32_t crc = chunk.crc32c();
-    std::string bytes = chunk.Take();
+    ByteBudget::Reservation reservation;
+    std::string bytes = chunk.Take(reservation);
     if (crc != header.crc32c()) {
       return grpc::Status(
           grpc::StatusCode::DATA_LOSS,
@@ -334,16 +366,30 @@ grpc::Status KvCacheService::Put(grpc::ServerContext*,
                        header.crc32c(), "; nothing stored for it"));
     }
     const uint64_t size = bytes.size();
-    if (absl::Status s = node_.store().Put(
-            header.key(), std::move(bytes), crc,
-            CappedTtl(header.pin_ttl_ms(), limits), header.parent_key());
-        !s.ok()) {
-      return ToGrpcStatus(s);
+    absl::StatusOr<PutOutcome> stored = node_.store().Put(
+        header.key(), std::move(bytes), crc,
+        CappedTtl(header.pin_ttl_ms(), limits), header.parent_key(),
+        header.replace() ? PutMode::kReplace : PutMode::kKeepExisting);
+    reservation.Reset();
+    if (!stored.ok()) return ToGrpcStatus(stored.status());
+    // Storing may take a while (a durable NVMe write); the client was not
+    // idle meanwhile.
+    watch.Progress();
+    if (*stored == PutOutcome::kKeptExisting) {
+      response->set_chunks_kept(response->chunks_kept() + 1);
+      continue;
     }
     response->set_chunks_stored(response->chunks_stored() + 1);
     response->set_bytes_stored(response->bytes_stored() + size);
     node_.puts.fetch_add(1, std::memory_order_relaxed);
     node_.bytes_in.fetch_add(size, std::memory_order_relaxed);
+  }
+  if (watch.timed_out()) {
+    return grpc::Status(
+        grpc::StatusCode::CANCELLED,
+        absl::StrCat("put stream sent nothing for ",
+                     limits.stream_idle_timeout_seconds(),
+                     " s (limits.stream_idle_timeout_seconds); cancelled"));
   }
   if (chunk.open()) {
     return InvalidArgument(absl::StrCat(
@@ -361,6 +407,7 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
   if (grpc::Status s = ValidateDistinctKeys(request->keys(), limits); !s.ok()) {
     return s;
   }
+  StreamWatchdog::Watch watch(node_.watchdog(), *context);
   for (int i = 0; i < request->keys_size(); ++i) {
     const std::string& key = request->keys(i);
     absl::StatusOr<LocatedChunk> chunk = node_.store().Get(key);
@@ -378,12 +425,17 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
     node_.hits.fetch_add(1, std::memory_order_relaxed);
     v1::GetResponse message;
     FillInfo(key, *chunk, *message.mutable_header());
-    if (!writer->Write(message)) break;  // the client went away
+    // A Write that fails means the client went away, or stopped reading
+    // for longer than the idle timeout.
+    if (!writer->Write(message)) break;
+    watch.Progress();
     const bool sent = transfer::ForEachPiece(
         chunk->chunk.bytes(), limits.get_piece_bytes(),
         [&](absl::string_view piece) {
           message.set_data(piece.data(), piece.size());
-          return !context->IsCancelled() && writer->Write(message);
+          if (context->IsCancelled() || !writer->Write(message)) return false;
+          watch.Progress();
+          return true;
         });
     if (!sent) break;
     node_.bytes_out.fetch_add(chunk->chunk.size_bytes,
@@ -392,7 +444,7 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-grpc::Status KvCacheService::Locate(grpc::ServerContext*,
+grpc::Status KvCacheService::Locate(grpc::ServerContext* context,
                                     const v1::LocateRequest* request,
                                     v1::LocateResponse* response) {
   if (grpc::Status s =
@@ -412,7 +464,8 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext*,
   // Chunks past the room leases have left would be read up from NVMe, or
   // copied out of the GPU tier, only to go unleased: stop before them. The
   // first is always tried, so a full cap is RESOURCE_EXHAUSTED below.
-  const uint64_t room = node_.leases().room_bytes();
+  const std::string owner = context->peer();
+  const uint64_t room = node_.leases().room_bytes(owner);
   const uint64_t max_read = request->max_read_bytes();
   uint64_t offered = 0, read = 0;
   bool out_of_room = false, read_limited = false;
@@ -452,13 +505,17 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext*,
   const absl::Duration ttl = std::min(
       absl::Milliseconds(request->lease_ms()),
       absl::Seconds(node_.config().shared_memory().max_lease_seconds()));
-  const ChunkLeases::Lease lease = node_.leases().Grant(std::move(chunks), ttl);
+  const ChunkLeases::Lease lease =
+      node_.leases().Grant(owner, std::move(chunks), ttl);
   if (lease.chunks == 0) {
     return grpc::Status(
         grpc::StatusCode::RESOURCE_EXHAUSTED,
         absl::StrCat("leases already hold ", node_.leases().held_bytes(),
-                     " bytes of the shared tiers "
-                     "(shared_memory.max_leased_percent); release some or "
+                     " bytes of the shared tiers, ",
+                     node_.leases().held_bytes(owner),
+                     " of them this connection's "
+                     "(shared_memory.max_leased_percent, "
+                     "max_leased_percent_per_connection); release some or "
                      "fetch with Get"));
   }
   response->mutable_chunks()->DeleteSubrange(
@@ -470,10 +527,11 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status KvCacheService::Release(grpc::ServerContext*,
+grpc::Status KvCacheService::Release(grpc::ServerContext* context,
                                      const v1::ReleaseRequest* request,
                                      v1::ReleaseResponse* response) {
-  response->set_released(node_.leases().Release(request->lease_id()));
+  response->set_released(
+      node_.leases().Release(context->peer(), request->lease_id()));
   return grpc::Status::OK;
 }
 

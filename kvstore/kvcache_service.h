@@ -20,8 +20,10 @@
 #include "absl/time/time.h"
 #include "kvcache/v1/config.pb.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
+#include "kvstore/byte_budget.h"
 #include "kvstore/chunk_leases.h"
 #include "kvstore/nccl_links.h"
+#include "kvstore/stream_watchdog.h"
 #include "kvstore/tiered_store.h"
 
 namespace kvcache::kvstore {
@@ -42,6 +44,10 @@ class NodeState {
 
   // Same-host workers' reservations of CPU-tier chunks (Locate).
   ChunkLeases& leases() { return leases_; }
+  // Bytes Put streams may buffer (limits.max_put_bytes_in_flight).
+  ByteBudget& put_budget() { return put_budget_; }
+  // Cancels Put and Get streams idle past limits.stream_idle_timeout_seconds.
+  StreamWatchdog& watchdog() { return watchdog_; }
   // NCCL links to workers' GPUs; null without a GPU tier, or with
   // gpu_tier.max_nccl_links 0.
   NcclLinks* nccl_links() { return nccl_links_.get(); }
@@ -62,6 +68,8 @@ class NodeState {
   std::atomic<uint64_t> puts{0};
   std::atomic<uint64_t> bytes_in{0};
   std::atomic<uint64_t> bytes_out{0};
+  // Put headers refused because Puts in flight held the whole budget.
+  std::atomic<uint64_t> refused_puts{0};
   // In a cluster: chunks copied to peers to restore their replica count, and
   // chunks handed to new owners while draining.
   std::atomic<uint64_t> repaired_chunks{0};
@@ -78,6 +86,8 @@ class NodeState {
   const absl::Time started_;
   std::unique_ptr<TieredStore> store_;
   ChunkLeases leases_;
+  ByteBudget put_budget_;
+  StreamWatchdog watchdog_;
   std::unique_ptr<NcclLinks> nccl_links_;
   mutable absl::Mutex socket_mu_;
   std::string shared_memory_socket_ ABSL_GUARDED_BY(socket_mu_);

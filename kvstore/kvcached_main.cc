@@ -14,6 +14,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -94,6 +95,33 @@ std::string AdvertiseAddress(const v1::DaemonConfig& config, int port) {
   return absl::StrCat(name, ":", port);
 }
 
+// What keeps clients from growing the node without bound: a thread per
+// call in progress, out of max_concurrent_calls (beyond it gRPC answers
+// RESOURCE_EXHAUSTED); gRPC's own buffers within grpc_memory_bytes; a
+// stream limit per connection; and keepalive pings that find dead clients
+// so their calls end.
+void ApplyConnectionLimits(const v1::LimitsConfig& limits,
+                           grpc::ServerBuilder& builder) {
+  grpc::ResourceQuota quota("kvcached");
+  quota.SetMaxThreads(static_cast<int>(limits.max_concurrent_calls()));
+  quota.Resize(limits.grpc_memory_bytes());
+  builder.SetResourceQuota(quota);
+  builder.AddChannelArgument(
+      GRPC_ARG_MAX_CONCURRENT_STREAMS,
+      static_cast<int>(limits.max_streams_per_connection()));
+  builder.AddChannelArgument(
+      GRPC_ARG_KEEPALIVE_TIME_MS,
+      static_cast<int>(limits.keepalive_time_seconds()) * 1000);
+  builder.AddChannelArgument(
+      GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+      static_cast<int>(limits.keepalive_timeout_seconds()) * 1000);
+  // Clients may ping as often as every 10 s, even between calls, without
+  // being cut off as abusive.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(
+      GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+}
+
 int Run(int argc, char** argv) {
   Flags flags;
   if (!ParseFlags(argc, argv, flags)) return 2;
@@ -150,6 +178,7 @@ int Run(int argc, char** argv) {
   // framing must always fit, whatever the client's piece size.
   builder.SetMaxReceiveMessageSize(8 << 20);
   transfer::SetChunkStreamWindow(builder);
+  ApplyConnectionLimits(config->limits(), builder);
   builder.RegisterService(&data_plane);
   builder.RegisterService(&admin_plane);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();

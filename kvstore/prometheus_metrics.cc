@@ -80,12 +80,26 @@ std::string RenderPrometheusMetrics(NodeState& node) {
       {"bytes_in", &node.bytes_in},
       {"bytes_out", &node.bytes_out},
       {"repaired_chunks", &node.repaired_chunks},
-      {"handoff_chunks", &node.handoff_chunks}};
+      {"handoff_chunks", &node.handoff_chunks},
+      {"refused_puts", &node.refused_puts}};
   for (const auto& [name, counter] : node_counters) {
     const std::string metric = absl::StrCat("kvcache_", name, "_total");
     Family(out, metric, "counter", "KvCache API counter since start-up");
     absl::StrAppend(&out, metric, " ", Load(*counter), "\n");
   }
+  Family(out, "kvcache_idle_streams_cancelled_total", "counter",
+         "Put and Get streams cancelled for moving nothing for "
+         "limits.stream_idle_timeout_seconds");
+  absl::StrAppend(&out, "kvcache_idle_streams_cancelled_total ",
+                  node.watchdog().timed_out_streams(), "\n");
+  Family(out, "kvcache_put_bytes_in_flight", "gauge",
+         "Put data buffered before its chunk is stored");
+  absl::StrAppend(&out, "kvcache_put_bytes_in_flight ",
+                  node.put_budget().used(), "\n");
+  Family(out, "kvcache_put_bytes_in_flight_limit", "gauge",
+         "limits.max_put_bytes_in_flight");
+  absl::StrAppend(&out, "kvcache_put_bytes_in_flight_limit ",
+                  node.put_budget().capacity(), "\n");
   const std::vector<TierReport> tiers = node.store().Report();
   PerTier(out, tiers, "kvcache_tier_used_bytes", "gauge",
           "Bytes of chunk data held (NVMe: allocated extents)",

@@ -133,13 +133,41 @@ absl::Status TieredStore::PutInNvme(absl::string_view key,
   return s;
 }
 
-absl::Status TieredStore::Put(absl::string_view key, std::string bytes,
-                              uint32_t crc32c, absl::Duration pin_ttl,
-                              absl::string_view parent_key) {
-  const uint64_t size = bytes.size();
+absl::StatusOr<PutOutcome> TieredStore::Put(absl::string_view key,
+                                            std::string bytes, uint32_t crc32c,
+                                            absl::Duration pin_ttl,
+                                            absl::string_view parent_key,
+                                            PutMode mode) {
   absl::Mutex& key_lock = KeyLock(key);
-  absl::Mutex* const held[] = {&key_lock};
   absl::MutexLock lock(&key_lock);
+  if (mode == PutMode::kKeepExisting && Holds(key)) {
+    if (pin_ttl > absl::ZeroDuration()) {
+      absl::StatusOr<absl::Time> pinned = PinLocked(key, pin_ttl);
+      if (!pinned.ok()) return pinned.status();
+    }
+    return PutOutcome::kKeptExisting;
+  }
+  if (absl::Status s =
+          Store(key, std::move(bytes), crc32c, pin_ttl, parent_key, key_lock);
+      !s.ok()) {
+    return s;
+  }
+  return PutOutcome::kStored;
+}
+
+bool TieredStore::Holds(absl::string_view key) const {
+  for (TierId tier : {TierId::kGpu, TierId::kCpu, TierId::kNvme}) {
+    if (PeekTier(tier, key).ok()) return true;
+  }
+  return false;
+}
+
+absl::Status TieredStore::Store(absl::string_view key, std::string bytes,
+                                uint32_t crc32c, absl::Duration pin_ttl,
+                                absl::string_view parent_key,
+                                absl::Mutex& key_lock) {
+  const uint64_t size = bytes.size();
+  absl::Mutex* const held[] = {&key_lock};
   const bool to_gpu = AdmittedToGpu(size);
   if (!to_gpu && !AdmittedToCpu(size) && !nvme_) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -399,6 +427,11 @@ absl::StatusOr<bool> TieredStore::Delete(absl::string_view key) {
 absl::StatusOr<absl::Time> TieredStore::Pin(absl::string_view key,
                                             absl::Duration ttl) {
   absl::MutexLock lock(&KeyLock(key));
+  return PinLocked(key, ttl);
+}
+
+absl::StatusOr<absl::Time> TieredStore::PinLocked(absl::string_view key,
+                                                  absl::Duration ttl) {
   // The tiers' pins may differ if one was extended earlier; report the
   // latest, which is what eviction in the slower tier honours.
   std::optional<absl::Time> expiry;

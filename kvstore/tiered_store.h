@@ -58,6 +58,12 @@ namespace kvcache::kvstore {
 
 enum class TierId { kGpu, kCpu, kNvme };
 
+// What a Put does with a key the store already holds: keep the first copy
+// (a later writer must not replace cached KV it did not compute), or
+// replace it.
+enum class PutMode { kKeepExisting, kReplace };
+enum class PutOutcome { kStored, kKeptExisting };
+
 struct TieredStoreOptions {
   uint64_t cpu_capacity_bytes = 1 << 30;
   // A chunk over this percentage of cpu_capacity_bytes skips the CPU tier.
@@ -102,11 +108,15 @@ class TieredStore {
   TieredStore& operator=(const TieredStore&) = delete;
 
   // Stores the chunk (pinned for `pin_ttl` if positive), demoting what the
-  // CPU tier evicts for it. RESOURCE_EXHAUSTED with the reason if no tier
-  // has room (everything pinned, NVMe disk full, or over the admission limit
-  // without NVMe); the key then keeps its previous bytes, if any.
-  absl::Status Put(absl::string_view key, std::string bytes, uint32_t crc32c,
-                   absl::Duration pin_ttl, absl::string_view parent_key = {});
+  // CPU tier evicts for it. With kKeepExisting a key held in any tier keeps
+  // its bytes (kKeptExisting; a positive `pin_ttl` still pins it).
+  // RESOURCE_EXHAUSTED with the reason if no tier has room (everything
+  // pinned, NVMe disk full, or over the admission limit without NVMe); the
+  // key then keeps its previous bytes, if any.
+  absl::StatusOr<PutOutcome> Put(absl::string_view key, std::string bytes,
+                                 uint32_t crc32c, absl::Duration pin_ttl,
+                                 absl::string_view parent_key = {},
+                                 PutMode mode = PutMode::kKeepExisting);
 
   // The chunk's bytes from the fastest tier holding it (in host memory),
   // promoting it one tier up on a CPU or NVMe hit. NOT_FOUND if absent;
@@ -167,6 +177,15 @@ class TieredStore {
   // The chunk in one tier, without its bytes' recency; NOT_FOUND if that
   // tier does not hold it or is absent.
   absl::StatusOr<ChunkRef> PeekTier(TierId tier, absl::string_view key) const;
+  // Whether any tier holds the key.
+  bool Holds(absl::string_view key) const;
+  // Put's work for a key to (re)write, with `key_lock` (its key lock) held.
+  absl::Status Store(absl::string_view key, std::string bytes, uint32_t crc32c,
+                     absl::Duration pin_ttl, absl::string_view parent_key,
+                     absl::Mutex& key_lock);
+  // Pin with the key's lock held.
+  absl::StatusOr<absl::Time> PinLocked(absl::string_view key,
+                                       absl::Duration ttl);
   // The latest live pin any tier holds on the key (InfinitePast: none).
   absl::Time HeldPin(absl::string_view key) const;
   // `chunk` with its bytes in host memory (copied out of the GPU tier if

@@ -50,8 +50,10 @@ class TieredStoreTest : public ::testing::Test {
   }
 
   absl::Status Put(const std::string& key, const std::string& bytes,
-                   absl::Duration pin = absl::ZeroDuration()) {
-    return store_->Put(key, bytes, codec::Crc32c(bytes), pin);
+                   absl::Duration pin = absl::ZeroDuration(),
+                   PutMode mode = PutMode::kKeepExisting) {
+    return store_->Put(key, bytes, codec::Crc32c(bytes), pin, {}, mode)
+        .status();
   }
 
   // The tier a Get finds the chunk in, after checking its bytes.

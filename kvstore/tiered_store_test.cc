@@ -75,9 +75,48 @@ TEST_F(TieredStoreTest, WriteThroughIsDurableWithoutFlush) {
 TEST_F(TieredStoreTest, ReplacedChunkNeverComesBackStaleAfterRestart) {
   ASSERT_TRUE(Put("a", Bytes(kChunk, 1)).ok());
   ASSERT_TRUE(store_->Flush().ok());
-  ASSERT_TRUE(Put("a", Bytes(kChunk, 2)).ok());
+  ASSERT_TRUE(
+      Put("a", Bytes(kChunk, 2), absl::ZeroDuration(), PutMode::kReplace).ok());
   Reopen();  // without Flush: the new bytes were only in memory
   EXPECT_TRUE(absl::IsNotFound(store_->Get("a").status()));
+}
+
+TEST_F(TieredStoreTest, KeyKeepsItsFirstCopyUnlessReplaceIsAsked) {
+  const std::string first = Bytes(kChunk, 1), second = Bytes(kChunk, 2);
+  absl::StatusOr<PutOutcome> put =
+      store_->Put("a", first, codec::Crc32c(first), absl::ZeroDuration());
+  ASSERT_TRUE(put.ok()) << put.status();
+  EXPECT_EQ(*put, PutOutcome::kStored);
+  put = store_->Put("a", second, codec::Crc32c(second), absl::ZeroDuration());
+  ASSERT_TRUE(put.ok()) << put.status();
+  EXPECT_EQ(*put, PutOutcome::kKeptExisting);
+  GetTier("a", first);
+
+  // Also when the first copy has gone down to NVMe only.
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(Put("k" + std::to_string(i), Bytes(kChunk, i)).ok());
+  }
+  ASSERT_EQ(store_->Peek("a")->tier, TierId::kNvme);
+  put = store_->Put("a", second, codec::Crc32c(second), absl::ZeroDuration());
+  ASSERT_TRUE(put.ok()) << put.status();
+  EXPECT_EQ(*put, PutOutcome::kKeptExisting);
+  GetTier("a", first);
+
+  put = store_->Put("a", second, codec::Crc32c(second), absl::ZeroDuration(),
+                    {}, PutMode::kReplace);
+  ASSERT_TRUE(put.ok()) << put.status();
+  EXPECT_EQ(*put, PutOutcome::kStored);
+  GetTier("a", second);
+}
+
+TEST_F(TieredStoreTest, KeptCopyStillTakesTheNewPin) {
+  ASSERT_TRUE(Put("session", Bytes(kChunk, 1)).ok());
+  ASSERT_TRUE(Put("session", Bytes(kChunk, 2), absl::Minutes(5)).ok());
+  absl::StatusOr<LocatedChunk> peek = store_->Peek("session");
+  ASSERT_TRUE(peek.ok()) << peek.status();
+  EXPECT_TRUE(peek->chunk.pinned);
+  EXPECT_EQ(peek->chunk.pin_expiry, now_ + absl::Minutes(5));
+  GetTier("session", Bytes(kChunk, 1));
 }
 
 TEST_F(TieredStoreTest, PinsHoldAcrossTiersAndExpire) {

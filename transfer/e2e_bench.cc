@@ -489,7 +489,9 @@ class Bench {
   void CheckCorruptChunkFails(KvCacheClient& client, PrefixFetcher& fetcher) {
     std::string damaged = streams_[5 % kDistinct];
     damaged[damaged.size() / 3] ^= 0x40;
-    Die(client.Put({{keys_[5], damaged}}), "put damaged");
+    Die(client.Put({{keys_[5], damaged}},
+                   PutOptions{absl::ZeroDuration(), /*replace=*/true}),
+        "put damaged");
     absl::StatusOr<FetchReport> r = fetcher.Fetch(keys_, *MakeSink());
     if (r.ok() || !absl::IsDataLoss(r.status()) ||
         r.status().message().find("chunk 5") == std::string::npos) {
@@ -499,7 +501,9 @@ class Bench {
     }
     std::printf("check: a damaged chunk fails the restore: %s\n",
                 r.status().ToString().c_str());
-    Die(client.Put({{keys_[5], streams_[5 % kDistinct]}}), "put back");
+    Die(client.Put({{keys_[5], streams_[5 % kDistinct]}},
+                   PutOptions{absl::ZeroDuration(), /*replace=*/true}),
+        "put back");
   }
 
   const std::vector<ChunkKey>& keys() const { return keys_; }

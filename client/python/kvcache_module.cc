@@ -1010,8 +1010,8 @@ class Client {
   }
 
   void Put(const std::vector<py::bytes>& keys,
-           const std::vector<py::bytes>& chunks, double pin_ttl_s,
-           bool chained) {
+           const std::vector<py::bytes>& chunks, double pin_ttl_s, bool chained,
+           bool replace) {
     if (keys.size() != chunks.size()) {
       Raise(absl::InvalidArgumentError(
           absl::StrCat(keys.size(), " keys but ", chunks.size(), " chunks")));
@@ -1029,7 +1029,7 @@ class Client {
     {
       // The bytes objects stay alive (held by `chunks`) while unlocked.
       py::gil_scoped_release release;
-      status = client_->Put(puts, PutOptions{Seconds(pin_ttl_s)});
+      status = client_->Put(puts, PutOptions{Seconds(pin_ttl_s), replace});
     }
     Check(status);
   }
@@ -1326,10 +1326,13 @@ void DefineModule(py::module_& m) {
            "'chunks': [{'size_bytes', 'tier', 'pinned'}, ...]}.")
       .def("put", &Client::Put, py::arg("keys"), py::arg("chunks"),
            py::arg("pin_ttl_s") = 0.0, py::arg("chained") = true,
+           py::arg("replace") = false,
            "Stores chunks[i] under keys[i]; pinned for pin_ttl_s seconds if "
            "positive (a chat session).\nchained: keys are consecutive chunks "
            "of one prompt (as from chunk_keys), so the node evicts\nthe "
-           "prefix from its end; pass False for unrelated chunks.")
+           "prefix from its end; pass False for unrelated chunks.\nA key "
+           "the node already holds keeps its first copy unless replace is "
+           "True.")
       .def("get", &Client::Get, py::arg("keys"),
            "The chunks' bytes, in order; NotFoundError if any is missing, "
            "DataLossError if one was found damaged.")

@@ -300,6 +300,73 @@ TEST_F(DaemonTest, RepeatedKeysInAGetAreInvalidArgument) {
   EXPECT_EQ(client_->Get({key})->front().bytes, bytes);
 }
 
+TEST_F(DaemonTest, KeyKeepsItsFirstCopyUnlessThePutAsksToReplace) {
+  const ChunkKey key = ContentKey("keep-first");
+  const std::string first = RandomBytes(64 << 10, 11);
+  const std::string second = RandomBytes(64 << 10, 12);
+  auto put = [&](const std::string& bytes, bool replace) {
+    grpc::ClientContext context;
+    v1::PutResponse response;
+    auto writer = stub_->Put(&context, &response);
+    v1::PutRequest header;
+    header.mutable_header()->set_key(std::string(key.AsBytes()));
+    header.mutable_header()->set_size_bytes(bytes.size());
+    header.mutable_header()->set_crc32c(codec::Crc32c(bytes));
+    header.mutable_header()->set_replace(replace);
+    v1::PutRequest data;
+    data.set_data(bytes);
+    EXPECT_TRUE(writer->Write(header) && writer->Write(data));
+    writer->WritesDone();
+    EXPECT_TRUE(writer->Finish().ok());
+    return response;
+  };
+  v1::PutResponse response = put(first, false);
+  EXPECT_EQ(response.chunks_stored(), 1u);
+  EXPECT_EQ(response.chunks_kept(), 0u);
+  // A later writer cannot swap the bytes under the key...
+  response = put(second, false);
+  EXPECT_EQ(response.chunks_stored(), 0u);
+  EXPECT_EQ(response.chunks_kept(), 1u);
+  EXPECT_EQ(client_->Get({key})->front().bytes, first);
+  // ...unless it asks to.
+  response = put(second, true);
+  EXPECT_EQ(response.chunks_stored(), 1u);
+  EXPECT_EQ(client_->Get({key})->front().bytes, second);
+}
+
+TEST_F(DaemonTest, OnlyTheConnectionThatTookALeaseReleasesIt) {
+  const std::string bytes = RandomBytes(64 << 10, 13);
+  const ChunkKey key = ContentKey(bytes);
+  ASSERT_TRUE(client_->Put({{key, bytes}}).ok());
+  auto connect = [&] {
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own TCP
+    return v1::KvCache::NewStub(grpc::CreateCustomChannel(
+        daemon_->address(), grpc::InsecureChannelCredentials(), args));
+  };
+  auto owner = connect();
+  auto other = connect();
+  grpc::ClientContext locate_context;
+  v1::LocateRequest locate;
+  locate.add_keys(std::string(key.AsBytes()));
+  locate.set_lease_ms(60000);
+  v1::LocateResponse located;
+  ASSERT_TRUE(owner->Locate(&locate_context, locate, &located).ok());
+  ASSERT_NE(located.lease_id(), 0u);
+
+  auto release = [&](v1::KvCache::Stub& stub) {
+    grpc::ClientContext context;
+    v1::ReleaseRequest request;
+    request.set_lease_id(located.lease_id());
+    v1::ReleaseResponse response;
+    EXPECT_TRUE(stub.Release(&context, request, &response).ok());
+    return response.released();
+  };
+  EXPECT_FALSE(release(*other));
+  EXPECT_TRUE(release(*owner));
+  EXPECT_FALSE(release(*owner));
+}
+
 TEST_F(DaemonTest, MalformedKeyListsAreInvalidArgument) {
   std::vector<ChunkKey> too_many(65, ContentKey("x"));
   auto lookup = client_->Lookup(too_many);

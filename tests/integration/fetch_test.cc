@@ -188,9 +188,11 @@ TEST_F(FetchTest, PrefixOnNvmeIsLocatedInWindows) {
       // About three chunks a window (chunk sizes vary a little).
       EXPECT_GE(report.locate_calls, n / 4) << "window " << window;
     }
-    // Back to NVMe for the next round.
+    // Back to NVMe for the next round, with fillers of their own (a filler
+    // already held would be kept where it is, pushing nothing out).
     for (int i = 0; i < 3; ++i) {
-      const std::string filler(512 << 10, static_cast<char>(10 * window + i));
+      const std::string filler(512 << 10,
+                               static_cast<char>(window == 0 ? 3 + i : 6 + i));
       ASSERT_TRUE(client_->Put({{ContentKey(filler), filler}}).ok());
     }
   }
@@ -272,7 +274,10 @@ TEST_F(FetchTest, CorruptChunkIsReportedWithItsIndex) {
   PutPrompt(3);
   std::string damaged = prompt_->streams[3];
   damaged[damaged.size() / 2] ^= 0x10;
-  ASSERT_TRUE(client_->Put({{prompt_->keys[3], damaged}}).ok());
+  ASSERT_TRUE(client_
+                  ->Put({{prompt_->keys[3], damaged}},
+                        PutOptions{absl::ZeroDuration(), /*replace=*/true})
+                  .ok());
   for (Transport t : {Transport::kSharedMemory, Transport::kGrpc}) {
     Destination destination(*prompt_, 4);
     absl::StatusOr<FetchReport> report = Fetcher(t)->Fetch(

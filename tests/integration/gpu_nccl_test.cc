@@ -151,7 +151,10 @@ TEST_F(GpuNcclTest, CorruptChunkIsRejectedByIndex) {
   PutPrompt(3);
   std::string damaged = prompt_->streams[3];
   damaged[damaged.size() / 2] ^= 0x10;
-  ASSERT_TRUE(client_->Put({{prompt_->keys[3], damaged}}).ok());
+  ASSERT_TRUE(client_
+                  ->Put({{prompt_->keys[3], damaged}},
+                        PutOptions{absl::ZeroDuration(), /*replace=*/true})
+                  .ok());
   std::unique_ptr<PrefixFetcher> fetcher = NcclFetcher();
   DeviceBlocks blocks(*prompt_, 4);
   std::unique_ptr<transfer::GpuDecodeSink> sink = blocks.Sink();
