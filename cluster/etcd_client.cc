@@ -40,21 +40,6 @@ absl::StatusOr<Json> ParseJson(absl::string_view text, absl::string_view what) {
   return json;
 }
 
-// etcd reports gRPC codes, which share absl's numbering.
-absl::Status EtcdError(int http_status, absl::string_view body) {
-  Json json = Json::parse(body, nullptr, /*allow_exceptions=*/false);
-  int code = static_cast<int>(absl::StatusCode::kUnknown);
-  std::string message = std::string(body.substr(0, 200));
-  if (json.is_object()) {
-    code = static_cast<int>(Int64Field(json, "code"));
-    if (json.contains("message") && json["message"].is_string()) {
-      message = json["message"].get<std::string>();
-    }
-  }
-  return absl::Status(static_cast<absl::StatusCode>(code),
-                      absl::StrCat("etcd (HTTP ", http_status, "): ", message));
-}
-
 // The smallest key greater than every key starting with `prefix`.
 std::string PrefixEnd(absl::string_view prefix) {
   std::string end(prefix);
@@ -67,50 +52,16 @@ std::string PrefixEnd(absl::string_view prefix) {
 
 }  // namespace
 
-EtcdClient::EtcdClient(EtcdOptions options) : options_(std::move(options)) {}
-
-absl::StatusOr<std::string> EtcdClient::Call(absl::string_view path,
-                                             const std::string& request) {
-  if (options_.endpoints.empty()) {
-    return absl::FailedPreconditionError("no etcd endpoints configured");
-  }
-  std::vector<std::string> failures;
-  const size_t first = preferred_.load(std::memory_order_relaxed);
-  for (size_t i = 0; i < options_.endpoints.size(); ++i) {
-    const size_t index = (first + i) % options_.endpoints.size();
-    absl::StatusOr<HttpResponse> response =
-        HttpPost(options_.endpoints[index], path, request, options_.timeout);
-    if (!response.ok()) {
-      failures.push_back(std::string(response.status().message()));
-      continue;
-    }
-    preferred_.store(index, std::memory_order_relaxed);
-    if (response->status != 200) {
-      return EtcdError(response->status, response->body);
-    }
-    return std::move(response->body);
-  }
-  return absl::UnavailableError(absl::StrCat(
-      "etcd is unreachable (", absl::StrJoin(failures, "; "), ")"));
-}
-
-absl::StatusOr<int64_t> EtcdClient::GrantLease(absl::Duration ttl) {
-  const int64_t seconds = std::max<int64_t>(1, absl::ToInt64Seconds(ttl));
-  absl::StatusOr<std::string> body =
-      Call("/v3/lease/grant", Json{{"TTL", std::to_string(seconds)}}.dump());
-  if (!body.ok()) return body.status();
-  absl::StatusOr<Json> json = ParseJson(*body, "a lease grant");
+absl::StatusOr<int64_t> ParseLeaseGrantReply(absl::string_view body) {
+  absl::StatusOr<Json> json = ParseJson(body, "a lease grant");
   if (!json.ok()) return json.status();
   const int64_t id = Int64Field(*json, "ID");
   if (id == 0) return absl::InternalError("etcd granted a lease without an id");
   return id;
 }
 
-absl::Status EtcdClient::KeepAlive(int64_t lease) {
-  absl::StatusOr<std::string> body =
-      Call("/v3/lease/keepalive", Json{{"ID", std::to_string(lease)}}.dump());
-  if (!body.ok()) return body.status();
-  absl::StatusOr<Json> json = ParseJson(*body, "a lease keepalive");
+absl::Status ParseKeepAliveReply(absl::string_view body, int64_t lease) {
+  absl::StatusOr<Json> json = ParseJson(body, "a lease keepalive");
   if (!json.ok()) return json.status();
   // An expired lease comes back without a TTL rather than as an error.
   const Json& result = json->contains("result") ? (*json)["result"] : *json;
@@ -121,26 +72,9 @@ absl::Status EtcdClient::KeepAlive(int64_t lease) {
   return absl::OkStatus();
 }
 
-absl::Status EtcdClient::RevokeLease(int64_t lease) {
-  return Call("/v3/lease/revoke", Json{{"ID", std::to_string(lease)}}.dump())
-      .status();
-}
-
-absl::Status EtcdClient::Put(absl::string_view key, absl::string_view value,
-                             int64_t lease) {
-  Json request = {{"key", Base64(key)}, {"value", Base64(value)}};
-  if (lease != 0) request["lease"] = std::to_string(lease);
-  return Call("/v3/kv/put", request.dump()).status();
-}
-
-absl::StatusOr<std::vector<KeyValue>> EtcdClient::RangePrefix(
-    absl::string_view prefix, int* skipped) {
-  absl::StatusOr<std::string> body = Call(
-      "/v3/kv/range",
-      Json{{"key", Base64(prefix)}, {"range_end", Base64(PrefixEnd(prefix))}}
-          .dump());
-  if (!body.ok()) return body.status();
-  absl::StatusOr<Json> json = ParseJson(*body, "a range");
+absl::StatusOr<std::vector<KeyValue>> ParseRangeReply(absl::string_view body,
+                                                      int* skipped) {
+  absl::StatusOr<Json> json = ParseJson(body, "a range");
   if (!json.ok()) return json.status();
   std::vector<KeyValue> kvs;
   if (skipped != nullptr) *skipped = 0;
@@ -164,6 +98,91 @@ absl::StatusOr<std::vector<KeyValue>> EtcdClient::RangePrefix(
     kvs.push_back(std::move(out));
   }
   return kvs;
+}
+
+absl::Status ParseErrorReply(int http_status, absl::string_view body) {
+  Json json = Json::parse(body, nullptr, /*allow_exceptions=*/false);
+  int64_t code = static_cast<int>(absl::StatusCode::kUnknown);
+  std::string message = std::string(body.substr(0, 200));
+  if (json.is_object()) {
+    // etcd reports gRPC codes, which share absl's numbering.
+    code = Int64Field(json, "code");
+    if (json.contains("message") && json["message"].is_string()) {
+      message = json["message"].get<std::string>();
+    }
+  }
+  // A reply that says OK, or a code gRPC does not define, is still an error:
+  // the call failed.
+  if (code <= 0 ||
+      code > static_cast<int>(absl::StatusCode::kUnauthenticated)) {
+    code = static_cast<int>(absl::StatusCode::kUnknown);
+  }
+  return absl::Status(static_cast<absl::StatusCode>(code),
+                      absl::StrCat("etcd (HTTP ", http_status, "): ", message));
+}
+
+EtcdClient::EtcdClient(EtcdOptions options) : options_(std::move(options)) {}
+
+absl::StatusOr<std::string> EtcdClient::Call(absl::string_view path,
+                                             const std::string& request) {
+  if (options_.endpoints.empty()) {
+    return absl::FailedPreconditionError("no etcd endpoints configured");
+  }
+  std::vector<std::string> failures;
+  const size_t first = preferred_.load(std::memory_order_relaxed);
+  for (size_t i = 0; i < options_.endpoints.size(); ++i) {
+    const size_t index = (first + i) % options_.endpoints.size();
+    absl::StatusOr<HttpResponse> response =
+        HttpPost(options_.endpoints[index], path, request, options_.timeout);
+    if (!response.ok()) {
+      failures.push_back(std::string(response.status().message()));
+      continue;
+    }
+    preferred_.store(index, std::memory_order_relaxed);
+    if (response->status != 200) {
+      return ParseErrorReply(response->status, response->body);
+    }
+    return std::move(response->body);
+  }
+  return absl::UnavailableError(absl::StrCat(
+      "etcd is unreachable (", absl::StrJoin(failures, "; "), ")"));
+}
+
+absl::StatusOr<int64_t> EtcdClient::GrantLease(absl::Duration ttl) {
+  const int64_t seconds = std::max<int64_t>(1, absl::ToInt64Seconds(ttl));
+  absl::StatusOr<std::string> body =
+      Call("/v3/lease/grant", Json{{"TTL", std::to_string(seconds)}}.dump());
+  if (!body.ok()) return body.status();
+  return ParseLeaseGrantReply(*body);
+}
+
+absl::Status EtcdClient::KeepAlive(int64_t lease) {
+  absl::StatusOr<std::string> body =
+      Call("/v3/lease/keepalive", Json{{"ID", std::to_string(lease)}}.dump());
+  if (!body.ok()) return body.status();
+  return ParseKeepAliveReply(*body, lease);
+}
+
+absl::Status EtcdClient::RevokeLease(int64_t lease) {
+  return Call("/v3/lease/revoke", Json{{"ID", std::to_string(lease)}}.dump())
+      .status();
+}
+
+absl::Status EtcdClient::Put(absl::string_view key, absl::string_view value,
+                             int64_t lease) {
+  Json request = {{"key", Base64(key)}, {"value", Base64(value)}};
+  if (lease != 0) request["lease"] = std::to_string(lease);
+  return Call("/v3/kv/put", request.dump()).status();
+}
+
+absl::StatusOr<std::vector<KeyValue>> EtcdClient::RangePrefix(
+    absl::string_view prefix, int* skipped) {
+  absl::StatusOr<std::string> body = Call(
+      "/v3/kv/range",
+      Json{{"key", Base64(prefix)}, {"range_end", Base64(PrefixEnd(prefix))}}
+          .dump());
+  if (!body.ok()) return body.status();
+  return ParseRangeReply(*body, skipped);
 }
 
 }  // namespace kvcache::cluster

@@ -32,6 +32,23 @@ struct KeyValue {
   std::string value;
 };
 
+// Readers of the JSON gateway's replies, apart from the network so they can
+// be tested and fuzzed on their own. Whatever `body` holds, they return a
+// value or an error; nothing etcd sends can throw or crash.
+//
+// A lease grant's id; INTERNAL if the reply is not JSON or has no id.
+absl::StatusOr<int64_t> ParseLeaseGrantReply(absl::string_view body);
+// OK if the keepalive reply shows the lease alive; NOT_FOUND if it has
+// expired; INTERNAL if the reply is not JSON.
+absl::Status ParseKeepAliveReply(absl::string_view body, int64_t lease);
+// The key-values of a range reply, as EtcdClient::RangePrefix describes.
+absl::StatusOr<std::vector<KeyValue>> ParseRangeReply(absl::string_view body,
+                                                      int* skipped = nullptr);
+// The error an answer with HTTP status `http_status` (not 200) stands for:
+// etcd's own gRPC code and message when the body carries them, UNKNOWN
+// otherwise; never OK.
+absl::Status ParseErrorReply(int http_status, absl::string_view body);
+
 // Errors: UNAVAILABLE (or DEADLINE_EXCEEDED) naming every endpoint tried when
 // none answers; otherwise etcd's own code and message (NOT_FOUND for a lease
 // that expired or was revoked).

@@ -30,8 +30,10 @@ absl::StatusOr<NodeRecord> NodeRecord::FromJson(absl::string_view json) {
   record.address = parsed["address"].get<std::string>();
   const Json& draining = parsed.value("draining", Json(false));
   record.draining = draining.is_boolean() && draining.get<bool>();
+  // Only an integer: a float such as 1e300 has no int64 value.
   const Json& started = parsed.value("started_unix_ms", Json(0));
-  record.started_unix_ms = started.is_number() ? started.get<int64_t>() : 0;
+  record.started_unix_ms =
+      started.is_number_integer() ? started.get<int64_t>() : 0;
   return record;
 }
 

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
+
 namespace kvcache::cluster {
 namespace {
 
@@ -10,6 +12,17 @@ TEST(NodeRecordTest, RoundTripsThroughJson) {
   absl::StatusOr<NodeRecord> back = NodeRecord::FromJson(record.ToJson());
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(*back, record);
+}
+
+// Found by fuzzing: a float start time has no int64 value (converting
+// 1e300 was undefined behaviour); it reads as unknown (0).
+TEST(NodeRecordTest, NonIntegerStartTimeReadsAsZero) {
+  for (const char* started : {"1e300", "-1e300", "1.5", "\"12\""}) {
+    absl::StatusOr<NodeRecord> record = NodeRecord::FromJson(absl::StrCat(
+        R"({"node_id":"n","address":"h:1","started_unix_ms":)", started, "}"));
+    ASSERT_TRUE(record.ok()) << record.status();
+    EXPECT_EQ(record->started_unix_ms, 0) << started;
+  }
 }
 
 TEST(NodeRecordTest, OptionalFieldsDefault) {
