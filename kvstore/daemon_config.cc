@@ -3,10 +3,13 @@
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -115,6 +118,123 @@ absl::Status ValidateCluster(const v1::ClusterConfig& cluster) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateTls(const v1::DaemonConfig& config) {
+  const v1::TlsConfig& tls = config.tls();
+  if (tls.cert_file().empty() != tls.key_file().empty()) {
+    return FieldError(
+        tls.cert_file().empty() ? "tls.cert_file" : "tls.key_file",
+        "tls.cert_file and tls.key_file go together: set both "
+        "for TLS, neither for plaintext");
+  }
+  if (tls.cert_file().empty()) {
+    // Without a certificate of its own the node serves plaintext; a CA or
+    // mTLS setting would then be silently ignored.
+    if (!tls.ca_file().empty()) {
+      return FieldError("tls.ca_file", "needs tls.cert_file and tls.key_file");
+    }
+    if (tls.require_client_certificate()) {
+      return FieldError("tls.require_client_certificate",
+                        "needs tls.cert_file, tls.key_file and tls.ca_file");
+    }
+    return absl::OkStatus();
+  }
+  if (tls.require_client_certificate() && tls.ca_file().empty()) {
+    return FieldError("tls.ca_file",
+                      "needed by tls.require_client_certificate: client "
+                      "certificates are checked against it");
+  }
+  if (!config.cluster().etcd_endpoints().empty() && tls.ca_file().empty()) {
+    return FieldError("tls.ca_file",
+                      "needed in a cluster: peers' certificates are checked "
+                      "against it");
+  }
+  if (tls.reload_interval_seconds() == 0) {
+    return FieldError("tls.reload_interval_seconds", "must be > 0");
+  }
+  return absl::OkStatus();
+}
+
+bool IsName(absl::string_view name) {
+  return !name.empty() && name.size() <= 128 &&
+         std::all_of(name.begin(), name.end(), [](char c) {
+           return absl::ascii_isalnum(c) || c == '-' || c == '_' || c == '.';
+         });
+}
+
+bool IsSha256Hex(absl::string_view hex) {
+  return hex.size() == 64 && std::all_of(hex.begin(), hex.end(), [](char c) {
+           return absl::ascii_isdigit(c) || (c >= 'a' && c <= 'f');
+         });
+}
+
+absl::Status AccessError(absl::string_view field, absl::string_view problem) {
+  return FieldError(absl::StrCat("access.", field), problem);
+}
+
+// Names, token hashes and namespaces of the access section (AccessControl
+// trusts them).
+absl::Status ValidateAccess(const v1::AccessConfig& config) {
+  absl::flat_hash_set<std::string> tenant_names, hashes;
+  auto check_hash = [&](const std::string& hash,
+                        const std::string& field) -> absl::Status {
+    if (!IsSha256Hex(hash)) {
+      return AccessError(field, absl::StrCat("'", hash,
+                                             "' is not 64 lowercase hex digits "
+                                             "(the SHA-256 of a token)"));
+    }
+    if (!hashes.insert(hash).second) {
+      return AccessError(field, "the same token hash is listed twice");
+    }
+    return absl::OkStatus();
+  };
+  for (int t = 0; t < config.tenants_size(); ++t) {
+    const v1::TenantConfig& tenant = config.tenants(t);
+    const std::string where = absl::StrCat("tenants[", t, "]");
+    if (!IsName(tenant.name())) {
+      return AccessError(where + ".name",
+                         "must be 1-128 letters, digits, '-', '_' or '.'");
+    }
+    if (!tenant_names.insert(tenant.name()).second) {
+      return AccessError(where + ".name",
+                         absl::StrCat("'", tenant.name(), "' is listed twice"));
+    }
+    if (tenant.token_sha256_size() == 0 &&
+        tenant.certificate_identities_size() == 0) {
+      return AccessError(where,
+                         "names no token_sha256 and no "
+                         "certificate_identities: nobody could act for "
+                         "it");
+    }
+    for (const std::string& hash : tenant.token_sha256()) {
+      if (absl::Status s = check_hash(hash, where + ".token_sha256"); !s.ok()) {
+        return s;
+      }
+    }
+    for (const std::string& name : tenant.shared_namespaces()) {
+      if (!IsName(name)) {
+        return AccessError(where + ".shared_namespaces",
+                           absl::StrCat("'", name, "' is not a valid name"));
+      }
+    }
+  }
+  for (const std::string& hash : config.admin_token_sha256()) {
+    if (absl::Status s = check_hash(hash, "admin_token_sha256"); !s.ok()) {
+      return s;
+    }
+  }
+  for (const std::string& hash : config.peer_token_sha256()) {
+    if (absl::Status s = check_hash(hash, "peer_token_sha256"); !s.ok()) {
+      return s;
+    }
+  }
+  if (!config.metrics_token_sha256().empty() &&
+      !IsSha256Hex(config.metrics_token_sha256())) {
+    return AccessError("metrics_token_sha256",
+                       "is not 64 lowercase hex digits");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status MergeConfigText(absl::string_view text, absl::string_view origin,
@@ -177,6 +297,7 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config) {
                       "needs nvme_tier.data_dir to be set");
   }
   if (absl::Status s = ValidateCluster(config.cluster()); !s.ok()) return s;
+  if (absl::Status s = ValidateTls(config); !s.ok()) return s;
   const v1::LimitsConfig& limits = config.limits();
   if (limits.max_chunk_bytes() == 0) {
     return FieldError("limits.max_chunk_bytes", "must be > 0");
@@ -226,6 +347,7 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config) {
                       "keepalive_time_seconds and keepalive_timeout_seconds "
                       "must be > 0");
   }
+  if (absl::Status s = ValidateAccess(config.access()); !s.ok()) return s;
   const uint32_t per_connection =
       config.shared_memory().max_leased_percent_per_connection();
   if (per_connection == 0 || per_connection > 100) {

@@ -81,6 +81,20 @@ TEST(DaemonConfigTest, ValidationNamesTheField) {
             "cluster.replication_factor"},
            {"cluster { etcd_endpoints: \"e:2379\" advertise_address: \"x\" }",
             "cluster.advertise_address"},
+           {"tls { cert_file: \"n.crt\" }", "tls.key_file"},
+           {"tls { key_file: \"n.key\" }", "tls.cert_file"},
+           {"tls { ca_file: \"ca.crt\" }", "tls.ca_file"},
+           {"tls { require_client_certificate: true }",
+            "tls.require_client_certificate"},
+           {"tls { cert_file: \"n.crt\" key_file: \"n.key\" "
+            "require_client_certificate: true }",
+            "tls.ca_file"},
+           {"tls { cert_file: \"n.crt\" key_file: \"n.key\" } "
+            "cluster { etcd_endpoints: \"e:2379\" }",
+            "tls.ca_file"},
+           {"tls { cert_file: \"n.crt\" key_file: \"n.key\" "
+            "reload_interval_seconds: 0 }",
+            "tls.reload_interval_seconds"},
        }) {
     auto config = LoadConfig("", {c.text});
     ASSERT_FALSE(config.ok()) << c.text;
