@@ -1,188 +1,268 @@
 #include "cluster/etcd_client.h"
 
 #include <algorithm>
-#include <nlohmann/json.hpp>
 #include <utility>
 
-#include "absl/strings/escaping.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "cluster/http_client.h"
+#include "absl/time/clock.h"
 
 namespace kvcache::cluster {
 namespace {
 
-using Json = nlohmann::json;
+// Only so much of a server's error message goes into a status.
+constexpr size_t kMessageBytes = 200;
 
-std::string Base64(absl::string_view bytes) {
-  return absl::Base64Escape(bytes);
+std::shared_ptr<grpc::Channel> ChannelTo(const std::string& address) {
+  grpc::ChannelArguments args;
+  // gRPC waits up to two minutes between reconnection attempts by default;
+  // a node must see etcd again within a second of its coming back. (The
+  // minimum backoff is left alone: gRPC also uses it as the connect
+  // timeout.)
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  // A watch is quiet for as long as membership does not change; pings find
+  // a connection that died without closing (a partition) within 15 s
+  // instead of at the end of the watch's lifetime. etcd accepts pings every
+  // 5 s or more (its --grpc-keepalive-min-time).
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
+                                   args);
 }
 
-// The gateway writes int64 fields as JSON strings and omits zero values.
-int64_t Int64Field(const Json& object, const char* name) {
-  const auto it = object.find(name);
-  if (it == object.end()) return 0;
-  if (it->is_number_integer()) return it->get<int64_t>();
-  int64_t value = 0;
-  if (it->is_string() && absl::SimpleAtoi(it->get<std::string>(), &value)) {
-    return value;
-  }
-  return 0;
+void SetDeadline(grpc::ClientContext* context, absl::Duration timeout) {
+  context->set_deadline(absl::ToChronoTime(absl::Now() + timeout));
 }
 
-absl::StatusOr<Json> ParseJson(absl::string_view text, absl::string_view what) {
-  Json json = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (json.is_discarded() || !json.is_object()) {
-    return absl::InternalError(
-        absl::StrCat("etcd answered ", what, " with malformed JSON"));
-  }
-  return json;
+// A failure that says nothing about etcd's answer, so another endpoint may
+// give one. etcd itself answers UNAVAILABLE while it has no leader.
+bool Unanswered(const grpc::Status& status) {
+  return status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+         status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
 }
 
-// The smallest key greater than every key starting with `prefix`.
-std::string PrefixEnd(absl::string_view prefix) {
-  std::string end(prefix);
-  while (!end.empty() && static_cast<unsigned char>(end.back()) == 0xff) {
-    end.pop_back();
-  }
-  if (!end.empty()) end.back() = static_cast<char>(end.back() + 1);
-  return end;
-}
-
-}  // namespace
-
-absl::StatusOr<int64_t> ParseLeaseGrantReply(absl::string_view body) {
-  absl::StatusOr<Json> json = ParseJson(body, "a lease grant");
-  if (!json.ok()) return json.status();
-  const int64_t id = Int64Field(*json, "ID");
-  if (id == 0) return absl::InternalError("etcd granted a lease without an id");
-  return id;
-}
-
-absl::Status ParseKeepAliveReply(absl::string_view body, int64_t lease) {
-  absl::StatusOr<Json> json = ParseJson(body, "a lease keepalive");
-  if (!json.ok()) return json.status();
-  // An expired lease comes back without a TTL rather than as an error.
-  const Json& result = json->contains("result") ? (*json)["result"] : *json;
-  if (Int64Field(result, "TTL") <= 0) {
-    return absl::NotFoundError(
-        absl::StrCat("etcd lease ", lease, " has expired"));
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<std::vector<KeyValue>> ParseRangeReply(absl::string_view body,
-                                                      int* skipped) {
-  absl::StatusOr<Json> json = ParseJson(body, "a range");
-  if (!json.ok()) return json.status();
-  std::vector<KeyValue> kvs;
-  if (skipped != nullptr) *skipped = 0;
-  if (!json->contains("kvs")) return kvs;  // omitted when empty
-  const Json& entries = (*json)["kvs"];
-  if (!entries.is_array()) {
-    return absl::InternalError(
-        "etcd answered a range with \"kvs\" that is not a list");
-  }
-  for (const Json& kv : entries) {
-    KeyValue out;
-    const bool readable =
-        kv.is_object() && kv.contains("key") && kv["key"].is_string() &&
-        (!kv.contains("value") || kv["value"].is_string()) &&
-        absl::Base64Unescape(kv["key"].get<std::string>(), &out.key) &&
-        absl::Base64Unescape(kv.value("value", std::string()), &out.value);
-    if (!readable) {
-      if (skipped != nullptr) ++*skipped;
-      continue;
-    }
-    kvs.push_back(std::move(out));
-  }
-  return kvs;
-}
-
-absl::Status ParseErrorReply(int http_status, absl::string_view body) {
-  Json json = Json::parse(body, nullptr, /*allow_exceptions=*/false);
-  int64_t code = static_cast<int>(absl::StatusCode::kUnknown);
-  std::string message = std::string(body.substr(0, 200));
-  if (json.is_object()) {
-    // etcd reports gRPC codes, which share absl's numbering.
-    code = Int64Field(json, "code");
-    if (json.contains("message") && json["message"].is_string()) {
-      message = json["message"].get<std::string>();
-    }
-  }
-  // A reply that says OK, or a code gRPC does not define, is still an error:
-  // the call failed.
+// etcd's error as a status; gRPC codes share absl's numbering.
+absl::Status EtcdError(const grpc::Status& status) {
+  int code = status.error_code();
+  // An out-of-range code from a hostile server must not become OK or a
+  // code absl does not know.
   if (code <= 0 ||
       code > static_cast<int>(absl::StatusCode::kUnauthenticated)) {
     code = static_cast<int>(absl::StatusCode::kUnknown);
   }
-  return absl::Status(static_cast<absl::StatusCode>(code),
-                      absl::StrCat("etcd (HTTP ", http_status, "): ", message));
+  return absl::Status(
+      static_cast<absl::StatusCode>(code),
+      absl::StrCat("etcd: ", status.error_message().substr(0, kMessageBytes)));
 }
 
-EtcdClient::EtcdClient(EtcdOptions options) : options_(std::move(options)) {}
+}  // namespace
 
-absl::StatusOr<std::string> EtcdClient::Call(absl::string_view path,
-                                             const std::string& request) {
-  if (options_.endpoints.empty()) {
+PrefixWatch::PrefixWatch(etcdserverpb::Watch::Stub* stub, std::string endpoint,
+                         std::string prefix, int64_t start_revision,
+                         absl::Duration lifetime)
+    : stub_(stub),
+      endpoint_(std::move(endpoint)),
+      prefix_(std::move(prefix)),
+      revision_(start_revision) {
+  SetDeadline(&context_, lifetime);
+}
+
+PrefixWatch::~PrefixWatch() {
+  if (!ended_) End(absl::CancelledError()).IgnoreError();
+}
+
+void PrefixWatch::Cancel() {
+  cancelled_.store(true);
+  // Also before the stream exists: gRPC cancels the call when it starts.
+  context_.TryCancel();
+}
+
+absl::Status PrefixWatch::End(absl::Status status) {
+  if (stream_ != nullptr) {
+    context_.TryCancel();
+    const grpc::Status finished = stream_->Finish();
+    if (status.ok()) {
+      // The stream ended on its own: say why in etcd's or gRPC's words.
+      if (cancelled_.load()) {
+        status = absl::CancelledError("the watch was cancelled");
+      } else if (finished.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+        status = absl::DeadlineExceededError("the watch has run its time");
+      } else if (finished.ok() || Unanswered(finished) ||
+                 finished.error_code() == grpc::StatusCode::CANCELLED) {
+        // gRPC reports a connection that closed under the stream as
+        // CANCELLED too; only Cancel above means it was asked for.
+        status = absl::UnavailableError(absl::StrCat(
+            "etcd watch on ", endpoint_,
+            " broke: ", finished.error_message().substr(0, kMessageBytes)));
+      } else {
+        status = EtcdError(finished);
+      }
+    }
+  }
+  ended_ = true;
+  outcome_ = std::move(status);
+  return outcome_;
+}
+
+absl::Status PrefixWatch::Next(std::vector<WatchEvent>* events,
+                               Skipped* skipped) {
+  events->clear();
+  if (ended_) return outcome_;
+  if (stub_ == nullptr) {
+    return End(absl::FailedPreconditionError("no etcd endpoints configured"));
+  }
+  if (stream_ == nullptr) {
+    stream_ = stub_->Watch(&context_);
+    etcdserverpb::WatchRequest request;
+    etcdserverpb::WatchCreateRequest* create = request.mutable_create_request();
+    create->set_key(prefix_);
+    create->set_range_end(PrefixEnd(prefix_));
+    create->set_start_revision(revision_);
+    // A failed write shows as the stream's end in the Read below.
+    stream_->Write(request);
+  }
+  etcdserverpb::WatchResponse reply;
+  while (stream_->Read(&reply)) {
+    if (watch_id_ < 0) {
+      absl::StatusOr<int64_t> id = ReadWatchCreatedResponse(reply);
+      if (!id.ok()) return End(id.status());
+      watch_id_ = *id;
+      continue;
+    }
+    absl::Status s = ReadWatchResponse(reply, watch_id_, prefix_, &revision_,
+                                       events, skipped);
+    if (!s.ok()) return End(std::move(s));
+    // A response without events (a progress report) is not a change.
+    if (reply.events_size() > 0) return absl::OkStatus();
+  }
+  return End(absl::OkStatus());
+}
+
+EtcdClient::EtcdClient(EtcdOptions options) : options_(std::move(options)) {
+  for (const std::string& address : options_.endpoints) {
+    Endpoint endpoint;
+    endpoint.address = address;
+    endpoint.channel = ChannelTo(address);
+    endpoint.kv = etcdserverpb::KV::NewStub(endpoint.channel);
+    endpoint.lease = etcdserverpb::Lease::NewStub(endpoint.channel);
+    endpoint.watch = etcdserverpb::Watch::NewStub(endpoint.channel);
+    endpoints_.push_back(std::move(endpoint));
+  }
+}
+
+template <typename CallFn>
+absl::Status EtcdClient::Call(const CallFn& call) {
+  if (endpoints_.empty()) {
     return absl::FailedPreconditionError("no etcd endpoints configured");
   }
   std::vector<std::string> failures;
   const size_t first = preferred_.load(std::memory_order_relaxed);
-  for (size_t i = 0; i < options_.endpoints.size(); ++i) {
-    const size_t index = (first + i) % options_.endpoints.size();
-    absl::StatusOr<HttpResponse> response =
-        HttpPost(options_.endpoints[index], path, request, options_.timeout);
-    if (!response.ok()) {
-      failures.push_back(std::string(response.status().message()));
+  for (size_t i = 0; i < endpoints_.size(); ++i) {
+    const size_t index = (first + i) % endpoints_.size();
+    grpc::ClientContext context;
+    SetDeadline(&context, options_.timeout);
+    const grpc::Status status = call(endpoints_[index], &context);
+    if (Unanswered(status)) {
+      failures.push_back(
+          absl::StrCat(endpoints_[index].address, ": ",
+                       status.error_message().substr(0, kMessageBytes)));
       continue;
     }
     preferred_.store(index, std::memory_order_relaxed);
-    if (response->status != 200) {
-      return ParseErrorReply(response->status, response->body);
-    }
-    return std::move(response->body);
+    return status.ok() ? absl::OkStatus() : EtcdError(status);
   }
   return absl::UnavailableError(absl::StrCat(
       "etcd is unreachable (", absl::StrJoin(failures, "; "), ")"));
 }
 
 absl::StatusOr<int64_t> EtcdClient::GrantLease(absl::Duration ttl) {
-  const int64_t seconds = std::max<int64_t>(1, absl::ToInt64Seconds(ttl));
-  absl::StatusOr<std::string> body =
-      Call("/v3/lease/grant", Json{{"TTL", std::to_string(seconds)}}.dump());
-  if (!body.ok()) return body.status();
-  return ParseLeaseGrantReply(*body);
+  etcdserverpb::LeaseGrantRequest request;
+  request.set_ttl(std::max<int64_t>(1, absl::ToInt64Seconds(ttl)));
+  etcdserverpb::LeaseGrantResponse reply;
+  absl::Status s = Call([&](Endpoint& endpoint, grpc::ClientContext* context) {
+    return endpoint.lease->LeaseGrant(context, request, &reply);
+  });
+  if (!s.ok()) return s;
+  return ReadLeaseGrantResponse(reply);
 }
 
 absl::Status EtcdClient::KeepAlive(int64_t lease) {
-  absl::StatusOr<std::string> body =
-      Call("/v3/lease/keepalive", Json{{"ID", std::to_string(lease)}}.dump());
-  if (!body.ok()) return body.status();
-  return ParseKeepAliveReply(*body, lease);
+  etcdserverpb::LeaseKeepAliveRequest request;
+  request.set_id(lease);
+  etcdserverpb::LeaseKeepAliveResponse reply;
+  // etcd renews over a stream meant to stay open; NodeRegistration renews
+  // every third of the TTL, so one short stream per renewal (on the
+  // connection kept open) costs little and never needs reconnecting.
+  absl::Status s = Call([&](Endpoint& endpoint, grpc::ClientContext* context) {
+    auto stream = endpoint.lease->LeaseKeepAlive(context);
+    stream->Write(request);
+    stream->WritesDone();
+    const bool answered = stream->Read(&reply);
+    if (answered) context->TryCancel();
+    const grpc::Status finished = stream->Finish();
+    if (answered) return grpc::Status::OK;
+    // A stream that ends without a reply and without an error is not an
+    // answer either.
+    return finished.ok() ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                        "keepalive stream closed unanswered")
+                         : finished;
+  });
+  if (!s.ok()) return s;
+  return ReadKeepAliveResponse(reply, lease);
 }
 
 absl::Status EtcdClient::RevokeLease(int64_t lease) {
-  return Call("/v3/lease/revoke", Json{{"ID", std::to_string(lease)}}.dump())
-      .status();
+  etcdserverpb::LeaseRevokeRequest request;
+  request.set_id(lease);
+  etcdserverpb::LeaseRevokeResponse reply;
+  absl::Status s = Call([&](Endpoint& endpoint, grpc::ClientContext* context) {
+    return endpoint.lease->LeaseRevoke(context, request, &reply);
+  });
+  if (!s.ok()) return s;
+  return CheckHeader(reply.header(), "a lease revocation");
 }
 
 absl::Status EtcdClient::Put(absl::string_view key, absl::string_view value,
                              int64_t lease) {
-  Json request = {{"key", Base64(key)}, {"value", Base64(value)}};
-  if (lease != 0) request["lease"] = std::to_string(lease);
-  return Call("/v3/kv/put", request.dump()).status();
+  etcdserverpb::PutRequest request;
+  request.set_key(std::string(key));
+  request.set_value(std::string(value));
+  request.set_lease(lease);
+  etcdserverpb::PutResponse reply;
+  absl::Status s = Call([&](Endpoint& endpoint, grpc::ClientContext* context) {
+    return endpoint.kv->Put(context, request, &reply);
+  });
+  if (!s.ok()) return s;
+  return CheckHeader(reply.header(), "a put");
 }
 
-absl::StatusOr<std::vector<KeyValue>> EtcdClient::RangePrefix(
-    absl::string_view prefix, int* skipped) {
-  absl::StatusOr<std::string> body = Call(
-      "/v3/kv/range",
-      Json{{"key", Base64(prefix)}, {"range_end", Base64(PrefixEnd(prefix))}}
-          .dump());
-  if (!body.ok()) return body.status();
-  return ParseRangeReply(*body, skipped);
+absl::StatusOr<PrefixRange> EtcdClient::RangePrefix(absl::string_view prefix) {
+  etcdserverpb::RangeRequest request;
+  request.set_key(std::string(prefix));
+  request.set_range_end(PrefixEnd(prefix));
+  etcdserverpb::RangeResponse reply;
+  absl::Status s = Call([&](Endpoint& endpoint, grpc::ClientContext* context) {
+    return endpoint.kv->Range(context, request, &reply);
+  });
+  if (!s.ok()) return s;
+  return ReadRangeResponse(reply, prefix);
+}
+
+std::unique_ptr<PrefixWatch> EtcdClient::WatchPrefix(absl::string_view prefix,
+                                                     int64_t start_revision,
+                                                     absl::Duration lifetime) {
+  etcdserverpb::Watch::Stub* stub = nullptr;
+  std::string address;
+  if (!endpoints_.empty()) {
+    const size_t index =
+        preferred_.load(std::memory_order_relaxed) % endpoints_.size();
+    stub = endpoints_[index].watch.get();
+    address = endpoints_[index].address;
+  }
+  return std::unique_ptr<PrefixWatch>(new PrefixWatch(
+      stub, std::move(address), std::string(prefix), start_revision, lifetime));
 }
 
 }  // namespace kvcache::cluster

@@ -1,8 +1,11 @@
 #include "cluster/membership.h"
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <utility>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace kvcache::cluster {
@@ -37,62 +40,94 @@ absl::StatusOr<NodeRecord> NodeRecord::FromJson(absl::string_view json) {
   return record;
 }
 
+absl::StatusOr<NodeRecord> NodeRecord::FromEtcd(absl::string_view prefix,
+                                                absl::string_view key,
+                                                absl::string_view value) {
+  absl::StatusOr<NodeRecord> record = FromJson(value);
+  absl::Status problem = record.status();
+  if (problem.ok() && (!absl::StartsWith(key, prefix) ||
+                       key.substr(prefix.size()) != record->node_id)) {
+    problem = absl::InvalidArgumentError(
+        absl::StrCat("the record names node \"",
+                     absl::CHexEscape(record->node_id.substr(0, 120)), "\""));
+  }
+  if (problem.ok() && record->address.empty()) {
+    problem = absl::InvalidArgumentError("the record has no address");
+  }
+  if (!problem.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("etcd key ", absl::CHexEscape(key.substr(0, 120)), ": ",
+                     problem.message()));
+  }
+  return record;
+}
+
 std::string NodesPrefix(absl::string_view cluster_name) {
   return absl::StrCat("/kvcache/", cluster_name, "/nodes/");
 }
 
 MembershipView::MembershipView(MembershipOptions options)
     : options_(std::move(options)),
+      prefix_(NodesPrefix(options_.cluster_name)),
       etcd_(options_.etcd),
       current_(std::make_shared<Membership>()) {
-  poller_ = std::thread([this] { PollLoop(); });
+  watcher_ = std::thread([this] { WatchLoop(); });
 }
 
 MembershipView::~MembershipView() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
+    if (watch_ != nullptr) watch_->Cancel();
   }
-  poller_.join();
+  watcher_.join();
 }
 
 absl::Status MembershipView::Refresh() {
-  int skipped = 0;
-  absl::StatusOr<std::vector<KeyValue>> kvs =
-      etcd_.RangePrefix(NodesPrefix(options_.cluster_name), &skipped);
-  absl::Status skipped_reason;
-  if (skipped > 0) {
-    skipped_reason = absl::InvalidArgumentError(
-        "etcd listed an entry that is not a key and value");
-  }
-  std::vector<NodeRecord> nodes;
-  const absl::Status status = kvs.status();
-  for (size_t i = 0; status.ok() && i < kvs->size(); ++i) {
-    absl::StatusOr<NodeRecord> record = NodeRecord::FromJson((*kvs)[i].value);
-    if (record.ok()) {
-      nodes.push_back(*std::move(record));
-      continue;
-    }
-    // One bad record must not hide every good one.
-    if (skipped++ == 0) {
-      skipped_reason = absl::Status(
-          record.status().code(), absl::StrCat("etcd key ", (*kvs)[i].key, ": ",
-                                               record.status().message()));
-    }
-  }
   absl::MutexLock lock(&mu_);
-  last_error_ = status;
-  if (!status.ok()) return status;
-  skipped_ = skipped;
-  skipped_reason_ = skipped_reason;
-  if (nodes == current_->nodes) return status;
-  // Range returns keys in order and the key ends with the node id, so
-  // `nodes` is already sorted by node id.
+  const uint64_t wanted = ++readings_wanted_;
+  // A watch under way would hold the loop until its next change.
+  if (watch_ != nullptr) watch_->Cancel();
+  auto done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return readings_done_ >= wanted || stopping_;
+  };
+  mu_.Await(absl::Condition(&done));
+  return last_reading_;
+}
+
+void MembershipView::ApplyRange(const PrefixRange& range) {
+  records_.clear();
+  for (const KeyValue& kv : range.kvs) {
+    records_.emplace(kv.key, NodeRecord::FromEtcd(prefix_, kv.key, kv.value));
+  }
+  malformed_ = range.skipped;
+  Publish();
+}
+
+void MembershipView::ApplyEvents(const std::vector<WatchEvent>& events) {
+  for (const WatchEvent& event : events) {
+    if (event.type == WatchEvent::Type::kDelete) {
+      records_.erase(event.kv.key);
+    } else {
+      records_.insert_or_assign(
+          event.kv.key,
+          NodeRecord::FromEtcd(prefix_, event.kv.key, event.kv.value));
+    }
+  }
+  Publish();
+}
+
+void MembershipView::Publish() {
+  // Keys are the prefix and the node id, so key order is node id order.
+  std::vector<NodeRecord> nodes;
+  for (const auto& [key, record] : records_) {
+    if (record.ok()) nodes.push_back(*record);
+  }
+  if (nodes == current_->nodes) return;
   auto next = std::make_shared<Membership>();
   next->generation = current_->generation + 1;
   next->nodes = std::move(nodes);
   current_ = std::move(next);
-  return status;
 }
 
 std::shared_ptr<const Membership> MembershipView::Current() const {
@@ -112,7 +147,13 @@ std::shared_ptr<const Membership> MembershipView::WaitForChange(
 
 std::pair<int, absl::Status> MembershipView::skipped_records() const {
   absl::MutexLock lock(&mu_);
-  return {skipped_, skipped_reason_};
+  int count = malformed_.count;
+  absl::Status reason = malformed_.first_reason;
+  for (const auto& [key, record] : records_) {
+    if (record.ok()) continue;
+    if (count++ == 0) reason = record.status();
+  }
+  return {count, reason};
 }
 
 absl::Status MembershipView::last_error() const {
@@ -120,17 +161,67 @@ absl::Status MembershipView::last_error() const {
   return last_error_;
 }
 
-void MembershipView::PollLoop() {
+void MembershipView::Pause(absl::Duration delay, uint64_t serving) {
+  auto wake = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return stopping_ || readings_wanted_ > serving;
+  };
+  mu_.AwaitWithTimeout(absl::Condition(&wake), delay);
+}
+
+void MembershipView::WatchLoop() {
+  // After a failure, the next try waits this long (or less on Refresh).
+  const absl::Duration retry_delay =
+      std::min(options_.resync_interval, absl::Seconds(1));
   while (true) {
-    Refresh().IgnoreError();  // kept in last_error_
-    absl::MutexLock lock(&mu_);
-    auto stopping = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return stopping_;
-    };
-    if (mu_.AwaitWithTimeout(absl::Condition(&stopping),
-                             options_.poll_interval)) {
-      return;
+    uint64_t serving = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return;
+      serving = readings_wanted_;
     }
+    absl::StatusOr<PrefixRange> range = etcd_.RangePrefix(prefix_);
+    std::unique_ptr<PrefixWatch> watch;
+    {
+      absl::MutexLock lock(&mu_);
+      readings_done_ = serving;
+      last_reading_ = range.status();
+      last_error_ = range.status();
+      if (!range.ok()) {
+        Pause(retry_delay, serving);
+        continue;
+      }
+      ApplyRange(*range);
+      if (stopping_ || readings_wanted_ > serving) continue;
+      // From the revision after the range: no change is missed or seen
+      // twice.
+      watch = etcd_.WatchPrefix(prefix_, range->revision + 1,
+                                options_.resync_interval);
+      watch_ = watch.get();
+    }
+    std::vector<WatchEvent> events;
+    Skipped skipped;
+    absl::Status ended;
+    while ((ended = watch->Next(&events, &skipped)).ok()) {
+      absl::MutexLock lock(&mu_);
+      ApplyEvents(events);
+      if (skipped.count > 0) {
+        if (malformed_.count == 0) {
+          malformed_.first_reason = skipped.first_reason;
+        }
+        malformed_.count += skipped.count;
+        skipped = Skipped();
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    watch_ = nullptr;
+    // The end of its lifetime (a resync is due), a Refresh, a shutdown or
+    // compaction: read again at once. Anything else is a failure.
+    if (absl::IsDeadlineExceeded(ended) || absl::IsCancelled(ended) ||
+        absl::IsOutOfRange(ended)) {
+      continue;
+    }
+    last_error_ = ended;
+    Pause(retry_delay, serving);
   }
 }
 

@@ -17,8 +17,8 @@ namespace kvcache::testing {
 class EtcdProcess {
  public:
   // Starts etcd serving clients on `host` (an IPv4 address) and waits until
-  // its JSON gateway answers. FAILED_PRECONDITION if /usr/bin/etcd is
-  // missing (install etcd-server).
+  // it answers a range over its gRPC API. FAILED_PRECONDITION if /usr/bin/etcd
+  // is missing (install etcd-server).
   static absl::StatusOr<std::unique_ptr<EtcdProcess>> Start(
       const std::string& host = "127.0.0.1");
 
