@@ -71,6 +71,31 @@ TEST(DaemonConfigTest, ValidationNamesTheField) {
            {"limits { max_keys_per_request: 0 }",
             "limits.max_keys_per_request"},
            {"limits { get_piece_bytes: 100 }", "limits.get_piece_bytes"},
+           {"limits { max_put_bytes_in_flight: 1 }",
+            "limits.max_put_bytes_in_flight"},
+           {"limits { max_concurrent_calls: 2 }",
+            "limits.max_concurrent_calls"},
+           {"limits { stream_idle_timeout_seconds: 0 }",
+            "limits.stream_idle_timeout_seconds"},
+           {"access { tenants { name: \"a b\" token_sha256: "
+            "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            "\" } }",
+            "access.tenants[0].name"},
+           {"access { tenants { name: \"a\" token_sha256: \"ABC\" } }",
+            "access.tenants[0].token_sha256"},
+           {"access { tenants { name: \"a\" } }", "access.tenants[0]"},
+           {"access { tenants { name: \"a\" token_sha256: "
+            "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            "\" } "
+            "tenants { name: \"a\" certificate_identities: \"x\" } }",
+            "access.tenants[1].name"},
+           {"access { tenants { name: \"a\" token_sha256: "
+            "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            "\" } "
+            "admin_token_sha256: "
+            "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            "\" }",
+            "access.admin_token_sha256"},
            {"cluster { etcd_endpoints: \"http://e:2379\" }",
             "cluster.etcd_endpoints"},
            {"cluster { etcd_endpoints: \"e:2379\" cluster_name: \"a/b\" }",

@@ -252,6 +252,7 @@ NodeState::NodeState(v1::DaemonConfig config,
                   config_.shared_memory().max_leased_percent(),
               SharedBytes(*store_) / 100 *
                   config_.shared_memory().max_leased_percent_per_connection()),
+      access_(config_.access()),
       put_budget_(config_.limits().max_put_bytes_in_flight()),
       watchdog_(absl::Seconds(config_.limits().stream_idle_timeout_seconds())) {
   const v1::GpuTierConfig& gpu = config_.gpu_tier();
@@ -275,14 +276,35 @@ void NodeState::set_shared_memory_socket(std::string path) {
   shared_memory_socket_ = std::move(path);
 }
 
+void NodeState::SetNcclLinkOwner(uint64_t link_id, std::string caller) {
+  absl::MutexLock lock(&nccl_owners_mu_);
+  // Ids of links closed since (the link table reuses none) go with them.
+  if (NcclLinks* links = nccl_links(); links != nullptr) {
+    absl::erase_if(nccl_link_owners_, [&](const auto& entry) {
+      return !links->IsOpen(entry.first);
+    });
+  }
+  nccl_link_owners_[link_id] = std::move(caller);
+}
+
+bool NodeState::OwnsNcclLink(const std::string& caller,
+                             uint64_t link_id) const {
+  absl::MutexLock lock(&nccl_owners_mu_);
+  auto it = nccl_link_owners_.find(link_id);
+  return it != nccl_link_owners_.end() && it->second == caller;
+}
+
 bool NodeState::drained() const {
   const bool alone = config_.cluster().etcd_endpoints().empty();
   return draining() && (alone || handoff_done.load());
 }
 
-grpc::Status KvCacheService::Lookup(grpc::ServerContext*,
+grpc::Status KvCacheService::Lookup(grpc::ServerContext* context,
                                     const v1::LookupRequest* request,
                                     v1::LookupResponse* response) {
+  absl::StatusOr<Caller> caller =
+      node_.access().Admit(*context, kTenantRole | kPeerRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
       !s.ok()) {
     return s;
@@ -291,7 +313,8 @@ grpc::Status KvCacheService::Lookup(grpc::ServerContext*,
   // Collect infos one by one: a chunk evicted between the checks shortens the
   // prefix rather than producing a hole in it.
   for (const std::string& key : request->keys()) {
-    absl::StatusOr<LocatedChunk> chunk = node_.store().Peek(key);
+    absl::StatusOr<LocatedChunk> chunk =
+        node_.store().Peek(caller->Stored(key));
     if (!chunk.ok()) break;
     FillInfo(key, *chunk, *response->add_chunks());
   }
@@ -303,16 +326,20 @@ grpc::Status KvCacheService::Lookup(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status KvCacheService::LookupEach(grpc::ServerContext*,
+grpc::Status KvCacheService::LookupEach(grpc::ServerContext* context,
                                         const v1::LookupEachRequest* request,
                                         v1::LookupEachResponse* response) {
+  absl::StatusOr<Caller> caller =
+      node_.access().Admit(*context, kTenantRole | kPeerRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
       !s.ok()) {
     return s;
   }
   for (const std::string& key : request->keys()) {
     v1::ChunkInfo* info = response->add_chunks();
-    absl::StatusOr<LocatedChunk> chunk = node_.store().Peek(key);
+    absl::StatusOr<LocatedChunk> chunk =
+        node_.store().Peek(caller->Stored(key));
     if (chunk.ok()) {
       FillInfo(key, *chunk, *info);
     } else {
@@ -325,6 +352,9 @@ grpc::Status KvCacheService::LookupEach(grpc::ServerContext*,
 grpc::Status KvCacheService::Put(grpc::ServerContext* context,
                                  grpc::ServerReader<v1::PutRequest>* reader,
                                  v1::PutResponse* response) {
+  absl::StatusOr<Caller> caller =
+      node_.access().Admit(*context, kTenantRole | kPeerRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   const v1::LimitsConfig& limits = node_.config().limits();
   StreamWatchdog::Watch watch(node_.watchdog(), *context);
   IncomingChunk chunk(node_.put_budget());
@@ -366,9 +396,11 @@ grpc::Status KvCacheService::Put(grpc::ServerContext* context,
                        header.crc32c(), "; nothing stored for it"));
     }
     const uint64_t size = bytes.size();
+    const std::string parent_key =
+        header.parent_key().empty() ? "" : caller->Stored(header.parent_key());
     absl::StatusOr<PutOutcome> stored = node_.store().Put(
-        header.key(), std::move(bytes), crc,
-        CappedTtl(header.pin_ttl_ms(), limits), header.parent_key(),
+        caller->Stored(header.key()), std::move(bytes), crc,
+        CappedTtl(header.pin_ttl_ms(), limits), parent_key,
         header.replace() ? PutMode::kReplace : PutMode::kKeepExisting);
     reservation.Reset();
     if (!stored.ok()) return ToGrpcStatus(stored.status());
@@ -403,6 +435,9 @@ grpc::Status KvCacheService::Put(grpc::ServerContext* context,
 grpc::Status KvCacheService::Get(grpc::ServerContext* context,
                                  const v1::GetRequest* request,
                                  grpc::ServerWriter<v1::GetResponse>* writer) {
+  absl::StatusOr<Caller> caller =
+      node_.access().Admit(*context, kTenantRole | kPeerRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   const v1::LimitsConfig& limits = node_.config().limits();
   if (grpc::Status s = ValidateDistinctKeys(request->keys(), limits); !s.ok()) {
     return s;
@@ -410,7 +445,7 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
   StreamWatchdog::Watch watch(node_.watchdog(), *context);
   for (int i = 0; i < request->keys_size(); ++i) {
     const std::string& key = request->keys(i);
-    absl::StatusOr<LocatedChunk> chunk = node_.store().Get(key);
+    absl::StatusOr<LocatedChunk> chunk = node_.store().Get(caller->Stored(key));
     if (absl::IsNotFound(chunk.status())) {
       node_.misses.fetch_add(1, std::memory_order_relaxed);
       return grpc::Status(grpc::StatusCode::NOT_FOUND,
@@ -447,6 +482,8 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
 grpc::Status KvCacheService::Locate(grpc::ServerContext* context,
                                     const v1::LocateRequest* request,
                                     v1::LocateResponse* response) {
+  absl::StatusOr<Caller> caller = node_.access().Admit(*context, kTenantRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (grpc::Status s =
           ValidateDistinctKeys(request->keys(), node_.config().limits());
       !s.ok()) {
@@ -470,7 +507,8 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext* context,
   uint64_t offered = 0, read = 0;
   bool out_of_room = false, read_limited = false;
   for (const std::string& key : request->keys()) {
-    absl::StatusOr<LocatedChunk> peeked = node_.store().Peek(key);
+    const std::string stored = caller->Stored(key);
+    absl::StatusOr<LocatedChunk> peeked = node_.store().Peek(stored);
     if (!peeked.ok()) break;
     offered += peeked->chunk.size_bytes;
     out_of_room = offered > room && !chunks.empty();
@@ -482,7 +520,7 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext* context,
       read += peeked->chunk.size_bytes;
     }
     absl::StatusOr<LocatedChunk> chunk =
-        node_.store().GetInMemory(key, accept_gpu);
+        node_.store().GetInMemory(stored, accept_gpu);
     if (!chunk.ok()) break;
     v1::ChunkExtent* extent = response->add_chunks();
     FillInfo(key, *chunk, *extent->mutable_info());
@@ -530,14 +568,18 @@ grpc::Status KvCacheService::Locate(grpc::ServerContext* context,
 grpc::Status KvCacheService::Release(grpc::ServerContext* context,
                                      const v1::ReleaseRequest* request,
                                      v1::ReleaseResponse* response) {
+  absl::StatusOr<Caller> caller = node_.access().Admit(*context, kTenantRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   response->set_released(
       node_.leases().Release(context->peer(), request->lease_id()));
   return grpc::Status::OK;
 }
 
 grpc::Status KvCacheService::SendOverNccl(
-    grpc::ServerContext*, const v1::SendOverNcclRequest* request,
+    grpc::ServerContext* context, const v1::SendOverNcclRequest* request,
     v1::SendOverNcclResponse* response) {
+  absl::StatusOr<Caller> caller = node_.access().Admit(*context, kTenantRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (grpc::Status s =
           ValidateDistinctKeys(request->keys(), node_.config().limits());
       !s.ok()) {
@@ -548,11 +590,16 @@ grpc::Status KvCacheService::SendOverNccl(
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         "this node opens no NCCL links");
   }
+  if (!node_.OwnsNcclLink(caller->name(), request->link_id())) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                        absl::StrCat("no NCCL link ", request->link_id(),
+                                     " is open for this caller"));
+  }
   std::vector<ChunkRef> chunks;
   uint64_t bytes = 0;
   for (const std::string& key : request->keys()) {
     absl::StatusOr<LocatedChunk> chunk =
-        node_.store().GetInMemory(key, /*accept_device=*/true);
+        node_.store().GetInMemory(caller->Stored(key), /*accept_device=*/true);
     if (!chunk.ok()) break;
     bytes += chunk->chunk.size_bytes;
     if (bytes > request->max_bytes()) {
@@ -587,16 +634,19 @@ grpc::Status KvCacheService::SendOverNccl(
   return grpc::Status::OK;
 }
 
-grpc::Status KvCacheService::Delete(grpc::ServerContext*,
+grpc::Status KvCacheService::Delete(grpc::ServerContext* context,
                                     const v1::DeleteRequest* request,
                                     v1::DeleteResponse* response) {
+  absl::StatusOr<Caller> caller =
+      node_.access().Admit(*context, kTenantRole | kPeerRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
       !s.ok()) {
     return s;
   }
   uint32_t deleted = 0;
   for (const std::string& key : request->keys()) {
-    absl::StatusOr<bool> gone = node_.store().Delete(key);
+    absl::StatusOr<bool> gone = node_.store().Delete(caller->Stored(key));
     if (!gone.ok()) return ToGrpcStatus(gone.status());
     deleted += *gone ? 1 : 0;
   }
@@ -604,9 +654,12 @@ grpc::Status KvCacheService::Delete(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status KvCacheService::Pin(grpc::ServerContext*,
+grpc::Status KvCacheService::Pin(grpc::ServerContext* context,
                                  const v1::PinRequest* request,
                                  v1::PinResponse* response) {
+  absl::StatusOr<Caller> caller =
+      node_.access().Admit(*context, kTenantRole | kPeerRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   const v1::LimitsConfig& limits = node_.config().limits();
   if (grpc::Status s = ValidateKeys(request->keys(), limits); !s.ok()) return s;
   if (request->ttl_ms() == 0) {
@@ -616,7 +669,7 @@ grpc::Status KvCacheService::Pin(grpc::ServerContext*,
   absl::Time earliest = absl::InfiniteFuture();
   for (int i = 0; i < request->keys_size(); ++i) {
     absl::StatusOr<absl::Time> expiry =
-        node_.store().Pin(request->keys(i), ttl);
+        node_.store().Pin(caller->Stored(request->keys(i)), ttl);
     if (!expiry.ok() && !absl::IsNotFound(expiry.status())) {
       return ToGrpcStatus(expiry.status());
     }
@@ -632,15 +685,19 @@ grpc::Status KvCacheService::Pin(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status KvCacheService::Unpin(grpc::ServerContext*,
+grpc::Status KvCacheService::Unpin(grpc::ServerContext* context,
                                    const v1::UnpinRequest* request,
                                    v1::UnpinResponse*) {
+  absl::StatusOr<Caller> caller =
+      node_.access().Admit(*context, kTenantRole | kPeerRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
       !s.ok()) {
     return s;
   }
   for (int i = 0; i < request->keys_size(); ++i) {
-    const absl::Status s = node_.store().Unpin(request->keys(i));
+    const absl::Status s =
+        node_.store().Unpin(caller->Stored(request->keys(i)));
     if (!s.ok() && !absl::IsNotFound(s)) return ToGrpcStatus(s);
     if (!s.ok()) {
       return grpc::Status(
@@ -652,9 +709,12 @@ grpc::Status KvCacheService::Unpin(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status KvCacheService::Stats(grpc::ServerContext*,
+grpc::Status KvCacheService::Stats(grpc::ServerContext* context,
                                    const v1::StatsRequest*,
                                    v1::StatsResponse* response) {
+  // Node-wide counters say what every tenant does.
+  absl::StatusOr<Caller> caller = node_.access().Admit(*context, kAdminRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   uint64_t evictions = 0;
   for (const TierReport& tier : node_.store().Report()) {
     evictions += tier.usage.evictions;
@@ -670,9 +730,13 @@ grpc::Status KvCacheService::Stats(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status AdminService::NodeInfo(grpc::ServerContext*,
+grpc::Status AdminService::NodeInfo(grpc::ServerContext* context,
                                     const v1::NodeInfoRequest*,
                                     v1::NodeInfoResponse* response) {
+  absl::StatusOr<Caller> caller =
+      node_.access().Admit(*context, kTenantRole | kAdminRole | kPeerRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  response->set_key_namespace(caller->key_namespace());
   response->set_node_id(node_.node_id());
   response->set_version(KVCACHE_VERSION);
   response->set_listen_address(node_.config().listen_address());
@@ -694,9 +758,11 @@ grpc::Status AdminService::NodeInfo(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status AdminService::OpenNcclLink(grpc::ServerContext*,
+grpc::Status AdminService::OpenNcclLink(grpc::ServerContext* context,
                                         const v1::OpenNcclLinkRequest* request,
                                         v1::OpenNcclLinkResponse* response) {
+  absl::StatusOr<Caller> caller = node_.access().Admit(*context, kTenantRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   NcclLinks* links = node_.nccl_links();
   if (links == nullptr) {
     return grpc::Status(
@@ -711,22 +777,29 @@ grpc::Status AdminService::OpenNcclLink(grpc::ServerContext*,
                      absl::Minutes(5));
   absl::StatusOr<uint64_t> id = links->Open(request->nccl_id(), timeout);
   if (!id.ok()) return ToGrpcStatus(id.status());
+  node_.SetNcclLinkOwner(*id, caller->name());
   response->set_link_id(*id);
   response->set_gpu_pci_bus_id(node_.store().gpu_arena()->pci_bus_id());
   return grpc::Status::OK;
 }
 
 grpc::Status AdminService::CloseNcclLink(
-    grpc::ServerContext*, const v1::CloseNcclLinkRequest* request,
+    grpc::ServerContext* context, const v1::CloseNcclLinkRequest* request,
     v1::CloseNcclLinkResponse* response) {
+  absl::StatusOr<Caller> caller = node_.access().Admit(*context, kTenantRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   NcclLinks* links = node_.nccl_links();
-  response->set_closed(links != nullptr && links->Close(request->link_id()));
+  response->set_closed(links != nullptr &&
+                       node_.OwnsNcclLink(caller->name(), request->link_id()) &&
+                       links->Close(request->link_id()));
   return grpc::Status::OK;
 }
 
-grpc::Status AdminService::GetTierUsage(grpc::ServerContext*,
+grpc::Status AdminService::GetTierUsage(grpc::ServerContext* context,
                                         const v1::TierUsageRequest*,
                                         v1::TierUsageResponse* response) {
+  absl::StatusOr<Caller> caller = node_.access().Admit(*context, kAdminRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   for (const TierReport& report : node_.store().Report()) {
     const TierCounters& counters = *report.counters;
     v1::TierUsage* tier = response->add_tiers();
@@ -749,15 +822,20 @@ grpc::Status AdminService::GetTierUsage(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status AdminService::GetConfig(grpc::ServerContext*,
+grpc::Status AdminService::GetConfig(grpc::ServerContext* context,
                                      const v1::GetConfigRequest*,
                                      v1::GetConfigResponse* response) {
+  absl::StatusOr<Caller> caller = node_.access().Admit(*context, kAdminRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   response->set_config_textproto(ConfigToText(node_.config()));
   return grpc::Status::OK;
 }
 
-grpc::Status AdminService::Drain(grpc::ServerContext*, const v1::DrainRequest*,
+grpc::Status AdminService::Drain(grpc::ServerContext* context,
+                                 const v1::DrainRequest*,
                                  v1::DrainResponse* response) {
+  absl::StatusOr<Caller> caller = node_.access().Admit(*context, kAdminRole);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   node_.StartDraining();
   response->set_chunks_remaining(node_.store().chunks());
   return grpc::Status::OK;

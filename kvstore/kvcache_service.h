@@ -15,11 +15,13 @@
 #include <string>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "kvcache/v1/config.pb.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
+#include "kvstore/access_control.h"
 #include "kvstore/byte_budget.h"
 #include "kvstore/chunk_leases.h"
 #include "kvstore/nccl_links.h"
@@ -44,6 +46,12 @@ class NodeState {
 
   // Same-host workers' reservations of CPU-tier chunks (Locate).
   ChunkLeases& leases() { return leases_; }
+  // Who may call, and the namespaces their keys live in.
+  AccessControl& access() { return access_; }
+  // NCCL links belong to the caller (Caller::name) that opened them; only
+  // it sends over or closes them.
+  void SetNcclLinkOwner(uint64_t link_id, std::string caller);
+  bool OwnsNcclLink(const std::string& caller, uint64_t link_id) const;
   // Bytes Put streams may buffer (limits.max_put_bytes_in_flight).
   ByteBudget& put_budget() { return put_budget_; }
   // Cancels Put and Get streams idle past limits.stream_idle_timeout_seconds.
@@ -86,9 +94,13 @@ class NodeState {
   const absl::Time started_;
   std::unique_ptr<TieredStore> store_;
   ChunkLeases leases_;
+  AccessControl access_;
   ByteBudget put_budget_;
   StreamWatchdog watchdog_;
   std::unique_ptr<NcclLinks> nccl_links_;
+  mutable absl::Mutex nccl_owners_mu_;
+  absl::flat_hash_map<uint64_t, std::string> nccl_link_owners_
+      ABSL_GUARDED_BY(nccl_owners_mu_);
   mutable absl::Mutex socket_mu_;
   std::string shared_memory_socket_ ABSL_GUARDED_BY(socket_mu_);
   std::atomic<bool> draining_{false};

@@ -143,6 +143,11 @@ absl::StatusOr<uint64_t> NcclLinks::Open(std::string nccl_id,
   return id;
 }
 
+bool NcclLinks::IsOpen(uint64_t link) const {
+  absl::MutexLock lock(&mu_);
+  return links_.contains(link);
+}
+
 bool NcclLinks::Close(uint64_t link) {
   std::shared_ptr<Link> closing;
   {

@@ -62,6 +62,8 @@ class NcclLinks {
   // first chunk alone exceeds the staging buffer.
   absl::StatusOr<size_t> Send(uint64_t link, std::vector<ChunkRef> chunks);
 
+  // Whether `link` is open (joining, joined or failed, not yet closed).
+  bool IsOpen(uint64_t link) const;
   size_t open_links() const;
   // Sends queued and not yet received, over all links.
   size_t sends_in_flight() const;
