@@ -45,9 +45,12 @@ struct ClusterClientOptions {
   uint32_t replication_factor = 2;
   // How often membership is re-read from etcd.
   absl::Duration membership_poll = absl::Seconds(1);
-  // Settings for the call to each node; `address` is ignored (membership
-  // says where nodes are). A short connect_timeout keeps a node that died
-  // but is still listed from stalling calls.
+  // Settings for the call to each node, credentials included (the same CA,
+  // client certificate and token serve every node, so node certificates
+  // must name the addresses nodes advertise; leave server_name empty);
+  // `address` is ignored (membership says where nodes are). A short
+  // connect_timeout keeps a node that died but is still listed from stalling
+  // calls.
   ClientOptions node = {.connect_timeout = absl::Seconds(1)};
 };
 

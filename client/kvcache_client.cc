@@ -2,36 +2,107 @@
 
 #include <utility>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "codec/crc32c.h"
 #include "transfer/grpc_stream.h"
 #include "transfer/put_stream.h"
+#include "transfer/tls_credentials.h"
 
 namespace kvcache {
 namespace {
 
 using ::kvcache::transfer::FromGrpcStatus;
 
-// Prefixes the node's message with what the client was doing and where.
-absl::Status Annotate(const grpc::Status& status, absl::string_view call,
-                      absl::string_view address) {
-  absl::Status s = FromGrpcStatus(status);
-  if (s.ok()) return s;
-  return absl::Status(s.code(), absl::StrCat("kvcache ", call, " at ", address,
-                                             ": ", s.message()));
+transfer::TlsFiles TlsFilesOf(const ClientOptions& options) {
+  transfer::TlsFiles files;
+  files.ca_file = options.ca_file;
+  files.cert_file = options.cert_file;
+  files.key_file = options.key_file;
+  return files;
+}
+
+// gRPC reports a failed handshake as UNAVAILABLE with the TLS library's
+// words in the message.
+bool IsHandshakeFailure(const absl::Status& status) {
+  if (status.code() != absl::StatusCode::kUnavailable) return false;
+  for (absl::string_view sign :
+       {"andshake", "SSL", "ssl", "certificate", "Certificate", "tls", "TLS"}) {
+    if (absl::StrContains(status.message(), sign)) return true;
+  }
+  return false;
+}
+
+// A node that accepted the connection and closed it: it refused the
+// client's certificate (or its lack of one), or it speaks TLS to a
+// plaintext client.
+bool ClosedByNode(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kUnavailable &&
+         (absl::StrContains(status.message(), "Socket closed") ||
+          absl::StrContains(status.message(), "onnection reset"));
+}
+
+// The token to send: `token`, or the contents of `token_file`.
+absl::StatusOr<std::string> TokenOf(const ClientOptions& options) {
+  if (!options.token.empty() && !options.token_file.empty()) {
+    return absl::InvalidArgumentError(
+        "give the token either as token or in token_file, not both");
+  }
+  std::string token = options.token;
+  if (!options.token_file.empty()) {
+    absl::StatusOr<std::string> read =
+        transfer::ReadCredentialFile(options.token_file, "token_file");
+    if (!read.ok()) return read.status();
+    token = std::string(absl::StripTrailingAsciiWhitespace(*read));
+  }
+  // Metadata values are printable ASCII; anything else would fail every
+  // call with a less helpful error.
+  for (char c : token) {
+    if (c < 0x21 || c > 0x7e) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the token",
+          options.token_file.empty()
+              ? ""
+              : absl::StrCat(" in token_file '", options.token_file, "'"),
+          " holds a space, a line break or a non-ASCII character"));
+    }
+  }
+  return token;
 }
 
 }  // namespace
 
-KvCacheClient::KvCacheClient(const ClientOptions& options,
+KvCacheClient::KvCacheClient(const ClientOptions& options, std::string token,
                              std::shared_ptr<grpc::Channel> channel)
     : options_(options),
+      authorization_(token.empty() ? "" : absl::StrCat("Bearer ", token)),
       channel_(std::move(channel)),
       data_(v1::KvCache::NewStub(channel_)),
       admin_(v1::Admin::NewStub(channel_)) {}
 
+absl::Status KvCacheClient::Annotate(const grpc::Status& status,
+                                     absl::string_view call) const {
+  absl::Status s = FromGrpcStatus(status);
+  if (s.ok()) return s;
+  if (!options_.ca_file.empty() && IsHandshakeFailure(s)) {
+    return absl::UnavailableError(absl::StrCat(
+        "kvcache ", call, ": ",
+        transfer::HandshakeFailureHint(TlsFilesOf(options_), options_.address),
+        " (", s.message(), ")"));
+  }
+  return absl::Status(
+      s.code(), absl::StrCat("kvcache ", call, " at ", options_.address, ": ",
+                             s.message()));
+}
+
 absl::StatusOr<std::unique_ptr<KvCacheClient>> KvCacheClient::Connect(
     const ClientOptions& options) {
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      transfer::ClientCredentials(TlsFilesOf(options));
+  if (!credentials.ok()) return credentials.status();
+  absl::StatusOr<std::string> token = TokenOf(options);
+  if (!token.ok()) return token.status();
   grpc::ChannelArguments args;
   // Connections of its own: a shared one may still be the socket of a node
   // that died and was restarted on the same address.
@@ -39,8 +110,11 @@ absl::StatusOr<std::unique_ptr<KvCacheClient>> KvCacheClient::Connect(
   // Get streams carry pieces of up to limits.get_piece_bytes (max 3 MiB).
   args.SetMaxReceiveMessageSize(8 << 20);
   transfer::SetChunkStreamWindow(args);
-  std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
-      options.address, grpc::InsecureChannelCredentials(), args);
+  if (!options.server_name.empty()) {
+    args.SetSslTargetNameOverride(options.server_name);
+  }
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateCustomChannel(options.address, *credentials, args);
   const auto deadline = std::chrono::system_clock::now() +
                         absl::ToChronoMilliseconds(options.connect_timeout);
   grpc_connectivity_state state = channel->GetState(/*try_to_connect=*/true);
@@ -49,23 +123,48 @@ absl::StatusOr<std::unique_ptr<KvCacheClient>> KvCacheClient::Connect(
          channel->WaitForStateChange(state, deadline)) {
     state = channel->GetState(/*try_to_connect=*/true);
   }
-  if (state != GRPC_CHANNEL_READY) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot reach kvcached at ", options.address,
-        state == GRPC_CHANNEL_TRANSIENT_FAILURE
-            ? " (the connection failed)"
-            : absl::StrCat(" within ",
-                           absl::FormatDuration(options.connect_timeout)),
-        "; is the daemon running?"));
+  auto client = std::unique_ptr<KvCacheClient>(
+      new KvCacheClient(options, *std::move(token), std::move(channel)));
+  if (state == GRPC_CHANNEL_READY) return client;
+  if (state == GRPC_CHANNEL_TRANSIENT_FAILURE) {
+    // The channel's state does not say why it failed; one call does, and
+    // tells a refused handshake (or a TLS node dialled in plaintext) from a
+    // node that is not there.
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::seconds(1));
+    v1::StatsResponse response;
+    const absl::Status probe = client->Annotate(
+        client->data_->Stats(&context, v1::StatsRequest(), &response),
+        "connect");
+    if (IsHandshakeFailure(probe)) return probe;
+    if (ClosedByNode(probe)) {
+      return absl::UnavailableError(
+          options.ca_file.empty()
+              ? absl::StrCat("kvcached at ", options.address,
+                             " closed the connection: if it serves TLS, give "
+                             "the CA its certificate chains to (ca_file), "
+                             "and a client certificate if it requires one")
+              : transfer::HandshakeFailureHint(TlsFilesOf(options),
+                                               options.address));
+    }
   }
-  return std::unique_ptr<KvCacheClient>(
-      new KvCacheClient(options, std::move(channel)));
+  return absl::UnavailableError(absl::StrCat(
+      "cannot reach kvcached at ", options.address,
+      state == GRPC_CHANNEL_TRANSIENT_FAILURE
+          ? " (the connection failed)"
+          : absl::StrCat(" within ",
+                         absl::FormatDuration(options.connect_timeout)),
+      "; is the daemon running?"));
 }
 
 std::unique_ptr<grpc::ClientContext> KvCacheClient::NewContext() const {
   auto context = std::make_unique<grpc::ClientContext>();
   context->set_deadline(std::chrono::system_clock::now() +
                         absl::ToChronoMilliseconds(options_.timeout));
+  if (!authorization_.empty()) {
+    context->AddMetadata("authorization", authorization_);
+  }
   return context;
 }
 
@@ -84,7 +183,7 @@ absl::StatusOr<LookupResult> KvCacheClient::Lookup(
   AddKeys(keys, request);
   v1::LookupResponse response;
   grpc::Status status = data_->Lookup(NewContext().get(), request, &response);
-  if (!status.ok()) return Annotate(status, "lookup", options_.address);
+  if (!status.ok()) return Annotate(status, "lookup");
   result.prefix_chunks = response.prefix_chunks();
   result.chunks.assign(response.chunks().begin(), response.chunks().end());
   return result;
@@ -99,7 +198,7 @@ absl::StatusOr<std::vector<v1::ChunkInfo>> KvCacheClient::LookupEach(
   v1::LookupEachResponse response;
   grpc::Status status =
       data_->LookupEach(NewContext().get(), request, &response);
-  if (!status.ok()) return Annotate(status, "lookup", options_.address);
+  if (!status.ok()) return Annotate(status, "lookup");
   if (response.chunks_size() != static_cast<int>(keys.size())) {
     return absl::InternalError(
         absl::StrCat("kvcache lookup at ", options_.address, ": node answered ",
@@ -132,7 +231,7 @@ absl::Status KvCacheClient::Put(absl::Span<const ChunkToPut> chunks,
     }
   }
   writer->WritesDone();
-  return Annotate(writer->Finish(), "put", options_.address);
+  return Annotate(writer->Finish(), "put");
 }
 
 absl::StatusOr<std::vector<FetchedChunk>> KvCacheClient::Get(
@@ -207,8 +306,7 @@ absl::Status KvCacheClient::GetStream(
     reader->Finish();
     return failed;
   }
-  if (absl::Status s = Annotate(reader->Finish(), "get", options_.address);
-      !s.ok()) {
+  if (absl::Status s = Annotate(reader->Finish(), "get"); !s.ok()) {
     return s;
   }
   if (delivered != keys.size()) {
@@ -232,7 +330,7 @@ absl::StatusOr<v1::LocateResponse> KvCacheClient::Locate(
   }
   v1::LocateResponse response;
   grpc::Status status = data_->Locate(NewContext().get(), request, &response);
-  if (!status.ok()) return Annotate(status, "locate", options_.address);
+  if (!status.ok()) return Annotate(status, "locate");
   return response;
 }
 
@@ -241,7 +339,7 @@ absl::StatusOr<bool> KvCacheClient::Release(uint64_t lease_id) {
   request.set_lease_id(lease_id);
   v1::ReleaseResponse response;
   grpc::Status status = data_->Release(NewContext().get(), request, &response);
-  if (!status.ok()) return Annotate(status, "release", options_.address);
+  if (!status.ok()) return Annotate(status, "release");
   return response.released();
 }
 
@@ -253,7 +351,7 @@ absl::StatusOr<v1::OpenNcclLinkResponse> KvCacheClient::OpenNcclLink(
   v1::OpenNcclLinkResponse response;
   grpc::Status status =
       admin_->OpenNcclLink(NewContext().get(), request, &response);
-  if (!status.ok()) return Annotate(status, "open NCCL link", options_.address);
+  if (!status.ok()) return Annotate(status, "open NCCL link");
   return response;
 }
 
@@ -264,7 +362,7 @@ absl::StatusOr<bool> KvCacheClient::CloseNcclLink(uint64_t link_id) {
   grpc::Status status =
       admin_->CloseNcclLink(NewContext().get(), request, &response);
   if (!status.ok()) {
-    return Annotate(status, "close NCCL link", options_.address);
+    return Annotate(status, "close NCCL link");
   }
   return response.closed();
 }
@@ -278,7 +376,7 @@ absl::StatusOr<v1::SendOverNcclResponse> KvCacheClient::SendOverNccl(
   v1::SendOverNcclResponse response;
   grpc::Status status =
       data_->SendOverNccl(NewContext().get(), request, &response);
-  if (!status.ok()) return Annotate(status, "send over NCCL", options_.address);
+  if (!status.ok()) return Annotate(status, "send over NCCL");
   return response;
 }
 
@@ -288,7 +386,7 @@ absl::StatusOr<uint32_t> KvCacheClient::Delete(
   AddKeys(keys, request);
   v1::DeleteResponse response;
   grpc::Status status = data_->Delete(NewContext().get(), request, &response);
-  if (!status.ok()) return Annotate(status, "delete", options_.address);
+  if (!status.ok()) return Annotate(status, "delete");
   return response.deleted();
 }
 
@@ -299,7 +397,7 @@ absl::StatusOr<absl::Time> KvCacheClient::Pin(absl::Span<const ChunkKey> keys,
   request.set_ttl_ms(absl::ToInt64Milliseconds(ttl));
   v1::PinResponse response;
   grpc::Status status = data_->Pin(NewContext().get(), request, &response);
-  if (!status.ok()) return Annotate(status, "pin", options_.address);
+  if (!status.ok()) return Annotate(status, "pin");
   return absl::FromUnixMillis(response.expires_unix_ms());
 }
 
@@ -307,15 +405,15 @@ absl::Status KvCacheClient::Unpin(absl::Span<const ChunkKey> keys) {
   v1::UnpinRequest request;
   AddKeys(keys, request);
   v1::UnpinResponse response;
-  return Annotate(data_->Unpin(NewContext().get(), request, &response), "unpin",
-                  options_.address);
+  return Annotate(data_->Unpin(NewContext().get(), request, &response),
+                  "unpin");
 }
 
 absl::StatusOr<v1::StatsResponse> KvCacheClient::Stats() {
   v1::StatsResponse response;
   grpc::Status status =
       data_->Stats(NewContext().get(), v1::StatsRequest(), &response);
-  if (!status.ok()) return Annotate(status, "stats", options_.address);
+  if (!status.ok()) return Annotate(status, "stats");
   return response;
 }
 
@@ -323,7 +421,7 @@ absl::StatusOr<v1::NodeInfoResponse> KvCacheClient::NodeInfo() {
   v1::NodeInfoResponse response;
   grpc::Status status =
       admin_->NodeInfo(NewContext().get(), v1::NodeInfoRequest(), &response);
-  if (!status.ok()) return Annotate(status, "node info", options_.address);
+  if (!status.ok()) return Annotate(status, "node info");
   return response;
 }
 
@@ -331,7 +429,7 @@ absl::StatusOr<v1::TierUsageResponse> KvCacheClient::TierUsage() {
   v1::TierUsageResponse response;
   grpc::Status status = admin_->GetTierUsage(NewContext().get(),
                                              v1::TierUsageRequest(), &response);
-  if (!status.ok()) return Annotate(status, "tier usage", options_.address);
+  if (!status.ok()) return Annotate(status, "tier usage");
   return response;
 }
 
@@ -339,7 +437,7 @@ absl::StatusOr<std::string> KvCacheClient::Config() {
   v1::GetConfigResponse response;
   grpc::Status status =
       admin_->GetConfig(NewContext().get(), v1::GetConfigRequest(), &response);
-  if (!status.ok()) return Annotate(status, "config", options_.address);
+  if (!status.ok()) return Annotate(status, "config");
   return response.config_textproto();
 }
 
@@ -347,7 +445,7 @@ absl::StatusOr<uint64_t> KvCacheClient::Drain() {
   v1::DrainResponse response;
   grpc::Status status =
       admin_->Drain(NewContext().get(), v1::DrainRequest(), &response);
-  if (!status.ok()) return Annotate(status, "drain", options_.address);
+  if (!status.ok()) return Annotate(status, "drain");
   return response.chunks_remaining();
 }
 

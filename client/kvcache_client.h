@@ -5,6 +5,12 @@
 // shared. Every call has a deadline (ClientOptions::timeout); errors are as
 // ChunkStore describes.
 //
+// Credentials: TLS when ClientOptions::ca_file is set (mutual TLS with
+// cert_file and key_file), plaintext otherwise (a node on a trusted host);
+// a token, when given, goes with every call as `authorization: Bearer`.
+// Connect reads every file once and names the option and file that failed;
+// a failed handshake is reported as such, with the credential to check.
+//
 // Chunk keys come from ChunkKeysForTokens (client/chunk_key.h).
 #ifndef KVCACHE_CLIENT_KVCACHE_CLIENT_H_
 #define KVCACHE_CLIENT_KVCACHE_CLIENT_H_
@@ -40,12 +46,32 @@ struct ClientOptions {
   bool fail_fast = false;
   // Size of the data messages a Put sends.
   size_t piece_bytes = 1 << 20;
+
+  // PEM CA bundle the node's certificate must chain to; setting it turns
+  // TLS on. Empty: plaintext.
+  std::string ca_file;
+  // PEM client certificate and its private key, for nodes that require
+  // client certificates (mutual TLS) or identify clients by them.
+  std::string cert_file;
+  std::string key_file;
+  // Name the node's certificate must carry, when it is not the host in
+  // `address` (e.g. dialling by an IP address the certificate does not
+  // list). Empty: the host in `address`.
+  std::string server_name;
+  // Bearer token sent with every call, or a file holding it (read once by
+  // Connect; a trailing newline is dropped). At most one of the two.
+  std::string token;
+  std::string token_file;
 };
 
 class KvCacheClient : public ChunkStore {
  public:
   // Opens a channel and waits until the node answers. UNAVAILABLE (naming the
-  // address) if it does not within connect_timeout.
+  // address) if it does not within connect_timeout, saying "TLS handshake
+  // with ADDRESS failed" and what to check when TLS is what failed; a
+  // credential file that cannot be used is NOT_FOUND, PERMISSION_DENIED,
+  // INVALID_ARGUMENT or FAILED_PRECONDITION (expired) naming the option and
+  // the file.
   static absl::StatusOr<std::unique_ptr<KvCacheClient>> Connect(
       const ClientOptions& options);
 
@@ -109,16 +135,23 @@ class KvCacheClient : public ChunkStore {
   const ClientOptions& options() const { return options_; }
 
  private:
-  KvCacheClient(const ClientOptions& options,
+  KvCacheClient(const ClientOptions& options, std::string token,
                 std::shared_ptr<grpc::Channel> channel);
 
-  // A context carrying the call deadline.
+  // Prefixes a failed call's status with the call and the address, and
+  // says so when the failure is a TLS handshake.
+  absl::Status Annotate(const grpc::Status& status,
+                        absl::string_view call) const;
+
+  // A context carrying the call deadline and the token.
   std::unique_ptr<grpc::ClientContext> NewContext() const;
   // Fills a repeated keys field.
   template <typename Request>
   static void AddKeys(absl::Span<const ChunkKey> keys, Request& request);
 
   ClientOptions options_;
+  // "Bearer <token>", or empty when no token is given.
+  std::string authorization_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KvCache::Stub> data_;
   std::unique_ptr<v1::Admin::Stub> admin_;

@@ -1,6 +1,7 @@
 // kvcachectl: the operator's command line for a kvcached node or cluster.
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -53,6 +54,16 @@ cluster commands (with --etcd; --cluster defaults to "default"):
   drain NODE [--wait=10m]        take NODE out of the placement and wait
                                  until its chunks are held by their new
                                  owners; then it can be stopped
+
+credentials (for every command that talks to a node):
+  --ca=FILE                      PEM CA the node's certificate chains to;
+                                 turns TLS on (without it: plaintext)
+  --cert=FILE --key=FILE         client certificate and key (mutual TLS)
+  --server_name=NAME             name the node's certificate must carry,
+                                 if not the host in --addr
+  --token_file=FILE              bearer token sent with every call; or set
+                                 KVCACHE_TOKEN (--token=TOKEN also works,
+                                 but shows the token to other local users)
 )";
 
 struct Args {
@@ -291,6 +302,21 @@ absl::Status PrintKeys(const Args& args) {
   return absl::OkStatus();
 }
 
+// The credential flags, into `options` (files are read by Connect, whose
+// errors name the option; the flag for each is in kUsage).
+void SetCredentials(const Args& args, ClientOptions& options) {
+  options.ca_file = args.Flag("ca", "");
+  options.cert_file = args.Flag("cert", "");
+  options.key_file = args.Flag("key", "");
+  options.server_name = args.Flag("server_name", "");
+  options.token_file = args.Flag("token_file", "");
+  const char* from_environment = std::getenv("KVCACHE_TOKEN");
+  options.token = args.Flag(
+      "token", options.token_file.empty() && from_environment != nullptr
+                   ? from_environment
+                   : "");
+}
+
 absl::StatusOr<std::unique_ptr<ClusterClient>> ConnectCluster(
     const Args& args, absl::Duration timeout) {
   ClusterClientOptions options;
@@ -298,6 +324,7 @@ absl::StatusOr<std::unique_ptr<ClusterClient>> ConnectCluster(
       absl::StrSplit(args.Flag("etcd", ""), ',', absl::SkipEmpty());
   options.cluster_name = args.Flag("cluster", options.cluster_name);
   options.node.timeout = timeout;
+  SetCredentials(args, options.node);
   return ClusterClient::Connect(options);
 }
 
@@ -408,6 +435,7 @@ absl::Status Run(const Args& args) {
   options.timeout = *timeout;
   options.connect_timeout = std::min(options.connect_timeout, *timeout);
   options.fail_fast = true;
+  SetCredentials(args, options);
   absl::StatusOr<std::unique_ptr<KvCacheClient>> client =
       KvCacheClient::Connect(options);
   if (!client.ok()) return client.status();

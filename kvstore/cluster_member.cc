@@ -47,13 +47,14 @@ std::string NodeIds(const Membership& membership) {
 }  // namespace
 
 ClusterMember::ClusterMember(NodeState& node,
-                             const std::string& advertise_address)
+                             const std::string& advertise_address,
+                             PeerCredentials peer_credentials)
     : node_(node),
       config_(node.config().cluster()),
       membership_(MembershipOptionsOf(config_)),
       // A peer's key check is a lookup in its memory: a short deadline, so
       // a partitioned peer delays repair by seconds, not by a copy's 30 s.
-      peers_(/*lookup_timeout=*/absl::Seconds(3),
+      peers_(std::move(peer_credentials), /*lookup_timeout=*/absl::Seconds(3),
              /*copy_timeout=*/absl::Seconds(30)) {
   cluster::RegistrationOptions options;
   options.etcd = EtcdOptionsOf(config_);

@@ -35,9 +35,11 @@ namespace kvcache::kvstore {
 class ClusterMember {
  public:
   // Joins the cluster `node`'s configuration names, as reachable at
-  // `advertise_address`, and starts the repair loop. Never fails: while
-  // etcd is unreachable the node serves alone and keeps trying.
-  ClusterMember(NodeState& node, const std::string& advertise_address);
+  // `advertise_address`, and starts the repair loop; peers are called with
+  // `peer_credentials`. Never fails: while etcd is unreachable the node
+  // serves alone and keeps trying.
+  ClusterMember(NodeState& node, const std::string& advertise_address,
+                PeerCredentials peer_credentials);
   ClusterMember(const ClusterMember&) = delete;
   ClusterMember& operator=(const ClusterMember&) = delete;
   // Stops the loop and leaves the cluster at once (revokes the lease).

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
@@ -33,9 +34,11 @@
 #include "kvstore/kvcache_service.h"
 #include "kvstore/malloc_options.h"
 #include "kvstore/metrics_http_server.h"
+#include "kvstore/peer_client.h"
 #include "kvstore/prometheus_metrics.h"
 #include "transfer/grpc_stream.h"
 #include "transfer/shared_region.h"
+#include "transfer/tls_credentials.h"
 
 namespace kvcache::kvstore {
 namespace {
@@ -122,6 +125,84 @@ void ApplyConnectionLimits(const v1::LimitsConfig& limits,
       GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
 }
 
+// The credentials of the listening port: TLS as the tls section says, with
+// its files read again every reload_interval_seconds, else plaintext.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ListenCredentials(
+    const v1::TlsConfig& tls) {
+  if (tls.cert_file().empty()) return grpc::InsecureServerCredentials();
+  const transfer::TlsFiles files = NodeTlsFiles(tls);
+  // A CA without mTLS still asks for certificates (without insisting), so
+  // a client can identify itself by one instead of a token.
+  const transfer::ClientCertificates client_certificates =
+      tls.require_client_certificate() ? transfer::ClientCertificates::kRequired
+      : tls.ca_file().empty()
+          ? transfer::ClientCertificates::kNotRequested
+          : transfer::ClientCertificates::kVerifiedIfPresented;
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      transfer::ServerCredentials(files, client_certificates,
+                                  absl::Seconds(tls.reload_interval_seconds()));
+  if (!credentials.ok()) return credentials.status();
+  absl::StatusOr<std::string> cert =
+      transfer::ReadCredentialFile(files.cert_file, files.cert_option);
+  if (cert.ok()) {
+    // Served anyway: a renewed certificate may arrive before the next
+    // reload, and clients say clearly why they cannot connect meanwhile.
+    if (absl::Status s = transfer::CheckValidNow(*cert, files.cert_option);
+        !s.ok()) {
+      std::fprintf(stderr, "kvcached: WARNING: %s; clients will refuse it\n",
+                   std::string(s.message()).c_str());
+    }
+  }
+  std::fprintf(stderr,
+               "kvcached: TLS on, client certificates %s, files read again "
+               "every %us\n",
+               tls.require_client_certificate() ? "required (mutual TLS)"
+               : tls.ca_file().empty()          ? "not requested"
+                                                : "verified if presented",
+               tls.reload_interval_seconds());
+  return credentials;
+}
+
+// Plaintext is for one trusted host; anywhere else, anyone who reaches the
+// port reads and writes every chunk and sees tokens in the clear. Said so
+// it cannot be missed in a log.
+void WarnIfPlaintextOffLoopback(const v1::DaemonConfig& config,
+                                const std::string& address) {
+  if (!config.tls().cert_file().empty()) return;
+  if (IsLoopbackAddress(address)) return;
+  std::fprintf(
+      stderr,
+      "kvcached: "
+      "*****************************************************************\n"
+      "kvcached: WARNING: serving PLAINTEXT gRPC on %s, not a loopback "
+      "address.\n"
+      "kvcached: Anyone who can reach it can read and write cached chunks, "
+      "and\n"
+      "kvcached: tokens and chunks cross the network unencrypted. Plaintext "
+      "is\n"
+      "kvcached: for a single trusted host: listen on 127.0.0.1, or set "
+      "tls {\n"
+      "kvcached: cert_file key_file ca_file } (deploy/make_certs.sh makes "
+      "them).\n"
+      "kvcached: "
+      "*****************************************************************\n",
+      address.c_str());
+}
+
+// With no tenants or admins configured every caller may read, overwrite
+// and delete every chunk and drain the node: fine on one trusted host only.
+void WarnIfOpenOffLoopback(const NodeState& node, const std::string& address) {
+  if (node.access().enabled() || IsLoopbackAddress(address)) return;
+  std::fprintf(
+      stderr,
+      "kvcached: WARNING: no access section: every caller that reaches %s\n"
+      "kvcached: acts as admin and can read, replace and delete every "
+      "chunk.\n"
+      "kvcached: List tenants (and admins) under access { } with their token\n"
+      "kvcached: hashes or certificate identities.\n",
+      address.c_str());
+}
+
 int Run(int argc, char** argv) {
   Flags flags;
   if (!ParseFlags(argc, argv, flags)) return 2;
@@ -154,10 +235,16 @@ int Run(int argc, char** argv) {
 
   std::unique_ptr<MetricsHttpServer> metrics;
   if (!config->metrics_address().empty()) {
+    MetricsHttpServer::Options options;
+    if (!config->access().metrics_token_sha256().empty()) {
+      options.authorize = [&node](absl::string_view authorization) {
+        return node.access().MetricsAuthorized(authorization);
+      };
+    }
     absl::StatusOr<std::unique_ptr<MetricsHttpServer>> started =
-        MetricsHttpServer::Start(config->metrics_address(), [&node] {
-          return RenderPrometheusMetrics(node);
-        });
+        MetricsHttpServer::Start(
+            config->metrics_address(),
+            [&node] { return RenderPrometheusMetrics(node); }, options);
     if (!started.ok()) {
       std::fprintf(stderr, "kvcached: %s\n",
                    started.status().ToString().c_str());
@@ -172,8 +259,14 @@ int Run(int argc, char** argv) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int bound_port = 0;
-  builder.AddListeningPort(config->listen_address(),
-                           grpc::InsecureServerCredentials(), &bound_port);
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      ListenCredentials(config->tls());
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "kvcached: %s\n",
+                 credentials.status().ToString().c_str());
+    return 2;
+  }
+  builder.AddListeningPort(config->listen_address(), *credentials, &bound_port);
   // Put data arrives in pieces; a piece of up to limits.get_piece_bytes plus
   // framing must always fit, whatever the client's piece size.
   builder.SetMaxReceiveMessageSize(8 << 20);
@@ -188,6 +281,8 @@ int Run(int argc, char** argv) {
     return 1;
   }
   const std::string address = WithPort(config->listen_address(), bound_port);
+  WarnIfPlaintextOffLoopback(*config, address);
+  WarnIfOpenOffLoopback(node, address);
   if (!flags.port_file.empty()) {
     // Written to a temporary name and renamed, so a reader never sees a
     // half-written port.
@@ -217,8 +312,10 @@ int Run(int argc, char** argv) {
             : config->shared_memory().socket_path();
     const HostArena& arena = node.store().cpu_arena();
     absl::StatusOr<std::unique_ptr<transfer::SharedRegionServer>> started =
-        transfer::SharedRegionServer::Start(path, arena.fd(),
-                                            arena.capacity_bytes(), arena.id());
+        transfer::SharedRegionServer::Start(
+            path, arena.fd(), arena.capacity_bytes(), arena.id(),
+            {config->shared_memory().allowed_uids().begin(),
+             config->shared_memory().allowed_uids().end()});
     if (started.ok()) {
       shared_region = *std::move(started);
       node.set_shared_memory_socket(path);
@@ -232,8 +329,16 @@ int Run(int argc, char** argv) {
 
   std::unique_ptr<ClusterMember> cluster;
   if (!config->cluster().etcd_endpoints().empty()) {
+    absl::StatusOr<PeerCredentials> peer_credentials =
+        PeerCredentialsOf(*config);
+    if (!peer_credentials.ok()) {
+      std::fprintf(stderr, "kvcached: %s\n",
+                   peer_credentials.status().ToString().c_str());
+      return 2;
+    }
     cluster = std::make_unique<ClusterMember>(
-        node, AdvertiseAddress(*config, bound_port));
+        node, AdvertiseAddress(*config, bound_port),
+        *std::move(peer_credentials));
   }
 
   int signal_number = 0;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "transfer/grpc_stream.h"
 #include "transfer/put_stream.h"
@@ -20,14 +21,58 @@ absl::Status PeerError(const grpc::Status& status, absl::string_view call,
 
 }  // namespace
 
+transfer::TlsFiles NodeTlsFiles(const v1::TlsConfig& tls) {
+  transfer::TlsFiles files;
+  files.ca_file = tls.ca_file();
+  files.cert_file = tls.cert_file();
+  files.key_file = tls.key_file();
+  files.ca_option = "tls.ca_file";
+  files.cert_option = "tls.cert_file";
+  files.key_option = "tls.key_file";
+  return files;
+}
+
+absl::StatusOr<PeerCredentials> PeerCredentialsOf(
+    const v1::DaemonConfig& config) {
+  PeerCredentials credentials;
+  if (config.tls().cert_file().empty()) {
+    credentials.channel = grpc::InsecureChannelCredentials();
+  } else {
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> channel =
+        transfer::ReloadingChannelCredentials(
+            NodeTlsFiles(config.tls()),
+            absl::Seconds(config.tls().reload_interval_seconds()));
+    if (!channel.ok()) return channel.status();
+    credentials.channel = *std::move(channel);
+  }
+  if (!config.access().peer_token_file().empty()) {
+    absl::StatusOr<std::string> token = transfer::ReadCredentialFile(
+        config.access().peer_token_file(), "access.peer_token_file");
+    if (!token.ok()) return token.status();
+    // Files written by `echo` end in a newline that is not part of the token.
+    credentials.token = std::string(absl::StripTrailingAsciiWhitespace(*token));
+  }
+  return credentials;
+}
+
+void PeerClient::Prepare(grpc::ClientContext& context,
+                         absl::Duration timeout) const {
+  context.set_deadline(std::chrono::system_clock::now() +
+                       absl::ToChronoMilliseconds(timeout));
+  if (!credentials_.token.empty()) {
+    context.AddMetadata("authorization",
+                        absl::StrCat("Bearer ", credentials_.token));
+  }
+}
+
 v1::KvCache::Stub& PeerClient::StubFor(const std::string& address) {
   std::unique_ptr<v1::KvCache::Stub>& stub = stubs_[address];
   if (!stub) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(8 << 20);
     transfer::SetChunkStreamWindow(args);
-    stub = v1::KvCache::NewStub(grpc::CreateCustomChannel(
-        address, grpc::InsecureChannelCredentials(), args));
+    stub = v1::KvCache::NewStub(
+        grpc::CreateCustomChannel(address, credentials_.channel, args));
   }
   return *stub;
 }
@@ -38,8 +83,7 @@ absl::StatusOr<std::vector<bool>> PeerClient::Holds(
   for (const std::string& key : keys) request.add_keys(key);
   v1::LookupEachResponse response;
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() +
-                       absl::ToChronoMilliseconds(lookup_timeout_));
+  Prepare(context, lookup_timeout_);
   const grpc::Status status =
       StubFor(address).LookupEach(&context, request, &response);
   if (!status.ok()) return PeerError(status, "lookup", address);
@@ -60,8 +104,7 @@ absl::StatusOr<size_t> PeerClient::Copy(const std::string& address,
                                         const std::vector<std::string>& keys,
                                         TieredStore& store) {
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() +
-                       absl::ToChronoMilliseconds(copy_timeout_));
+  Prepare(context, copy_timeout_);
   v1::PutResponse response;
   std::unique_ptr<grpc::ClientWriter<v1::PutRequest>> writer =
       StubFor(address).Put(&context, &response);
