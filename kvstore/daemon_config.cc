@@ -10,6 +10,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -348,6 +349,24 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config) {
                       "must be > 0");
   }
   if (absl::Status s = ValidateAccess(config.access()); !s.ok()) return s;
+  if (!config.metrics_address().empty() &&
+      !IsLoopbackAddress(config.metrics_address()) &&
+      config.access().metrics_token_sha256().empty()) {
+    return FieldError(
+        "metrics_address",
+        absl::StrCat("'", config.metrics_address(),
+                     "' is reachable from other hosts: set "
+                     "access.metrics_token_sha256 so scrapers must send a "
+                     "token, or listen on 127.0.0.1"));
+  }
+  if (config.shared_memory().enabled() && config.access().tenants_size() > 1) {
+    return FieldError(
+        "shared_memory.enabled",
+        "a node with several tenants cannot share its memory: a mapped "
+        "region shows every tenant's chunks. Set shared_memory { enabled: "
+        "false } (workers then fetch over gRPC), or give each tenant a node "
+        "of its own");
+  }
   const uint32_t per_connection =
       config.shared_memory().max_leased_percent_per_connection();
   if (per_connection == 0 || per_connection > 100) {
@@ -380,6 +399,12 @@ absl::StatusOr<v1::DaemonConfig> LoadConfig(
   }
   if (absl::Status s = ValidateConfig(config); !s.ok()) return s;
   return config;
+}
+
+bool IsLoopbackAddress(absl::string_view address) {
+  absl::string_view host = address.substr(0, address.rfind(':'));
+  return absl::StartsWith(host, "127.") || host == "localhost" ||
+         host == "[::1]" || host == "::1";
 }
 
 std::string ConfigToText(const v1::DaemonConfig& config) {

@@ -31,6 +31,10 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config);
 absl::StatusOr<v1::DaemonConfig> LoadConfig(
     const std::string& path, const std::vector<std::string>& overrides);
 
+// Whether "host:port" names a loopback host (127.0.0.0/8, ::1, localhost):
+// reachable from this host only.
+bool IsLoopbackAddress(absl::string_view address);
+
 // The configuration as text-format, every field spelled out with its
 // effective value (defaults included).
 std::string ConfigToText(const v1::DaemonConfig& config);

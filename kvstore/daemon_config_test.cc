@@ -87,6 +87,11 @@ TEST(DaemonConfigTest, ValidationNamesTheField) {
            {"access { tenants { name: \"a\" token_sha256: "
             "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
             "\" } "
+            "tenants { name: \"b\" certificate_identities: \"b\" } }",
+            "shared_memory.enabled"},
+           {"access { tenants { name: \"a\" token_sha256: "
+            "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            "\" } "
             "tenants { name: \"a\" certificate_identities: \"x\" } }",
             "access.tenants[1].name"},
            {"access { tenants { name: \"a\" token_sha256: "

@@ -48,6 +48,7 @@ class NodeState {
   ChunkLeases& leases() { return leases_; }
   // Who may call, and the namespaces their keys live in.
   AccessControl& access() { return access_; }
+  const AccessControl& access() const { return access_; }
   // NCCL links belong to the caller (Caller::name) that opened them; only
   // it sends over or closes them.
   void SetNcclLinkOwner(uint64_t link_id, std::string caller);

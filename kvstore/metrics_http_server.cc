@@ -223,8 +223,15 @@ class MetricsHttpServer::HttpServer : public httplib::Server {
              Render render)
       : options_(options), stop_fd_(stop_fd) {
     Get(kMetricsPath,
-        [render = std::move(render)](const httplib::Request&,
-                                     httplib::Response& response) {
+        [render = std::move(render), authorize = options.authorize](
+            const httplib::Request& request, httplib::Response& response) {
+          if (authorize &&
+              !authorize(request.get_header_value("Authorization"))) {
+            response.status = 401;
+            response.set_header("WWW-Authenticate", "Bearer");
+            response.set_content("a bearer token is needed\n", "text/plain");
+            return;
+          }
           response.set_content(render(), kPrometheusTextFormat);
         });
     Get(kHealthPath, [](const httplib::Request&, httplib::Response& response) {

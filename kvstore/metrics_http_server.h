@@ -46,6 +46,10 @@ struct MetricsHttpServerOptions {
   // Request line, headers and body together; a scrape needs well under
   // 1 KiB.
   size_t max_request_bytes = 16 << 10;
+  // Given the request's Authorization header (empty if none), whether it
+  // may read /metrics; others get 401. Null: anyone may. /healthz stays
+  // open to probes either way.
+  std::function<bool(absl::string_view authorization)> authorize;
 };
 
 class MetricsHttpServer {

@@ -148,6 +148,30 @@ TEST(MetricsHttpServerTest, HealthPathAnswersOk) {
   EXPECT_TRUE(absl::EndsWith(response, "\r\n\r\nok\n")) << response;
 }
 
+TEST(MetricsHttpServerTest, MetricsNeedTheTokenWhenOneIsSet) {
+  MetricsHttpServer::Options options;
+  options.authorize = [](absl::string_view authorization) {
+    return authorization == "Bearer right";
+  };
+  std::unique_ptr<MetricsHttpServer> server = StartServer(options);
+  const std::string missing = Get(server->port(), "/metrics");
+  EXPECT_TRUE(IsStatus(missing, 401)) << missing;
+  EXPECT_FALSE(absl::StrContains(missing, kMetricsText)) << missing;
+  const std::string wrong =
+      Exchange(server->port(),
+               "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+               "wrong\r\n\r\n");
+  EXPECT_TRUE(IsStatus(wrong, 401)) << wrong;
+  const std::string right =
+      Exchange(server->port(),
+               "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+               "right\r\n\r\n");
+  EXPECT_TRUE(IsStatus(right, 200)) << right;
+  EXPECT_TRUE(absl::EndsWith(right, kMetricsText)) << right;
+  // Probes need no token.
+  EXPECT_TRUE(IsStatus(Get(server->port(), "/healthz"), 200));
+}
+
 TEST(MetricsHttpServerTest, HttpTenClientIsAnswered) {
   std::unique_ptr<MetricsHttpServer> server = StartServer();
   const std::string response =

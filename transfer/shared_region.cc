@@ -9,6 +9,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -62,7 +63,8 @@ struct FdMessage {
 
 absl::StatusOr<std::unique_ptr<SharedRegionServer>> SharedRegionServer::Start(
     std::string socket_path, int region_fd, uint64_t size,
-    std::string region_id) {
+    std::string region_id, std::vector<uid_t> allowed_uids) {
+  if (allowed_uids.empty()) allowed_uids.push_back(geteuid());
   if (region_id.empty() || region_id.size() > kMaxIdBytes) {
     return absl::InvalidArgumentError("region id must be 1-255 bytes");
   }
@@ -92,6 +94,13 @@ absl::StatusOr<std::unique_ptr<SharedRegionServer>> SharedRegionServer::Start(
            sizeof(*address)) != 0) {
     return fail("bind");
   }
+  // Only this user may even connect when no other is allowed; otherwise
+  // anyone may, and the peer's credentials decide (Serve).
+  const bool only_self =
+      allowed_uids.size() == 1 && allowed_uids[0] == geteuid();
+  if (chmod(socket_path.c_str(), only_self ? 0600 : 0666) != 0) {
+    return fail("chmod");
+  }
   if (listen(listen_fd, 64) != 0) return fail("listen");
 
   std::string message(kMagic);
@@ -100,21 +109,23 @@ absl::StatusOr<std::unique_ptr<SharedRegionServer>> SharedRegionServer::Start(
   fields[8] = static_cast<char>(region_id.size());
   message.append(fields, sizeof(fields));
   message += region_id;
-  std::unique_ptr<SharedRegionServer> server(
-      new SharedRegionServer(std::move(socket_path), listen_fd, stop_fd,
-                             read_only_fd, std::move(message)));
+  std::unique_ptr<SharedRegionServer> server(new SharedRegionServer(
+      std::move(socket_path), listen_fd, stop_fd, read_only_fd,
+      std::move(message), std::move(allowed_uids)));
   server->thread_ = std::thread([s = server.get()] { s->Serve(); });
   return server;
 }
 
 SharedRegionServer::SharedRegionServer(std::string socket_path, int listen_fd,
                                        int stop_fd, int read_only_fd,
-                                       std::string message)
+                                       std::string message,
+                                       std::vector<uid_t> allowed_uids)
     : socket_path_(std::move(socket_path)),
       listen_fd_(listen_fd),
       stop_fd_(stop_fd),
       read_only_fd_(read_only_fd),
-      message_(std::move(message)) {}
+      message_(std::move(message)),
+      allowed_uids_(std::move(allowed_uids)) {}
 
 SharedRegionServer::~SharedRegionServer() {
   const uint64_t one = 1;
@@ -136,6 +147,18 @@ void SharedRegionServer::Serve() {
     if (fds[1].revents != 0) return;
     const int connection = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (connection < 0) continue;
+    // The kernel vouches for the peer's user; a process of any other user
+    // gets nothing and learns only that the socket closed.
+    ucred peer{};
+    socklen_t peer_size = sizeof(peer);
+    if (getsockopt(connection, SOL_SOCKET, SO_PEERCRED, &peer, &peer_size) !=
+            0 ||
+        std::find(allowed_uids_.begin(), allowed_uids_.end(), peer.uid) ==
+            allowed_uids_.end()) {
+      refused_.fetch_add(1);
+      close(connection);
+      continue;
+    }
     SetTimeout(connection, SO_SNDTIMEO, 1);
     FdMessage message(const_cast<char*>(message_.data()), message_.size());
     cmsghdr* rights = CMSG_FIRSTHDR(&message.header);
@@ -186,6 +209,13 @@ absl::StatusOr<std::unique_ptr<SharedRegion>> SharedRegion::Connect(
   if (got < 0) {
     errno = saved_errno;
     return absl::UnavailableError(Errno("receiving the shared region"));
+  }
+  if (got == 0) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("the node at ", socket_path,
+                     " shares its memory with other users only (its "
+                     "shared_memory.allowed_uids does not list uid ",
+                     geteuid(), "); fetch over gRPC instead"));
   }
   if (static_cast<size_t>(got) < kHeaderBytes || region_fd < 0 ||
       absl::string_view(buffer, kMagic.size()) != kMagic) {

@@ -13,11 +13,14 @@
 #ifndef KVCACHE_TRANSFER_SHARED_REGION_H_
 #define KVCACHE_TRANSFER_SHARED_REGION_H_
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -28,12 +31,16 @@ namespace kvcache::transfer {
 class SharedRegionServer {
  public:
   // Listens on `socket_path` (replacing a stale socket file there) and hands
-  // each connecting process a read-only descriptor of `region_fd`, whose
-  // first `size` bytes are the region named `region_id` (at most 255 bytes).
-  // `region_fd` stays owned by the caller and must outlive the server.
+  // each connecting process of a user in `allowed_uids` (empty: this
+  // process's effective user only) a read-only descriptor of `region_fd`,
+  // whose first `size` bytes are the region named `region_id` (at most 255
+  // bytes). Other users' connections are closed unanswered. The socket file
+  // is mode 0600 when only this user is allowed, 0666 otherwise (the peer
+  // check then decides). `region_fd` stays owned by the caller and must
+  // outlive the server.
   static absl::StatusOr<std::unique_ptr<SharedRegionServer>> Start(
       std::string socket_path, int region_fd, uint64_t size,
-      std::string region_id);
+      std::string region_id, std::vector<uid_t> allowed_uids = {});
   // Stops serving and removes the socket file; mappings already handed out
   // stay valid.
   ~SharedRegionServer();
@@ -42,10 +49,13 @@ class SharedRegionServer {
   SharedRegionServer& operator=(const SharedRegionServer&) = delete;
 
   const std::string& socket_path() const { return socket_path_; }
+  // Connections closed because their user is not allowed.
+  uint64_t refused_connections() const { return refused_.load(); }
 
  private:
   SharedRegionServer(std::string socket_path, int listen_fd, int stop_fd,
-                     int read_only_fd, std::string message);
+                     int read_only_fd, std::string message,
+                     std::vector<uid_t> allowed_uids);
   void Serve();
 
   const std::string socket_path_;
@@ -53,6 +63,8 @@ class SharedRegionServer {
   const int stop_fd_;       // eventfd that wakes Serve to stop
   const int read_only_fd_;  // what connecting processes receive
   const std::string message_;
+  const std::vector<uid_t> allowed_uids_;
+  std::atomic<uint64_t> refused_{0};
   std::thread thread_;
 };
 

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -66,6 +67,36 @@ TEST(SharedRegionTest, WorkerSeesTheNodesBytesReadOnly) {
                      PROT_READ | PROT_WRITE),
             0);
   EXPECT_EQ(errno, EACCES);
+}
+
+TEST(SharedRegionTest, OnlyThisUserMayConnectByDefault) {
+  Memfd region(std::string(4096, 'x'));
+  const std::string path = TempSocketPath("mode");
+  absl::StatusOr<std::unique_ptr<SharedRegionServer>> server =
+      SharedRegionServer::Start(path, region.fd(), 4096, "r-mode");
+  ASSERT_TRUE(server.ok()) << server.status();
+  struct stat socket_file;
+  ASSERT_EQ(stat(path.c_str(), &socket_file), 0);
+  EXPECT_EQ(socket_file.st_mode & 0777, 0600u);
+  EXPECT_TRUE(SharedRegion::Connect(path).ok());
+}
+
+TEST(SharedRegionTest, UsersNotAllowedGetNothing) {
+  Memfd region(std::string(4096, 'x'));
+  const std::string path = TempSocketPath("uids");
+  // Some other user only: this process's own connection is refused.
+  absl::StatusOr<std::unique_ptr<SharedRegionServer>> server =
+      SharedRegionServer::Start(path, region.fd(), 4096, "r-uids",
+                                {geteuid() + 4242});
+  ASSERT_TRUE(server.ok()) << server.status();
+  absl::StatusOr<std::unique_ptr<SharedRegion>> mapped =
+      SharedRegion::Connect(path);
+  ASSERT_FALSE(mapped.ok());
+  EXPECT_EQ(mapped.status().code(), absl::StatusCode::kPermissionDenied)
+      << mapped.status();
+  EXPECT_NE(mapped.status().message().find("shared_memory.allowed_uids"),
+            std::string::npos);
+  EXPECT_EQ((*server)->refused_connections(), 1u);
 }
 
 TEST(SharedRegionTest, ExtentsOutsideTheRegionAreRejected) {
