@@ -3,176 +3,115 @@
 // way, records other software wrote). Built and run by
 // tests/fuzz/run_fuzz.sh etcd_reply.
 //
-// The first byte picks a mode, the rest is the answer:
-//   below 0x80: the rest is a reply body, read by every reply parser and, as
-//     a range, its values as node records (what a membership refresh does);
-//   0x80 and up: the rest is a raw HTTP response, sent by a fake etcd on
-//     loopback to one EtcdClient call (the byte's low bits pick which), so
-//     the HTTP reader (status line, headers, chunked bodies) is fuzzed too.
-// Beyond not crashing: an error reply is never OK, a granted lease has an id,
-// and a node record that parses prints and parses back the same.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
+// gRPC hands the client a reply as protobuf bytes; the first input byte picks
+// which reply the rest is parsed as (bytes protobuf rejects are a gRPC
+// error, never a reply):
+//   0: a RangeResponse, read by ReadRangeResponse, and each key-value it
+//      keeps read as a node record, as a membership reading does;
+//   1: a WatchResponse, read as a watch's first response and as a later one,
+//      and each event's value read as a node record;
+//   2: a LeaseGrantResponse;  3: a LeaseKeepAliveResponse.
+// Beyond not crashing: a range's keys are under the prefix, in order and
+// distinct; a watch's events are under the prefix, in revision order; a
+// granted lease has an id; an expired lease is never renewed; a node record
+// that is read matches its key and prints and reads back the same.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
-#include <thread>
 #include <vector>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
-#include "cluster/etcd_client.h"
+#include "absl/strings/match.h"
+#include "cluster/etcd_replies.h"
 #include "cluster/membership.h"
 
 namespace kvcache::cluster {
 namespace {
 
-// Answers each connection on a loopback port with the raw bytes last set,
-// after reading the request whole (closing on unread bytes would reset the
-// connection before the client reads the answer). Lives as long as the
-// process.
-class FakeEtcd {
- public:
-  FakeEtcd() {
-    listener_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(addr);
-    if (listener_ < 0 ||
-        bind(listener_, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
-        listen(listener_, 16) != 0 ||
-        getsockname(listener_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-      std::abort();
-    }
-    endpoint_ = absl::StrCat("127.0.0.1:", ntohs(addr.sin_port));
-    std::thread([this] { Serve(); }).detach();
-  }
+const std::string& Prefix() {
+  static const std::string* prefix = new std::string(NodesPrefix("fuzz"));
+  return *prefix;
+}
 
-  const std::string& endpoint() const { return endpoint_; }
+void Check(bool ok) {
+  if (!ok) std::abort();
+}
 
-  void set_answer(std::string answer) {
-    absl::MutexLock lock(&mu_);
-    answer_ = std::move(answer);
-  }
+void ReadRecord(const std::string& key, const std::string& value) {
+  absl::StatusOr<NodeRecord> record =
+      NodeRecord::FromEtcd(Prefix(), key, value);
+  if (!record.ok()) return;
+  Check(key == Prefix() + record->node_id && !record->address.empty());
+  absl::StatusOr<NodeRecord> again = NodeRecord::FromJson(record->ToJson());
+  Check(again.ok() && *again == *record);
+}
 
- private:
-  void Serve() {
-    while (true) {
-      const int conn = accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (conn < 0) continue;
-      ReadRequest(conn);
-      std::string answer;
-      {
-        absl::MutexLock lock(&mu_);
-        answer = answer_;
-      }
-      for (size_t sent = 0; sent < answer.size();) {
-        const ssize_t n = send(conn, answer.data() + sent, answer.size() - sent,
-                               MSG_NOSIGNAL);
-        if (n <= 0) break;
-        sent += n;
-      }
-      close(conn);
-    }
-  }
-
-  // Reads the headers, then as many body bytes as Content-Length says.
-  static void ReadRequest(int conn) {
-    std::string request;
-    char buffer[4096];
-    size_t want = std::string::npos;
-    while (request.size() < want) {
-      const ssize_t n = recv(conn, buffer, sizeof(buffer), 0);
-      if (n <= 0) return;
-      request.append(buffer, n);
-      const size_t head_end = request.find("\r\n\r\n");
-      const size_t field = request.find("Content-Length: ");
-      if (head_end == std::string::npos || field == std::string::npos) {
-        continue;
-      }
-      const size_t value = field + 16;
-      size_t length = 0;
-      if (!absl::SimpleAtoi(
-              request.substr(value, request.find("\r\n", value) - value),
-              &length)) {
-        return;
-      }
-      want = head_end + 4 + length;
-    }
-  }
-
-  int listener_ = -1;
-  std::string endpoint_;
-  absl::Mutex mu_;
-  std::string answer_ ABSL_GUARDED_BY(mu_);
-};
-
-// What a membership refresh does with a range's values.
-void ReadNodeRecords(const std::vector<KeyValue>& kvs) {
-  for (const KeyValue& kv : kvs) {
-    absl::StatusOr<NodeRecord> record = NodeRecord::FromJson(kv.value);
-    if (!record.ok()) continue;
-    absl::StatusOr<NodeRecord> again = NodeRecord::FromJson(record->ToJson());
-    if (!again.ok() || !(*again == *record)) std::abort();
+void FuzzRange(const std::string& bytes) {
+  etcdserverpb::RangeResponse reply;
+  if (!reply.ParseFromString(bytes)) return;
+  absl::StatusOr<PrefixRange> range = ReadRangeResponse(reply, Prefix());
+  if (!range.ok()) return;
+  Check(range->revision > 0 && range->skipped.count >= 0);
+  for (size_t i = 0; i < range->kvs.size(); ++i) {
+    Check(absl::StartsWith(range->kvs[i].key, Prefix()));
+    if (i > 0) Check(range->kvs[i - 1].key < range->kvs[i].key);
+    ReadRecord(range->kvs[i].key, range->kvs[i].value);
   }
 }
 
-void ParseBody(absl::string_view body) {
-  absl::StatusOr<int64_t> lease = ParseLeaseGrantReply(body);
-  if (lease.ok() && *lease == 0) std::abort();
-  (void)ParseKeepAliveReply(body, 1);
-  int skipped = 0;
-  absl::StatusOr<std::vector<KeyValue>> kvs = ParseRangeReply(body, &skipped);
-  if (kvs.ok()) ReadNodeRecords(*kvs);
-  if (ParseErrorReply(500, body).ok()) std::abort();
-}
-
-void CallFakeEtcd(uint8_t call, absl::string_view answer) {
-  static FakeEtcd* const etcd = new FakeEtcd;
-  etcd->set_answer(std::string(answer));
-  // The answer is all there at once, so a slow reply is a stuck reader.
-  EtcdClient client(EtcdOptions{{etcd->endpoint()}, absl::Seconds(5)});
-  switch (call % 5) {
-    case 0: {
-      absl::StatusOr<int64_t> lease = client.GrantLease(absl::Seconds(10));
-      if (lease.ok() && *lease == 0) std::abort();
-      break;
-    }
-    case 1:
-      (void)client.KeepAlive(7);
-      break;
-    case 2:
-      (void)client.RevokeLease(7);
-      break;
-    case 3:
-      (void)client.Put("/kvcache/c/nodes/a", "{}", 7);
-      break;
-    default: {
-      absl::StatusOr<std::vector<KeyValue>> kvs =
-          client.RangePrefix("/kvcache/c/nodes/");
-      if (kvs.ok()) ReadNodeRecords(*kvs);
-      break;
+void FuzzWatch(const std::string& bytes) {
+  etcdserverpb::WatchResponse reply;
+  if (!reply.ParseFromString(bytes)) return;
+  ReadWatchCreatedResponse(reply).status().IgnoreError();
+  int64_t revision = 1;
+  std::vector<WatchEvent> events;
+  Skipped skipped;
+  ReadWatchResponse(reply, reply.watch_id(), Prefix(), &revision, &events,
+                    &skipped)
+      .IgnoreError();
+  int64_t last = 1;
+  for (const WatchEvent& event : events) {
+    Check(absl::StartsWith(event.kv.key, Prefix()));
+    Check(event.revision >= last);
+    last = event.revision;
+    if (event.type == WatchEvent::Type::kPut) {
+      ReadRecord(event.kv.key, event.kv.value);
     }
   }
+  Check(revision == last);
+}
+
+void FuzzLease(const std::string& bytes, bool grant) {
+  if (grant) {
+    etcdserverpb::LeaseGrantResponse reply;
+    if (!reply.ParseFromString(bytes)) return;
+    absl::StatusOr<int64_t> id = ReadLeaseGrantResponse(reply);
+    Check(!id.ok() || *id != 0);
+    return;
+  }
+  etcdserverpb::LeaseKeepAliveResponse reply;
+  if (!reply.ParseFromString(bytes)) return;
+  const absl::Status s = ReadKeepAliveResponse(reply, reply.id());
+  Check(!s.ok() || reply.ttl() > 0);
 }
 
 }  // namespace
 }  // namespace kvcache::cluster
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  using namespace kvcache::cluster;  // NOLINT: the entry point is global
   if (size == 0) return 0;
-  const absl::string_view rest(reinterpret_cast<const char*>(data) + 1,
-                               size - 1);
-  if (data[0] < 0x80) {
-    kvcache::cluster::ParseBody(rest);
-  } else {
-    kvcache::cluster::CallFakeEtcd(data[0] & 0x7f, rest);
+  const std::string bytes(reinterpret_cast<const char*>(data) + 1, size - 1);
+  switch (data[0] % 4) {
+    case 0:
+      FuzzRange(bytes);
+      break;
+    case 1:
+      FuzzWatch(bytes);
+      break;
+    default:
+      FuzzLease(bytes, data[0] % 4 == 2);
+      break;
   }
   return 0;
 }
