@@ -18,6 +18,7 @@ set -euo pipefail
 PACKAGES=(
   bazel-bootstrap bazel-rules-java bazel-platforms bazel-skylib
   g++ clang-format
+  clang libclang-rt-14-dev  # libFuzzer and sanitizers for tests/fuzz
   protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev
   libabsl-dev libssl-dev libzstd-dev zstd nlohmann-json3-dev libcpp-httplib-dev
   librocksdb-dev liburing-dev

@@ -21,7 +21,9 @@
 # Every fuzz target, in the order the scripts run them; each has a
 # fuzz_target of that name in tests/fuzz/BUILD.bazel and a seed corpus in
 # tests/fuzz/corpus/<name>/.
-fuzz_targets=(codec gguf daemon_config chunk_index etcd_reply kvcache_service)
+fuzz_targets=(
+  codec gguf daemon_config chunk_index etcd_reply kvcache_service metrics_http
+)
 
 fuzz_flags=(
   -std=c++17 -O1 -g -fsanitize=address,undefined
