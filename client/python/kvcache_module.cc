@@ -963,14 +963,31 @@ class Storer {
   std::unique_ptr<transfer::GpuStorer> storer_;
 };
 
-// A connection to `address`; waits, without the GIL, for the node to answer.
-std::shared_ptr<KvCacheClient> Connect(const std::string& address,
-                                       double timeout_s,
-                                       double connect_timeout_s) {
+// Client's keyword arguments, as ClientOptions.
+ClientOptions OptionsOf(const std::string& address, double timeout_s,
+                        double connect_timeout_s,
+                        const std::optional<std::string>& ca_file,
+                        const std::optional<std::string>& cert_file,
+                        const std::optional<std::string>& key_file,
+                        const std::optional<std::string>& server_name,
+                        const std::optional<std::string>& token,
+                        const std::optional<std::string>& token_file) {
   ClientOptions options;
   options.address = address;
   options.timeout = Seconds(timeout_s);
   options.connect_timeout = Seconds(connect_timeout_s);
+  options.ca_file = ca_file.value_or("");
+  options.cert_file = cert_file.value_or("");
+  options.key_file = key_file.value_or("");
+  options.server_name = server_name.value_or("");
+  options.token = token.value_or("");
+  options.token_file = token_file.value_or("");
+  return options;
+}
+
+// A connection as `options` say; waits, without the GIL, for the node to
+// answer.
+std::shared_ptr<KvCacheClient> Connect(const ClientOptions& options) {
   absl::StatusOr<std::unique_ptr<KvCacheClient>> client;
   {
     py::gil_scoped_release release;
@@ -983,9 +1000,8 @@ std::shared_ptr<KvCacheClient> Connect(const std::string& address,
 // PrefixFetcher (which shares the connection).
 class Client {
  public:
-  Client(const std::string& address, double timeout_s, double connect_timeout_s)
-      : client_(Connect(address, timeout_s, connect_timeout_s)),
-        fetchers_(client_) {}
+  explicit Client(const ClientOptions& options)
+      : client_(Connect(options)), fetchers_(client_) {}
 
   py::dict Lookup(const std::vector<py::bytes>& keys) {
     const std::vector<ChunkKey> parsed = ToKeys(keys);
@@ -1316,11 +1332,33 @@ void DefineModule(py::module_& m) {
   py::class_<Client>(m, "Client",
                      "A connection to a kvcached daemon. Thread-safe; calls "
                      "release the GIL.")
-      .def(py::init<const std::string&, double, double>(),
+      .def(py::init([](const std::string& address, double timeout_s,
+                       double connect_timeout_s,
+                       const std::optional<std::string>& ca_file,
+                       const std::optional<std::string>& cert_file,
+                       const std::optional<std::string>& key_file,
+                       const std::optional<std::string>& server_name,
+                       const std::optional<std::string>& token,
+                       const std::optional<std::string>& token_file) {
+             return std::make_unique<Client>(OptionsOf(
+                 address, timeout_s, connect_timeout_s, ca_file, cert_file,
+                 key_file, server_name, token, token_file));
+           }),
            py::arg("address") = "127.0.0.1:50051", py::arg("timeout_s") = 30.0,
-           py::arg("connect_timeout_s") = 5.0,
+           py::arg("connect_timeout_s") = 5.0, py::kw_only(),
+           py::arg("ca_file") = py::none(), py::arg("cert_file") = py::none(),
+           py::arg("key_file") = py::none(),
+           py::arg("server_name") = py::none(), py::arg("token") = py::none(),
+           py::arg("token_file") = py::none(),
            "Connects and waits until the daemon answers; raises "
-           "UnavailableError if it does not within connect_timeout_s.")
+           "UnavailableError if it does not within connect_timeout_s\n"
+           "(saying so when the TLS handshake is what failed).\n"
+           "ca_file turns TLS on: the PEM CA the node's certificate chains "
+           "to; cert_file and key_file\nare a client certificate for mutual "
+           "TLS; server_name is the name the node's certificate\nmust carry "
+           "if not the host in address. token (or token_file, read once) is "
+           "sent with\nevery call as a bearer token. A credential file that "
+           "cannot be used raises an error\nnaming it.")
       .def("lookup", &Client::Lookup, py::arg("keys"),
            "The longest cached prefix of `keys`: {'prefix_chunks': n, "
            "'chunks': [{'size_bytes', 'tier', 'pinned'}, ...]}.")

@@ -1,6 +1,9 @@
 """Tests of the kvcache Python module against a real kvcached on loopback."""
 
 import ctypes
+import os
+import subprocess
+import tempfile
 import threading
 import time
 import unittest
@@ -366,6 +369,50 @@ class KvcacheModuleTest(unittest.TestCase):
         with self.assertRaisesRegex(kvcache.FailedPreconditionError,
                                     "storer needs a CUDA GPU"):
             self.client.storer(layout, level="high")
+
+
+class TlsTest(unittest.TestCase):
+    """Client over mutual TLS, with certificates deploy/make_certs.sh makes."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.certs = os.path.join(
+            os.environ.get("TEST_TMPDIR", tempfile.gettempdir()), "py-certs")
+        subprocess.run(["deploy/make_certs.sh", cls.certs, "--node", "node",
+                        "--client", "worker"], check=True)
+        c = cls.certs
+        cls.daemon, cls.address = start_daemon(
+            f'--set=tls {{ cert_file: "{c}/node.crt" key_file: '
+            f'"{c}/node.key" ca_file: "{c}/ca.crt" '
+            'require_client_certificate: true }')
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.daemon.terminate()
+        cls.daemon.wait(timeout=30)
+
+    def path(self, name):
+        return os.path.join(self.certs, name)
+
+    def test_put_and_get_over_mutual_tls(self):
+        client = kvcache.Client(self.address, ca_file=self.path("ca.crt"),
+                                cert_file=self.path("worker.crt"),
+                                key_file=self.path("worker.key"),
+                                token="t0ken")
+        keys = kvcache.chunk_keys(list(range(8)), "tls", chunk_tokens=8)
+        client.put(keys, [b"x" * 4096])
+        self.assertEqual(client.lookup(keys)["prefix_chunks"], 1)
+
+    def test_errors_name_the_credential(self):
+        with self.assertRaisesRegex(kvcache.UnavailableError,
+                                    "TLS handshake with .* failed"):
+            kvcache.Client(self.address, connect_timeout_s=2,
+                           ca_file=self.path("ca.crt"))
+        with self.assertRaisesRegex(kvcache.NotFoundError, "ca_file"):
+            kvcache.Client(self.address, ca_file=self.path("missing.crt"))
+        with self.assertRaisesRegex(kvcache.NotFoundError, "token_file"):
+            kvcache.Client(self.address, ca_file=self.path("ca.crt"),
+                           token_file=self.path("missing-token"))
 
 
 if __name__ == "__main__":
