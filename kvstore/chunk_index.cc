@@ -17,6 +17,7 @@ constexpr uint8_t kTierNvme = 3;  // kvcache.v1.TIER_NVME
 // Version 1 is exactly these fields; version 2 starts with them.
 constexpr size_t kFixedBytes = 42;
 constexpr uint8_t kHasCodecSummary = 1;
+constexpr uint8_t kHasOwner = 2;
 constexpr size_t kCodecSummaryBytes = 18;
 
 template <typename T>
@@ -92,7 +93,7 @@ absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
 std::string EncodeIndexRecord(const IndexRecord& record) {
   std::string out;
   out.reserve(kFixedBytes + 1 + kCodecSummaryBytes + 1 +
-              record.parent_key.size());
+              record.parent_key.size() + 1 + record.owner.size());
   Append<uint8_t>(out, kRecordVersion);
   Append<uint8_t>(out, kTierNvme);
   Append<uint32_t>(out, record.extent.slab);
@@ -101,7 +102,8 @@ std::string EncodeIndexRecord(const IndexRecord& record) {
   Append<uint32_t>(out, record.crc32c);
   Append<int64_t>(out, record.last_access_unix_ms);
   Append<int64_t>(out, record.pin_expiry_unix_ms);
-  Append<uint8_t>(out, record.codec.has_value() ? kHasCodecSummary : 0);
+  Append<uint8_t>(out, (record.codec.has_value() ? kHasCodecSummary : 0) |
+                           (record.owner.empty() ? 0 : kHasOwner));
   if (record.codec.has_value()) {
     const codec::ChunkShape& shape = record.codec->shape;
     Append<uint32_t>(out, shape.layers);
@@ -112,6 +114,7 @@ std::string EncodeIndexRecord(const IndexRecord& record) {
     Append<uint8_t>(out, static_cast<uint8_t>(record.codec->level));
   }
   AppendLengthPrefixed(out, record.parent_key);
+  if (!record.owner.empty()) AppendLengthPrefixed(out, record.owner);
   return out;
 }
 
@@ -142,7 +145,7 @@ absl::StatusOr<IndexRecord> DecodeIndexRecord(absl::string_view bytes) {
   }
   uint8_t flags = 0;
   if (!in.Take(flags)) return BadRecord(bytes, "truncated");
-  if ((flags & ~kHasCodecSummary) != 0) {
+  if ((flags & ~(kHasCodecSummary | kHasOwner)) != 0) {
     return BadRecord(bytes, absl::StrCat("unknown flags ", int{flags}));
   }
   if (flags & kHasCodecSummary) {
@@ -168,6 +171,13 @@ absl::StatusOr<IndexRecord> DecodeIndexRecord(absl::string_view bytes) {
   }
   if (!in.TakeLengthPrefixed(record.parent_key)) {
     return BadRecord(bytes, "truncated parent key");
+  }
+  if (flags & kHasOwner) {
+    if (!in.TakeLengthPrefixed(record.owner)) {
+      return BadRecord(bytes, "truncated owner");
+    }
+    // Flagged only when there is one, so each record has one encoding.
+    if (record.owner.empty()) return BadRecord(bytes, "empty owner");
   }
   if (!in.rest().empty()) return BadRecord(bytes, "trailing bytes");
   return record;

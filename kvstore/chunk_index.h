@@ -6,13 +6,19 @@
 //   [2]  u32 slab                     [6]  u64 offset in the slab
 //   [14] u64 size_bytes               [22] u32 crc32c of the chunk bytes
 //   [26] i64 last access, Unix ms     [34] i64 pin expiry, Unix ms (0: none)
-//   [42] u8  flags: bit 0 = a codec summary follows; other bits 0
+//   [42] u8  flags: bit 0 = a codec summary follows; bit 1 = an owner
+//        ends the record; other bits 0
 //   [43] codec summary, 18 bytes, if flagged: u32 layers, u32 tokens,
 //        u32 kv_heads, u32 head_dim, u8 dtype, u8 level (codec::DType and
 //        codec::Level values)
 //   then the parent key: its length as a LEB128 varint (0: none), then
-//        its bytes, which end the record
-// 44 bytes without summary or parent; 94 with both and a 32-byte parent.
+//        its bytes
+//   then, if flagged, the owner (the tenant whose chunk it is; never
+//        empty): its length as a LEB128 varint, then its bytes
+// The record ends there. 44 bytes without summary, parent or owner; 94 with
+// a summary and a 32-byte parent. Records of chunks without an owner (all
+// those written before owners were kept) have bit 1 clear and read as
+// chunks without one.
 // Version 1 (written before parent keys and summaries were kept) is the
 // first 42 bytes with version 1; it still reads, without either.
 // The extent's length is size_bytes rounded up to kBlockBytes. A record that
@@ -52,6 +58,9 @@ struct IndexRecord {
   // prefix-aware eviction after a restart.
   std::string parent_key;
   std::optional<CodecSummary> codec;
+  // The tenant whose chunk it is (empty: none), whose NVMe quota it counts
+  // against after a restart too.
+  std::string owner;
 };
 
 // Always writes the current version.

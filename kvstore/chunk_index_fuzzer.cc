@@ -30,7 +30,7 @@ bool SameRecord(const IndexRecord& a, const IndexRecord& b) {
          a.crc32c == b.crc32c &&
          a.last_access_unix_ms == b.last_access_unix_ms &&
          a.pin_expiry_unix_ms == b.pin_expiry_unix_ms &&
-         a.parent_key == b.parent_key;
+         a.parent_key == b.parent_key && a.owner == b.owner;
 }
 
 }  // namespace

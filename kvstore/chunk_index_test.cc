@@ -72,6 +72,33 @@ TEST(ChunkIndexTest, VersionTwoRoundTripsParentAndCodecSummary) {
   EXPECT_EQ(back->parent_key, r.parent_key);
 }
 
+TEST(ChunkIndexTest, OwnerEndsTheRecordOnlyWhenThereIsOne) {
+  IndexRecord r = Record(1, 4096, 70000);
+  r.parent_key = std::string(32, '\xab');
+  const std::string unowned = EncodeIndexRecord(r);
+  EXPECT_EQ(unowned[42], 0) << "no flag: as written before owners were kept";
+  absl::StatusOr<IndexRecord> back = DecodeIndexRecord(unowned);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->owner, "");
+
+  r.owner = "alice";
+  const std::string owned = EncodeIndexRecord(r);
+  EXPECT_EQ(owned,
+            unowned.substr(0, 42) + '\2' + unowned.substr(43) + '\5' + "alice")
+      << "the layout in chunk_index.h";
+  back = DecodeIndexRecord(owned);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->owner, "alice");
+  EXPECT_EQ(back->parent_key, r.parent_key);
+  for (size_t n = unowned.size(); n < owned.size(); ++n) {
+    EXPECT_FALSE(DecodeIndexRecord(owned.substr(0, n)).ok()) << n;
+  }
+  EXPECT_FALSE(DecodeIndexRecord(unowned.substr(0, 42) + '\2' +
+                                 unowned.substr(43) + '\0')
+                   .ok())
+      << "a flagged owner is never empty";
+}
+
 // A record as a version-1 node wrote it, byte by byte.
 std::string VersionOneRecord() {
   std::string v1 = {1, 3};  // version, tier (NVMe)
@@ -128,7 +155,7 @@ TEST(ChunkIndexTest, TruncatedAndHostileRecordsAreInvalidArgument) {
   };
   EXPECT_TRUE(rejected(with(0, 3))) << "version";
   EXPECT_TRUE(rejected(with(1, 2))) << "tier";
-  EXPECT_TRUE(rejected(with(42, 3))) << "unknown flag";
+  EXPECT_TRUE(rejected(with(42, 5))) << "unknown flag";
   EXPECT_TRUE(rejected(with(42, 0))) << "summary bytes taken as the parent";
   EXPECT_TRUE(rejected(with(43, 0))) << "zero layers";
   EXPECT_TRUE(rejected(with(59, 7))) << "dtype";

@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
@@ -34,10 +35,22 @@ struct ChunkRef {
   std::optional<CodecSummary> codec;
   // `data` is GPU memory (the GPU tier's): the CPU cannot read bytes().
   bool on_device = false;
+  // The tenant whose chunk this is (empty: none, on an open node or for a
+  // chunk stored before tenants had quotas). It travels with the chunk
+  // through every tier and to peers, and counts against its quotas.
+  std::string owner;
 
   absl::string_view bytes() const {
     return absl::string_view(data.get(), data ? size_bytes : 0);
   }
+};
+
+// One owner's share of a tier.
+struct OwnerUsage {
+  std::string owner;
+  uint64_t used_bytes = 0;  // chunk data, as quotas count it
+  uint64_t chunks = 0;
+  uint64_t quota_bytes = 0;  // 0: no quota in this tier
 };
 
 struct TierUsage {
@@ -47,6 +60,8 @@ struct TierUsage {
   uint64_t pinned_chunks = 0;
   uint64_t evictions = 0;
   uint64_t corrupt_chunks = 0;
+  // Every named owner holding chunks here or with a quota here, by name.
+  std::vector<OwnerUsage> owners;
 };
 
 // A chunk pushed out of the tier to make room, for the caller to demote.

@@ -8,13 +8,17 @@
 // lets go. Pins (a chat session's history) keep a chunk from eviction until
 // they lapse; an expired pin is treated as no pin.
 //
+// Chunks have owners (tenants), and an owner may have a quota of bytes in
+// the tier: a chunk of an owner at its quota first evicts that owner's own
+// least recently used chunks, and room for one owner's chunk is never taken
+// from another owner within its quota (the order is in eviction_order.h).
+//
 // Thread-safe: all methods may be called concurrently.
 #ifndef KVCACHE_KVSTORE_MEMORY_TIER_H_
 #define KVCACHE_KVSTORE_MEMORY_TIER_H_
 
 #include <cstdint>
 #include <functional>
-#include <list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -29,6 +33,7 @@
 #include "absl/types/span.h"
 #include "kvstore/chunk_arena.h"
 #include "kvstore/chunk_ref.h"
+#include "kvstore/eviction_order.h"
 #include "kvstore/prefix_links.h"
 
 namespace kvcache::kvstore {
@@ -42,8 +47,10 @@ class MemoryTier {
   using EvictionSink = std::function<void(std::vector<EvictedChunk>)>;
 
   // Holds chunks in `arena`, whose capacity is the tier's. `clock` defaults
-  // to absl::Now; tests pass their own to age pins.
-  explicit MemoryTier(std::shared_ptr<ChunkArena> arena, Clock clock = nullptr);
+  // to absl::Now; tests pass their own to age pins. `quotas`: the bytes each
+  // owner's chunks may hold here.
+  explicit MemoryTier(std::shared_ptr<ChunkArena> arena, Clock clock = nullptr,
+                      const OwnerQuotas& quotas = {});
 
   MemoryTier(const MemoryTier&) = delete;
   MemoryTier& operator=(const MemoryTier&) = delete;
@@ -59,18 +66,25 @@ class MemoryTier {
   // none): eviction takes chunks no other held chunk extends first, least
   // recently used among them, so a prefix shrinks from its end.
   // If `bytes` are a codec stream, the chunk keeps its codec summary.
+  // `owner` (empty: none) owns the chunk. If it has a quota here, its own
+  // least recently used unpinned chunks are evicted first until the chunk
+  // fits the quota; RESOURCE_EXHAUSTED naming the quota, with nothing
+  // evicted, if the chunk is larger than the quota or the owner's pinned
+  // chunks leave it no room.
   absl::Status Put(absl::string_view key, absl::string_view bytes,
                    uint32_t crc32c,
                    absl::Duration pin_ttl = absl::ZeroDuration(),
                    const EvictionSink& sink = nullptr,
-                   absl::string_view parent_key = {});
+                   absl::string_view parent_key = {},
+                   absl::string_view owner = {});
 
   // Like Put with a pin that lapses at `pin_expiry` (InfinitePast: none);
   // for chunks coming back from a slower tier with their pin.
   absl::Status PutUntil(absl::string_view key, absl::string_view bytes,
                         uint32_t crc32c, absl::Time pin_expiry,
                         const EvictionSink& sink = nullptr,
-                        absl::string_view parent_key = {});
+                        absl::string_view parent_key = {},
+                        absl::string_view owner = {});
 
   // The chunk under `key`, now the most recently used; NOT_FOUND if absent.
   absl::StatusOr<ChunkRef> Get(absl::string_view key);
@@ -100,20 +114,41 @@ class MemoryTier {
  private:
   struct Entry {
     ChunkRef chunk;
-    std::list<std::string>::iterator recency;  // position in lru_
+    EvictionOrder::Place place;
   };
 
   bool IsPinned(const Entry& entry) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Arena bytes that eviction could free for a chunk replacing
+  // Arena bytes that eviction could free for a chunk of `owner` replacing
   // `replaced_key`.
-  uint64_t ReclaimableBytes(absl::string_view replaced_key) const
+  uint64_t ReclaimableBytes(absl::string_view replaced_key,
+                            absl::string_view owner) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Bytes `owner` would hold with a chunk of `size` bytes in place of
+  // `replaced_key`'s, minus its quota; 0 if that fits or it has no quota.
+  uint64_t OverQuota(absl::string_view owner, uint64_t size,
+                     absl::string_view replaced_key) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Bytes of `owner`'s pinned chunks, but `replaced_key`'s.
+  uint64_t PinnedBytes(absl::string_view owner, absl::string_view replaced_key)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Unlinks `owner`'s own unpinned chunks (never `keep`) until a chunk of
+  // `size` bytes replacing `keep` fits its quota, or none is left, and
+  // appends them to `victims`.
+  void EvictToQuota(absl::string_view owner, uint64_t size,
+                    absl::string_view keep, std::vector<EvictedChunk>* victims)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Unlinks unpinned chunks (never `keep`) holding at least `bytes` of
-  // arena, at least one if any, and appends them to `victims`: least
-  // recently used first among chunks no held chunk extends, then among the
-  // rest.
-  void EvictFor(uint64_t bytes, absl::string_view keep,
+  // arena, at least one if any, that room for a chunk of `owner` may take
+  // (EvictionOrder), and appends them to `victims`: least recently used
+  // first among chunks no held chunk extends, then among the rest.
+  void EvictFor(uint64_t bytes, absl::string_view keep, absl::string_view owner,
                 std::vector<EvictedChunk>* victims)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Unlinks the chunk if it may go now, appending it to `victims`, and
+  // returns its arena bytes (0 if it stays).
+  uint64_t TakeVictim(const std::string& key, bool leaves_only,
+                      absl::string_view keep,
+                      std::vector<EvictedChunk>* victims)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Erase(absl::flat_hash_map<std::string, Entry>::iterator it)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -121,14 +156,14 @@ class MemoryTier {
   // Names the tier and its config section in errors.
   absl::string_view tier_name() const;
   absl::string_view config_section() const;
+  absl::string_view quota_field() const;
 
   const std::shared_ptr<ChunkArena> arena_;
   const Clock clock_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
-  // Keys from least (front) to most (back) recently used.
-  std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);
+  EvictionOrder order_ ABSL_GUARDED_BY(mu_);
   // Bytes of the chunks held (their arena extents are rounded up to blocks).
   uint64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   PrefixLinks links_ ABSL_GUARDED_BY(mu_);

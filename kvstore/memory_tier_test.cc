@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvstore/host_arena.h"
@@ -255,6 +256,109 @@ TEST(MemoryTierTest, DeleteFreesSpace) {
   EXPECT_TRUE(tier.Delete("a"));
   EXPECT_FALSE(tier.Delete("a"));
   EXPECT_EQ(tier.Usage().used_bytes, 0u);
+}
+
+// A tier of 16 blocks where tenants "a" and "b" may hold 4 each.
+class QuotaTest : public ::testing::Test {
+ protected:
+  QuotaTest()
+      : tier_(Arena(16 * kB), clock_.AsClock(),
+              {{"a", 4 * kB}, {"b", 4 * kB}}) {}
+
+  absl::Status Put(const std::string& key, const std::string& owner,
+                   absl::Duration pin = absl::ZeroDuration(),
+                   absl::string_view parent = {}) {
+    return tier_.Put(key, Bytes(kB), 0, pin, sink_, parent, owner);
+  }
+  uint64_t Used(absl::string_view owner) {
+    for (const OwnerUsage& usage : tier_.Usage().owners) {
+      if (usage.owner == owner) return usage.used_bytes;
+    }
+    return 0;
+  }
+
+  FakeClock clock_;
+  MemoryTier tier_;
+  // Evicted chunks' keys and owners; their bytes go back to the arena.
+  std::vector<std::pair<std::string, std::string>> evicted_;
+  MemoryTier::EvictionSink sink_ = [this](std::vector<EvictedChunk> chunks) {
+    for (EvictedChunk& chunk : chunks) {
+      evicted_.emplace_back(chunk.key, chunk.chunk.owner);
+    }
+  };
+};
+
+TEST_F(QuotaTest, TenantWritingWithoutStoppingEvictsOnlyItsOwnChunks) {
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(Put("b" + std::to_string(i), "b").ok());
+  }
+  for (int i = 0; i < 200; ++i) {
+    const absl::Status s = Put("a" + std::to_string(i), "a");
+    ASSERT_TRUE(s.ok()) << i << ": " << s;
+    ASSERT_LE(Used("a"), 4 * kB) << i;
+  }
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_TRUE(tier_.Peek("b" + std::to_string(i)).ok()) << i;
+  }
+  // Its four most recent chunks stay; the rest went, and nothing else.
+  for (int i = 196; i < 200; ++i) {
+    EXPECT_TRUE(tier_.Peek("a" + std::to_string(i)).ok()) << i;
+  }
+  ASSERT_EQ(evicted_.size(), 196u);
+  for (const auto& [key, owner] : evicted_) EXPECT_EQ(owner, "a") << key;
+  EXPECT_EQ(tier_.Peek("a199")->owner, "a");
+}
+
+TEST_F(QuotaTest, TenantsWithinTheirQuotasKeepThemWhenTheTierFills) {
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(Put("a" + std::to_string(i), "a").ok());
+    ASSERT_TRUE(Put("b" + std::to_string(i), "b").ok());
+  }
+  // "c" has no quota: it gets what the quotas leave, and loses its own
+  // chunks (and unowned ones) when the tier is full, never a's or b's.
+  ASSERT_TRUE(Put("unowned", "").ok());
+  for (int i = 0; i < 100; ++i) {
+    ASSERT_TRUE(Put("c" + std::to_string(i), "c").ok());
+  }
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_TRUE(tier_.Peek("a" + std::to_string(i)).ok()) << i;
+    EXPECT_TRUE(tier_.Peek("b" + std::to_string(i)).ok()) << i;
+  }
+  EXPECT_FALSE(tier_.Peek("unowned").ok());
+  EXPECT_EQ(Used("c"), 8 * kB);
+}
+
+TEST_F(QuotaTest, PinnedChunksFillingAQuotaRefuseTheNextAndEvictNothing) {
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(Put("a" + std::to_string(i), "a", absl::Minutes(5)).ok());
+  }
+  const absl::Status refused = Put("a4", "a");
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.message().find("cpu_quota_bytes"), std::string::npos)
+      << refused;
+  EXPECT_TRUE(evicted_.empty());
+  EXPECT_EQ(Used("a"), 4 * kB);
+  // Other tenants are not held back by a's pins.
+  EXPECT_TRUE(Put("b0", "b").ok());
+  // Replacing one of its own pinned chunks needs no more room.
+  EXPECT_TRUE(Put("a0", "a").ok());
+  // Once the pins lapse, a's oldest chunk makes room.
+  clock_.Advance(absl::Minutes(6));
+  EXPECT_TRUE(Put("a4", "a").ok());
+  EXPECT_FALSE(tier_.Peek("a1").ok());
+  // A chunk larger than the quota never fits.
+  EXPECT_EQ(tier_.Put("big", Bytes(5 * kB), 0, {}, sink_, {}, "a").code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
+TEST_F(QuotaTest, TenantsPromptShrinksFromItsEndWithinItsQuota) {
+  ASSERT_TRUE(Put("p0", "a").ok());
+  ASSERT_TRUE(Put("p1", "a", absl::ZeroDuration(), "p0").ok());
+  ASSERT_TRUE(Put("p2", "a", absl::ZeroDuration(), "p1").ok());
+  ASSERT_TRUE(Put("x", "a").ok());
+  ASSERT_TRUE(Put("y", "a").ok());
+  EXPECT_EQ(tier_.LongestPrefix({"p0", "p1", "p2"}), 2u);
+  EXPECT_TRUE(tier_.Peek("x").ok());
 }
 
 }  // namespace

@@ -45,7 +45,8 @@ NvmeTier::NvmeTier(const NvmeTierOptions& options, Clock clock)
     : options_(options),
       clock_(clock ? std::move(clock) : Clock([] { return absl::Now(); })),
       allocator_(std::make_unique<ExtentAllocator>(options.slab_count,
-                                                   options.slab_bytes)) {}
+                                                   options.slab_bytes)),
+      order_(options.quotas) {}
 
 NvmeTier::~NvmeTier() {
   {
@@ -171,8 +172,9 @@ absl::Status NvmeTier::LoadIndex() {
     entry.last_access = absl::FromUnixMillis(chunk.record.last_access_unix_ms);
     entry.parent_key = std::move(chunk.record.parent_key);
     entry.codec = chunk.record.codec;
+    entry.owner = std::move(chunk.record.owner);
     links_.Add(chunk.key, entry.parent_key);
-    entry.recency = lru_.insert(lru_.end(), chunk.key);
+    entry.place = order_.Add(chunk.key, entry.owner, entry.size_bytes);
     stored_bytes_ += entry.size_bytes;
     entries_.emplace(std::move(chunk.key), std::move(entry));
   }
@@ -205,6 +207,7 @@ ChunkRef NvmeTier::RefOf(const Entry& entry) const {
   ref.pin_expiry = ref.pinned ? entry.pin_expiry : absl::InfinitePast();
   ref.parent_key = entry.parent_key;
   ref.codec = entry.codec;
+  ref.owner = entry.owner;
   return ref;
 }
 
@@ -217,6 +220,7 @@ IndexRecord NvmeTier::RecordOf(const Entry& entry) const {
   record.pin_expiry_unix_ms = ToUnixMillisOrZero(entry.pin_expiry);
   record.parent_key = entry.parent_key;
   record.codec = entry.codec;
+  record.owner = entry.owner;
   return record;
 }
 
@@ -224,38 +228,95 @@ NvmeTier::ExtentLease NvmeTier::Unlink(EntryMap::iterator it) {
   ExtentLease extent = std::move(it->second.extent);
   links_.Remove(it->first, it->second.parent_key);
   stored_bytes_ -= it->second.size_bytes;
-  lru_.erase(it->second.recency);
+  order_.Remove(it->second.place, it->second.size_bytes);
   entries_.erase(it);
   return extent;
 }
 
-absl::StatusOr<bool> NvmeTier::EvictFor(uint64_t bytes) {
-  std::vector<std::string> victims;
-  std::vector<ExtentLease> freed;
-  absl::MutexLock lock(&mu_);
-  uint64_t reclaimed = 0;
-  // Chunks nothing extends first, then any unpinned one.
-  for (const bool leaves_only : {true, false}) {
-    for (auto victim = lru_.begin();
-         victim != lru_.end() && reclaimed < bytes;) {
-      auto it = entries_.find(*victim++);
-      if (IsPinned(it->second) || (leaves_only && links_.Extended(it->first))) {
-        continue;
-      }
-      reclaimed += it->second.extent->length;
-      victims.push_back(it->first);
-      freed.push_back(Unlink(it));
-    }
+uint64_t NvmeTier::TakeVictim(const std::string& key, bool leaves_only,
+                              std::vector<std::string>* victims,
+                              std::vector<ExtentLease>* freed) {
+  auto it = entries_.find(key);
+  if (IsPinned(it->second) || (leaves_only && links_.Extended(it->first))) {
+    return 0;
   }
+  const uint64_t length = it->second.extent->length;
+  victims->push_back(it->first);
+  freed->push_back(Unlink(it));
+  return length;
+}
+
+absl::StatusOr<bool> NvmeTier::DropVictims(
+    absl::Span<const std::string> victims) {
   if (victims.empty()) return false;
-  // The records go before the extents can be reused: `freed` lets go of them
-  // only after this returns.
+  // The records go before the extents can be reused: the callers let go of
+  // them only after this returns.
   if (absl::Status s = DeleteRecords(victims); !s.ok()) return s;
   evictions_ += victims.size();
   return true;
 }
 
-absl::StatusOr<NvmeTier::ExtentLease> NvmeTier::MakeRoom(uint64_t bytes) {
+absl::StatusOr<bool> NvmeTier::EvictFor(uint64_t bytes,
+                                        absl::string_view owner) {
+  std::vector<std::string> victims;
+  std::vector<ExtentLease> freed;
+  absl::MutexLock lock(&mu_);
+  uint64_t reclaimed = 0;
+  order_.OfferForRoom(owner, [&](const std::string& key, bool leaves_only) {
+    reclaimed += TakeVictim(key, leaves_only, &victims, &freed);
+    return reclaimed < bytes;
+  });
+  return DropVictims(victims);
+}
+
+uint64_t NvmeTier::OverQuota(absl::string_view owner, uint64_t size,
+                             absl::string_view key) const {
+  const uint64_t quota = order_.quota(owner);
+  if (quota == 0) return 0;
+  uint64_t held = order_.used(owner) + size;
+  if (auto old = entries_.find(key);
+      old != entries_.end() && old->second.owner == owner) {
+    held -= old->second.size_bytes;
+  }
+  return held > quota ? held - quota : 0;
+}
+
+absl::Status NvmeTier::EvictToQuota(absl::string_view owner, uint64_t size,
+                                    absl::string_view key) {
+  std::vector<std::string> victims;
+  std::vector<ExtentLease> freed;
+  absl::MutexLock lock(&mu_);
+  if (OverQuota(owner, size, key) == 0) return absl::OkStatus();
+  const uint64_t quota = order_.quota(owner);
+  uint64_t pinned = 0;
+  // Every chunk is offered twice (leaves first, then all): count it once.
+  order_.OfferOwn(owner, [&](const std::string& held, bool leaves_only) {
+    const Entry& entry = entries_.find(held)->second;
+    if (!leaves_only && held != key && IsPinned(entry)) {
+      pinned += entry.size_bytes;
+    }
+    return true;
+  });
+  if (pinned + size > quota) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "tenant ", owner, "'s chunk of ", size,
+        " bytes does not fit its nvme_quota_bytes of ", quota,
+        " bytes in the NVMe tier: ",
+        size > quota ? "it is larger than the quota"
+                     : absl::StrCat(pinned,
+                                    " bytes of its chunks are pinned; "
+                                    "unpin sessions"),
+        " or raise access.tenants.nvme_quota_bytes"));
+  }
+  order_.OfferOwn(owner, [&](const std::string& held, bool leaves_only) {
+    TakeVictim(held, leaves_only, &victims, &freed);
+    return OverQuota(owner, size, key) > 0;
+  });
+  return DropVictims(victims).status();
+}
+
+absl::StatusOr<NvmeTier::ExtentLease> NvmeTier::MakeRoom(
+    uint64_t bytes, absl::string_view owner) {
   const uint64_t length = RoundUpToBlock(bytes);
   if (length > options_.slab_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -269,14 +330,15 @@ absl::StatusOr<NvmeTier::ExtentLease> NvmeTier::MakeRoom(uint64_t bytes) {
     // enough, the next round evicts more.
     const uint64_t free_bytes =
         allocator_->capacity_bytes() - allocator_->used_bytes();
-    absl::StatusOr<bool> evicted =
-        EvictFor(length > free_bytes ? length - free_bytes : kBlockBytes);
+    absl::StatusOr<bool> evicted = EvictFor(
+        length > free_bytes ? length - free_bytes : kBlockBytes, owner);
     if (!evicted.ok()) return evicted.status();
     if (!*evicted) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "NVMe tier full: no room for a chunk of ", bytes, " bytes; ",
           allocator_->used_bytes(), " of ", allocator_->capacity_bytes(),
-          " bytes are pinned or being read; unpin sessions or add NVMe "
+          " bytes are pinned, being read, or other tenants' within their "
+          "quotas; unpin sessions or add NVMe "
           "slabs (nvme_tier.slab_count)"));
     }
   }
@@ -306,8 +368,12 @@ absl::Status NvmeTier::WriteDurably(const Extent& extent,
 
 absl::Status NvmeTier::Put(absl::string_view key, absl::string_view bytes,
                            uint32_t crc32c, absl::Time pin_expiry,
-                           absl::string_view parent_key) {
-  absl::StatusOr<ExtentLease> extent = MakeRoom(bytes.size());
+                           absl::string_view parent_key,
+                           absl::string_view owner) {
+  if (absl::Status s = EvictToQuota(owner, bytes.size(), key); !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<ExtentLease> extent = MakeRoom(bytes.size(), owner);
   if (!extent.ok()) return extent.status();
   if (absl::Status s = WriteDurably(**extent, bytes); !s.ok()) return s;
 
@@ -318,6 +384,7 @@ absl::Status NvmeTier::Put(absl::string_view key, absl::string_view bytes,
   entry.last_access = clock_();
   entry.parent_key = std::string(parent_key);
   entry.codec = SummarizeChunk(bytes);
+  entry.owner = std::string(owner);
   ExtentLease replaced;
   absl::MutexLock lock(&mu_);
   auto old = entries_.find(key);
@@ -331,9 +398,10 @@ absl::Status NvmeTier::Put(absl::string_view key, absl::string_view bytes,
   if (absl::Status s = WriteRecord(key, entry); !s.ok()) return s;
   if (old != entries_.end()) replaced = Unlink(old);
   links_.Add(key, entry.parent_key);
-  entry.recency = lru_.insert(lru_.end(), std::string(key));
+  std::string stored_key(key);
+  entry.place = order_.Add(stored_key, entry.owner, entry.size_bytes);
   stored_bytes_ += entry.size_bytes;
-  entries_.emplace(std::string(key), std::move(entry));
+  entries_.emplace(std::move(stored_key), std::move(entry));
   return absl::OkStatus();
 }
 
@@ -365,7 +433,7 @@ absl::StatusOr<ChunkRef> NvmeTier::Get(absl::string_view key) {
     auto it = entries_.find(key);
     if (it == entries_.end()) return absl::NotFoundError("chunk not on NVMe");
     Entry& entry = it->second;
-    lru_.splice(lru_.end(), lru_, entry.recency);
+    order_.Touch(entry.place);
     entry.last_access = clock_();
     extent = entry.extent;
     ref = RefOf(entry);
@@ -483,7 +551,7 @@ absl::Status NvmeTier::Unpin(absl::string_view key) {
 
 std::vector<std::string> NvmeTier::Keys() const {
   absl::MutexLock lock(&mu_);
-  return std::vector<std::string>(lru_.begin(), lru_.end());
+  return std::vector<std::string>(order_.all().begin(), order_.all().end());
 }
 
 TierUsage NvmeTier::Usage() const {
@@ -497,6 +565,7 @@ TierUsage NvmeTier::Usage() const {
   for (const auto& [key, entry] : entries_) {
     if (IsPinned(entry)) ++usage.pinned_chunks;
   }
+  usage.owners = order_.Usage();
   return usage;
 }
 

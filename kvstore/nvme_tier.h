@@ -33,7 +33,9 @@
 // puts carry; each chunk's record keeps its parent, and opening the tier
 // rebuilds the links from the records, so a restarted node still shrinks
 // cached prompts from their end); this is the last tier, so evicted chunks
-// are dropped.
+// are dropped. Chunks have owners, kept in their records, and owners may
+// have quotas here, enforced as in the memory tiers (eviction_order.h); a
+// restart with a lower quota trims an owner down to it at the next eviction.
 //
 // Thread-safe. Concurrent writes (Put, Delete) of the same key are
 // serialised by the caller (TieredStore); everything else may run
@@ -43,7 +45,6 @@
 
 #include <cstdint>
 #include <functional>
-#include <list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -60,6 +61,7 @@
 #include "kvstore/chunk_index.h"
 #include "kvstore/chunk_ref.h"
 #include "kvstore/codec_summary.h"
+#include "kvstore/eviction_order.h"
 #include "kvstore/extent_allocator.h"
 #include "kvstore/file_io.h"
 #include "kvstore/prefix_links.h"
@@ -75,6 +77,8 @@ struct NvmeTierOptions {
   // The slab I/O, not owned; it must outlive the tier. Null: the tier's own
   // UringFileIo with `queue_depth`. Tests pass one that can lose power.
   FileIo* file_io = nullptr;
+  // Bytes of chunk data each owner may hold in the tier.
+  OwnerQuotas quotas;
 };
 
 class NvmeTier {
@@ -101,9 +105,14 @@ class NvmeTier {
   // evicted.
   // `parent_key`: the chunk this one extends in its prompt, if known. The
   // codec summary, if `bytes` are a codec stream, is read here and indexed.
+  // `owner` (empty: none) owns the chunk: if it has a quota here, its own
+  // least recently used unpinned chunks go first until the chunk fits it;
+  // RESOURCE_EXHAUSTED naming the quota, with nothing evicted, if its
+  // pinned chunks leave no room in the quota.
   absl::Status Put(absl::string_view key, absl::string_view bytes,
                    uint32_t crc32c, absl::Time pin_expiry,
-                   absl::string_view parent_key = {});
+                   absl::string_view parent_key = {},
+                   absl::string_view owner = {});
 
   // Reads and verifies the chunk, making it the most recently used.
   // NOT_FOUND if absent; DATA_LOSS if its bytes on disk are damaged (the
@@ -141,7 +150,8 @@ class NvmeTier {
     absl::Time last_access;
     std::string parent_key;
     std::optional<CodecSummary> codec;
-    std::list<std::string>::iterator recency;  // position in lru_
+    std::string owner;
+    EvictionOrder::Place place;
   };
   using EntryMap = absl::flat_hash_map<std::string, Entry>;
 
@@ -150,11 +160,32 @@ class NvmeTier {
   absl::Status LoadIndex();
 
   ExtentLease Lease(const Extent& extent);
-  // Allocates room for `bytes`, evicting as needed.
-  absl::StatusOr<ExtentLease> MakeRoom(uint64_t bytes);
-  // Drops least recently used unpinned chunks until at least `bytes` more
-  // would be free, at least one. False if nothing can be evicted.
-  absl::StatusOr<bool> EvictFor(uint64_t bytes);
+  // Allocates room for a chunk of `owner` of `bytes`, evicting as needed.
+  absl::StatusOr<ExtentLease> MakeRoom(uint64_t bytes, absl::string_view owner);
+  // Drops least recently used unpinned chunks that room for a chunk of
+  // `owner` may take (EvictionOrder) until at least `bytes` more would be
+  // free, at least one. False if nothing can be evicted.
+  absl::StatusOr<bool> EvictFor(uint64_t bytes, absl::string_view owner);
+  // Drops `owner`'s own least recently used unpinned chunks until a chunk
+  // of `size` bytes replacing `key`'s fits its quota. RESOURCE_EXHAUSTED,
+  // dropping nothing, if its pinned chunks leave no room.
+  absl::Status EvictToQuota(absl::string_view owner, uint64_t size,
+                            absl::string_view key);
+  // Bytes `owner` would hold with a chunk of `size` bytes in place of
+  // `key`'s, minus its quota; 0 if that fits or it has no quota.
+  uint64_t OverQuota(absl::string_view owner, uint64_t size,
+                     absl::string_view key) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Unlinks the chunk unless it is pinned or, in the `leaves_only` pass,
+  // extended, adding it to `victims` and its extent to `freed`; returns
+  // the extent's length (0 if it stays).
+  uint64_t TakeVictim(const std::string& key, bool leaves_only,
+                      std::vector<std::string>* victims,
+                      std::vector<ExtentLease>* freed)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Deletes the records of unlinked `victims`; false if there are none.
+  absl::StatusOr<bool> DropVictims(absl::Span<const std::string> victims)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status WriteDurably(const Extent& extent, absl::string_view bytes);
   IndexRecord RecordOf(const Entry& entry) const;
   bool IsPinned(const Entry& entry) const;
@@ -191,8 +222,7 @@ class NvmeTier {
   // changed.
   absl::Mutex index_mu_ ABSL_ACQUIRED_AFTER(mu_);
   EntryMap entries_ ABSL_GUARDED_BY(mu_);
-  // Keys from least (front) to most (back) recently used.
-  std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);
+  EvictionOrder order_ ABSL_GUARDED_BY(mu_);
   uint64_t stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   PrefixLinks links_ ABSL_GUARDED_BY(mu_);
   // The records of chunks read since accesses_saved_at_, with their new

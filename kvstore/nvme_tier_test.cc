@@ -288,5 +288,56 @@ TEST_F(NvmeTierTest, DirectoryThatCannotBeCreatedIsNamed) {
   EXPECT_NE(tier.status().message().find(options_.data_dir), std::string::npos);
 }
 
+TEST_F(NvmeTierTest, OwnersAndTheirQuotasSurviveReopen) {
+  const std::string bytes = Bytes(kB, 1);
+  auto put = [&](const std::string& key, const std::string& owner) {
+    return tier_->Put(key, bytes, codec::Crc32c(bytes), absl::InfinitePast(),
+                      {}, owner);
+  };
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_TRUE(put("a" + std::to_string(i), "a").ok());
+  }
+  ASSERT_TRUE(put("b0", "b").ok());
+  ASSERT_TRUE(put("none", "").ok());
+  // Reopened with a quota of 4 blocks for "a": its chunks and their owners
+  // come back from the index, and its next chunk trims it to the quota,
+  // oldest first, without touching b's.
+  options_.quotas = {{"a", 4 * kB}};
+  Reopen();
+  EXPECT_EQ(tier_->Peek("a5")->owner, "a");
+  EXPECT_EQ(tier_->Peek("none")->owner, "");
+  ASSERT_TRUE(put("a6", "a").ok());
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_FALSE(tier_->Contains("a" + std::to_string(i))) << i;
+  }
+  for (int i = 3; i < 7; ++i) {
+    EXPECT_TRUE(tier_->Contains("a" + std::to_string(i))) << i;
+  }
+  EXPECT_TRUE(tier_->Contains("b0"));
+  const TierUsage usage = tier_->Usage();
+  ASSERT_EQ(usage.owners.size(), 2u);
+  EXPECT_EQ(usage.owners[0].owner, "a");
+  EXPECT_EQ(usage.owners[0].used_bytes, 4 * kB);
+  EXPECT_EQ(usage.owners[0].quota_bytes, 4 * kB);
+  EXPECT_EQ(usage.owners[1].owner, "b");
+  EXPECT_EQ(usage.owners[1].chunks, 1u);
+}
+
+TEST_F(NvmeTierTest, PinnedChunksFillingAQuotaAreRefused) {
+  options_.quotas = {{"a", 2 * kB}};
+  Reopen();
+  const std::string bytes = Bytes(kB, 2);
+  const absl::Time pin = now_ + absl::Minutes(1);
+  ASSERT_TRUE(tier_->Put("a0", bytes, codec::Crc32c(bytes), pin, {}, "a").ok());
+  ASSERT_TRUE(tier_->Put("a1", bytes, codec::Crc32c(bytes), pin, {}, "a").ok());
+  const absl::Status refused = tier_->Put("a2", bytes, codec::Crc32c(bytes),
+                                          absl::InfinitePast(), {}, "a");
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.message().find("nvme_quota_bytes"), std::string::npos)
+      << refused;
+  EXPECT_TRUE(tier_->Contains("a0"));
+  EXPECT_TRUE(tier_->Contains("a1"));
+}
+
 }  // namespace
 }  // namespace kvcache::kvstore

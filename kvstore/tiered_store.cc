@@ -50,26 +50,35 @@ TieredStore::TieredStore(const TieredStoreOptions& options, Clock clock)
 absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(
     const TieredStoreOptions& options, Clock clock) {
   std::unique_ptr<TieredStore> store(new TieredStore(options, clock));
+  OwnerQuotas gpu_quotas, cpu_quotas, nvme_quotas;
+  for (const auto& [owner, quotas] : options.quotas) {
+    gpu_quotas[owner] = quotas.gpu_bytes;
+    cpu_quotas[owner] = quotas.cpu_bytes;
+    nvme_quotas[owner] = quotas.nvme_bytes;
+  }
   absl::StatusOr<std::shared_ptr<HostArena>> arena =
       HostArena::Create(options.cpu_capacity_bytes, options.pin_cpu_memory);
   if (!arena.ok()) return arena.status();
   store->cpu_arena_ = *std::move(arena);
-  store->cpu_ = std::make_unique<MemoryTier>(store->cpu_arena_, store->clock_);
+  store->cpu_ = std::make_unique<MemoryTier>(store->cpu_arena_, store->clock_,
+                                             cpu_quotas);
   if (options.gpu_capacity_bytes > 0) {
     absl::StatusOr<std::shared_ptr<GpuArena>> gpu =
         GpuArena::Create(options.gpu_device, options.gpu_capacity_bytes);
     if (gpu.ok()) {
       store->gpu_arena_ = *std::move(gpu);
-      store->gpu_ =
-          std::make_unique<MemoryTier>(store->gpu_arena_, store->clock_);
+      store->gpu_ = std::make_unique<MemoryTier>(store->gpu_arena_,
+                                                 store->clock_, gpu_quotas);
     } else {
       std::fprintf(stderr, "kvcached: starting without the GPU tier: %s\n",
                    gpu.status().ToString().c_str());
     }
   }
   if (options.nvme.has_value()) {
+    NvmeTierOptions nvme_options = *options.nvme;
+    nvme_options.quotas = std::move(nvme_quotas);
     absl::StatusOr<std::unique_ptr<NvmeTier>> nvme =
-        NvmeTier::Open(*options.nvme, store->clock_);
+        NvmeTier::Open(nvme_options, store->clock_);
     if (!nvme.ok()) return nvme.status();
     store->nvme_ = std::move(*nvme);
   }
@@ -128,7 +137,7 @@ absl::Status TieredStore::PutInNvme(absl::string_view key,
                                     const ChunkRef& chunk) {
   const absl::Time start = absl::Now();
   absl::Status s = nvme_->Put(key, chunk.bytes(), chunk.crc32c,
-                              chunk.pin_expiry, chunk.parent_key);
+                              chunk.pin_expiry, chunk.parent_key, chunk.owner);
   nvme_counters_.write_latency.Record(absl::Now() - start);
   return s;
 }
@@ -137,7 +146,8 @@ absl::StatusOr<PutOutcome> TieredStore::Put(absl::string_view key,
                                             std::string bytes, uint32_t crc32c,
                                             absl::Duration pin_ttl,
                                             absl::string_view parent_key,
-                                            PutMode mode) {
+                                            PutMode mode,
+                                            absl::string_view owner) {
   absl::Mutex& key_lock = KeyLock(key);
   absl::MutexLock lock(&key_lock);
   if (mode == PutMode::kKeepExisting && Holds(key)) {
@@ -147,8 +157,8 @@ absl::StatusOr<PutOutcome> TieredStore::Put(absl::string_view key,
     }
     return PutOutcome::kKeptExisting;
   }
-  if (absl::Status s =
-          Store(key, std::move(bytes), crc32c, pin_ttl, parent_key, key_lock);
+  if (absl::Status s = Store(key, std::move(bytes), crc32c, pin_ttl, parent_key,
+                             owner, key_lock);
       !s.ok()) {
     return s;
   }
@@ -165,6 +175,7 @@ bool TieredStore::Holds(absl::string_view key) const {
 absl::Status TieredStore::Store(absl::string_view key, std::string bytes,
                                 uint32_t crc32c, absl::Duration pin_ttl,
                                 absl::string_view parent_key,
+                                absl::string_view owner,
                                 absl::Mutex& key_lock) {
   const uint64_t size = bytes.size();
   absl::Mutex* const held[] = {&key_lock};
@@ -186,6 +197,7 @@ absl::Status TieredStore::Store(absl::string_view key, std::string bytes,
                                                 ? clock_() + pin_ttl
                                                 : absl::InfinitePast());
   chunk.parent_key = std::string(parent_key);
+  chunk.owner = std::string(owner);
   if (nvme_ && !to_gpu && !AdmittedToCpu(size)) {
     // Too large for memory: the key keeps its older bytes unless NVMe
     // takes the new ones.
@@ -306,7 +318,7 @@ absl::Status TieredStore::PutInMemory(TierId tier, absl::string_view key,
               Demote(std::move(evicted), held);
             }
           },
-          chunk.parent_key);
+          chunk.parent_key, chunk.owner);
 }
 
 void TieredStore::Promote(absl::string_view key, const ChunkRef& chunk,

@@ -22,6 +22,14 @@
 //  - Admission: a chunk over gpu_max_admit_percent of the GPU tier skips
 //    it; one over cpu_max_admit_percent of the CPU tier goes straight to
 //    NVMe (or is refused without NVMe).
+//  - Quotas: every chunk has an owner (the tenant that stored it; empty on
+//    an open node), which it keeps through demotion, promotion, restarts
+//    and copies to peers. An owner with a quota in a tier makes room for
+//    its chunk there by evicting its own least recently used chunks, and
+//    never takes room from another owner within its quota
+//    (eviction_order.h has the order and the exact guarantee). A tier whose
+//    quota the owner's pinned chunks fill refuses the chunk like a tier full
+//    of pins, so the next tier down takes it.
 //  - write_through: every Put is durable on NVMe before it is acknowledged.
 //    Without it, chunks reach NVMe on demotion and at Flush (clean shutdown);
 //    a Put replacing a key drops the key's older NVMe copy so a restart
@@ -41,6 +49,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -64,6 +73,13 @@ enum class TierId { kGpu, kCpu, kNvme };
 enum class PutMode { kKeepExisting, kReplace };
 enum class PutOutcome { kStored, kKeptExisting };
 
+// Bytes of one owner's chunks each tier may hold (0: no quota there).
+struct TierQuotas {
+  uint64_t gpu_bytes = 0;
+  uint64_t cpu_bytes = 0;
+  uint64_t nvme_bytes = 0;
+};
+
 struct TieredStoreOptions {
   uint64_t cpu_capacity_bytes = 1 << 30;
   // A chunk over this percentage of cpu_capacity_bytes skips the CPU tier.
@@ -79,6 +95,8 @@ struct TieredStoreOptions {
   int gpu_device = 0;
   // A chunk over this percentage of gpu_capacity_bytes skips the GPU tier.
   uint32_t gpu_max_admit_percent = 25;
+  // Quotas by owner; owners not listed have none.
+  absl::flat_hash_map<std::string, TierQuotas> quotas;
 };
 
 // A chunk and the tier it was found in. Only GetInMemory hands out chunks
@@ -111,12 +129,15 @@ class TieredStore {
   // CPU tier evicts for it. With kKeepExisting a key held in any tier keeps
   // its bytes (kKeptExisting; a positive `pin_ttl` still pins it).
   // RESOURCE_EXHAUSTED with the reason if no tier has room (everything
-  // pinned, NVMe disk full, or over the admission limit without NVMe); the
-  // key then keeps its previous bytes, if any.
+  // pinned, NVMe disk full, the owner's quotas full of its pinned chunks,
+  // or over the admission limit without NVMe); the key then keeps its
+  // previous bytes, if any. `owner` owns the chunk (a kept chunk keeps its
+  // owner).
   absl::StatusOr<PutOutcome> Put(absl::string_view key, std::string bytes,
                                  uint32_t crc32c, absl::Duration pin_ttl,
                                  absl::string_view parent_key = {},
-                                 PutMode mode = PutMode::kKeepExisting);
+                                 PutMode mode = PutMode::kKeepExisting,
+                                 absl::string_view owner = {});
 
   // The chunk's bytes from the fastest tier holding it (in host memory),
   // promoting it one tier up on a CPU or NVMe hit. NOT_FOUND if absent;
@@ -182,7 +203,7 @@ class TieredStore {
   // Put's work for a key to (re)write, with `key_lock` (its key lock) held.
   absl::Status Store(absl::string_view key, std::string bytes, uint32_t crc32c,
                      absl::Duration pin_ttl, absl::string_view parent_key,
-                     absl::Mutex& key_lock);
+                     absl::string_view owner, absl::Mutex& key_lock);
   // Pin with the key's lock held.
   absl::StatusOr<absl::Time> PinLocked(absl::string_view key,
                                        absl::Duration ttl);

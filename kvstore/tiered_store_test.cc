@@ -295,5 +295,96 @@ TEST_F(TieredStoreTest, DiskFullWithEverythingPinnedRefusesAndKeepsOldBytes) {
   }
 }
 
+// The fixture's store (4 chunks of CPU tier over 64 of NVMe) with quotas:
+// "a" and "b" may each hold 2 chunks in memory and 8 on NVMe.
+class TenantQuotaTest : public TieredStoreTest {
+ protected:
+  void SetUp() override {
+    TieredStoreTest::SetUp();
+    options_.quotas["a"] = TierQuotas{0, 2 * kChunk, 8 * kChunk};
+    options_.quotas["b"] = TierQuotas{0, 2 * kChunk, 8 * kChunk};
+    Reopen();
+  }
+
+  static std::string ChunkOf(const std::string& key) {
+    return Bytes(kChunk, codec::Crc32c(key));
+  }
+
+  absl::Status PutAs(const std::string& owner, const std::string& key,
+                     absl::Duration pin = absl::ZeroDuration()) {
+    const std::string bytes = ChunkOf(key);
+    return store_
+        ->Put(key, bytes, codec::Crc32c(bytes), pin, {}, PutMode::kKeepExisting,
+              owner)
+        .status();
+  }
+
+  OwnerUsage UsageOf(TierId tier, const std::string& owner) {
+    for (const TierReport& report : store_->Report()) {
+      if (report.tier != tier) continue;
+      for (const OwnerUsage& usage : report.usage.owners) {
+        if (usage.owner == owner) return usage;
+      }
+    }
+    return OwnerUsage{owner};
+  }
+};
+
+TEST_F(TenantQuotaTest, TenantWritingWithoutStoppingStaysWithinItsQuotas) {
+  ASSERT_TRUE(PutAs("b", "b0").ok());
+  ASSERT_TRUE(PutAs("b", "b1").ok());
+  for (int i = 0; i < 200; ++i) {
+    ASSERT_TRUE(PutAs("a", "a" + std::to_string(i)).ok()) << i;
+    ASSERT_LE(UsageOf(TierId::kCpu, "a").used_bytes, 2 * kChunk) << i;
+    ASSERT_LE(UsageOf(TierId::kNvme, "a").used_bytes, 8 * kChunk) << i;
+  }
+  // b's working set is where b left it: in memory, untouched.
+  for (const char* key : {"b0", "b1"}) {
+    auto found = store_->Peek(key);
+    ASSERT_TRUE(found.ok()) << key;
+    EXPECT_EQ(found->tier, TierId::kCpu) << key;
+    EXPECT_EQ(found->chunk.owner, "b");
+  }
+  // a keeps its 10 most recent chunks: 2 in memory, 8 demoted to NVMe.
+  EXPECT_EQ(UsageOf(TierId::kCpu, "a").chunks, 2u);
+  EXPECT_EQ(UsageOf(TierId::kNvme, "a").chunks, 8u);
+  EXPECT_EQ(store_->Peek("a190")->tier, TierId::kNvme);
+  EXPECT_EQ(store_->Peek("a190")->chunk.owner, "a");
+  EXPECT_FALSE(store_->Peek("a189").ok());
+  // A hit on NVMe promotes the chunk into a's memory quota, pushing a's
+  // own least recently used chunk down, never b's.
+  GetTier("a190", ChunkOf("a190"));
+  EXPECT_EQ(store_->Peek("a190")->tier, TierId::kCpu);
+  EXPECT_LE(UsageOf(TierId::kCpu, "a").used_bytes, 2 * kChunk);
+  EXPECT_EQ(store_->Peek("b0")->tier, TierId::kCpu);
+  EXPECT_EQ(store_->Peek("b1")->tier, TierId::kCpu);
+}
+
+TEST_F(TenantQuotaTest, OwnerSurvivesDemotionAndRestart) {
+  ASSERT_TRUE(PutAs("a", "a0").ok());
+  ASSERT_TRUE(store_->Flush().ok());
+  Reopen();
+  auto found = store_->Peek("a0");
+  ASSERT_TRUE(found.ok());
+  EXPECT_EQ(found->tier, TierId::kNvme);
+  EXPECT_EQ(found->chunk.owner, "a");
+  EXPECT_EQ(UsageOf(TierId::kNvme, "a").used_bytes, kChunk);
+  // Promoted back into memory, it counts against a's memory quota again.
+  GetTier("a0", ChunkOf("a0"));
+  EXPECT_EQ(UsageOf(TierId::kCpu, "a").used_bytes, kChunk);
+}
+
+TEST_F(TenantQuotaTest, PinnedChunksFillingTheQuotaAreResourceExhausted) {
+  options_.nvme.reset();
+  Reopen();
+  ASSERT_TRUE(PutAs("a", "a0", absl::Minutes(5)).ok());
+  ASSERT_TRUE(PutAs("a", "a1", absl::Minutes(5)).ok());
+  const absl::Status refused = PutAs("a", "a2");
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.message().find("cpu_quota_bytes"), std::string::npos)
+      << refused;
+  EXPECT_TRUE(PutAs("b", "b0").ok());
+}
+
 }  // namespace
 }  // namespace kvcache::kvstore
