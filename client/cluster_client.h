@@ -43,8 +43,14 @@ struct ClusterClientOptions {
   std::string cluster_name = "default";
   // Must match the nodes' cluster.replication_factor.
   uint32_t replication_factor = 2;
-  // How often membership is re-read from etcd.
-  absl::Duration membership_poll = absl::Seconds(1);
+  // How often membership is read in full from etcd; changes arrive at once
+  // through a watch in between (see cluster/membership.h).
+  absl::Duration membership_poll = absl::Seconds(10);
+  // TLS to etcd: the CA etcd's certificate chains to (setting it turns TLS
+  // on), and a client certificate etcd accepts when it requires one.
+  std::string etcd_ca_file;
+  std::string etcd_cert_file;
+  std::string etcd_key_file;
   // Settings for the call to each node, credentials included (the same CA,
   // client certificate and token serve every node, so node certificates
   // must name the addresses nodes advertise; leave server_name empty);
@@ -57,7 +63,8 @@ struct ClusterClientOptions {
 class ClusterClient : public ChunkStore {
  public:
   // Reads the membership once. UNAVAILABLE if etcd cannot be read or the
-  // cluster has no nodes.
+  // cluster has no nodes; an etcd credential file that cannot be used is
+  // reported naming it.
   static absl::StatusOr<std::unique_ptr<ClusterClient>> Connect(
       const ClusterClientOptions& options);
 
@@ -83,7 +90,8 @@ class ClusterClient : public ChunkStore {
   absl::StatusOr<KvCacheClient*> Node(const cluster::NodeRecord& node);
 
  private:
-  explicit ClusterClient(const ClusterClientOptions& options);
+  ClusterClient(const ClusterClientOptions& options,
+                std::shared_ptr<grpc::ChannelCredentials> etcd_credentials);
 
   const ClusterClientOptions options_;
   std::unique_ptr<cluster::MembershipView> membership_;
