@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cluster/placement.h"
+#include "transfer/tls_credentials.h"
 
 namespace kvcache {
 namespace {
@@ -102,16 +103,31 @@ absl::Status HeldNowhere(const ChunkKey& key, size_t i,
 
 }  // namespace
 
-ClusterClient::ClusterClient(const ClusterClientOptions& options)
+ClusterClient::ClusterClient(
+    const ClusterClientOptions& options,
+    std::shared_ptr<grpc::ChannelCredentials> etcd_credentials)
     : options_(options),
-      membership_(std::make_unique<cluster::MembershipView>(
-          cluster::MembershipOptions{{options.etcd_endpoints},
-                                     options.cluster_name,
-                                     options.membership_poll})) {}
+      membership_(
+          std::make_unique<cluster::MembershipView>(cluster::MembershipOptions{
+              {.endpoints = options.etcd_endpoints,
+               .credentials = std::move(etcd_credentials)},
+              options.cluster_name,
+              options.membership_poll})) {}
 
 absl::StatusOr<std::unique_ptr<ClusterClient>> ClusterClient::Connect(
     const ClusterClientOptions& options) {
-  std::unique_ptr<ClusterClient> client(new ClusterClient(options));
+  transfer::TlsFiles etcd_files;
+  etcd_files.ca_file = options.etcd_ca_file;
+  etcd_files.cert_file = options.etcd_cert_file;
+  etcd_files.key_file = options.etcd_key_file;
+  etcd_files.ca_option = "etcd_ca_file";
+  etcd_files.cert_option = "etcd_cert_file";
+  etcd_files.key_option = "etcd_key_file";
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> etcd_credentials =
+      transfer::ClientCredentials(etcd_files);
+  if (!etcd_credentials.ok()) return etcd_credentials.status();
+  std::unique_ptr<ClusterClient> client(
+      new ClusterClient(options, *std::move(etcd_credentials)));
   if (absl::Status s = client->membership_->Refresh(); !s.ok()) {
     return absl::UnavailableError(
         absl::StrCat("cannot read the membership of cluster '",

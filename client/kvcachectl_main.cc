@@ -48,7 +48,9 @@ commands:
                                  print the chunk keys of a token sequence
   drain                          stop the node from taking new chunks
 
-cluster commands (with --etcd; --cluster defaults to "default"):
+cluster commands (with --etcd; --cluster defaults to "default"; etcd over
+TLS with --etcd_ca=FILE, and --etcd_cert=FILE --etcd_key=FILE for etcd's
+client certificate):
   cluster status                 every node: address, state, chunks, usage,
                                  hit rate
   drain NODE [--wait=10m]        take NODE out of the placement and wait
@@ -323,6 +325,9 @@ absl::StatusOr<std::unique_ptr<ClusterClient>> ConnectCluster(
   options.etcd_endpoints =
       absl::StrSplit(args.Flag("etcd", ""), ',', absl::SkipEmpty());
   options.cluster_name = args.Flag("cluster", options.cluster_name);
+  options.etcd_ca_file = args.Flag("etcd_ca", "");
+  options.etcd_cert_file = args.Flag("etcd_cert", "");
+  options.etcd_key_file = args.Flag("etcd_key", "");
   options.node.timeout = timeout;
   SetCredentials(args, options.node);
   return ClusterClient::Connect(options);

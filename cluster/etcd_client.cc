@@ -13,7 +13,9 @@ namespace {
 // Only so much of a server's error message goes into a status.
 constexpr size_t kMessageBytes = 200;
 
-std::shared_ptr<grpc::Channel> ChannelTo(const std::string& address) {
+std::shared_ptr<grpc::Channel> ChannelTo(
+    const std::string& address,
+    const std::shared_ptr<grpc::ChannelCredentials>& credentials) {
   grpc::ChannelArguments args;
   // gRPC waits up to two minutes between reconnection attempts by default;
   // a node must see etcd again within a second of its coming back. (The
@@ -28,8 +30,9 @@ std::shared_ptr<grpc::Channel> ChannelTo(const std::string& address) {
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
-                                   args);
+  return grpc::CreateCustomChannel(
+      address, credentials ? credentials : grpc::InsecureChannelCredentials(),
+      args);
 }
 
 void SetDeadline(grpc::ClientContext* context, absl::Duration timeout) {
@@ -144,7 +147,7 @@ EtcdClient::EtcdClient(EtcdOptions options) : options_(std::move(options)) {
   for (const std::string& address : options_.endpoints) {
     Endpoint endpoint;
     endpoint.address = address;
-    endpoint.channel = ChannelTo(address);
+    endpoint.channel = ChannelTo(address, options_.credentials);
     endpoint.kv = etcdserverpb::KV::NewStub(endpoint.channel);
     endpoint.lease = etcdserverpb::Lease::NewStub(endpoint.channel);
     endpoint.watch = etcdserverpb::Watch::NewStub(endpoint.channel);

@@ -33,6 +33,9 @@ struct EtcdOptions {
   std::vector<std::string> endpoints;
   // Deadline of one call to one endpoint.
   absl::Duration timeout = absl::Seconds(2);
+  // How to reach etcd: TLS, with etcd's client certificate where it asks for
+  // one; null means plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
 };
 
 // One watch over every key under a prefix: a gRPC stream to one endpoint

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cluster/placement.h"
+#include "transfer/tls_credentials.h"
 
 namespace kvcache::kvstore {
 namespace {
@@ -24,16 +25,20 @@ constexpr absl::Duration kRetryDelay = absl::Seconds(1);
 // before this node sends it too.
 constexpr int kPassesLeftToOthers = 3;
 
-cluster::EtcdOptions EtcdOptionsOf(const v1::ClusterConfig& config) {
+cluster::EtcdOptions EtcdOptionsOf(
+    const v1::ClusterConfig& config,
+    std::shared_ptr<grpc::ChannelCredentials> credentials) {
   cluster::EtcdOptions etcd;
   etcd.endpoints.assign(config.etcd_endpoints().begin(),
                         config.etcd_endpoints().end());
+  etcd.credentials = std::move(credentials);
   return etcd;
 }
 
 cluster::MembershipOptions MembershipOptionsOf(
-    const v1::ClusterConfig& config) {
-  return {EtcdOptionsOf(config), config.cluster_name(),
+    const v1::ClusterConfig& config,
+    std::shared_ptr<grpc::ChannelCredentials> credentials) {
+  return {EtcdOptionsOf(config, std::move(credentials)), config.cluster_name(),
           absl::Milliseconds(config.membership_poll_ms())};
 }
 
@@ -46,18 +51,31 @@ std::string NodeIds(const Membership& membership) {
 
 }  // namespace
 
-ClusterMember::ClusterMember(NodeState& node,
-                             const std::string& advertise_address,
-                             PeerCredentials peer_credentials)
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> EtcdCredentialsOf(
+    const v1::ClusterConfig& config) {
+  transfer::TlsFiles files;
+  files.ca_file = config.etcd_tls().ca_file();
+  files.cert_file = config.etcd_tls().cert_file();
+  files.key_file = config.etcd_tls().key_file();
+  files.ca_option = "cluster.etcd_tls.ca_file";
+  files.cert_option = "cluster.etcd_tls.cert_file";
+  files.key_option = "cluster.etcd_tls.key_file";
+  return transfer::ClientCredentials(files);
+}
+
+ClusterMember::ClusterMember(
+    NodeState& node, const std::string& advertise_address,
+    PeerCredentials peer_credentials,
+    std::shared_ptr<grpc::ChannelCredentials> etcd_credentials)
     : node_(node),
       config_(node.config().cluster()),
-      membership_(MembershipOptionsOf(config_)),
+      membership_(MembershipOptionsOf(config_, etcd_credentials)),
       // A peer's key check is a lookup in its memory: a short deadline, so
       // a partitioned peer delays repair by seconds, not by a copy's 30 s.
       peers_(std::move(peer_credentials), /*lookup_timeout=*/absl::Seconds(3),
              /*copy_timeout=*/absl::Seconds(30)) {
   cluster::RegistrationOptions options;
-  options.etcd = EtcdOptionsOf(config_);
+  options.etcd = EtcdOptionsOf(config_, std::move(etcd_credentials));
   options.cluster_name = config_.cluster_name();
   options.ttl = absl::Seconds(config_.lease_ttl_seconds());
   options.on_state_change = [this](const absl::Status& status) {

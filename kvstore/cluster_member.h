@@ -32,14 +32,21 @@
 
 namespace kvcache::kvstore {
 
+// How the node reaches etcd, from `config`'s etcd_tls: TLS with etcd's
+// client certificate, or plaintext without ca_file. Errors name the field
+// and file that failed.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> EtcdCredentialsOf(
+    const v1::ClusterConfig& config);
+
 class ClusterMember {
  public:
   // Joins the cluster `node`'s configuration names, as reachable at
   // `advertise_address`, and starts the repair loop; peers are called with
-  // `peer_credentials`. Never fails: while etcd is unreachable the node
-  // serves alone and keeps trying.
+  // `peer_credentials`, etcd with `etcd_credentials`. Never fails: while
+  // etcd is unreachable the node serves alone and keeps trying.
   ClusterMember(NodeState& node, const std::string& advertise_address,
-                PeerCredentials peer_credentials);
+                PeerCredentials peer_credentials,
+                std::shared_ptr<grpc::ChannelCredentials> etcd_credentials);
   ClusterMember(const ClusterMember&) = delete;
   ClusterMember& operator=(const ClusterMember&) = delete;
   // Stops the loop and leaves the cluster at once (revokes the lease).

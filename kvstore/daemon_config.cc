@@ -116,6 +116,16 @@ absl::Status ValidateCluster(const v1::ClusterConfig& cluster) {
   if (cluster.repair_interval_seconds() == 0) {
     return FieldError("cluster.repair_interval_seconds", "must be > 0");
   }
+  const v1::EtcdTlsConfig& etcd_tls = cluster.etcd_tls();
+  if (etcd_tls.cert_file().empty() != etcd_tls.key_file().empty()) {
+    return FieldError("cluster.etcd_tls.cert_file",
+                      "cert_file and key_file go together");
+  }
+  if (!etcd_tls.cert_file().empty() && etcd_tls.ca_file().empty()) {
+    // A client certificate is only sent over TLS, which needs the CA.
+    return FieldError("cluster.etcd_tls.ca_file",
+                      "needed with a client certificate");
+  }
   return absl::OkStatus();
 }
 

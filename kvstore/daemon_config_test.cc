@@ -111,6 +111,12 @@ TEST(DaemonConfigTest, ValidationNamesTheField) {
             "cluster.replication_factor"},
            {"cluster { etcd_endpoints: \"e:2379\" advertise_address: \"x\" }",
             "cluster.advertise_address"},
+           {"cluster { etcd_endpoints: \"e:2379\" etcd_tls { cert_file: "
+            "\"c\" } }",
+            "cluster.etcd_tls.cert_file"},
+           {"cluster { etcd_endpoints: \"e:2379\" etcd_tls { cert_file: "
+            "\"c\" key_file: \"k\" } }",
+            "cluster.etcd_tls.ca_file"},
            {"tls { cert_file: \"n.crt\" }", "tls.key_file"},
            {"tls { key_file: \"n.key\" }", "tls.cert_file"},
            {"tls { ca_file: \"ca.crt\" }", "tls.ca_file"},

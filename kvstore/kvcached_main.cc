@@ -331,14 +331,18 @@ int Run(int argc, char** argv) {
   if (!config->cluster().etcd_endpoints().empty()) {
     absl::StatusOr<PeerCredentials> peer_credentials =
         PeerCredentialsOf(*config);
-    if (!peer_credentials.ok()) {
-      std::fprintf(stderr, "kvcached: %s\n",
-                   peer_credentials.status().ToString().c_str());
-      return 2;
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> etcd_credentials =
+        EtcdCredentialsOf(config->cluster());
+    for (const absl::Status& s :
+         {peer_credentials.status(), etcd_credentials.status()}) {
+      if (!s.ok()) {
+        std::fprintf(stderr, "kvcached: %s\n", s.ToString().c_str());
+        return 2;
+      }
     }
     cluster = std::make_unique<ClusterMember>(
         node, AdvertiseAddress(*config, bound_port),
-        *std::move(peer_credentials));
+        *std::move(peer_credentials), *std::move(etcd_credentials));
   }
 
   int signal_number = 0;

@@ -4,7 +4,8 @@
 // certificate, no client certificate, a client certificate from another
 // CA, a wrong or missing token), certificates renewed on disk while a
 // stream is in flight, and a three-node cluster whose peer copies, drain
-// handoff and repair all go over mutual TLS.
+// handoff and repair all go over mutual TLS, around an etcd reached over
+// TLS with etcd's own client certificates.
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -362,16 +363,33 @@ TEST_F(TlsTest, CertificatesReloadWithoutDroppingStreams) {
   EXPECT_EQ(received.load(), kChunks);
 }
 
-// Three nodes over mutual TLS (client certificates required): a node
+// Three nodes over mutual TLS (client certificates required), registered
+// in an etcd that requires client certificates of its own CA: a node
 // joining gets its chunks from its peers, a draining node hands its chunks
 // over, and a node killed is repaired from the survivors. Every one of
 // those copies is a peer call over mTLS.
 class TlsClusterTest : public TlsTest {
  protected:
   void SetUp() override {
-    absl::StatusOr<std::unique_ptr<EtcdProcess>> etcd = EtcdProcess::Start();
+    etcd_certs_ =
+        MakeCerts("etcd-ca", "--node etcd-server --client kvcache-etcd");
+    testing::EtcdTls tls;
+    tls.ca_file = etcd_certs_ + "/ca.crt";
+    tls.cert_file = etcd_certs_ + "/etcd-server.crt";
+    tls.key_file = etcd_certs_ + "/etcd-server.key";
+    tls.client_cert_file = etcd_certs_ + "/kvcache-etcd.crt";
+    tls.client_key_file = etcd_certs_ + "/kvcache-etcd.key";
+    absl::StatusOr<std::unique_ptr<EtcdProcess>> etcd =
+        EtcdProcess::Start("127.0.0.1", tls);
     ASSERT_TRUE(etcd.ok()) << etcd.status();
     etcd_ = *std::move(etcd);
+  }
+
+  std::string EtcdTlsSection() const {
+    return absl::StrCat("etcd_tls { ca_file: \"", etcd_certs_,
+                        "/ca.crt\" cert_file: \"", etcd_certs_,
+                        "/kvcache-etcd.crt\" key_file: \"", etcd_certs_,
+                        "/kvcache-etcd.key\" }");
   }
 
   void StartMember(const std::string& id) {
@@ -381,7 +399,8 @@ class TlsClusterTest : public TlsTest {
          absl::StrCat("--set=cluster { etcd_endpoints: \"", etcd_->endpoint(),
                       "\" cluster_name: \"tls\" lease_ttl_seconds: 2 "
                       "replication_factor: 2 membership_poll_ms: 100 "
-                      "repair_interval_seconds: 2 }")});
+                      "repair_interval_seconds: 2 ",
+                      EtcdTlsSection(), " }")});
     ASSERT_NE(node, nullptr);
     nodes_[id] = std::move(node);
   }
@@ -413,6 +432,7 @@ class TlsClusterTest : public TlsTest {
     return true;
   }
 
+  std::string etcd_certs_;
   std::unique_ptr<EtcdProcess> etcd_;
   std::map<std::string, std::unique_ptr<DaemonProcess>> nodes_;
 };
@@ -425,6 +445,11 @@ TEST_F(TlsClusterTest, JoinDrainAndRepairOverMutualTls) {
   options.cluster_name = "tls";
   options.membership_poll = absl::Milliseconds(100);
   options.node = Options(*nodes_["n1"], /*with_cert=*/true);
+  // Without etcd's client certificate the cluster cannot be read.
+  options.etcd_ca_file = etcd_certs_ + "/ca.crt";
+  EXPECT_FALSE(ClusterClient::Connect(options).ok());
+  options.etcd_cert_file = etcd_certs_ + "/kvcache-etcd.crt";
+  options.etcd_key_file = etcd_certs_ + "/kvcache-etcd.key";
   absl::StatusOr<std::unique_ptr<ClusterClient>> cluster;
   ASSERT_TRUE(WaitFor(
       [&] {

@@ -6,6 +6,7 @@
 #define KVCACHE_TESTS_TESTING_ETCD_PROCESS_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -14,13 +15,27 @@
 
 namespace kvcache::testing {
 
+// etcd serving clients over TLS and requiring client certificates: its own
+// certificate and key, and the CA client certificates must chain to (also
+// the CA its certificate chains to). A client certificate for the readiness
+// check goes with them.
+struct EtcdTls {
+  std::string ca_file;
+  std::string cert_file;
+  std::string key_file;
+  std::string client_cert_file;
+  std::string client_key_file;
+};
+
 class EtcdProcess {
  public:
-  // Starts etcd serving clients on `host` (an IPv4 address) and waits until
-  // it answers a range over its gRPC API. FAILED_PRECONDITION if /usr/bin/etcd
+  // Starts etcd serving clients on `host` (an IPv4 address), over TLS with
+  // client certificates required if `tls` is given, and waits until it
+  // answers a range over its gRPC API. FAILED_PRECONDITION if /usr/bin/etcd
   // is missing (install etcd-server).
   static absl::StatusOr<std::unique_ptr<EtcdProcess>> Start(
-      const std::string& host = "127.0.0.1");
+      const std::string& host = "127.0.0.1",
+      std::optional<EtcdTls> tls = std::nullopt);
 
   // "HOST:PORT", its client endpoint.
   const std::string& endpoint() const { return endpoint_; }
@@ -38,6 +53,7 @@ class EtcdProcess {
   int client_port_ = 0;
   int peer_port_ = 0;
   std::string endpoint_;
+  std::optional<EtcdTls> tls_;
   std::unique_ptr<DaemonProcess> process_;
 };
 
