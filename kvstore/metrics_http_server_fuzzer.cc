@@ -15,10 +15,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "kvstore/metrics_http_server.h"
@@ -29,6 +31,11 @@ namespace {
 // Longer than the server's connection deadline: a connection still open
 // after it is a hang.
 constexpr absl::Duration kAnswerDeadline = absl::Seconds(4);
+
+[[noreturn]] void Fail(const char* why) {
+  std::fprintf(stderr, "metrics endpoint fuzzer: %s\n", why);
+  std::abort();
+}
 
 MetricsHttpServer& TheServer() {
   static MetricsHttpServer* const server = [] {
@@ -43,7 +50,7 @@ MetricsHttpServer& TheServer() {
         MetricsHttpServer::Start(
             "127.0.0.1:0", [] { return std::string("kvcache_up 1\n"); },
             options);
-    if (!started.ok()) std::abort();
+    if (!started.ok()) Fail("cannot start the server");
     return started->release();
   }();
   return *server;
@@ -59,7 +66,7 @@ std::string Exchange(int port, absl::string_view request) {
   addr.sin_port = htons(static_cast<uint16_t>(port));
   if (fd < 0 ||
       connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    std::abort();
+    Fail("cannot connect");
   }
   // The server may answer and close before reading everything; a send
   // that fails then is expected.
@@ -76,7 +83,9 @@ std::string Exchange(int port, absl::string_view request) {
   while (true) {
     const int64_t left = absl::ToInt64Milliseconds(deadline - absl::Now());
     pollfd p = {fd, POLLIN, 0};
-    if (left <= 0 || poll(&p, 1, static_cast<int>(left)) <= 0) std::abort();
+    if (left <= 0 || poll(&p, 1, static_cast<int>(left)) <= 0) {
+      Fail("the connection is still open past the server's deadline");
+    }
     const ssize_t n = recv(fd, buffer, sizeof(buffer), 0);
     if (n <= 0) break;  // closed (or reset after an early answer)
     answer.append(buffer, n);
@@ -90,15 +99,17 @@ std::string Exchange(int port, absl::string_view request) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using kvcache::kvstore::Exchange;
+  using kvcache::kvstore::Fail;
   using kvcache::kvstore::TheServer;
   const absl::string_view request(reinterpret_cast<const char*>(data), size);
   const std::string answer = Exchange(TheServer().port(), request);
   if (answer.empty()) return 0;
-  if (!absl::StartsWith(answer, "HTTP/1.")) std::abort();
+  if (!absl::StartsWith(answer, "HTTP/1.")) Fail("an answer without a status");
+  // Whitespace before the request line is tolerated, as HTTP allows.
+  const absl::string_view method = absl::StripLeadingAsciiWhitespace(request);
   if (absl::StartsWith(answer.substr(8), " 200 ") &&
-      !absl::StartsWith(request, "GET ") &&
-      !absl::StartsWith(request, "HEAD ")) {
-    std::abort();
+      !absl::StartsWith(method, "GET ") && !absl::StartsWith(method, "HEAD ")) {
+    Fail("200 for a request that is neither GET nor HEAD");
   }
   return 0;
 }

@@ -16,7 +16,7 @@ roots=("$runfiles")
 fuzz_obj="$work/obj"
 
 failed=()
-for target in "${fuzz_targets[@]}"; do
+for target in "${smoke_targets[@]}"; do
   manifest="$runfiles/tests/fuzz/$target.manifest"
   mkdir -p "$work/$target"
   start=$SECONDS
