@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Checks the deployment files in deploy/: every YAML and JSON file parses,
 and the Kubernetes manifests, Prometheus configuration, Grafana dashboard and
-systemd unit have what kvcached needs. Run from the repository root:
+systemd unit have what kvcached needs. What is deployed is secure by
+default: mutual TLS with certificates mounted from Secrets, callers
+authenticated, metrics on loopback, etcd over TLS requiring client
+certificates; only the single-host example config is plaintext, on
+loopback. Run from the repository root:
 
     python3 deploy/check_deploy_files.py
 
@@ -57,6 +61,95 @@ def check_containers(path, doc):
                 problem(path, f"preStop argument {arg!r} is not a string")
 
 
+def check_secure_config(path, text):
+    """A cluster node's kvcached config: TLS, mTLS, access, loopback metrics,
+    etcd over TLS with a client certificate."""
+    def section(name):
+        m = re.search(r"\b" + name + r"\s*\{([^{}]*)\}", text)
+        return m.group(1) if m else None
+    tls = section("tls")
+    if tls is None:
+        problem(path, "no tls section: a cluster node must not serve "
+                "plaintext")
+    else:
+        for field in ("cert_file:", "key_file:", "ca_file:",
+                      "require_client_certificate: true"):
+            if field not in tls:
+                problem(path, f"tls section lacks {field}")
+    if not re.search(r"\baccess\s*\{", text):
+        problem(path, "no access section: every caller would act as admin")
+    metrics = re.search(r'metrics_address:\s*"([^"]*)"', text)
+    if metrics and metrics.group(1) and \
+            not metrics.group(1).startswith("127.") and \
+            "metrics_token_sha256" not in text:
+        problem(path, f"metrics on {metrics.group(1)} without a token: keep "
+                "them on 127.0.0.1")
+    etcd_tls = section("etcd_tls")
+    if etcd_tls is None or "ca_file:" not in etcd_tls or \
+            "cert_file:" not in etcd_tls:
+        problem(path, "cluster.etcd_tls lacks ca_file or cert_file: etcd "
+                "must be reached over TLS with a client certificate")
+
+
+def check_single_host_config():
+    path = "deploy/kvcached.textproto"
+    with open(path) as f:
+        text = f.read()
+    for field in ("listen_address", "metrics_address"):
+        m = re.search(field + r':\s*"([^"]*)"', text)
+        if m and m.group(1) and not m.group(1).startswith("127."):
+            problem(path, f"{field} {m.group(1)}: the plaintext single-host "
+                    "config stays on loopback")
+
+
+def check_workload_security(path, name, doc):
+    spec = doc["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"].get("secretName")
+               for v in spec.get("volumes", []) if "secret" in v}
+    for c in spec.get("containers", []):
+        mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+        mounted = {secrets[n]: mounts[n] for n in mounts if n in secrets}
+        args = " ".join(a for a in c.get("args", []) + c.get("command", [])
+                        if isinstance(a, str))
+        if name == "etcd":
+            if mounted.get("etcd-server-tls") is None:
+                problem(path, "etcd does not mount the etcd-server-tls Secret")
+            for flag in ("--client-cert-auth", "--trusted-ca-file=",
+                         "--cert-file=", "--key-file=",
+                         "--peer-client-cert-auth"):
+                if flag not in args:
+                    problem(path, f"etcd runs without {flag}")
+            if "http://" in args:
+                problem(path, "etcd has a plaintext (http://) URL")
+            continue
+        if mounted.get("kvcache-node-tls") != "/etc/kvcache/tls":
+            problem(path, f"{name}: the kvcache-node-tls Secret is not "
+                    "mounted at /etc/kvcache/tls (the ConfigMap's paths)")
+        if mounted.get("kvcache-etcd-client") != "/etc/kvcache/etcd":
+            problem(path, f"{name}: etcd's client certificate "
+                    "(kvcache-etcd-client) is not mounted at /etc/kvcache/etcd")
+        for probe in ("readinessProbe", "livenessProbe"):
+            if "grpc" in c.get(probe, {}):
+                problem(path, f"{name}: a grpc {probe} cannot speak TLS")
+        if "0.0.0.0" in args:
+            problem(path, f"{name}: binds 0.0.0.0 on the command line")
+        if spec.get("hostNetwork") and "--listen=$(HOST_IP)" not in args:
+            problem(path, f"{name}: with host networking, listen on the host "
+                    "IP only (--listen=$(HOST_IP):50051)")
+        for port in c.get("ports", []):
+            if port.get("containerPort") == 9464:
+                problem(path, f"{name}: exposes the metrics port, which "
+                        "listens on loopback")
+        hook = c.get("lifecycle", {}).get("preStop", {}).get("exec", {})
+        hook_args = " ".join(a for a in hook.get("command", [])
+                             if isinstance(a, str))
+        if "kvcachectl" in hook_args:
+            for flag in ("--ca=", "--cert=", "--key=", "--etcd_ca=",
+                         "--etcd_cert=", "--etcd_key="):
+                if flag not in hook_args:
+                    problem(path, f"{name}: preStop kvcachectl without {flag}")
+
+
 def check_kubernetes():
     kinds = {}
     for path in sorted(glob.glob("deploy/k8s/*.yaml")):
@@ -90,6 +183,13 @@ def check_kubernetes():
                        "metrics_address:"):
             if needed not in text:
                 problem(config[0], f"kvcached.textproto lacks {needed}")
+        check_secure_config(config[0], text)
+    for kind, name in [("StatefulSet", "kvcached"),
+                       ("DaemonSet", "kvcached-local"),
+                       ("StatefulSet", "etcd")]:
+        if name in kinds.get(kind, {}):
+            path, doc = kinds[kind][name]
+            check_workload_security(path, name, doc)
     storage = kinds.get("StatefulSet", {}).get("kvcached")
     if storage:
         service = storage[1]["spec"].get("serviceName")
@@ -169,6 +269,9 @@ def main():
     for path in glob.glob("deploy/**/*.y*ml", recursive=True):
         load_yaml(path)
     check_kubernetes()
+    with open("deploy/kvcached-cluster.textproto") as f:
+        check_secure_config("deploy/kvcached-cluster.textproto", f.read())
+    check_single_host_config()
     check_prometheus()
     check_grafana()
     check_other_json()
