@@ -7,6 +7,8 @@
 //     its own connection; each kvcache client its own KvCacheClient, whose
 //     calls gRPC multiplexes over one HTTP/2 connection to the node.
 //     Throughput is payload bytes over wall time; latency is per chunk.
+//     --part=tls instead compares two kvcached nodes, one plaintext and one
+//     over mutual TLS, at 256 KiB and 4 MiB: what encryption costs.
 //  2. NVMe tier reads: NvmeTier::Get of random chunks, in this process,
 //     against fio (io_uring, O_DIRECT, randread) on the same slab file with
 //     the same block size and queue depth. O_DIRECT keeps the page cache out
@@ -21,7 +23,7 @@
 //
 // Usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]
 //                      [--nvme_chunk_kib=N] [--nvme_seconds=N]
-//                      [--rounds=N] [--part=all|store|nvme]
+//                      [--rounds=N] [--part=all|store|nvme|tls]
 // Needs redis-server and fio (deploy/setup.sh installs them) and a data_dir
 // on a local disk filesystem such as ext4 or xfs (not tmpfs).
 #include <hiredis/hiredis.h>
@@ -74,7 +76,7 @@ constexpr uint64_t kGiB = 1 << 30;
 constexpr char kUsage[] =
     "usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]\n"
     "                     [--nvme_chunk_kib=N] [--nvme_seconds=N]\n"
-    "                     [--rounds=N] [--part=all|store|nvme]\n"
+    "                     [--rounds=N] [--part=all|store|nvme|tls]\n"
     "  --data_dir      local disk directory for the NVMe slab and Redis\n"
     "                  (default /var/tmp/kvstore_bench; not tmpfs)\n"
     "  --case_mib      payload MiB per Put/Get case (default 1024; a quarter\n"
@@ -86,7 +88,8 @@ constexpr char kUsage[] =
     "                  (default 12)\n"
     "  --rounds        rounds each comparison alternates its sides over\n"
     "                  (default 3)\n"
-    "  --part          which comparisons to run (default all)\n";
+    "  --part          which comparisons to run (default all: store and\n"
+    "                  nvme; tls: plaintext against mutual TLS only)\n";
 
 struct Flags {
   std::string data_dir = "/var/tmp/kvstore_bench";
@@ -118,7 +121,8 @@ bool ParseFlags(int argc, char** argv, Flags& flags) {
       ok = absl::SimpleAtoi(value, &flags.rounds) && flags.rounds > 0;
     } else if (absl::ConsumePrefix(&value, "--part=")) {
       flags.part = std::string(value);
-      ok = value == "all" || value == "store" || value == "nvme";
+      ok = value == "all" || value == "store" || value == "nvme" ||
+           value == "tls";
     } else {
       ok = false;
     }
@@ -375,6 +379,48 @@ absl::StatusOr<CaseSamples> RunRound(const Store& store,
   return CaseSamples{*std::move(put), *std::move(get)};
 }
 
+// Runs every store through each chunk size and client count, alternating
+// the stores round by round, and prints a table row per store and case.
+absl::Status CompareStores(absl::Span<const Store> stores,
+                           absl::Span<const uint64_t> chunk_sizes,
+                           absl::Span<const int> client_counts,
+                           const Flags& flags, const Payloads& payloads,
+                           uint64_t case_bytes) {
+  uint64_t next_key = 1;
+  for (uint64_t chunk_bytes : chunk_sizes) {
+    const uint64_t bytes = chunk_bytes < kMiB ? case_bytes / 4 : case_bytes;
+    for (int clients : client_counts) {
+      std::vector<CaseSamples> results(stores.size());
+      for (int round = 0; round < flags.rounds; ++round) {
+        for (size_t s = 0; s < stores.size(); ++s) {
+          absl::StatusOr<CaseSamples> r =
+              RunRound(stores[s], payloads, chunk_bytes, clients,
+                       bytes / flags.rounds, next_key);
+          if (!r.ok()) {
+            return absl::Status(
+                r.status().code(),
+                absl::StrCat(stores[s].name, ", ", SizeName(chunk_bytes), " x ",
+                             clients, ": ", r.status().message()));
+          }
+          results[s].put.Add(r->put);
+          results[s].get.Add(r->get);
+        }
+      }
+      for (size_t s = 0; s < stores.size(); ++s) {
+        Samples& put = results[s].put;
+        Samples& get = results[s].get;
+        std::printf(
+            "| %s | %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n",
+            SizeName(chunk_bytes).c_str(), clients, stores[s].name.c_str(),
+            put.GbPerSecond(), put.LatencyMs(0.5), put.LatencyMs(0.99),
+            get.GbPerSecond(), get.LatencyMs(0.5), get.LatencyMs(0.99));
+      }
+      std::fflush(stdout);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunStoreComparison(const Flags& flags) {
   const std::vector<uint64_t> chunk_sizes = {256 * kKiB, 4 * kMiB, 32 * kMiB};
   const uint64_t case_bytes = flags.case_mib * kMiB;
@@ -423,37 +469,10 @@ absl::Status RunStoreComparison(const Flags& flags) {
       static_cast<unsigned long long>(flags.case_mib),
       static_cast<unsigned long long>(flags.case_mib / 4), flags.rounds);
   std::fflush(stdout);
-  uint64_t next_key = 1;
-  for (uint64_t chunk_bytes : chunk_sizes) {
-    const uint64_t bytes = chunk_bytes < kMiB ? case_bytes / 4 : case_bytes;
-    for (int clients : {1, 8}) {
-      std::vector<CaseSamples> results(std::size(stores));
-      for (int round = 0; round < flags.rounds; ++round) {
-        for (size_t s = 0; s < std::size(stores); ++s) {
-          absl::StatusOr<CaseSamples> r =
-              RunRound(stores[s], payloads, chunk_bytes, clients,
-                       bytes / flags.rounds, next_key);
-          if (!r.ok()) {
-            return absl::Status(
-                r.status().code(),
-                absl::StrCat(stores[s].name, ", ", SizeName(chunk_bytes), " x ",
-                             clients, ": ", r.status().message()));
-          }
-          results[s].put.Add(r->put);
-          results[s].get.Add(r->get);
-        }
-      }
-      for (size_t s = 0; s < std::size(stores); ++s) {
-        Samples& put = results[s].put;
-        Samples& get = results[s].get;
-        std::printf(
-            "| %s | %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n",
-            SizeName(chunk_bytes).c_str(), clients, stores[s].name.c_str(),
-            put.GbPerSecond(), put.LatencyMs(0.5), put.LatencyMs(0.99),
-            get.GbPerSecond(), get.LatencyMs(0.5), get.LatencyMs(0.99));
-      }
-      std::fflush(stdout);
-    }
+  if (absl::Status s = CompareStores(stores, chunk_sizes, {1, 8}, flags,
+                                     payloads, case_bytes);
+      !s.ok()) {
+    return s;
   }
   std::printf("\n");
   return absl::OkStatus();
@@ -614,6 +633,75 @@ absl::Status RunNvmeComparison(const Flags& flags) {
   return absl::OkStatus();
 }
 
+// kvcache over plaintext against kvcache over mutual TLS (certificates made
+// by deploy/make_certs.sh), two nodes configured alike, same payloads: what
+// encryption costs on Put and Get.
+absl::Status RunTlsComparison(const Flags& flags) {
+  char dir_template[] = "/tmp/kvstore_bench_certs.XXXXXX";
+  if (mkdtemp(dir_template) == nullptr) {
+    return absl::InternalError("cannot make a directory for certificates");
+  }
+  const std::string certs = dir_template;
+  const std::string command = absl::StrCat(
+      "deploy/make_certs.sh ", certs, " --node node --client bench >/dev/null");
+  if (std::system(command.c_str()) != 0) {
+    return absl::InternalError(absl::StrCat("failed: ", command));
+  }
+  const std::vector<uint64_t> chunk_sizes = {256 * kKiB, 4 * kMiB};
+  const uint64_t case_bytes = flags.case_mib * kMiB;
+  const uint64_t capacity = std::max<uint64_t>(4 * kGiB, 2 * case_bytes);
+  const Payloads payloads(64 * kMiB + chunk_sizes.back());
+  const std::string capacity_flag =
+      absl::StrCat("--set=cpu_tier { capacity_bytes: ", capacity, " }");
+  absl::StatusOr<DaemonProcess> plaintext =
+      DaemonProcess::Start(kDaemon, {capacity_flag});
+  if (!plaintext.ok()) return plaintext.status();
+  absl::StatusOr<DaemonProcess> tls = DaemonProcess::Start(
+      kDaemon, {capacity_flag,
+                absl::StrCat("--set=tls { cert_file: \"", certs,
+                             "/node.crt\" key_file: \"", certs,
+                             "/node.key\" ca_file: \"", certs,
+                             "/ca.crt\" require_client_certificate: true }")});
+  if (!tls.ok()) return tls.status();
+
+  auto connect_to = [](const std::string& address, const std::string& certs)
+      -> absl::StatusOr<std::unique_ptr<StoreConnection>> {
+    ClientOptions options;
+    options.address = address;
+    options.timeout = absl::Minutes(2);
+    if (!certs.empty()) {
+      options.ca_file = certs + "/ca.crt";
+      options.cert_file = certs + "/bench.crt";
+      options.key_file = certs + "/bench.key";
+    }
+    absl::StatusOr<std::unique_ptr<KvCacheClient>> client =
+        KvCacheClient::Connect(options);
+    if (!client.ok()) return client.status();
+    return std::make_unique<KvCacheConnection>(std::move(*client));
+  };
+  const std::string plaintext_address = plaintext->address();
+  const std::string tls_address = tls->address();
+  const Store stores[] = {
+      {"kvcache plaintext", [&] { return connect_to(plaintext_address, ""); }},
+      {"kvcache mTLS", [&] { return connect_to(tls_address, certs); }},
+  };
+  std::printf(
+      "## Put/Get over loopback: plaintext against mutual TLS\n\n"
+      "%llu MiB per case (%llu MiB for 256 KiB chunks) in %d rounds, the two "
+      "nodes alternating; random payloads, one client per thread.\n\n"
+      "| chunk | clients | store | put GB/s | put p50 ms | put p99 ms | "
+      "get GB/s | get p50 ms | get p99 ms |\n"
+      "|---|---:|---|---:|---:|---:|---:|---:|---:|\n",
+      static_cast<unsigned long long>(flags.case_mib),
+      static_cast<unsigned long long>(flags.case_mib / 4), flags.rounds);
+  std::fflush(stdout);
+  absl::Status status =
+      CompareStores(stores, chunk_sizes, {1, 8}, flags, payloads, case_bytes);
+  std::printf("\n");
+  std::filesystem::remove_all(certs);
+  return status;
+}
+
 std::string LoadAverage() {
   std::string one, five, fifteen;
   std::ifstream("/proc/loadavg") >> one >> five >> fifteen;
@@ -639,8 +727,14 @@ int Run(int argc, char** argv) {
               std::thread::hardware_concurrency(), LoadAverage().c_str());
   std::fflush(stdout);
   absl::Status status;
-  if (flags.part != "nvme") status = RunStoreComparison(flags);
-  if (status.ok() && flags.part != "store") status = RunNvmeComparison(flags);
+  if (flags.part == "tls") {
+    status = RunTlsComparison(flags);
+  } else {
+    if (flags.part != "nvme") status = RunStoreComparison(flags);
+    if (status.ok() && flags.part != "store") {
+      status = RunNvmeComparison(flags);
+    }
+  }
   std::printf("load average %s at end\n", LoadAverage().c_str());
   if (!status.ok()) {
     std::fprintf(stderr, "kvstore_bench: %s\n", status.ToString().c_str());
