@@ -80,6 +80,7 @@ void TenantLimits::Leave() {
 Caller::Caller(Caller&& other) noexcept
     : name_(std::move(other.name_)),
       key_namespace_(std::move(other.key_namespace_)),
+      roles_(other.roles_),
       limits_(std::exchange(other.limits_, nullptr)) {}
 
 Caller::~Caller() {
@@ -163,7 +164,9 @@ const AccessControl::Identity* AccessControl::Identify(
 
 absl::StatusOr<Caller> AccessControl::Admit(const grpc::ServerContext& context,
                                             uint32_t roles) {
-  if (!enabled_) return Caller("", "", nullptr);
+  if (!enabled_) {
+    return Caller("", "", kTenantRole | kAdminRole | kPeerRole, nullptr);
+  }
   bool had_credentials = false;
   const Identity* identity = Identify(context, &had_credentials);
   if (identity == nullptr) {
@@ -179,8 +182,12 @@ absl::StatusOr<Caller> AccessControl::Admit(const grpc::ServerContext& context,
             ? "this call is for admins"
             : "this call is not open to this caller's role");
   }
-  if (identity->roles & kPeerRole) return Caller("peer", "", nullptr);
-  if (identity->roles & kAdminRole) return Caller("admin", "", nullptr);
+  if (identity->roles & kPeerRole) {
+    return Caller("peer", "", kPeerRole, nullptr);
+  }
+  if (identity->roles & kAdminRole) {
+    return Caller("admin", "", kAdminRole, nullptr);
+  }
 
   const Tenant& tenant = tenants_[identity->tenant];
   const std::string& name = tenant.config->name();
@@ -199,7 +206,8 @@ absl::StatusOr<Caller> AccessControl::Admit(const grpc::ServerContext& context,
   if (absl::Status s = tenant.limits->Enter(name, absl::Now()); !s.ok()) {
     return s;
   }
-  return Caller(name, std::move(key_namespace), tenant.limits.get());
+  return Caller(name, std::move(key_namespace), kTenantRole,
+                tenant.limits.get());
 }
 
 bool AccessControl::MetricsAuthorized(absl::string_view authorization) const {

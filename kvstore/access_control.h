@@ -79,15 +79,21 @@ class Caller {
   std::string Stored(absl::string_view key) const {
     return cluster::StoredKey(key_namespace_, key);
   }
+  // Whether the caller acts in `role`. On an open node every caller acts in
+  // every role.
+  bool Has(Role role) const { return (roles_ & role) != 0; }
 
  private:
   friend class AccessControl;
-  Caller(std::string name, std::string key_namespace, TenantLimits* limits)
+  Caller(std::string name, std::string key_namespace, uint32_t roles,
+         TenantLimits* limits)
       : name_(std::move(name)),
         key_namespace_(std::move(key_namespace)),
+        roles_(roles),
         limits_(limits) {}
   std::string name_;
   std::string key_namespace_;
+  uint32_t roles_;
   TenantLimits* limits_;  // null: no per-tenant limits to release
 };
 

@@ -8,6 +8,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "codec/codec.h"
@@ -127,6 +128,27 @@ uint64_t SharedBytes(const TieredStore& store) {
          (store.gpu_arena() ? store.gpu_arena()->capacity_bytes() : 0);
 }
 
+// A chunk's owner is the tenant that stores it; only a peer copying a chunk
+// names its owner, and then as a tenant name (it ends up in metrics labels).
+grpc::Status CheckOwner(const v1::PutHeader& header, const Caller& caller) {
+  const std::string& owner = header.owner();
+  if (owner.empty()) return grpc::Status::OK;
+  if (!caller.Has(kPeerRole)) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        "only peers may set put header owner; a tenant's "
+                        "chunks are its own");
+  }
+  const bool is_name =
+      owner.size() <= 128 &&
+      std::all_of(owner.begin(), owner.end(), [](char c) {
+        return absl::ascii_isalnum(c) || c == '-' || c == '_' || c == '.';
+      });
+  return is_name ? grpc::Status::OK
+                 : InvalidArgument(
+                       "put header owner is not a tenant name (letters, "
+                       "digits, '-', '_', '.'; at most 128)");
+}
+
 absl::Duration CappedTtl(uint64_t ttl_ms, const v1::LimitsConfig& limits) {
   return std::min(absl::Milliseconds(ttl_ms),
                   absl::Seconds(limits.max_pin_ttl_seconds()));
@@ -233,6 +255,11 @@ absl::StatusOr<std::unique_ptr<NodeState>> NodeState::Create(
   options.gpu_capacity_bytes = config.gpu_tier().capacity_bytes();
   options.gpu_device = static_cast<int>(config.gpu_tier().device());
   options.gpu_max_admit_percent = config.gpu_tier().max_admit_percent();
+  for (const v1::TenantConfig& tenant : config.access().tenants()) {
+    options.quotas[tenant.name()] =
+        TierQuotas{tenant.gpu_quota_bytes(), tenant.cpu_quota_bytes(),
+                   tenant.nvme_quota_bytes()};
+  }
   absl::StatusOr<std::unique_ptr<TieredStore>> store =
       TieredStore::Open(options);
   if (!store.ok()) return store.status();
@@ -371,6 +398,9 @@ grpc::Status KvCacheService::Put(grpc::ServerContext* context,
         return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                             "node is draining and accepts no new chunks");
       }
+      if (grpc::Status s = CheckOwner(request.header(), *caller); !s.ok()) {
+        return s;
+      }
       if (grpc::Status s = chunk.Start(request.header(), limits); !s.ok()) {
         if (s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
           node_.refused_puts.fetch_add(1, std::memory_order_relaxed);
@@ -401,7 +431,8 @@ grpc::Status KvCacheService::Put(grpc::ServerContext* context,
     absl::StatusOr<PutOutcome> stored = node_.store().Put(
         caller->Stored(header.key()), std::move(bytes), crc,
         CappedTtl(header.pin_ttl_ms(), limits), parent_key,
-        header.replace() ? PutMode::kReplace : PutMode::kKeepExisting);
+        header.replace() ? PutMode::kReplace : PutMode::kKeepExisting,
+        caller->Has(kPeerRole) ? header.owner() : caller->name());
     reservation.Reset();
     if (!stored.ok()) return ToGrpcStatus(stored.status());
     // Storing may take a while (a durable NVMe write); the client was not
@@ -818,6 +849,13 @@ grpc::Status AdminService::GetTierUsage(grpc::ServerContext* context,
     tier->set_read_p99_us(counters.read_latency.QuantileMicros(0.99));
     tier->set_write_p50_us(counters.write_latency.QuantileMicros(0.5));
     tier->set_write_p99_us(counters.write_latency.QuantileMicros(0.99));
+    for (const OwnerUsage& owner : report.usage.owners) {
+      v1::TenantTierUsage* tenant = tier->add_tenants();
+      tenant->set_tenant(owner.owner);
+      tenant->set_used_bytes(owner.used_bytes);
+      tenant->set_quota_bytes(owner.quota_bytes);
+      tenant->set_chunks(owner.chunks);
+    }
   }
   return grpc::Status::OK;
 }

@@ -122,6 +122,7 @@ absl::StatusOr<size_t> PeerClient::Copy(const std::string& address,
     header.set_crc32c(chunk.crc32c);
     header.set_pin_ttl_ms(pin_ms);
     header.set_parent_key(chunk.parent_key);
+    header.set_owner(chunk.owner);
     if (!transfer::WritePutChunk(*writer, header, chunk.bytes(),
                                  transfer::kDefaultPieceBytes)) {
       break;  // Finish says why

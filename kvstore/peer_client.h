@@ -58,8 +58,8 @@ class PeerClient {
                                           const std::vector<std::string>& keys);
 
   // Copies the chunks under `keys` from `store` to the peer, keeping their
-  // pins. Keys the store no longer holds are skipped. Returns how many were
-  // copied; on error some before the failing one may have been.
+  // pins and owners. Keys the store no longer holds are skipped. Returns how
+  // many were copied; on error some before the failing one may have been.
   absl::StatusOr<size_t> Copy(const std::string& address,
                               const std::vector<std::string>& keys,
                               TieredStore& store);

@@ -64,6 +64,35 @@ void Histogram(std::string& out, const std::vector<TierReport>& tiers,
   }
 }
 
+// A label value as the text format spells it. Tenant names need no escape,
+// but an owner read back from a damaged index could hold anything.
+std::string LabelValue(absl::string_view value) {
+  std::string out;
+  for (char c : value) {
+    if (c == '\\' || c == '"') out.push_back('\\');
+    if (c == '\n') {
+      out += "\\n";
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+// One metric family with a sample per tenant and tier.
+void PerTenant(std::string& out, const std::vector<TierReport>& tiers,
+               absl::string_view name, absl::string_view help,
+               uint64_t (*value)(const OwnerUsage& owner)) {
+  Family(out, name, "gauge", help);
+  for (const TierReport& tier : tiers) {
+    for (const OwnerUsage& owner : tier.usage.owners) {
+      absl::StrAppend(&out, name, "{tenant=\"", LabelValue(owner.owner),
+                      "\",tier=\"", TierLabel(tier.tier), "\"} ", value(owner),
+                      "\n");
+    }
+  }
+}
+
 uint64_t Load(const std::atomic<uint64_t>& counter) {
   return counter.load(std::memory_order_relaxed);
 }
@@ -130,6 +159,16 @@ std::string RenderPrometheusMetrics(NodeState& node) {
   PerTier(out, tiers, "kvcache_tier_corrupt_chunks_total", "counter",
           "Chunks found damaged and dropped",
           [](const TierReport& t) { return t.usage.corrupt_chunks; });
+  PerTenant(out, tiers, "kvcache_tenant_used_bytes",
+            "Bytes of a tenant's chunk data held in the tier",
+            [](const OwnerUsage& o) { return o.used_bytes; });
+  PerTenant(out, tiers, "kvcache_tenant_quota_bytes",
+            "Most bytes of the tenant's chunks the tier may hold "
+            "(access.tenants.*_quota_bytes; 0: no quota)",
+            [](const OwnerUsage& o) { return o.quota_bytes; });
+  PerTenant(out, tiers, "kvcache_tenant_chunks",
+            "Chunks of the tenant held in the tier",
+            [](const OwnerUsage& o) { return o.chunks; });
   Histogram(out, tiers, "kvcache_tier_read_seconds",
             "Time to read one chunk from the tier",
             [](const TierReport& t) -> const LatencyHistogram& {
