@@ -108,7 +108,9 @@ class NvmeTier {
   // `owner` (empty: none) owns the chunk: if it has a quota here, its own
   // least recently used unpinned chunks go first until the chunk fits it;
   // RESOURCE_EXHAUSTED naming the quota, with nothing evicted, if its
-  // pinned chunks leave no room in the quota.
+  // pinned chunks leave no room in the quota. Puts of one owner running at
+  // once may each make room for themselves only, leaving it over its quota
+  // by the chunks that were in flight until its next put trims it back.
   absl::Status Put(absl::string_view key, absl::string_view bytes,
                    uint32_t crc32c, absl::Time pin_expiry,
                    absl::string_view parent_key = {},
