@@ -25,6 +25,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   redis-server libhiredis-dev fio
   etcd-server etcd-client iproute2 python3-yaml
+  openssl  # deploy/make_certs.sh makes the TLS tests' certificates
   pybind11-dev python3-dev python3-numpy python3-venv
   libopenblas-dev libpcre2-dev python3.11-doc
 )
