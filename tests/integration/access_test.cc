@@ -19,12 +19,15 @@
 #include "kvcache/v1/kvcache.grpc.pb.h"
 #include "kvstore/access_control.h"
 #include "tests/testing/daemon_process.h"
+#include "tests/testing/tenant_access.h"
 
 namespace kvcache {
 namespace {
 
 using ::kvcache::kvstore::Sha256Hex;
 using ::kvcache::testing::DaemonProcess;
+using ::kvcache::testing::TenantEntry;
+using ::kvcache::testing::TokenCaller;
 
 constexpr char kDaemon[] = "kvstore/kvcached";
 constexpr char kAlice[] = "alice-token-0123456789";
@@ -34,18 +37,13 @@ constexpr char kAdmin[] = "admin-token-0123456789";
 constexpr char kLimited[] = "limited-token-0123456789";
 
 std::string AccessConfig() {
-  auto tenant = [](const std::string& name, const std::string& token,
-                   const std::string& extra) {
-    return absl::StrCat("tenants { name: \"", name, "\" token_sha256: \"",
-                        Sha256Hex(token), "\" ", extra, " } ");
-  };
   return absl::StrCat(
       "--set=access { ",
-      tenant("alice", kAlice, "shared_namespaces: \"public\""),
-      tenant("bob", kBob, "shared_namespaces: \"public\""),
-      tenant("carol", kCarol, ""),
-      tenant("limited", kLimited,
-             "max_concurrent_calls: 2 max_requests_per_second: 5"),
+      TenantEntry("alice", kAlice, "shared_namespaces: \"public\""),
+      TenantEntry("bob", kBob, "shared_namespaces: \"public\""),
+      TenantEntry("carol", kCarol),
+      TenantEntry("limited", kLimited,
+                  "max_concurrent_calls: 2 max_requests_per_second: 5"),
       "admin_token_sha256: \"", Sha256Hex(kAdmin), "\" }");
 }
 
@@ -53,36 +51,17 @@ std::string Key(const std::string& name) {
   return std::string(ContentKey(name).AsBytes());
 }
 
-// One authenticated caller: its token (none if empty) and, optionally, a
-// shared namespace, on every call.
-class Caller {
+// One authenticated caller, with the calls the tests below make.
+class Caller : public TokenCaller {
  public:
-  Caller(const DaemonProcess& daemon, std::string token,
-         std::string name_space = "")
-      : token_(std::move(token)), name_space_(std::move(name_space)) {
-    grpc::ChannelArguments args;
-    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    channel_ = grpc::CreateCustomChannel(
-        daemon.address(), grpc::InsecureChannelCredentials(), args);
-    data_ = v1::KvCache::NewStub(channel_);
-    admin_ = v1::Admin::NewStub(channel_);
-  }
-
-  void Prepare(grpc::ClientContext& context) const {
-    if (!token_.empty()) {
-      context.AddMetadata("authorization", "Bearer " + token_);
-    }
-    if (!name_space_.empty()) {
-      context.AddMetadata("x-kvcache-namespace", name_space_);
-    }
-  }
+  using TokenCaller::TokenCaller;
 
   grpc::Status Put(const std::string& key, const std::string& bytes,
                    v1::PutResponse* response = nullptr) {
     grpc::ClientContext context;
     Prepare(context);
     v1::PutResponse ignored;
-    auto writer = data_->Put(&context, response ? response : &ignored);
+    auto writer = data().Put(&context, response ? response : &ignored);
     v1::PutRequest header;
     header.mutable_header()->set_key(key);
     header.mutable_header()->set_size_bytes(bytes.size());
@@ -100,7 +79,7 @@ class Caller {
     Prepare(context);
     v1::GetRequest request;
     request.add_keys(key);
-    auto reader = data_->Get(&context, request);
+    auto reader = data().Get(&context, request);
     v1::GetResponse message;
     bytes->clear();
     while (reader->Read(&message)) {
@@ -118,20 +97,10 @@ class Caller {
     grpc::ClientContext context;
     Prepare(context);
     Response response;
-    const grpc::Status s = ((*data_).*call)(&context, request, &response);
+    const grpc::Status s = (data().*call)(&context, request, &response);
     return absl::StrCat(s.error_code(), " ", s.error_message(), " | ",
                         response.ShortDebugString());
   }
-
-  v1::KvCache::Stub& data() { return *data_; }
-  v1::Admin::Stub& admin() { return *admin_; }
-
- private:
-  std::string token_;
-  std::string name_space_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::KvCache::Stub> data_;
-  std::unique_ptr<v1::Admin::Stub> admin_;
 };
 
 class AccessTest : public ::testing::Test {

@@ -20,12 +20,15 @@
 #include "kvcache/v1/kvcache.grpc.pb.h"
 #include "kvstore/access_control.h"
 #include "tests/testing/daemon_process.h"
+#include "tests/testing/tenant_access.h"
 
 namespace kvcache {
 namespace {
 
 using ::kvcache::kvstore::Sha256Hex;
 using ::kvcache::testing::DaemonProcess;
+using ::kvcache::testing::TenantEntry;
+using ::kvcache::testing::TokenCaller;
 
 constexpr char kDaemon[] = "kvstore/kvcached";
 constexpr char kAlice[] = "alice-token-0123456789";
@@ -42,9 +45,8 @@ constexpr uint64_t kQuota = 1 << 20;  // 16 chunks
 std::vector<std::string> Flags() {
   auto tenant = [](const std::string& name, const std::string& token,
                    uint64_t cpu_quota) {
-    return absl::StrCat("tenants { name: \"", name, "\" token_sha256: \"",
-                        Sha256Hex(token), "\" cpu_quota_bytes: ", cpu_quota,
-                        " } ");
+    return TenantEntry(name, token,
+                       absl::StrCat("cpu_quota_bytes: ", cpu_quota));
   };
   return {absl::StrCat("--set=access { ", tenant("alice", kAlice, kQuota),
                        tenant("bob", kBob, kQuota), tenant("carol", kCarol, 0),
@@ -70,21 +72,9 @@ std::string ChunkBytes(const std::string& name) {
   return bytes;
 }
 
-class Tenant {
+class Tenant : public TokenCaller {
  public:
-  Tenant(const DaemonProcess& daemon, std::string token)
-      : token_(std::move(token)) {
-    grpc::ChannelArguments args;
-    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    auto channel = grpc::CreateCustomChannel(
-        daemon.address(), grpc::InsecureChannelCredentials(), args);
-    data_ = v1::KvCache::NewStub(channel);
-    admin_ = v1::Admin::NewStub(channel);
-  }
-
-  void Prepare(grpc::ClientContext& context) const {
-    context.AddMetadata("authorization", "Bearer " + token_);
-  }
+  using TokenCaller::TokenCaller;
 
   // Stores the chunks named `names` in one stream; `owner` goes in every
   // header.
@@ -93,7 +83,7 @@ class Tenant {
     grpc::ClientContext context;
     Prepare(context);
     v1::PutResponse response;
-    auto writer = data_->Put(&context, &response);
+    auto writer = data().Put(&context, &response);
     for (const std::string& name : names) {
       const std::string bytes = ChunkBytes(name);
       v1::PutRequest header;
@@ -116,7 +106,7 @@ class Tenant {
     Prepare(context);
     v1::GetRequest request;
     for (const std::string& name : names) request.add_keys(Key(name));
-    auto reader = data_->Get(&context, request);
+    auto reader = data().Get(&context, request);
     v1::GetResponse message;
     std::vector<std::string> got;
     while (reader->Read(&message)) {
@@ -136,17 +126,12 @@ class Tenant {
     Prepare(context);
     v1::TierUsageResponse response;
     const grpc::Status s =
-        admin_->GetTierUsage(&context, v1::TierUsageRequest(), &response);
+        admin().GetTierUsage(&context, v1::TierUsageRequest(), &response);
     for (const v1::TierUsage& tier : response.tiers()) {
       if (tier.tier() == v1::TIER_CPU) *cpu = tier;
     }
     return s;
   }
-
- private:
-  std::string token_;
-  std::unique_ptr<v1::KvCache::Stub> data_;
-  std::unique_ptr<v1::Admin::Stub> admin_;
 };
 
 std::vector<std::string> Names(const std::string& prefix, int from, int to) {
