@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cluster/placement.h"
+#include "cluster/stored_key.h"
 #include "transfer/tls_credentials.h"
 
 namespace kvcache {
@@ -138,7 +139,37 @@ absl::StatusOr<std::unique_ptr<ClusterClient>> ClusterClient::Connect(
         absl::StrCat("cluster '", options.cluster_name,
                      "' has no nodes registered in etcd"));
   }
+  if (absl::Status s = client->LearnKeyNamespace(); !s.ok()) return s;
   return client;
+}
+
+absl::Status ClusterClient::LearnKeyNamespace() {
+  // Every node of a cluster has the same access section, so any one that
+  // answers says where this caller's keys are stored.
+  absl::Status last = absl::UnavailableError("no node answered");
+  for (const NodeRecord& node : Membership()->nodes) {
+    absl::StatusOr<KvCacheClient*> client = Node(node);
+    if (!client.ok()) {
+      last = client.status();
+      continue;
+    }
+    absl::StatusOr<v1::NodeInfoResponse> info = (*client)->NodeInfo();
+    if (info.ok()) {
+      key_namespace_ = info->key_namespace();
+      return absl::OkStatus();
+    }
+    last = info.status();
+    // Wrong credentials are as wrong on every other node.
+    if (absl::IsUnauthenticated(last) || absl::IsPermissionDenied(last)) break;
+  }
+  return absl::Status(
+      last.code(), absl::StrCat("cannot learn this caller's key namespace "
+                                "from any node of cluster '",
+                                options_.cluster_name, "': ", last.message()));
+}
+
+std::string ClusterClient::PlacementKey(const ChunkKey& key) const {
+  return cluster::StoredKey(key_namespace_, key.AsBytes());
 }
 
 absl::StatusOr<KvCacheClient*> ClusterClient::Node(const NodeRecord& node) {
@@ -171,7 +202,7 @@ absl::StatusOr<LookupResult> ClusterClient::Lookup(
   const Placement placement(membership->nodes, options_.replication_factor);
   std::vector<NodeShare> shares;
   for (size_t i = 0; i < keys.size(); ++i) {
-    for (const NodeRecord* node : placement.Replicas(keys[i].AsBytes())) {
+    for (const NodeRecord* node : placement.Replicas(PlacementKey(keys[i]))) {
       AddToShare(shares, node, i);
     }
   }
@@ -214,7 +245,7 @@ absl::Status ClusterClient::Put(absl::Span<const ChunkToPut> chunks,
   std::vector<NodeShare> shares;
   for (size_t i = 0; i < chunks.size(); ++i) {
     const std::vector<const NodeRecord*> replicas =
-        placement.Replicas(chunks[i].key.AsBytes());
+        placement.Replicas(PlacementKey(chunks[i].key));
     if (replicas.empty()) {
       return absl::FailedPreconditionError(
           absl::StrCat("no node of cluster '", options_.cluster_name,
@@ -256,7 +287,7 @@ absl::StatusOr<std::vector<FetchedChunk>> ClusterClient::Get(
   const Placement placement(membership->nodes, options_.replication_factor);
   std::vector<std::vector<const NodeRecord*>> order(keys.size());
   for (size_t i = 0; i < keys.size(); ++i) {
-    order[i] = placement.ReadOrder(keys[i].AsBytes());
+    order[i] = placement.ReadOrder(PlacementKey(keys[i]));
   }
   std::vector<std::optional<FetchedChunk>> fetched(keys.size());
   std::vector<std::vector<std::string>> failures(keys.size());

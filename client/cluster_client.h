@@ -93,8 +93,15 @@ class ClusterClient : public ChunkStore {
   ClusterClient(const ClusterClientOptions& options,
                 std::shared_ptr<grpc::ChannelCredentials> etcd_credentials);
 
+  // Asks a node which namespace this caller's keys are stored in.
+  absl::Status LearnKeyNamespace();
+  // What nodes place a chunk by: its stored key (cluster/stored_key.h).
+  std::string PlacementKey(const ChunkKey& key) const;
+
   const ClusterClientOptions options_;
   std::unique_ptr<cluster::MembershipView> membership_;
+  // Set once by Connect.
+  std::string key_namespace_;
   absl::Mutex mu_;
   // By address.
   absl::flat_hash_map<std::string, std::unique_ptr<KvCacheClient>> nodes_

@@ -165,6 +165,9 @@ std::unique_ptr<grpc::ClientContext> KvCacheClient::NewContext() const {
   if (!authorization_.empty()) {
     context->AddMetadata("authorization", authorization_);
   }
+  if (!options_.key_namespace.empty()) {
+    context->AddMetadata("x-kvcache-namespace", options_.key_namespace);
+  }
   return context;
 }
 

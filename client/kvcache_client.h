@@ -62,6 +62,10 @@ struct ClientOptions {
   // Connect; a trailing newline is dropped). At most one of the two.
   std::string token;
   std::string token_file;
+  // A shared namespace (e.g. "public") this client's keys live in, on a
+  // node whose access section grants it to the caller's tenant; empty: the
+  // tenant's own namespace.
+  std::string key_namespace;
 };
 
 class KvCacheClient : public ChunkStore {

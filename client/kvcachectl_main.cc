@@ -66,6 +66,8 @@ credentials (for every command that talks to a node):
   --token_file=FILE              bearer token sent with every call; or set
                                  KVCACHE_TOKEN (--token=TOKEN also works,
                                  but shows the token to other local users)
+  --namespace=NAME               a shared namespace the tenant was granted
+                                 (default: the tenant's own)
 )";
 
 struct Args {
@@ -312,6 +314,7 @@ void SetCredentials(const Args& args, ClientOptions& options) {
   options.key_file = args.Flag("key", "");
   options.server_name = args.Flag("server_name", "");
   options.token_file = args.Flag("token_file", "");
+  options.key_namespace = args.Flag("namespace", "");
   const char* from_environment = std::getenv("KVCACHE_TOKEN");
   options.token = args.Flag(
       "token", options.token_file.empty() && from_environment != nullptr

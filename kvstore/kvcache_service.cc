@@ -401,6 +401,17 @@ grpc::Status KvCacheService::Put(grpc::ServerContext* context,
       if (grpc::Status s = CheckOwner(request.header(), *caller); !s.ok()) {
         return s;
       }
+      const std::string& owner =
+          caller->Has(kPeerRole) ? request.header().owner() : caller->name();
+      if (request.header().size_bytes() >
+          node_.store().LargestChunkFor(owner)) {
+        return grpc::Status(
+            grpc::StatusCode::RESOURCE_EXHAUSTED,
+            absl::StrCat("a chunk of ", request.header().size_bytes(),
+                         " bytes is over every tier quota of tenant ", owner,
+                         " (gpu_quota_bytes, cpu_quota_bytes, "
+                         "nvme_quota_bytes); nothing was buffered"));
+      }
       if (grpc::Status s = chunk.Start(request.header(), limits); !s.ok()) {
         if (s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
           node_.refused_puts.fetch_add(1, std::memory_order_relaxed);

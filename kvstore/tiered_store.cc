@@ -497,6 +497,22 @@ absl::Status TieredStore::Flush() {
   return first_error;
 }
 
+uint64_t TieredStore::LargestChunkFor(const std::string& owner) const {
+  auto quotas = options_.quotas.find(owner);
+  if (quotas == options_.quotas.end()) return UINT64_MAX;
+  const TierQuotas& q = quotas->second;
+  const std::pair<bool, uint64_t> tiers[] = {{gpu_ != nullptr, q.gpu_bytes},
+                                             {true, q.cpu_bytes},
+                                             {nvme_ != nullptr, q.nvme_bytes}};
+  uint64_t largest = 0;
+  for (const auto& [present, quota] : tiers) {
+    if (!present) continue;
+    if (quota == 0) return UINT64_MAX;
+    largest = std::max(largest, quota);
+  }
+  return largest;
+}
+
 uint64_t TieredStore::chunks() const {
   uint64_t count = nvme_ ? nvme_->Usage().chunks : 0;
   for (const std::string& key : cpu_->Keys()) {

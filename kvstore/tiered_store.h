@@ -183,6 +183,10 @@ class TieredStore {
 
   // Distinct chunks held (a chunk in two tiers counts once).
   uint64_t chunks() const;
+  // The largest chunk `owner`'s quotas let some tier of this store take
+  // (UINT64_MAX where a present tier has no quota for it), so a Put can be
+  // refused before its bytes are buffered.
+  uint64_t LargestChunkFor(const std::string& owner) const;
   // The keys of those chunks, a snapshot in no particular order.
   std::vector<std::string> Keys() const;
   std::vector<TierReport> Report() const;

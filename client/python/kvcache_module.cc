@@ -971,7 +971,8 @@ ClientOptions OptionsOf(const std::string& address, double timeout_s,
                         const std::optional<std::string>& key_file,
                         const std::optional<std::string>& server_name,
                         const std::optional<std::string>& token,
-                        const std::optional<std::string>& token_file) {
+                        const std::optional<std::string>& token_file,
+                        const std::optional<std::string>& key_namespace) {
   ClientOptions options;
   options.address = address;
   options.timeout = Seconds(timeout_s);
@@ -982,6 +983,7 @@ ClientOptions OptionsOf(const std::string& address, double timeout_s,
   options.server_name = server_name.value_or("");
   options.token = token.value_or("");
   options.token_file = token_file.value_or("");
+  options.key_namespace = key_namespace.value_or("");
   return options;
 }
 
@@ -1339,10 +1341,11 @@ void DefineModule(py::module_& m) {
                        const std::optional<std::string>& key_file,
                        const std::optional<std::string>& server_name,
                        const std::optional<std::string>& token,
-                       const std::optional<std::string>& token_file) {
+                       const std::optional<std::string>& token_file,
+                       const std::optional<std::string>& key_namespace) {
              return std::make_unique<Client>(OptionsOf(
                  address, timeout_s, connect_timeout_s, ca_file, cert_file,
-                 key_file, server_name, token, token_file));
+                 key_file, server_name, token, token_file, key_namespace));
            }),
            py::arg("address") = "127.0.0.1:50051", py::arg("timeout_s") = 30.0,
            py::arg("connect_timeout_s") = 5.0, py::kw_only(),
@@ -1350,6 +1353,7 @@ void DefineModule(py::module_& m) {
            py::arg("key_file") = py::none(),
            py::arg("server_name") = py::none(), py::arg("token") = py::none(),
            py::arg("token_file") = py::none(),
+           py::arg("key_namespace") = py::none(),
            "Connects and waits until the daemon answers; raises "
            "UnavailableError if it does not within connect_timeout_s\n"
            "(saying so when the TLS handshake is what failed).\n"
@@ -1358,7 +1362,8 @@ void DefineModule(py::module_& m) {
            "TLS; server_name is the name the node's certificate\nmust carry "
            "if not the host in address. token (or token_file, read once) is "
            "sent with\nevery call as a bearer token. A credential file that "
-           "cannot be used raises an error\nnaming it.")
+           "cannot be used raises an error\nnaming it. key_namespace names "
+           "a shared namespace the tenant was granted.")
       .def("lookup", &Client::Lookup, py::arg("keys"),
            "The longest cached prefix of `keys`: {'prefix_chunks': n, "
            "'chunks': [{'size_bytes', 'tier', 'pinned'}, ...]}.")

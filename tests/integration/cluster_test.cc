@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <random>
@@ -23,9 +24,11 @@
 #include "client/cluster_client.h"
 #include "client/kvcache_client.h"
 #include "cluster/placement.h"
+#include "cluster/stored_key.h"
 #include "tests/testing/daemon_process.h"
 #include "tests/testing/etcd_process.h"
 #include "tests/testing/network_namespace.h"
+#include "tests/testing/tenant_access.h"
 
 namespace kvcache {
 namespace {
@@ -103,7 +106,8 @@ class ClusterTest : public ::testing::Test {
          absl::StrCat("--set=cluster { etcd_endpoints: \"", etcd_->endpoint(),
                       "\" cluster_name: \"", kCluster,
                       "\" lease_ttl_seconds: 2 replication_factor: 2 "
-                      "membership_poll_ms: 100 repair_interval_seconds: 2 }")},
+                      "membership_poll_ms: 100 repair_interval_seconds: 2 }"),
+         node_access_},
         options);
     ASSERT_TRUE(daemon.ok()) << daemon.status();
     nodes_.emplace(id, std::make_unique<DaemonProcess>(std::move(*daemon)));
@@ -119,6 +123,7 @@ class ClusterTest : public ::testing::Test {
     // A call to a node that is cut off hangs until its deadline before the
     // client turns to another replica; workers want that in seconds.
     options.node.timeout = absl::Seconds(5);
+    options.node.token = token_;
     absl::StatusOr<std::unique_ptr<ClusterClient>> client;
     WaitFor(
         [&] {
@@ -189,10 +194,12 @@ class ClusterTest : public ::testing::Test {
     for (const auto& [id, daemon] : nodes_) {
       // A node cut off from the network is skipped within seconds (its
       // channel may share a connection made before it was cut off).
-      auto client =
-          KvCacheClient::Connect({.address = daemon->address(),
-                                  .timeout = absl::Seconds(3),
-                                  .connect_timeout = absl::Seconds(1)});
+      ClientOptions options;
+      options.address = daemon->address();
+      options.timeout = absl::Seconds(3);
+      options.connect_timeout = absl::Seconds(1);
+      options.token = token_;
+      auto client = KvCacheClient::Connect(options);
       if (!client.ok()) continue;
       auto infos = (*client)->LookupEach(keys);
       if (!infos.ok()) continue;
@@ -214,7 +221,9 @@ class ClusterTest : public ::testing::Test {
     for (const Prompt& prompt : prompts) {
       for (const ChunkKey& key : prompt.keys) {
         std::vector<std::string> want, have;
-        for (const auto* node : placement.Replicas(key.AsBytes())) {
+        const std::string stored =
+            cluster::StoredKey(key_namespace_, key.AsBytes());
+        for (const auto* node : placement.Replicas(stored)) {
           want.push_back(node->node_id);
         }
         for (const auto& [id, bits] : held) {
@@ -290,6 +299,11 @@ class ClusterTest : public ::testing::Test {
   std::unique_ptr<NetworkNamespace> netns_;
   std::unique_ptr<EtcdProcess> etcd_;
   std::map<std::string, std::unique_ptr<DaemonProcess>> nodes_;
+  // On nodes with tenants: the access flag every node starts with, the
+  // token the test's clients send, and the namespace their keys live in.
+  std::string node_access_ = "--set=access {}";
+  std::string token_;
+  std::string key_namespace_;
 };
 
 // Runs node n2 on a host of its own (a network namespace) that the test can
@@ -322,6 +336,35 @@ TEST_F(ClusterTest, NodeKilledWithSigkillLosesNoPrefix) {
   ASSERT_TRUE(WaitForMembers(*client, "n1,n3"));
   EXPECT_EQ(FetchAll(*client, prompts), "");
   // The survivors copy what n2 held so every chunk has two copies again.
+  EXPECT_TRUE(WaitFor([&] { return ExactlyOnReplicas(*client, prompts); },
+                      absl::Seconds(20)));
+}
+
+// With tenants, nodes place and repair a chunk by its stored key: the
+// tenant's cluster client must place by it too, and peers must show the
+// node their own credentials to copy chunks.
+TEST_F(ClusterTest, TenantChunksArePlacedAndRepairedByStoredKey) {
+  const std::string peer_token_file =
+      absl::StrCat(getenv("TEST_TMPDIR"), "/peer-token");
+  std::ofstream(peer_token_file) << "peer-token-0123456789";
+  token_ = "alice-token-0123456789";
+  key_namespace_ = "tenant/alice";
+  node_access_ = absl::StrCat(
+      "--set=access { ", testing::TenantEntry("alice", token_),
+      "peer_token_sha256: \"", kvstore::Sha256Hex("peer-token-0123456789"),
+      "\" peer_token_file: \"", peer_token_file, "\" }");
+  for (const char* id : {"n1", "n2", "n3"}) StartNode(id);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n2,n3"));
+  const std::vector<Prompt> prompts = MakePrompts(kPrompts, 5);
+  PutAll(*client, prompts);
+  EXPECT_TRUE(ExactlyOnReplicas(*client, prompts));
+  EXPECT_EQ(FetchAll(*client, prompts), "");
+
+  KillNode("n2");
+  ASSERT_TRUE(WaitForMembers(*client, "n1,n3"));
+  EXPECT_EQ(FetchAll(*client, prompts), "");
   EXPECT_TRUE(WaitFor([&] { return ExactlyOnReplicas(*client, prompts); },
                       absl::Seconds(20)));
 }

@@ -7,7 +7,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <random>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -173,6 +175,29 @@ TEST_F(EtcdClientTest, MembershipSeesJoinAndLeaveWithinMilliseconds) {
     slowest = std::max({slowest, join, leave});
   }
   EXPECT_LT(slowest, absl::Milliseconds(300));
+}
+
+// Clients come and go: a view destroyed at any point of its first read or
+// of its watch stops cleanly, while nodes keep changing.
+TEST_F(EtcdClientTest, MembershipViewsComeAndGoWhileNodesChange) {
+  MembershipOptions options;
+  options.etcd.endpoints = {etcd_->endpoint()};
+  options.cluster_name = "churn";
+  std::atomic<bool> stop{false};
+  std::thread writer([&] {
+    for (int i = 0; !stop.load(); ++i) {
+      NodeRecord record{"n", "127.0.0.1:3", false, i};
+      client_->Put(NodesPrefix("churn") + "n", record.ToJson());
+    }
+  });
+  std::mt19937 rng(3);
+  for (int i = 0; i < 60; ++i) {
+    MembershipView view(options);
+    if (i % 2 == 0) EXPECT_TRUE(view.Refresh().ok());
+    absl::SleepFor(absl::Microseconds(rng() % 20000));
+  }
+  stop.store(true);
+  writer.join();
 }
 
 // The watch reconnects: after an etcd outage the view follows changes

@@ -233,5 +233,26 @@ TEST(TenantQuotaTest, TenantCannotNameAnOwnerAndPinsCanFillItsQuota) {
   EXPECT_TRUE(alice.Put({"alice-after"}).ok());
 }
 
+TEST(TenantQuotaTest, ChunkOverEveryQuotaIsRefusedAtItsHeader) {
+  auto daemon = DaemonProcess::Start(kDaemon, Flags());
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  Tenant dave(*daemon, kDave);  // 256 KiB of CPU tier, and no other tier
+  grpc::ClientContext context;
+  dave.Prepare(context);
+  v1::PutResponse response;
+  auto writer = dave.data().Put(&context, &response);
+  v1::PutRequest header;
+  header.mutable_header()->set_key(Key("too big for dave"));
+  header.mutable_header()->set_size_bytes(kQuota);
+  ASSERT_TRUE(writer->Write(header));
+  writer->WritesDone();
+  const grpc::Status refused = writer->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.error_message().find("cpu_quota_bytes"), std::string::npos)
+      << refused.error_message();
+  // Within the quota it is stored.
+  EXPECT_TRUE(dave.Put({"small enough"}).ok());
+}
+
 }  // namespace
 }  // namespace kvcache

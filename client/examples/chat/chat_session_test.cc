@@ -361,7 +361,10 @@ TEST_F(ChatSessionTest, DamagedChunkFallsBackWithTheSequenceClean) {
       *codec::EncodeChunk(small, zeros, codec::Level::kLossless);
   const std::string garbage(1000, 'x');
   for (const std::string* bytes : {&wrong_shape, &garbage}) {
-    ASSERT_TRUE(client_->Put({{KeysFor(history)[2], *bytes}}).ok());
+    ASSERT_TRUE(client_
+                    ->Put({{KeysFor(history)[2], *bytes}},
+                          PutOptions{absl::ZeroDuration(), /*replace=*/true})
+                    .ok());
     const TurnSpec spec = SecondTurn(3, history);
     const TurnOutcome got = Run(spec, /*use_cache=*/true);
     EXPECT_TRUE(absl::IsDataLoss(got.restore.fallback)) << got.restore.fallback;
