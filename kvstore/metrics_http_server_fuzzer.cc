@@ -60,11 +60,22 @@ MetricsHttpServer& TheServer() {
 // before closing. Aborts if it neither answers nor closes in time.
 std::string Exchange(int port, absl::string_view request) {
   const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  // The server closes first, so it keeps each connection's address pair in
+  // TIME_WAIT for a minute; from one source address the ephemeral ports
+  // wrap within some 30,000 connections, and a SYN that meets its own
+  // TIME_WAIT pair waits for a retransmission (1 s, then 3 s more), which
+  // would read as a hang. Each connection comes from the next of 250
+  // loopback addresses instead.
+  static uint32_t next_source = 0;
+  sockaddr_in source{};
+  source.sin_family = AF_INET;
+  source.sin_addr.s_addr = htonl(INADDR_LOOPBACK + 1 + next_source++ % 250);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   addr.sin_port = htons(static_cast<uint16_t>(port));
   if (fd < 0 ||
+      bind(fd, reinterpret_cast<sockaddr*>(&source), sizeof(source)) != 0 ||
       connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
     Fail("cannot connect");
   }
