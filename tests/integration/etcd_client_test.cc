@@ -187,13 +187,16 @@ TEST_F(EtcdClientTest, MembershipViewsComeAndGoWhileNodesChange) {
   std::thread writer([&] {
     for (int i = 0; !stop.load(); ++i) {
       NodeRecord record{"n", "127.0.0.1:3", false, i};
-      client_->Put(NodesPrefix("churn") + "n", record.ToJson());
+      // A write lost to an overloaded etcd only means one change fewer.
+      (void)client_->Put(NodesPrefix("churn") + "n", record.ToJson());
     }
   });
   std::mt19937 rng(3);
   for (int i = 0; i < 60; ++i) {
     MembershipView view(options);
-    if (i % 2 == 0) EXPECT_TRUE(view.Refresh().ok());
+    if (i % 2 == 0) {
+      EXPECT_TRUE(view.Refresh().ok());
+    }
     absl::SleepFor(absl::Microseconds(rng() % 20000));
   }
   stop.store(true);
