@@ -13,6 +13,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "client/chunk_key.h"
@@ -178,6 +179,17 @@ absl::Status Status(KvCacheClient& client) {
         static_cast<unsigned long long>(tier.read_p99_us()),
         static_cast<unsigned long long>(tier.write_p50_us()),
         static_cast<unsigned long long>(tier.write_p99_us()));
+    for (const v1::TenantTierUsage& tenant : tier.tenants()) {
+      std::printf("          tenant %s: %.1f MiB in %llu chunks%s\n",
+                  tenant.tenant().empty() ? "(none)" : tenant.tenant().c_str(),
+                  tenant.used_bytes() / 1048576.0,
+                  static_cast<unsigned long long>(tenant.chunks()),
+                  tenant.quota_bytes() == 0
+                      ? ""
+                      : absl::StrFormat(" of a %.1f MiB quota",
+                                        tenant.quota_bytes() / 1048576.0)
+                            .c_str());
+    }
   }
   const uint64_t asked = stats->hits() + stats->misses();
   std::printf(

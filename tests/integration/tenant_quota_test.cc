@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <thread>
@@ -252,6 +253,26 @@ TEST(TenantQuotaTest, ChunkOverEveryQuotaIsRefusedAtItsHeader) {
       << refused.error_message();
   // Within the quota it is stored.
   EXPECT_TRUE(dave.Put({"small enough"}).ok());
+}
+
+TEST(TenantQuotaTest, KvcachectlStatusShowsEachTenantsUsage) {
+  auto daemon = DaemonProcess::Start(kDaemon, Flags());
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  Tenant bob(*daemon, kBob);
+  ASSERT_TRUE(bob.Put(Names("bob-", 0, 4)).ok());
+  const std::string command =
+      absl::StrCat("client/kvcachectl --addr=", daemon->address(),
+                   " --token=", kAdmin, " status 2>&1");
+  FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string out;
+  char buffer[4096];
+  while (size_t n = fread(buffer, 1, sizeof(buffer), pipe))
+    out.append(buffer, n);
+  EXPECT_EQ(pclose(pipe), 0) << out;
+  EXPECT_NE(out.find("tenant bob: 0.2 MiB in 4 chunks of a 1.0 MiB quota"),
+            std::string::npos)
+      << out;
 }
 
 }  // namespace
