@@ -203,6 +203,38 @@ void WarnIfOpenOffLoopback(const NodeState& node, const std::string& address) {
       address.c_str());
 }
 
+// Quotas that add up to more than a tier holds cannot all be honoured: a
+// tenant within its quota may then find the tier full of others' chunks
+// that are within theirs, and its chunk goes a tier down.
+void WarnIfQuotasOvercommit(const v1::DaemonConfig& config) {
+  uint64_t gpu = 0, cpu = 0, nvme = 0;
+  for (const v1::TenantConfig& tenant : config.access().tenants()) {
+    gpu += tenant.gpu_quota_bytes();
+    cpu += tenant.cpu_quota_bytes();
+    nvme += tenant.nvme_quota_bytes();
+  }
+  const v1::NvmeTierConfig& disk = config.nvme_tier();
+  const struct {
+    const char* tier;
+    uint64_t quotas;
+    uint64_t capacity;
+  } tiers[] = {
+      {"gpu", gpu, config.gpu_tier().capacity_bytes()},
+      {"cpu", cpu, config.cpu_tier().capacity_bytes()},
+      {"nvme", nvme,
+       disk.data_dir().empty() ? 0 : disk.slab_bytes() * disk.slab_count()},
+  };
+  for (const auto& t : tiers) {
+    if (t.capacity == 0 || t.quotas <= t.capacity) continue;
+    std::fprintf(stderr,
+                 "kvcached: WARNING: tenants' %s_quota_bytes add up to %llu "
+                 "bytes, more than the %s tier's %llu: a tenant within its "
+                 "quota may find that tier full\n",
+                 t.tier, static_cast<unsigned long long>(t.quotas), t.tier,
+                 static_cast<unsigned long long>(t.capacity));
+  }
+}
+
 int Run(int argc, char** argv) {
   Flags flags;
   if (!ParseFlags(argc, argv, flags)) return 2;
@@ -283,6 +315,7 @@ int Run(int argc, char** argv) {
   const std::string address = WithPort(config->listen_address(), bound_port);
   WarnIfPlaintextOffLoopback(*config, address);
   WarnIfOpenOffLoopback(node, address);
+  WarnIfQuotasOvercommit(*config);
   if (!flags.port_file.empty()) {
     // Written to a temporary name and renamed, so a reader never sees a
     // half-written port.
