@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -48,8 +49,17 @@ absl::StatusOr<DaemonProcess> DaemonProcess::Spawn(
   // Made before fork: the child of a threaded process must not allocate.
   const std::string setns_error = "setns " + network_namespace;
   const std::string exec_error = "exec " + binary;
+  const pid_t parent = getpid();
   const pid_t pid = fork();
   if (pid == 0) {
+    // A test or benchmark that dies (a failed check, exit()) takes its
+    // processes with it: left running, they would hold its ports and the
+    // pipe its output goes to. (The signal comes when the forking thread
+    // ends; every caller starts its processes from a thread that lives as
+    // long as they should.)
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent) {
+      _exit(127);
+    }
     if (netns_fd >= 0 && setns(netns_fd, CLONE_NEWNET) != 0) {
       std::perror(setns_error.c_str());
       _exit(127);
