@@ -67,6 +67,14 @@ uint64_t EvictionOrder::used(absl::string_view owner) const {
   return o == nullptr ? 0 : o->used;
 }
 
+uint64_t EvictionOrder::OverQuota(absl::string_view owner, uint64_t adding,
+                                  uint64_t replacing) const {
+  const uint64_t limit = quota(owner);
+  if (limit == 0) return 0;
+  const uint64_t held = used(owner) + adding - replacing;
+  return held > limit ? held - limit : 0;
+}
+
 bool EvictionOrder::MayEvictFor(absl::string_view owner,
                                 absl::string_view victim_owner) const {
   if (owner == victim_owner) return true;

@@ -82,6 +82,10 @@ class EvictionOrder {
   // The owner's quota in this tier (0: none) and the bytes it holds.
   uint64_t quota(absl::string_view owner) const;
   uint64_t used(absl::string_view owner) const;
+  // Bytes `owner` would hold beyond its quota with `adding` more bytes in
+  // place of `replacing` of its own; 0 if that fits or it has no quota.
+  uint64_t OverQuota(absl::string_view owner, uint64_t adding,
+                     uint64_t replacing) const;
 
   // Whether making room for a chunk of `owner` may take one of
   // `victim_owner`'s (see the order above).

@@ -46,14 +46,11 @@ uint64_t MemoryTier::ReclaimableBytes(absl::string_view replaced_key,
 
 uint64_t MemoryTier::OverQuota(absl::string_view owner, uint64_t size,
                                absl::string_view replaced_key) const {
-  const uint64_t quota = order_.quota(owner);
-  if (quota == 0) return 0;
-  uint64_t held = order_.used(owner) + size;
-  if (auto old = entries_.find(replaced_key);
-      old != entries_.end() && old->second.chunk.owner == owner) {
-    held -= old->second.chunk.size_bytes;
-  }
-  return held > quota ? held - quota : 0;
+  auto old = entries_.find(replaced_key);
+  const bool replaces_own =
+      old != entries_.end() && old->second.chunk.owner == owner;
+  return order_.OverQuota(owner, size,
+                          replaces_own ? old->second.chunk.size_bytes : 0);
 }
 
 uint64_t MemoryTier::PinnedBytes(absl::string_view owner,

@@ -271,14 +271,10 @@ absl::StatusOr<bool> NvmeTier::EvictFor(uint64_t bytes,
 
 uint64_t NvmeTier::OverQuota(absl::string_view owner, uint64_t size,
                              absl::string_view key) const {
-  const uint64_t quota = order_.quota(owner);
-  if (quota == 0) return 0;
-  uint64_t held = order_.used(owner) + size;
-  if (auto old = entries_.find(key);
-      old != entries_.end() && old->second.owner == owner) {
-    held -= old->second.size_bytes;
-  }
-  return held > quota ? held - quota : 0;
+  auto old = entries_.find(key);
+  const bool replaces_own = old != entries_.end() && old->second.owner == owner;
+  return order_.OverQuota(owner, size,
+                          replaces_own ? old->second.size_bytes : 0);
 }
 
 absl::Status NvmeTier::EvictToQuota(absl::string_view owner, uint64_t size,
