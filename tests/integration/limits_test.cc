@@ -8,13 +8,12 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
-#include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "client/chunk_key.h"
@@ -31,20 +30,11 @@ using ::kvcache::testing::DaemonProcess;
 constexpr char kDaemon[] = "kvstore/kvcached";
 constexpr uint64_t kMiB = 1 << 20;
 
-// A field of /proc/PID/status, in its own unit (kB for VmRSS).
+// A field of the daemon's /proc/PID/status, which must have it.
 uint64_t ProcStatus(pid_t pid, const std::string& field) {
-  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind(field + ":", 0) != 0) continue;
-    uint64_t value = 0;
-    std::string number = line.substr(field.size() + 1);
-    number = number.substr(0, number.find(" kB"));
-    absl::SimpleAtoi(number, &value);
-    return value;
-  }
-  ADD_FAILURE() << "no " << field << " for pid " << pid;
-  return 0;
+  const std::optional<uint64_t> value = testing::ProcStatusField(pid, field);
+  EXPECT_TRUE(value.has_value()) << "no " << field << " for pid " << pid;
+  return value.value_or(0);
 }
 
 uint64_t ResidentBytes(pid_t pid) { return ProcStatus(pid, "VmRSS") * 1024; }

@@ -33,7 +33,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
@@ -42,7 +41,6 @@
 #include <thread>
 #include <vector>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -80,18 +78,9 @@ absl::Duration SoakDuration(absl::Duration fallback) {
   return fallback;
 }
 
+// 0 while the daemon is gone (between a kill and its restart).
 uint64_t ResidentBytes(pid_t pid) {
-  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmRSS:", 0) != 0) continue;
-    uint64_t kb = 0;
-    std::string number = line.substr(6);
-    number = number.substr(0, number.find(" kB"));
-    absl::SimpleAtoi(absl::StripAsciiWhitespace(number), &kb);
-    return kb * 1024;
-  }
-  return 0;  // the process is gone (between a kill and its restart)
+  return testing::ProcStatusField(pid, "VmRSS").value_or(0) * 1024;
 }
 
 // What the soak counts, shared by every thread.

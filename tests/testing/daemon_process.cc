@@ -15,6 +15,9 @@
 #include <cstring>
 #include <fstream>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 
@@ -148,6 +151,22 @@ absl::StatusOr<int> DaemonProcess::WaitForExit(absl::Duration timeout) {
     absl::SleepFor(absl::Milliseconds(20));
   }
   return absl::FailedPreconditionError("daemon not running");
+}
+
+std::optional<uint64_t> ProcStatusField(pid_t pid, absl::string_view field) {
+  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
+  const std::string prefix = absl::StrCat(field, ":");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (!absl::StartsWith(line, prefix)) continue;
+    uint64_t value = 0;
+    absl::string_view number = absl::StripAsciiWhitespace(
+        absl::string_view(line).substr(prefix.size()));
+    number = number.substr(0, number.find(" kB"));
+    if (!absl::SimpleAtoi(number, &value)) return std::nullopt;
+    return value;
+  }
+  return std::nullopt;
 }
 
 int FreePort(const std::string& host) {

@@ -7,11 +7,14 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace kvcache::testing {
@@ -68,6 +71,10 @@ class DaemonProcess {
   // The daemon's default shared-memory socket, /tmp/kvcached-PORT.sock.
   std::string socket_path_;
 };
+
+// A numeric field of /proc/PID/status, in its own unit ("VmRSS" in kB,
+// "Threads"); none once the process is gone.
+std::optional<uint64_t> ProcStatusField(pid_t pid, absl::string_view field);
 
 // A TCP port of `host` (an IPv4 address) nothing listens on right now, for
 // servers that need their port up front.
