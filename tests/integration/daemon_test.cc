@@ -28,6 +28,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
 #include "tests/testing/daemon_process.h"
+#include "tests/testing/own_connection.h"
 
 namespace kvcache {
 namespace {
@@ -339,10 +340,7 @@ TEST_F(DaemonTest, OnlyTheConnectionThatTookALeaseReleasesIt) {
   const ChunkKey key = ContentKey(bytes);
   ASSERT_TRUE(client_->Put({{key, bytes}}).ok());
   auto connect = [&] {
-    grpc::ChannelArguments args;
-    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own TCP
-    return v1::KvCache::NewStub(grpc::CreateCustomChannel(
-        daemon_->address(), grpc::InsecureChannelCredentials(), args));
+    return v1::KvCache::NewStub(testing::OwnConnection(daemon_->address()));
   };
   auto owner = connect();
   auto other = connect();

@@ -21,6 +21,7 @@
 #include "codec/crc32c.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
 #include "tests/testing/daemon_process.h"
+#include "tests/testing/own_connection.h"
 
 namespace kvcache {
 namespace {
@@ -40,14 +41,8 @@ uint64_t ProcStatus(pid_t pid, const std::string& field) {
 uint64_t ResidentBytes(pid_t pid) { return ProcStatus(pid, "VmRSS") * 1024; }
 uint64_t Threads(pid_t pid) { return ProcStatus(pid, "Threads"); }
 
-// A channel with a TCP connection of its own: channels with equal
-// arguments would otherwise share one.
 std::unique_ptr<v1::KvCache::Stub> OwnConnection(const DaemonProcess& daemon) {
-  grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  args.SetMaxSendMessageSize(16 << 20);
-  return v1::KvCache::NewStub(grpc::CreateCustomChannel(
-      daemon.address(), grpc::InsecureChannelCredentials(), args));
+  return v1::KvCache::NewStub(testing::OwnConnection(daemon.address()));
 }
 
 std::string KeyOf(int i) {

@@ -52,6 +52,7 @@
 #include "kvcache/v1/kvcache.grpc.pb.h"
 #include "tests/testing/daemon_process.h"
 #include "tests/testing/etcd_process.h"
+#include "tests/testing/own_connection.h"
 
 namespace kvcache {
 namespace {
@@ -312,10 +313,7 @@ class HostileClients {
   }
 
   std::unique_ptr<v1::KvCache::Stub> Stub() {
-    grpc::ChannelArguments args;
-    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    return v1::KvCache::NewStub(grpc::CreateCustomChannel(
-        address_, grpc::InsecureChannelCredentials(), args));
+    return v1::KvCache::NewStub(testing::OwnConnection(address_));
   }
 
   static v1::PutRequest Header(uint64_t size) {

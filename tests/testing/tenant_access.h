@@ -13,6 +13,7 @@
 #include "kvcache/v1/kvcache.grpc.pb.h"
 #include "kvstore/access_control.h"
 #include "tests/testing/daemon_process.h"
+#include "tests/testing/own_connection.h"
 
 namespace kvcache::testing {
 
@@ -30,10 +31,7 @@ class TokenCaller {
   TokenCaller(const DaemonProcess& daemon, std::string token,
               std::string name_space = "")
       : token_(std::move(token)), name_space_(std::move(name_space)) {
-    grpc::ChannelArguments args;
-    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    auto channel = grpc::CreateCustomChannel(
-        daemon.address(), grpc::InsecureChannelCredentials(), args);
+    auto channel = OwnConnection(daemon.address());
     data_ = v1::KvCache::NewStub(channel);
     admin_ = v1::Admin::NewStub(channel);
   }
