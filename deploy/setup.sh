@@ -26,7 +26,8 @@ PACKAGES=(
   redis-server libhiredis-dev fio
   etcd-server etcd-client iproute2 python3-yaml
   openssl  # deploy/make_certs.sh makes the TLS tests' certificates
-  pybind11-dev python3-dev python3-numpy python3-venv
+  python3-numpy python3-venv
+  patchelf  # the Python wheel carries libkvcache.so's libraries
   libopenblas-dev libpcre2-dev python3.11-doc
 )
 

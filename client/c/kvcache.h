@@ -134,7 +134,7 @@ typedef enum {
   KVCACHE_TIER_CPU = 2,
   KVCACHE_TIER_NVME = 3
 } kvcache_tier;
-/* "CPU", "NVME", "GPU", "UNSPECIFIED". */
+/* "TIER_GPU", "TIER_CPU", "TIER_NVME"; "TIER_UNSPECIFIED" for others. */
 KVCACHE_EXPORT const char* kvcache_tier_name(int tier);
 
 typedef struct {

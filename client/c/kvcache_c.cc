@@ -990,16 +990,9 @@ int kvcache_connect(const kvcache_client_options* options,
 void kvcache_client_free(kvcache_client* client) { delete client; }
 
 const char* kvcache_tier_name(int tier) {
-  switch (tier) {
-    case KVCACHE_TIER_CPU:
-      return "CPU";
-    case KVCACHE_TIER_NVME:
-      return "NVME";
-    case KVCACHE_TIER_GPU:
-      return "GPU";
-    default:
-      return "UNSPECIFIED";
-  }
+  if (!kvcache::v1::Tier_IsValid(tier)) tier = KVCACHE_TIER_UNSPECIFIED;
+  // The protocol's names, which live as long as the program.
+  return kvcache::v1::Tier_Name(static_cast<kvcache::v1::Tier>(tier)).c_str();
 }
 
 int kvcache_lookup(kvcache_client* client, const uint8_t* keys, size_t n,

@@ -146,7 +146,8 @@ static void TestVersionAndNames(void) {
   EXPECT(kvcache_abi_version() == KVCACHE_ABI_VERSION);
   EXPECT(strcmp(kvcache_status_name(KVCACHE_NOT_FOUND), "NOT_FOUND") == 0);
   EXPECT(strcmp(kvcache_status_name(99), "UNKNOWN") == 0);
-  EXPECT(strcmp(kvcache_tier_name(KVCACHE_TIER_CPU), "CPU") == 0);
+  EXPECT(strcmp(kvcache_tier_name(42), "TIER_UNSPECIFIED") == 0);
+  EXPECT(strcmp(kvcache_tier_name(KVCACHE_TIER_CPU), "TIER_CPU") == 0);
 }
 
 static void TestChunkKeys(void) {

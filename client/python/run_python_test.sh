@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs a Python test of the kvcache module with Debian's python3 (the one the
-# module is built for and numpy is installed for), from the test's runfiles.
+# Runs a Python test of the kvcache package from the test's runfiles, with
+# the package's source and the libkvcache.so built beside it.
 set -euo pipefail
 export PYTHONPATH="$PWD/client/python${PYTHONPATH:+:$PYTHONPATH}"
-exec /usr/bin/python3 "$@"
+export KVCACHE_LIBRARY="$PWD/client/c/libkvcache.so"
+exec "${PYTHON:-/usr/bin/python3}" "$@"

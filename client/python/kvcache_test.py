@@ -1,4 +1,5 @@
-"""Tests of the kvcache Python module against a real kvcached on loopback."""
+"""Tests of the kvcache Python package (CPU paths) against a real kvcached on
+loopback, through libkvcache.so."""
 
 import ctypes
 import os
@@ -15,7 +16,7 @@ from kvcache_testing import load_dump, start_daemon
 
 
 def has_gpu():
-    """Whether the CUDA runtime the module links finds a GPU here."""
+    """Whether the CUDA runtime libkvcache.so links finds a GPU here."""
     try:
         cudart = ctypes.CDLL("libcudart.so.13")
     except OSError:
@@ -33,7 +34,7 @@ def filled(arrays, bits=0xFFFF):
     return out
 
 
-class KvcacheModuleTest(unittest.TestCase):
+class KvcacheTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
@@ -301,7 +302,7 @@ class KvcacheModuleTest(unittest.TestCase):
 
     def test_fetch_to_device_checks_its_arguments_then_needs_a_gpu(self):
         if has_gpu():
-            self.skipTest("a GPU is here: kvcache_module_gpu_test.py covers it")
+            self.skipTest("a GPU is here: kvcache_gpu_test.py covers it")
         keys, _ = self.put_prompt("fetch-no-gpu")
         layout = dict(layers=5, kv_heads=4, head_dim=8)
         blocks = [{"tokens": 96, "values": 0x7f0000000000 + i * (1 << 20)}
@@ -354,7 +355,7 @@ class KvcacheModuleTest(unittest.TestCase):
 
     def test_storer_checks_its_arguments_then_needs_a_gpu(self):
         if has_gpu():
-            self.skipTest("a GPU is here: kvcache_module_gpu_test.py covers it")
+            self.skipTest("a GPU is here: kvcache_gpu_test.py covers it")
         layout = dict(layers=5, kv_heads=4, head_dim=8)
         for name, kwargs in [
             ("no layers", dict(kv_heads=4, head_dim=8)),
