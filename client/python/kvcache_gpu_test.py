@@ -1,13 +1,10 @@
 """Client.fetch_to_device against a real kvcached, on a GPU host.
 
-Needs a CUDA GPU, so CI does not run it. On a GPU host that builds:
+Needs a CUDA GPU, so CI does not run it. tests/gpu/run.sh runs it on a GPU
+host with that host's Python and the kvcache wheel; on a GPU host that
+builds:
 
-  bazel run //client/python:kvcache_module_gpu_test
-
-or, with the pieces elsewhere:
-
-  KVCACHED=path/to/kvcached KVCACHE_KVDATA=path/to/kvdata \\
-      PYTHONPATH=dir/with/kvcache.so python3 kvcache_module_gpu_test.py
+  bazel run //client/python:kvcache_gpu_test
 
 Device memory comes from the CUDA runtime through ctypes (no PyTorch
 needed). Every restore is copied back and compared bit for bit with

@@ -12,9 +12,10 @@
 #
 # The GPU host needs only the NVIDIA driver and glibc >= 2.36; gRPC, Abseil,
 # GoogleTest and the CUDA runtime travel in .gpu/lib, the real KV dumps
-# (../shared/kvdata, or $KVCACHE_KVDATA) in .gpu/kvdata, and Debian's
-# Python 3.11 with numpy (what the kvcache module is built for) as packages
-# in .gpu/debs, unpacked on the GPU host into .gpu/py.
+# (../shared/kvdata, or $KVCACHE_KVDATA) in .gpu/kvdata, and the kvcache
+# Python package as its wheel in .gpu/wheel, installed on the GPU host into
+# .gpu/site for that host's python3 (which brings NumPy, PyTorch and
+# transformers for the Python tests).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -33,16 +34,13 @@ TARGETS=(
   "//codec/cuda:codec_gpu_bench|"
   "//transfer:e2e_bench|--kvcached=.gpu/bin/kvcached --nvme_dir=.gpu/nvme"
 )
-# Python tests of the kvcache module, run with the Python it is built for.
-PYTHON_TESTS=("client/python/kvcache_module_gpu_test.py")
+# Python tests of the kvcache package, run with the GPU host's python3.
+PYTHON_TESTS=("client/python/kvcache_gpu_test.py"
+              "client/python/kvcache_hf_test.py")
 PYTHON_FILES=("client/python/kvcache_testing.py" "${PYTHON_TESTS[@]}")
 # Programs the entries above start (packed, not run on their own).
-HELPERS=("//kvstore:kvcached" "//client/python:kvcache.so")
+HELPERS=("//kvstore:kvcached")
 SANITIZER=/usr/local/cuda/bin/compute-sanitizer
-# The module is built for Debian's Python 3.11, which GPU hosts lack: it
-# travels as Debian's packages (with numpy) and is unpacked there.
-PYTHON_DEBS=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib
-             python3-numpy libblas3 liblapack3 libgfortran5)
 
 # Libraries every GPU host has; everything else a binary links is carried.
 # NCCL (over 200 MB) is not linked but loaded when a link opens: run() finds
@@ -65,31 +63,38 @@ build() {
       [[ $name =~ $HOST_LIBS ]] || cp -Ln "$file" .gpu/lib/ 2>/dev/null || true
     done
   done
-  mkdir -p .gpu/python .gpu/debs
+  mkdir -p .gpu/python
   cp "${PYTHON_FILES[@]}" .gpu/python/
-  mv .gpu/bin/kvcache.so .gpu/python/
-  (cd .gpu/debs && apt-get download "${PYTHON_DEBS[@]}" >/dev/null) || return 1
+  build_wheel .gpu/wheel || return 1
   local kvdata=${KVCACHE_KVDATA:-../shared/kvdata}
   if [[ -d $kvdata ]]; then
     mkdir -p .gpu/kvdata
     cp "$kvdata"/*.json "$kvdata"/*.kv "$kvdata"/*.q.f16 .gpu/kvdata/
   fi
-  echo "gpu: packed $(ls .gpu/bin | wc -l) binaries, $(du -sh .gpu/lib | cut -f1) of libraries, $(du -sh .gpu/debs | cut -f1) of Python packages in .gpu/"
+  echo "gpu: packed $(ls .gpu/bin | wc -l) binaries, $(du -sh .gpu/lib | cut -f1) of libraries and $(du -sh .gpu/wheel | cut -f1) of wheel in .gpu/"
 }
 
-# Unpacks the packed Python into .gpu/py once; sets PYTHON to it.
+# Builds the kvcache wheel (its PEP 517 backend, through pip in a scratch
+# virtual environment) from an optimised libkvcache.so into $1.
+build_wheel() {
+  bazel build -c opt //client/c:libkvcache.so || return 1
+  local venv
+  venv=$(mktemp -d)
+  python3 -m venv "$venv" &&
+    KVCACHE_LIBRARY=$PWD/bazel-bin/client/c/libkvcache.so "$venv/bin/pip" wheel \
+      --quiet --disable-pip-version-check --no-build-isolation --no-deps \
+      --no-index -w "$1" client/python
+  local rc=$?
+  rm -rf "$venv"
+  return $rc
+}
+
+# Installs the packed wheel into .gpu/site for the host's python3.
 setup_python() {
-  local root=$PWD/.gpu/py
-  if [[ ! -x $root/usr/bin/python3.11 ]]; then
-    mkdir -p "$root"
-    for deb in .gpu/debs/*.deb; do dpkg-deb -x "$deb" "$root" || return 1; done
-  fi
-  PYTHON=$root/usr/bin/python3.11
-  export PYTHONHOME=$root/usr
-  export PYTHONPATH=$PWD/.gpu/python:$root/usr/lib/python3/dist-packages
-  # numpy's BLAS and LAPACK sit where Debian's alternatives would link them.
-  local libs=$root/usr/lib/x86_64-linux-gnu
-  export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$libs:$libs/blas:$libs/lapack
+  PYTHON=python3
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index \
+    --no-deps --upgrade --target .gpu/site .gpu/wheel/kvcache-*.whl || return 1
+  export PYTHONPATH=$PWD/.gpu/site:$PWD/.gpu/python
   export KVCACHED=$PWD/.gpu/bin/kvcached
 }
 
@@ -155,7 +160,7 @@ run() {
     name=$(basename "$test" .py)
     if [[ $# -gt 0 && " $* " != *" $name "* ]]; then continue; fi
     [[ -n ${PYTHON:-} ]] || setup_python || return 1
-    run_one "$name (Python 3.11)" "$name" "$PYTHON" ".gpu/python/$name.py"
+    run_one "$name ($("$PYTHON" --version))" "$name" "$PYTHON" ".gpu/python/$name.py"
   done
   echo "${passed} passed, ${failed} failed, ${skipped} skipped"
   [[ $failed -eq 0 ]]
