@@ -317,7 +317,8 @@ class FetchToDeviceTest(unittest.TestCase):
         layer_bases = [self.cuda.upload(c) for c in caches]
         storer = self.client.storer(
             kind="paged", layer_bases=layer_bases, block_tokens=BLOCK_TOKENS,
-            num_blocks=NUM_BLOCKS, chunk_tokens=CHUNK_TOKENS, **self.layout())
+            num_blocks=NUM_BLOCKS, level="default", chunk_tokens=CHUNK_TOKENS,
+            **self.layout())
         blocks = [{"tokens": c.shape[2], "block_ids": table,
                    "first_slot": i * CHUNK_TOKENS}
                   for i, c in enumerate(chunks)]
