@@ -294,12 +294,17 @@ static void TestUnreachable(void) {
   EXPECT(client == NULL);
 }
 
-static void TestAgainstDaemon(const char* address) {
+static kvcache_client* Connect(const char* address) {
   kvcache_client_options options;
   kvcache_client_options_init(&options);
   options.address = address;
   kvcache_client* client = NULL;
   EXPECT(kvcache_connect(&options, &client) == KVCACHE_OK);
+  return client;
+}
+
+static void TestAgainstDaemon(const char* address) {
+  kvcache_client* client = Connect(address);
   if (client == NULL) return;
 
   /* A 150-token prompt: chunks of 64, 64 and 22 tokens. */
@@ -525,11 +530,7 @@ static void* PutAndGet(void* arg) {
 }
 
 static void TestThreads(const char* address) {
-  kvcache_client_options options;
-  kvcache_client_options_init(&options);
-  options.address = address;
-  kvcache_client* client = NULL;
-  EXPECT(kvcache_connect(&options, &client) == KVCACHE_OK);
+  kvcache_client* client = Connect(address);
   if (client == NULL) return;
   enum { kThreads = 4 };
   pthread_t threads[kThreads];

@@ -300,6 +300,28 @@ class KvcacheTest(unittest.TestCase):
         with self.assertRaises(kvcache.InvalidArgumentError):
             self.client.fetch(keys, filled(good), lease_s=0)
 
+    def test_device_addresses_come_from_any_array_protocol(self):
+        array = np.arange(64, dtype=np.float16)
+
+        class Torchlike:
+            def data_ptr(self):
+                return 0x7f0000001000
+
+        class Cupylike:
+            __cuda_array_interface__ = {"data": (0x7f0000002000, False)}
+
+        address = kvcache._address  # pylint: disable=protected-access
+        self.assertEqual(address(0x7f0000000000, "x"), 0x7f0000000000)
+        self.assertEqual(address(np.uint64(4096), "x"), 4096)
+        self.assertEqual(address(Torchlike(), "x"), 0x7f0000001000)
+        self.assertEqual(address(Cupylike(), "x"), 0x7f0000002000)
+        # NumPy arrays speak DLPack.
+        self.assertEqual(address(array, "x"), array.ctypes.data)
+        self.assertEqual(address(array[8:], "x"), array.ctypes.data + 16)
+        for bad in [0, -1, 2**64, "0x10", None]:
+            with self.assertRaises(kvcache.InvalidArgumentError, msg=bad):
+                address(bad, "x")
+
     def test_fetch_to_device_checks_its_arguments_then_needs_a_gpu(self):
         if has_gpu():
             self.skipTest("a GPU is here: kvcache_gpu_test.py covers it")

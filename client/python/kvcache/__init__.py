@@ -104,7 +104,8 @@ def _address(value, what):
         address = value.data_ptr()
     elif hasattr(value, "__cuda_array_interface__"):
         address = value.__cuda_array_interface__["data"][0]
-    elif hasattr(value, "__dlpack__") and not hasattr(value, "__index__"):
+    elif hasattr(value, "__dlpack__") and getattr(value, "ndim", 1) != 0:
+        # (NumPy's integer scalars speak DLPack too, but are addresses.)
         address = _dlpack_address(value.__dlpack__())
     else:
         try:
@@ -270,6 +271,38 @@ class _Blocks:
                 chunk.device_block_ids = _address(ids, f"{at}['block_ids']")
 
 
+class _Handle:
+    """Owns a handle of libkvcache.so, freed by close(), `with` or the
+    garbage collector."""
+
+    _free = None  # the library's function that frees the handle
+    _what = ""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise FailedPreconditionError(f"the {self._what} is closed")
+        return self._handle
+
+    def close(self):
+        """Frees the handle; no call may be running on it."""
+        if getattr(self, "_handle", None) is not None:
+            getattr(_lib, self._free)(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
 def chunk_keys(tokens, model_id, chunk_tokens=256, name_space="default",
                dtype="float16", layers=0, kv_heads=0, head_dim=0, tp_rank=0,
                tp_size=1):
@@ -301,7 +334,7 @@ def chunk_keys(tokens, model_id, chunk_tokens=256, name_space="default",
     return [raw[i * 32:(i + 1) * 32] for i in range(n.value)]
 
 
-class Client:
+class Client(_Handle):
     """A connection to a kvcached node. Thread-safe; calls release the GIL.
 
     Connects and waits until the node answers; raises UnavailableError if it
@@ -315,11 +348,14 @@ class Client:
     granted.
     """
 
+    _free = "kvcache_client_free"
+    _what = "client"
+
     def __init__(self, address="127.0.0.1:50051", timeout_s=30.0,
                  connect_timeout_s=5.0, *, ca_file=None, cert_file=None,
                  key_file=None, server_name=None, token=None,
                  token_file=None, key_namespace=None):
-        self._handle = None
+        super().__init__(None)
         options = _native.init(_native.ClientOptions,
                                "kvcache_client_options_init")
         options.address = _text(address)
@@ -336,27 +372,6 @@ class Client:
         _check(_lib.kvcache_connect(ctypes.byref(options),
                                     ctypes.byref(handle)))
         self._handle = handle
-
-    def close(self):
-        """Closes the connection; no call may be running on it."""
-        if self._handle is not None:
-            _lib.kvcache_client_free(self._handle)
-            self._handle = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise FailedPreconditionError("the client is closed")
-        return self._handle
 
     def lookup(self, keys):
         """The longest cached prefix of `keys`: {'prefix_chunks': n,
@@ -595,12 +610,16 @@ class Client:
         return Storer(self, handle, parsed.paged)
 
 
-class Storer:
-    """Stores chunks from GPU blocks; made by Client.storer()."""
+class Storer(_Handle):
+    """Stores chunks from GPU blocks; made by Client.storer(). close()
+    waits for what is queued, then frees it."""
+
+    _free = "kvcache_storer_free"
+    _what = "storer"
 
     def __init__(self, client, handle, paged):
+        super().__init__(handle)
         self._client = client  # the connection outlives the storer
-        self._handle = handle
         self._paged = paged
 
     def store(self, keys, blocks, stream=0, parent=None, pin_ttl_s=0.0):
@@ -651,27 +670,6 @@ class Storer:
     def device_bytes(self):
         """Device memory the Storer's slots hold."""
         return _lib.kvcache_storer_device_bytes(self.handle)
-
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise FailedPreconditionError("the storer is closed")
-        return self._handle
-
-    def close(self):
-        """Waits for what is queued, then frees the storer."""
-        if self._handle is not None:
-            _lib.kvcache_storer_free(self._handle)
-            self._handle = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
 
 
 def encode(values, kv_heads, head_dim, level="near-lossless",
