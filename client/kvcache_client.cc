@@ -255,6 +255,7 @@ absl::Status KvCacheClient::GetStream(
   if (keys.empty()) return absl::OkStatus();
   v1::GetRequest request;
   AddKeys(keys, request);
+  request.set_header_carries_data(true);
   auto context = NewContext();
   std::unique_ptr<grpc::ClientReader<v1::GetResponse>> reader =
       data_->Get(context.get(), request);
@@ -281,7 +282,7 @@ absl::Status KvCacheClient::GetStream(
       expected_crc = message.header().crc32c();
       received_crc = 0;
       chunk.bytes.reserve(expected_size);
-      continue;
+      if (!message.has_data()) continue;
     }
     const std::string& data = message.data();
     if (started == delivered ||

@@ -504,13 +504,24 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
     FillInfo(key, *chunk, *message.mutable_header());
     // A Write that fails means the client went away, or stopped reading
     // for longer than the idle timeout.
-    if (!writer->Write(message)) break;
-    watch.Progress();
+    if (!request->header_carries_data()) {
+      if (!writer->Write(message)) break;
+      watch.Progress();
+      message.clear_header();
+    }
+    const absl::string_view bytes = chunk->chunk.bytes();
+    const bool last_chunk = i + 1 == request->keys_size();
     const bool sent = transfer::ForEachPiece(
-        chunk->chunk.bytes(), limits.get_piece_bytes(),
-        [&](absl::string_view piece) {
+        bytes, limits.get_piece_bytes(), [&](absl::string_view piece) {
           message.set_data(piece.data(), piece.size());
-          if (context->IsCancelled() || !writer->Write(message)) return false;
+          if (context->IsCancelled()) return false;
+          if (last_chunk && piece.end() == bytes.end()) {
+            // Goes out with the stream's status: one write fewer.
+            writer->WriteLast(message, grpc::WriteOptions());
+          } else if (!writer->Write(message)) {
+            return false;
+          }
+          message.clear_header();
           watch.Progress();
           return true;
         });

@@ -24,9 +24,11 @@
 // Usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]
 //                      [--nvme_chunk_kib=N] [--nvme_seconds=N]
 //                      [--rounds=N] [--part=all|store|nvme|tls]
+//                      [--chunk_kib=256,4096,32768]
 // Needs redis-server and fio (deploy/setup.sh installs them) and a data_dir
 // on a local disk filesystem such as ext4 or xfs (not tmpfs).
 #include <hiredis/hiredis.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -47,6 +49,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
@@ -77,6 +80,7 @@ constexpr char kUsage[] =
     "usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]\n"
     "                     [--nvme_chunk_kib=N] [--nvme_seconds=N]\n"
     "                     [--rounds=N] [--part=all|store|nvme|tls]\n"
+    "                     [--chunk_kib=256,4096,32768]\n"
     "  --data_dir      local disk directory for the NVMe slab and Redis\n"
     "                  (default /var/tmp/kvstore_bench; not tmpfs)\n"
     "  --case_mib      payload MiB per Put/Get case (default 1024; a quarter\n"
@@ -89,7 +93,9 @@ constexpr char kUsage[] =
     "  --rounds        rounds each comparison alternates its sides over\n"
     "                  (default 3)\n"
     "  --part          which comparisons to run (default all: store and\n"
-    "                  nvme; tls: plaintext against mutual TLS only)\n";
+    "                  nvme; tls: plaintext against mutual TLS only)\n"
+    "  --chunk_kib     chunk sizes of the Put/Get comparison, in KiB\n"
+    "                  (default 256,4096,32768)\n";
 
 struct Flags {
   std::string data_dir = "/var/tmp/kvstore_bench";
@@ -99,6 +105,7 @@ struct Flags {
   int nvme_seconds = 12;
   int rounds = 3;
   std::string part = "all";
+  std::vector<uint64_t> chunk_sizes = {256 * kKiB, 4 * kMiB, 32 * kMiB};
 };
 
 bool ParseFlags(int argc, char** argv, Flags& flags) {
@@ -119,6 +126,13 @@ bool ParseFlags(int argc, char** argv, Flags& flags) {
            flags.nvme_seconds > 0;
     } else if (absl::ConsumePrefix(&value, "--rounds=")) {
       ok = absl::SimpleAtoi(value, &flags.rounds) && flags.rounds > 0;
+    } else if (absl::ConsumePrefix(&value, "--chunk_kib=")) {
+      flags.chunk_sizes.clear();
+      for (absl::string_view kib : absl::StrSplit(value, ',')) {
+        uint64_t n = 0;
+        ok = ok && absl::SimpleAtoi(kib, &n) && n > 0 && n <= 64 * 1024;
+        flags.chunk_sizes.push_back(n * kKiB);
+      }
     } else if (absl::ConsumePrefix(&value, "--part=")) {
       flags.part = std::string(value);
       ok = value == "all" || value == "store" || value == "nvme" ||
@@ -155,15 +169,21 @@ ChunkKey KeyOf(uint64_t id) {
 struct Samples {
   uint64_t bytes = 0;
   double seconds = 0;
+  double server_cpu_seconds = 0;   // the store's process, user + system
   std::vector<double> latency_ms;  // one per call; empty where not known
 
   void Add(const Samples& other) {
     bytes += other.bytes;
     seconds += other.seconds;
+    server_cpu_seconds += other.server_cpu_seconds;
     latency_ms.insert(latency_ms.end(), other.latency_ms.begin(),
                       other.latency_ms.end());
   }
   double GbPerSecond() const { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
+  // The server's CPU time per byte moved, in nanoseconds.
+  double ServerCpuNsPerByte() const {
+    return bytes > 0 ? server_cpu_seconds * 1e9 / bytes : 0;
+  }
   double LatencyMs(double quantile) {
     if (latency_ms.empty()) return 0;
     std::sort(latency_ms.begin(), latency_ms.end());
@@ -174,6 +194,26 @@ struct Samples {
 
 // ---------------------------------------------------------------------------
 // Put/Get over loopback.
+
+// CPU time (user + system) process `pid` has used so far, from
+// /proc/PID/stat; 0 if it cannot be read.
+double ProcessCpuSeconds(pid_t pid) {
+  std::ifstream file(absl::StrCat("/proc/", pid, "/stat"));
+  std::string stat((std::istreambuf_iterator<char>(file)),
+                   std::istreambuf_iterator<char>());
+  // The command name may hold spaces; fields are counted after its ')'.
+  const size_t name_end = stat.rfind(')');
+  if (name_end == std::string::npos) return 0;
+  const std::vector<absl::string_view> fields = absl::StrSplit(
+      absl::string_view(stat).substr(name_end + 1), ' ', absl::SkipEmpty());
+  // Fields 14 and 15 of the file (utime, stime), counting state as 3.
+  uint64_t user = 0, system = 0;
+  if (fields.size() < 13 || !absl::SimpleAtoi(fields[11], &user) ||
+      !absl::SimpleAtoi(fields[12], &system)) {
+    return 0;
+  }
+  return static_cast<double>(user + system) / sysconf(_SC_CLK_TCK);
+}
 
 // One client connection to a store under test.
 class StoreConnection {
@@ -302,6 +342,7 @@ absl::StatusOr<DaemonProcess> StartRedis(const std::string& dir,
 struct Store {
   std::string name;
   std::function<absl::StatusOr<std::unique_ptr<StoreConnection>>()> connect;
+  pid_t pid;  // the server's process, whose CPU time is counted
 };
 
 // Put and Get timings of one store in one case.
@@ -315,10 +356,12 @@ struct CaseSamples {
 absl::StatusOr<Samples> RunPhase(
     absl::Span<const std::unique_ptr<StoreConnection>> connections,
     const std::vector<std::vector<ChunkKey>>& keys, uint64_t chunk_bytes,
+    pid_t server,
     const std::function<absl::Status(StoreConnection&, const ChunkKey&,
                                      uint64_t)>& op) {
   std::vector<Samples> samples(connections.size());
   std::vector<absl::Status> status(connections.size());
+  const double server_cpu = ProcessCpuSeconds(server);
   const absl::Time start = absl::Now();
   std::vector<std::thread> threads;
   for (size_t c = 0; c < connections.size(); ++c) {
@@ -339,6 +382,7 @@ absl::StatusOr<Samples> RunPhase(
     all.Add(samples[c]);
   }
   all.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  all.server_cpu_seconds = ProcessCpuSeconds(server) - server_cpu;
   return all;
 }
 
@@ -364,13 +408,13 @@ absl::StatusOr<CaseSamples> RunRound(const Store& store,
     }
   }
   absl::StatusOr<Samples> put = RunPhase(
-      connections, keys, chunk_bytes,
+      connections, keys, chunk_bytes, store.pid,
       [&](StoreConnection& connection, const ChunkKey& key, uint64_t index) {
         return connection.Put(key, payloads.Chunk(index, chunk_bytes));
       });
   if (!put.ok()) return put.status();
   absl::StatusOr<Samples> get =
-      RunPhase(connections, keys, chunk_bytes,
+      RunPhase(connections, keys, chunk_bytes, store.pid,
                [&](StoreConnection& connection, const ChunkKey& key, uint64_t) {
                  return connection.Get(key, chunk_bytes);
                });
@@ -378,6 +422,13 @@ absl::StatusOr<CaseSamples> RunRound(const Store& store,
   if (absl::Status s = connections[0]->Clear(all_keys); !s.ok()) return s;
   return CaseSamples{*std::move(put), *std::move(get)};
 }
+
+// The rows CompareStores prints.
+constexpr char kTableHeader[] =
+    "| chunk | clients | store | put GB/s | put p50 ms | put p99 ms | "
+    "get GB/s | get p50 ms | get p99 ms | put server CPU ns/B | "
+    "get server CPU ns/B |\n"
+    "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
 
 // Runs every store through each chunk size and client count, alternating
 // the stores round by round, and prints a table row per store and case.
@@ -410,10 +461,12 @@ absl::Status CompareStores(absl::Span<const Store> stores,
         Samples& put = results[s].put;
         Samples& get = results[s].get;
         std::printf(
-            "| %s | %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n",
+            "| %s | %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f "
+            "| %.2f |\n",
             SizeName(chunk_bytes).c_str(), clients, stores[s].name.c_str(),
             put.GbPerSecond(), put.LatencyMs(0.5), put.LatencyMs(0.99),
-            get.GbPerSecond(), get.LatencyMs(0.5), get.LatencyMs(0.99));
+            get.GbPerSecond(), get.LatencyMs(0.5), get.LatencyMs(0.99),
+            put.ServerCpuNsPerByte(), get.ServerCpuNsPerByte());
       }
       std::fflush(stdout);
     }
@@ -422,12 +475,13 @@ absl::Status CompareStores(absl::Span<const Store> stores,
 }
 
 absl::Status RunStoreComparison(const Flags& flags) {
-  const std::vector<uint64_t> chunk_sizes = {256 * kKiB, 4 * kMiB, 32 * kMiB};
+  const std::vector<uint64_t>& chunk_sizes = flags.chunk_sizes;
   const uint64_t case_bytes = flags.case_mib * kMiB;
   // Room for a whole case plus allocator slack; both stores are emptied
   // after every round.
   const uint64_t capacity = std::max<uint64_t>(4 * kGiB, 2 * case_bytes);
-  const Payloads payloads(64 * kMiB + chunk_sizes.back());
+  const Payloads payloads(
+      64 * kMiB + *std::max_element(chunk_sizes.begin(), chunk_sizes.end()));
 
   absl::StatusOr<DaemonProcess> kvcached = DaemonProcess::Start(
       kDaemon,
@@ -449,25 +503,27 @@ absl::Status RunStoreComparison(const Flags& flags) {
              KvCacheClient::Connect(options);
          if (!client.ok()) return client.status();
          return std::make_unique<KvCacheConnection>(std::move(*client));
-       }},
+       },
+       kvcached->pid()},
       {"Redis (hiredis)",
        [&]() -> absl::StatusOr<std::unique_ptr<StoreConnection>> {
          absl::StatusOr<std::unique_ptr<RedisConnection>> connection =
              RedisConnection::Connect(redis_port);
          if (!connection.ok()) return connection.status();
          return std::unique_ptr<StoreConnection>(std::move(*connection));
-       }},
+       },
+       redis->pid()},
   };
 
   std::printf(
       "## Put/Get over loopback\n\n"
       "%llu MiB per case (%llu MiB for 256 KiB chunks) in %d rounds, random "
-      "payloads, one client per thread; latency per chunk.\n\n"
-      "| chunk | clients | store | put GB/s | put p50 ms | put p99 ms | "
-      "get GB/s | get p50 ms | get p99 ms |\n"
-      "|---|---:|---|---:|---:|---:|---:|---:|---:|\n",
+      "payloads, one client per thread; latency per chunk; server CPU: the "
+      "store's process's CPU time (user + system) per byte stored or "
+      "served.\n\n%s",
       static_cast<unsigned long long>(flags.case_mib),
-      static_cast<unsigned long long>(flags.case_mib / 4), flags.rounds);
+      static_cast<unsigned long long>(flags.case_mib / 4), flags.rounds,
+      kTableHeader);
   std::fflush(stdout);
   if (absl::Status s = CompareStores(stores, chunk_sizes, {1, 8}, flags,
                                      payloads, case_bytes);
@@ -650,7 +706,8 @@ absl::Status RunTlsComparison(const Flags& flags) {
   const std::vector<uint64_t> chunk_sizes = {256 * kKiB, 4 * kMiB};
   const uint64_t case_bytes = flags.case_mib * kMiB;
   const uint64_t capacity = std::max<uint64_t>(4 * kGiB, 2 * case_bytes);
-  const Payloads payloads(64 * kMiB + chunk_sizes.back());
+  const Payloads payloads(
+      64 * kMiB + *std::max_element(chunk_sizes.begin(), chunk_sizes.end()));
   const std::string capacity_flag =
       absl::StrCat("--set=cpu_tier { capacity_bytes: ", capacity, " }");
   absl::StatusOr<DaemonProcess> plaintext =
@@ -682,18 +739,18 @@ absl::Status RunTlsComparison(const Flags& flags) {
   const std::string plaintext_address = plaintext->address();
   const std::string tls_address = tls->address();
   const Store stores[] = {
-      {"kvcache plaintext", [&] { return connect_to(plaintext_address, ""); }},
-      {"kvcache mTLS", [&] { return connect_to(tls_address, certs); }},
+      {"kvcache plaintext", [&] { return connect_to(plaintext_address, ""); },
+       plaintext->pid()},
+      {"kvcache mTLS", [&] { return connect_to(tls_address, certs); },
+       tls->pid()},
   };
   std::printf(
       "## Put/Get over loopback: plaintext against mutual TLS\n\n"
       "%llu MiB per case (%llu MiB for 256 KiB chunks) in %d rounds, the two "
-      "nodes alternating; random payloads, one client per thread.\n\n"
-      "| chunk | clients | store | put GB/s | put p50 ms | put p99 ms | "
-      "get GB/s | get p50 ms | get p99 ms |\n"
-      "|---|---:|---|---:|---:|---:|---:|---:|---:|\n",
+      "nodes alternating; random payloads, one client per thread.\n\n%s",
       static_cast<unsigned long long>(flags.case_mib),
-      static_cast<unsigned long long>(flags.case_mib / 4), flags.rounds);
+      static_cast<unsigned long long>(flags.case_mib / 4), flags.rounds,
+      kTableHeader);
   std::fflush(stdout);
   absl::Status status =
       CompareStores(stores, chunk_sizes, {1, 8}, flags, payloads, case_bytes);
