@@ -121,7 +121,7 @@ AccessControl::AccessControl(const v1::AccessConfig& config)
 }
 
 const AccessControl::Identity* AccessControl::Identify(
-    const grpc::ServerContext& context, bool* had_credentials) const {
+    const grpc::ServerContextBase& context, bool* had_credentials) const {
   const auto& metadata = context.client_metadata();
   auto authorization = metadata.find("authorization");
   absl::string_view token;
@@ -162,8 +162,8 @@ const AccessControl::Identity* AccessControl::Identify(
   return nullptr;
 }
 
-absl::StatusOr<Caller> AccessControl::Admit(const grpc::ServerContext& context,
-                                            uint32_t roles) {
+absl::StatusOr<Caller> AccessControl::Admit(
+    const grpc::ServerContextBase& context, uint32_t roles) {
   if (!enabled_) {
     return Caller("", "", kTenantRole | kAdminRole | kPeerRole, nullptr);
   }

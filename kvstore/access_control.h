@@ -110,7 +110,7 @@ class AccessControl {
   // ones; PERMISSION_DENIED for a role the caller lacks or a shared
   // namespace it was not granted; RESOURCE_EXHAUSTED past the tenant's
   // call limits.
-  absl::StatusOr<Caller> Admit(const grpc::ServerContext& context,
+  absl::StatusOr<Caller> Admit(const grpc::ServerContextBase& context,
                                uint32_t roles);
 
   // For the metrics endpoint: whether `authorization` (the header's value)
@@ -133,7 +133,7 @@ class AccessControl {
   };
 
   // The identity the call's credentials match, or null.
-  const Identity* Identify(const grpc::ServerContext& context,
+  const Identity* Identify(const grpc::ServerContextBase& context,
                            bool* had_credentials) const;
 
   const v1::AccessConfig config_;

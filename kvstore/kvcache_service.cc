@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -13,6 +15,11 @@
 #include "absl/strings/str_cat.h"
 #include "codec/codec.h"
 #include "codec/crc32c.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "google/protobuf/wire_format_lite.h"
+#include "grpcpp/support/byte_buffer.h"
+#include "grpcpp/support/slice.h"
 #include "kvstore/codec_summary.h"
 #include "kvstore/daemon_config.h"
 #include "kvstore/gpu_arena.h"
@@ -474,20 +481,110 @@ grpc::Status KvCacheService::Put(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-grpc::Status KvCacheService::Get(grpc::ServerContext* context,
-                                 const v1::GetRequest* request,
-                                 grpc::ServerWriter<v1::GetResponse>* writer) {
-  absl::StatusOr<Caller> caller =
-      node_.access().Admit(*context, kTenantRole | kPeerRole);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  const v1::LimitsConfig& limits = node_.config().limits();
-  if (grpc::Status s = ValidateDistinctKeys(request->keys(), limits); !s.ok()) {
-    return s;
+namespace {
+
+// A Get stream's writer. Each message is a GetResponse built on the wire:
+// the header's bytes and the data field's tag and length, then the piece
+// itself as a slice that holds a reference to the chunk until gRPC has sent
+// it. gRPC calls it on its own threads, one reaction at a time.
+//
+// A chunk on NVMe is read on that thread, as the synchronous handler did on
+// its own.
+class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+ public:
+  GetReactor(NodeState& node, grpc::CallbackServerContext& context,
+             const grpc::ByteBuffer& request)
+      : node_(node), context_(context), watch_(node.watchdog(), context) {
+    if (grpc::Status s = Begin(request); !s.ok()) {
+      Finish(s);
+      return;
+    }
+    WriteNext();
   }
-  StreamWatchdog::Watch watch(node_.watchdog(), *context);
-  for (int i = 0; i < request->keys_size(); ++i) {
-    const std::string& key = request->keys(i);
-    absl::StatusOr<LocatedChunk> chunk = node_.store().Get(caller->Stored(key));
+
+  void OnWriteDone(bool ok) override {
+    if (finished_) return;  // the last write: the stream is finished
+    if (!ok) {
+      // The client went away, or stopped reading past the idle timeout.
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "get stream cancelled"));
+      return;
+    }
+    watch_.Progress();
+    if (offset_ == chunk_.chunk.size_bytes) {
+      node_.bytes_out.fetch_add(chunk_.chunk.size_bytes,
+                                std::memory_order_relaxed);
+      chunk_ = {};
+      ++next_key_;
+    }
+    WriteNext();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  grpc::Status Begin(const grpc::ByteBuffer& raw) {
+    grpc::ByteBuffer copy(raw);  // shares the request's slices
+    if (!grpc::SerializationTraits<v1::GetRequest>::Deserialize(&copy,
+                                                                &request_)
+             .ok()) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "malformed GetRequest");
+    }
+    absl::StatusOr<Caller> caller =
+        node_.access().Admit(context_, kTenantRole | kPeerRole);
+    if (!caller.ok()) return ToGrpcStatus(caller.status());
+    caller_.emplace(*std::move(caller));
+    return ValidateDistinctKeys(request_.keys(), node_.config().limits());
+  }
+
+  // Queues the next message: the next piece of the current chunk, or the
+  // next chunk's header (with its first piece if the caller reads them
+  // together); ends the stream after the last key or at a missing one.
+  void WriteNext() {
+    if (chunk_.chunk.data == nullptr) {
+      if (next_key_ == request_.keys_size()) {
+        Finish(grpc::Status::OK);
+        return;
+      }
+      if (grpc::Status s = OpenChunk(); !s.ok()) {
+        Finish(s);
+        return;
+      }
+    }
+    v1::GetResponse header;
+    if (!header_sent_) {
+      FillInfo(request_.keys(next_key_), chunk_, *header.mutable_header());
+      header_sent_ = true;
+      if (!request_.header_carries_data()) {
+        message_ = Message(&header, {});
+        StartWrite(&message_);
+        return;
+      }
+    }
+    const absl::string_view bytes = chunk_.chunk.bytes();
+    const absl::string_view piece =
+        bytes.substr(offset_, node_.config().limits().get_piece_bytes());
+    offset_ += piece.size();
+    message_ = Message(header.has_header() ? &header : nullptr, piece);
+    finished_ =
+        offset_ == bytes.size() && next_key_ + 1 == request_.keys_size();
+    if (!finished_) {
+      StartWrite(&message_);
+      return;
+    }
+    // The last message goes out with the stream's status: Finish sends
+    // both, and only then does the write complete.
+    StartWriteLast(&message_, grpc::WriteOptions());
+    node_.bytes_out.fetch_add(chunk_.chunk.size_bytes,
+                              std::memory_order_relaxed);
+    Finish(grpc::Status::OK);
+  }
+
+  grpc::Status OpenChunk() {
+    const int i = next_key_;
+    const std::string& key = request_.keys(i);
+    absl::StatusOr<LocatedChunk> chunk =
+        node_.store().Get(caller_->Stored(key));
     if (absl::IsNotFound(chunk.status())) {
       node_.misses.fetch_add(1, std::memory_order_relaxed);
       return grpc::Status(grpc::StatusCode::NOT_FOUND,
@@ -500,36 +597,61 @@ grpc::Status KvCacheService::Get(grpc::ServerContext* context,
           absl::StrCat("keys[", i, "]: ", chunk.status().message())));
     }
     node_.hits.fetch_add(1, std::memory_order_relaxed);
-    v1::GetResponse message;
-    FillInfo(key, *chunk, *message.mutable_header());
-    // A Write that fails means the client went away, or stopped reading
-    // for longer than the idle timeout.
-    if (!request->header_carries_data()) {
-      if (!writer->Write(message)) break;
-      watch.Progress();
-      message.clear_header();
-    }
-    const absl::string_view bytes = chunk->chunk.bytes();
-    const bool last_chunk = i + 1 == request->keys_size();
-    const bool sent = transfer::ForEachPiece(
-        bytes, limits.get_piece_bytes(), [&](absl::string_view piece) {
-          message.set_data(piece.data(), piece.size());
-          if (context->IsCancelled()) return false;
-          if (last_chunk && piece.end() == bytes.end()) {
-            // Goes out with the stream's status: one write fewer.
-            writer->WriteLast(message, grpc::WriteOptions());
-          } else if (!writer->Write(message)) {
-            return false;
-          }
-          message.clear_header();
-          watch.Progress();
-          return true;
-        });
-    if (!sent) break;
-    node_.bytes_out.fetch_add(chunk->chunk.size_bytes,
-                              std::memory_order_relaxed);
+    chunk_ = *std::move(chunk);
+    offset_ = 0;
+    header_sent_ = false;
+    return grpc::Status::OK;
   }
-  return grpc::Status::OK;
+
+  // A GetResponse with `header` (if not null) and `piece` (if not empty) as
+  // its data, the piece not copied.
+  grpc::ByteBuffer Message(const v1::GetResponse* header,
+                           absl::string_view piece) {
+    std::string prefix;
+    if (header != nullptr) header->SerializeToString(&prefix);
+    if (piece.empty()) {
+      grpc::Slice slice(prefix);
+      return grpc::ByteBuffer(&slice, 1);
+    }
+    {
+      google::protobuf::io::StringOutputStream out(&prefix);
+      google::protobuf::io::CodedOutputStream coded(&out);
+      coded.WriteTag(google::protobuf::internal::WireFormatLite::MakeTag(
+          v1::GetResponse::kDataFieldNumber,
+          google::protobuf::internal::WireFormatLite::
+              WIRETYPE_LENGTH_DELIMITED));
+      coded.WriteVarint32(static_cast<uint32_t>(piece.size()));
+    }
+    grpc::Slice slices[2] = {
+        grpc::Slice(prefix),
+        grpc::Slice(const_cast<char*>(piece.data()), piece.size(),
+                    &ReleaseChunk,
+                    new std::shared_ptr<const char>(chunk_.chunk.data))};
+    return grpc::ByteBuffer(slices, 2);
+  }
+
+  static void ReleaseChunk(void* reference) {
+    delete static_cast<std::shared_ptr<const char>*>(reference);
+  }
+
+  NodeState& node_;
+  grpc::CallbackServerContext& context_;
+  StreamWatchdog::Watch watch_;
+  v1::GetRequest request_;
+  std::optional<Caller> caller_;
+  int next_key_ = 0;
+  LocatedChunk chunk_;  // the chunk being sent; data null between chunks
+  uint64_t offset_ = 0;
+  bool header_sent_ = false;
+  bool finished_ = false;     // the last message is queued
+  grpc::ByteBuffer message_;  // in flight until OnWriteDone
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* KvCacheService::Get(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
+  return new GetReactor(node_, *context, *request);
 }
 
 grpc::Status KvCacheService::Locate(grpc::ServerContext* context,

@@ -107,7 +107,11 @@ class NodeState {
   std::atomic<bool> draining_{false};
 };
 
-class KvCacheService final : public v1::KvCache::Service {
+// Get runs on gRPC's callback API with raw messages, so that a chunk's
+// bytes go to gRPC as slices of the tier's memory, never copied into a
+// message, and no thread waits on a write; every other call is synchronous.
+class KvCacheService final
+    : public v1::KvCache::WithRawCallbackMethod_Get<v1::KvCache::Service> {
  public:
   explicit KvCacheService(NodeState& node) : node_(node) {}
 
@@ -117,8 +121,9 @@ class KvCacheService final : public v1::KvCache::Service {
   grpc::Status Put(grpc::ServerContext* context,
                    grpc::ServerReader<v1::PutRequest>* reader,
                    v1::PutResponse* response) override;
-  grpc::Status Get(grpc::ServerContext* context, const v1::GetRequest* request,
-                   grpc::ServerWriter<v1::GetResponse>* writer) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Get(
+      grpc::CallbackServerContext* context,
+      const grpc::ByteBuffer* request) override;
   grpc::Status Delete(grpc::ServerContext* context,
                       const v1::DeleteRequest* request,
                       v1::DeleteResponse* response) override;

@@ -10,7 +10,7 @@ int64_t NowNs() { return absl::GetCurrentTimeNanos(); }
 }  // namespace
 
 StreamWatchdog::Watch::Watch(StreamWatchdog& watchdog,
-                             grpc::ServerContext& context)
+                             grpc::ServerContextBase& context)
     : watchdog_(watchdog), context_(context), last_progress_ns_(NowNs()) {
   absl::MutexLock lock(&watchdog_.mu_);
   watchdog_.watches_.insert(this);

@@ -1,8 +1,9 @@
 // Cancels gRPC streams that stop moving: a Put whose client stalls
 // mid-chunk, a Get whose client stops reading. Synchronous handlers block in
 // Read or Write with no timeout of their own, holding a thread and whatever
-// the stream buffered; cancelling the call makes that Read or Write return
-// false, and the handler then frees everything on its way out.
+// the stream buffered, and a callback handler's write never completes;
+// cancelling the call makes that Read or Write fail, and the handler then
+// frees everything on its way out.
 //
 // A handler opens a Watch for its call and calls Progress() after every
 // message that moves. One background thread scans the open watches a few
@@ -27,10 +28,10 @@ namespace kvcache::kvstore {
 class StreamWatchdog {
  public:
   // One call under watch, from construction to destruction (which must
-  // happen before the call's handler returns).
+  // happen before the call's handler returns, or a callback call is done).
   class Watch {
    public:
-    Watch(StreamWatchdog& watchdog, grpc::ServerContext& context);
+    Watch(StreamWatchdog& watchdog, grpc::ServerContextBase& context);
     ~Watch();
     Watch(const Watch&) = delete;
     Watch& operator=(const Watch&) = delete;
@@ -43,7 +44,7 @@ class StreamWatchdog {
    private:
     friend class StreamWatchdog;
     StreamWatchdog& watchdog_;
-    grpc::ServerContext& context_;
+    grpc::ServerContextBase& context_;
     std::atomic<int64_t> last_progress_ns_;
     std::atomic<bool> timed_out_{false};
   };
