@@ -333,47 +333,49 @@ bool NodeState::drained() const {
   return draining() && (alone || handoff_done.load());
 }
 
-grpc::Status KvCacheService::Lookup(grpc::ServerContext* context,
-                                    const v1::LookupRequest* request,
-                                    v1::LookupResponse* response) {
+namespace {
+
+// The answers of Lookup and LookupEach, for their callback handlers.
+grpc::Status LookupPrefix(NodeState& node, grpc::CallbackServerContext* context,
+                          const v1::LookupRequest* request,
+                          v1::LookupResponse* response) {
   absl::StatusOr<Caller> caller =
-      node_.access().Admit(*context, kTenantRole | kPeerRole);
+      node.access().Admit(*context, kTenantRole | kPeerRole);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
-  if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
+  if (grpc::Status s = ValidateKeys(request->keys(), node.config().limits());
       !s.ok()) {
     return s;
   }
-  node_.lookups.fetch_add(1, std::memory_order_relaxed);
+  node.lookups.fetch_add(1, std::memory_order_relaxed);
   // Collect infos one by one: a chunk evicted between the checks shortens the
   // prefix rather than producing a hole in it.
   for (const std::string& key : request->keys()) {
-    absl::StatusOr<LocatedChunk> chunk =
-        node_.store().Peek(caller->Stored(key));
+    absl::StatusOr<LocatedChunk> chunk = node.store().Peek(caller->Stored(key));
     if (!chunk.ok()) break;
     FillInfo(key, *chunk, *response->add_chunks());
   }
   const uint32_t found = response->chunks_size();
   response->set_prefix_chunks(found);
-  node_.hits.fetch_add(found, std::memory_order_relaxed);
-  node_.misses.fetch_add(request->keys_size() - found,
-                         std::memory_order_relaxed);
+  node.hits.fetch_add(found, std::memory_order_relaxed);
+  node.misses.fetch_add(request->keys_size() - found,
+                        std::memory_order_relaxed);
   return grpc::Status::OK;
 }
 
-grpc::Status KvCacheService::LookupEach(grpc::ServerContext* context,
-                                        const v1::LookupEachRequest* request,
-                                        v1::LookupEachResponse* response) {
+grpc::Status LookupEachKey(NodeState& node,
+                           grpc::CallbackServerContext* context,
+                           const v1::LookupEachRequest* request,
+                           v1::LookupEachResponse* response) {
   absl::StatusOr<Caller> caller =
-      node_.access().Admit(*context, kTenantRole | kPeerRole);
+      node.access().Admit(*context, kTenantRole | kPeerRole);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
-  if (grpc::Status s = ValidateKeys(request->keys(), node_.config().limits());
+  if (grpc::Status s = ValidateKeys(request->keys(), node.config().limits());
       !s.ok()) {
     return s;
   }
   for (const std::string& key : request->keys()) {
     v1::ChunkInfo* info = response->add_chunks();
-    absl::StatusOr<LocatedChunk> chunk =
-        node_.store().Peek(caller->Stored(key));
+    absl::StatusOr<LocatedChunk> chunk = node.store().Peek(caller->Stored(key));
     if (chunk.ok()) {
       FillInfo(key, *chunk, *info);
     } else {
@@ -381,6 +383,24 @@ grpc::Status KvCacheService::LookupEach(grpc::ServerContext* context,
     }
   }
   return grpc::Status::OK;
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* KvCacheService::Lookup(
+    grpc::CallbackServerContext* context, const v1::LookupRequest* request,
+    v1::LookupResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(LookupPrefix(node_, context, request, response));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* KvCacheService::LookupEach(
+    grpc::CallbackServerContext* context, const v1::LookupEachRequest* request,
+    v1::LookupEachResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(LookupEachKey(node_, context, request, response));
+  return reactor;
 }
 
 grpc::Status KvCacheService::Put(grpc::ServerContext* context,

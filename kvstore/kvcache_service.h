@@ -109,15 +109,19 @@ class NodeState {
 
 // Get runs on gRPC's callback API with raw messages, so that a chunk's
 // bytes go to gRPC as slices of the tier's memory, never copied into a
-// message, and no thread waits on a write; every other call is synchronous.
+// message, and no thread waits on a write. Lookup and LookupEach, short
+// calls on every request's path, answer on gRPC's own thread instead of
+// being handed to a synchronous one. Every other call is synchronous.
 class KvCacheService final
-    : public v1::KvCache::WithRawCallbackMethod_Get<v1::KvCache::Service> {
+    : public v1::KvCache::WithCallbackMethod_Lookup<
+          v1::KvCache::WithCallbackMethod_LookupEach<
+              v1::KvCache::WithRawCallbackMethod_Get<v1::KvCache::Service>>> {
  public:
   explicit KvCacheService(NodeState& node) : node_(node) {}
 
-  grpc::Status Lookup(grpc::ServerContext* context,
-                      const v1::LookupRequest* request,
-                      v1::LookupResponse* response) override;
+  grpc::ServerUnaryReactor* Lookup(grpc::CallbackServerContext* context,
+                                   const v1::LookupRequest* request,
+                                   v1::LookupResponse* response) override;
   grpc::Status Put(grpc::ServerContext* context,
                    grpc::ServerReader<v1::PutRequest>* reader,
                    v1::PutResponse* response) override;
@@ -135,9 +139,10 @@ class KvCacheService final
   grpc::Status Stats(grpc::ServerContext* context,
                      const v1::StatsRequest* request,
                      v1::StatsResponse* response) override;
-  grpc::Status LookupEach(grpc::ServerContext* context,
-                          const v1::LookupEachRequest* request,
-                          v1::LookupEachResponse* response) override;
+  grpc::ServerUnaryReactor* LookupEach(
+      grpc::CallbackServerContext* context,
+      const v1::LookupEachRequest* request,
+      v1::LookupEachResponse* response) override;
   grpc::Status Locate(grpc::ServerContext* context,
                       const v1::LocateRequest* request,
                       v1::LocateResponse* response) override;
