@@ -1,5 +1,6 @@
 #include "client/kvcache_client.h"
 
+#include <iterator>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -188,8 +189,22 @@ absl::StatusOr<LookupResult> KvCacheClient::Lookup(
   grpc::Status status = data_->Lookup(NewContext().get(), request, &response);
   if (!status.ok()) return Annotate(status, "lookup");
   result.prefix_chunks = response.prefix_chunks();
-  result.chunks.assign(response.chunks().begin(), response.chunks().end());
+  result.chunks.assign(
+      std::make_move_iterator(response.mutable_chunks()->begin()),
+      std::make_move_iterator(response.mutable_chunks()->end()));
   return result;
+}
+
+absl::StatusOr<size_t> KvCacheClient::CountCached(
+    absl::Span<const ChunkKey> keys) {
+  if (keys.empty()) return 0;
+  v1::LookupRequest request;
+  AddKeys(keys, request);
+  request.set_count_only(true);
+  v1::LookupResponse response;
+  grpc::Status status = data_->Lookup(NewContext().get(), request, &response);
+  if (!status.ok()) return Annotate(status, "lookup");
+  return response.prefix_chunks();
 }
 
 absl::StatusOr<std::vector<v1::ChunkInfo>> KvCacheClient::LookupEach(

@@ -80,6 +80,9 @@ class KvCacheClient : public ChunkStore {
       const ClientOptions& options);
 
   absl::StatusOr<LookupResult> Lookup(absl::Span<const ChunkKey> keys) override;
+  // How many leading keys the node holds, without their infos: the
+  // cheapest lookup, for a caller that needs only the prefix's length.
+  absl::StatusOr<size_t> CountCached(absl::Span<const ChunkKey> keys);
 
   // For each key on its own (not only a leading prefix): its info if the
   // node holds it, else an entry with only the key set (tier

@@ -349,12 +349,15 @@ grpc::Status LookupPrefix(NodeState& node, grpc::CallbackServerContext* context,
   node.lookups.fetch_add(1, std::memory_order_relaxed);
   // Collect infos one by one: a chunk evicted between the checks shortens the
   // prefix rather than producing a hole in it.
+  uint32_t found = 0;
   for (const std::string& key : request->keys()) {
     absl::StatusOr<LocatedChunk> chunk = node.store().Peek(caller->Stored(key));
     if (!chunk.ok()) break;
-    FillInfo(key, *chunk, *response->add_chunks());
+    if (!request->count_only()) {
+      FillInfo(key, *chunk, *response->add_chunks());
+    }
+    ++found;
   }
-  const uint32_t found = response->chunks_size();
   response->set_prefix_chunks(found);
   node.hits.fetch_add(found, std::memory_order_relaxed);
   node.misses.fetch_add(request->keys_size() - found,

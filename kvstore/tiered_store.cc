@@ -413,6 +413,11 @@ absl::StatusOr<LocatedChunk> TieredStore::GetInMemory(absl::string_view key,
 
 absl::StatusOr<LocatedChunk> TieredStore::Peek(absl::string_view key) const {
   for (TierId tier : {TierId::kGpu, TierId::kCpu, TierId::kNvme}) {
+    // A tier this node lacks is skipped without making a status: a Lookup
+    // peeks at every key of a prompt.
+    if ((tier == TierId::kGpu && !gpu_) || (tier == TierId::kNvme && !nvme_)) {
+      continue;
+    }
     absl::StatusOr<ChunkRef> chunk = PeekTier(tier, key);
     if (chunk.ok()) {
       // Device memory is no use to callers of Peek.

@@ -144,7 +144,8 @@ typedef struct {
 } kvcache_chunk_info;
 
 /* The longest prefix of keys the node holds: *prefix_chunks, and (if infos
- * is not NULL, room for n) each prefix chunk's info. */
+ * is not NULL, room for n) each prefix chunk's info. Without infos the node
+ * only counts, which is the cheapest lookup (an engine's scheduler). */
 KVCACHE_EXPORT int kvcache_lookup(kvcache_client* client, const uint8_t* keys,
                                   size_t n, size_t* prefix_chunks,
                                   kvcache_chunk_info* infos);

@@ -1002,10 +1002,15 @@ int kvcache_lookup(kvcache_client* client, const uint8_t* keys, size_t n,
     if (prefix_chunks == nullptr) return NullArgument("prefix_chunks");
     absl::StatusOr<std::vector<ChunkKey>> parsed = Keys(keys, n);
     if (!parsed.ok()) return parsed.status();
+    if (infos == nullptr) {
+      absl::StatusOr<size_t> count = client->client->CountCached(*parsed);
+      if (!count.ok()) return count.status();
+      *prefix_chunks = *count;
+      return absl::OkStatus();
+    }
     absl::StatusOr<kvcache::LookupResult> r = client->client->Lookup(*parsed);
     if (!r.ok()) return r.status();
     *prefix_chunks = r->prefix_chunks;
-    if (infos == nullptr) return absl::OkStatus();
     for (size_t i = 0; i < r->chunks.size() && i < n; ++i) {
       const kvcache::v1::ChunkInfo& info = r->chunks[i];
       infos[i].size_bytes = info.size_bytes();

@@ -82,6 +82,8 @@ class KvcacheTest(unittest.TestCase):
                                     head_dim=m["head_dim"])
         found = self.client.lookup(prompt)
         self.assertEqual(found["prefix_chunks"], 2)
+        self.assertEqual(self.client.cached_prefix(prompt), 2)
+        self.assertEqual(self.client.cached_prefix(prompt[2:]), 0)
         self.assertEqual(found["chunks"][0]["tier"], "TIER_CPU")
         fetched = self.client.get(prompt[:2])
         restored = np.concatenate([kvcache.decode(c) for c in fetched], axis=2)

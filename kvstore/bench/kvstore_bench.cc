@@ -224,8 +224,8 @@ class StoreConnection {
   virtual absl::Status Get(const ChunkKey& key, uint64_t size) = 0;
   // Drops the chunks after a round (untimed).
   virtual absl::Status Clear(absl::Span<const ChunkKey> keys) = 0;
-  // How many of `keys` the store holds, in one call: a prefix Lookup for
-  // kvcache, EXISTS of them all for Redis.
+  // How many of `keys` the store holds, in one call: a count-only prefix
+  // Lookup for kvcache, EXISTS of them all for Redis.
   virtual absl::StatusOr<size_t> CountHeld(absl::Span<const ChunkKey> keys) = 0;
 };
 
@@ -253,9 +253,7 @@ class KvCacheConnection final : public StoreConnection {
   }
 
   absl::StatusOr<size_t> CountHeld(absl::Span<const ChunkKey> keys) override {
-    absl::StatusOr<LookupResult> result = client_->Lookup(keys);
-    if (!result.ok()) return result.status();
-    return result->prefix_chunks;
+    return client_->CountCached(keys);
   }
 
  private:

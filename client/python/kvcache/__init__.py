@@ -390,6 +390,16 @@ class Client(_Handle):
             } for i in range(prefix.value)]
         }
 
+    def cached_prefix(self, keys):
+        """How many leading chunks of `keys` the node holds, without their
+        infos: the cheapest lookup, for a scheduler that needs only the
+        cached prefix's length."""
+        data, n = _keys(keys)
+        prefix = ctypes.c_size_t(0)
+        _check(_lib.kvcache_lookup(self.handle, data, n, ctypes.byref(prefix),
+                                   None))
+        return prefix.value
+
     def put(self, keys, chunks, pin_ttl_s=0.0, chained=True, replace=False):
         """Stores chunks[i] under keys[i]; pinned for pin_ttl_s seconds if
         positive (a chat session).

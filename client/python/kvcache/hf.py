@@ -120,7 +120,7 @@ class PrefixCache:
         cached_tokens = layers[0][0].shape[-2]
         keys = self.keys(input_ids)
         keys = keys[:cached_tokens // self.chunk_tokens]
-        held = self.client.lookup(keys)["prefix_chunks"]
+        held = self.client.cached_prefix(keys)
         report = {"chunks": 0, "raw_bytes": 0, "stored_bytes": 0}
         if held == len(keys):
             return report
@@ -176,7 +176,7 @@ class PrefixCache:
         tokens = _tokens_of(input_ids)
         usable = (len(tokens) - 1) // self.chunk_tokens
         keys = self.keys(tokens)[:usable]
-        cached = self.client.lookup(keys)["prefix_chunks"] if keys else 0
+        cached = self.client.cached_prefix(keys) if keys else 0
         if cached == 0:
             return None, 0
         if device is None:
