@@ -296,10 +296,9 @@ absl::Status KvCacheClient::GetStream(
       expected_size = message.header().size_bytes();
       expected_crc = message.header().crc32c();
       received_crc = 0;
-      chunk.bytes.reserve(expected_size);
       if (!message.has_data()) continue;
     }
-    const std::string& data = message.data();
+    std::string& data = *message.mutable_data();
     if (started == delivered ||
         data.size() > expected_size - chunk.bytes.size()) {
       failed = absl::InternalError(
@@ -307,9 +306,14 @@ absl::Status KvCacheClient::GetStream(
                        ": data outside a chunk's declared size"));
       break;
     }
-    chunk.bytes.append(data);
     // The CRC32C grows as pieces arrive, so checking overlaps the transfer.
     received_crc = codec::Crc32cExtend(received_crc, data.data(), data.size());
+    if (chunk.bytes.empty() && data.size() == expected_size) {
+      chunk.bytes.swap(data);  // a chunk in one piece is not copied again
+    } else {
+      chunk.bytes.reserve(expected_size);
+      chunk.bytes.append(data);
+    }
     if (chunk.bytes.size() < expected_size) continue;
     if (received_crc != expected_crc) {
       failed = absl::DataLossError(

@@ -27,7 +27,11 @@
 //                      [--chunk_kib=256,4096,32768]
 // Needs redis-server and fio (deploy/setup.sh installs them) and a data_dir
 // on a local disk filesystem such as ext4 or xfs (not tmpfs).
+#include <arpa/inet.h>
 #include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -558,6 +562,83 @@ absl::Status CompareLookups(absl::Span<const Store> stores, int clients,
   return absl::OkStatus();
 }
 
+// GB/s of one plain TCP stream over loopback: a child process writes
+// `bytes` in 4 MiB writes from memory it touched first, this process reads
+// them into a 4 MiB buffer. The peer of a Get stream without gRPC, HTTP/2,
+// protobuf or checksums.
+absl::StatusOr<double> PlainTcpGbPerSecond(uint64_t bytes) {
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof(address);
+  if (listener < 0 ||
+      bind(listener, reinterpret_cast<sockaddr*>(&address), length) != 0 ||
+      listen(listener, 1) != 0 ||
+      getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length) !=
+          0) {
+    if (listener >= 0) close(listener);
+    return absl::InternalError("cannot listen on loopback");
+  }
+  std::vector<char> buffer(4 * kMiB, 'x');
+  const pid_t child = fork();
+  if (child == 0) {
+    const int out = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(out, reinterpret_cast<sockaddr*>(&address), length) != 0) {
+      _exit(1);
+    }
+    for (uint64_t sent = 0; sent < bytes;) {
+      const ssize_t n = write(out, buffer.data(),
+                              std::min<uint64_t>(buffer.size(), bytes - sent));
+      if (n <= 0) _exit(1);
+      sent += n;
+    }
+    _exit(0);
+  }
+  const int in = accept(listener, nullptr, nullptr);
+  close(listener);
+  if (in < 0) return absl::InternalError("accept failed");
+  const absl::Time start = absl::Now();
+  uint64_t received = 0;
+  while (received < bytes) {
+    const ssize_t n = read(in, buffer.data(), buffer.size());
+    if (n <= 0) break;
+    received += n;
+  }
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  close(in);
+  waitpid(child, nullptr, 0);
+  if (received != bytes)
+    return absl::DataLossError("the TCP stream ended early");
+  return bytes / seconds / 1e9;
+}
+
+// kvcache's Get stream (4 MiB chunks, one client) against a plain TCP
+// stream moving the same bytes between two processes, round by round.
+absl::Status CompareWithTcp(const Store& kvcache, const Payloads& payloads,
+                            uint64_t bytes, int rounds) {
+  std::printf(
+      "## Get stream against plain TCP\n\n%llu MiB a round: kvcache Get of "
+      "4 MiB chunks with one client, then one plain TCP stream between two "
+      "processes.\n\n| round | kvcache get GB/s | TCP GB/s | kvcache / TCP "
+      "|\n|---:|---:|---:|---:|\n",
+      static_cast<unsigned long long>(bytes / kMiB));
+  uint64_t next_key = 2'000'000'000;
+  for (int round = 1; round <= rounds; ++round) {
+    absl::StatusOr<CaseSamples> get =
+        RunRound(kvcache, payloads, 4 * kMiB, 1, bytes, next_key);
+    if (!get.ok()) return get.status();
+    absl::StatusOr<double> tcp = PlainTcpGbPerSecond(bytes);
+    if (!tcp.ok()) return tcp.status();
+    std::printf("| %d | %.2f | %.2f | %.0f%% |\n", round,
+                get->get.GbPerSecond(), *tcp,
+                100 * get->get.GbPerSecond() / *tcp);
+    std::fflush(stdout);
+  }
+  std::printf("\n");
+  return absl::OkStatus();
+}
+
 absl::Status RunStoreComparison(const Flags& flags) {
   const std::vector<uint64_t>& chunk_sizes = flags.chunk_sizes;
   const uint64_t case_bytes = flags.case_mib * kMiB;
@@ -615,6 +696,11 @@ absl::Status RunStoreComparison(const Flags& flags) {
     return s;
   }
   std::printf("\n");
+  if (absl::Status s =
+          CompareWithTcp(stores[0], payloads, case_bytes, flags.rounds);
+      !s.ok()) {
+    return s;
+  }
   return CompareLookups(stores, /*clients=*/8, /*lookups=*/500, flags.rounds);
 }
 
