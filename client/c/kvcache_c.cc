@@ -146,6 +146,25 @@ absl::StatusOr<FetcherOptions> FetcherOptionsOf(const kvcache_fetch_options* in,
   return options;
 }
 
+// What both fetches are asked for, checked.
+struct FetchArguments {
+  std::vector<ChunkKey> keys;
+  FetcherOptions options;
+};
+
+absl::StatusOr<FetchArguments> ParseFetch(const ::kvcache_client* client,
+                                          const uint8_t* keys, size_t n,
+                                          const kvcache_fetch_options* options,
+                                          bool for_gpu) {
+  if (client == nullptr) return NullArgument("client");
+  absl::StatusOr<std::vector<ChunkKey>> parsed = Keys(keys, n);
+  if (!parsed.ok()) return parsed.status();
+  absl::StatusOr<FetcherOptions> fetcher_options =
+      FetcherOptionsOf(options, for_gpu);
+  if (!fetcher_options.ok()) return fetcher_options.status();
+  return FetchArguments{*std::move(parsed), *std::move(fetcher_options)};
+}
+
 void WriteReport(const FetchReport& r, float first_batch_ms,
                  kvcache_fetch_report* out) {
   if (out == nullptr) return;
@@ -1159,12 +1178,10 @@ int kvcache_fetch(kvcache_client* client, const uint8_t* keys, size_t n,
                   const kvcache_fetch_options* options,
                   kvcache_fetch_report* report) {
   return Guarded([&]() -> absl::Status {
-    if (client == nullptr) return NullArgument("client");
-    absl::StatusOr<std::vector<ChunkKey>> parsed = Keys(keys, n);
-    if (!parsed.ok()) return parsed.status();
-    absl::StatusOr<kvcache::FetcherOptions> fetcher_options =
-        kvcache::c_api::FetcherOptionsOf(options, /*for_gpu=*/false);
-    if (!fetcher_options.ok()) return fetcher_options.status();
+    absl::StatusOr<kvcache::c_api::FetchArguments> fetch =
+        kvcache::c_api::ParseFetch(client, keys, n, options,
+                                   /*for_gpu=*/false);
+    if (!fetch.ok()) return fetch.status();
     if (absl::Status s = kvcache::c_api::CheckHostChunks(out, n); !s.ok()) {
       return s;
     }
@@ -1172,7 +1189,7 @@ int kvcache_fetch(kvcache_client* client, const uint8_t* keys, size_t n,
     if (n == 0) return absl::OkStatus();
     kvcache::c_api::CheckedHostSink sink(out, n);
     absl::StatusOr<kvcache::FetchReport> r =
-        client->fetchers.Fetch(*fetcher_options, *parsed, sink);
+        client->fetchers.Fetch(fetch->options, fetch->keys, sink);
     if (!r.ok()) return r.status();
     kvcache::c_api::WriteReport(*r, 0, report);
     return absl::OkStatus();
@@ -1192,12 +1209,9 @@ int kvcache_fetch_to_device(kvcache_client* client, const uint8_t* keys,
                             const kvcache_fetch_options* options,
                             kvcache_fetch_report* report) {
   return Guarded([&]() -> absl::Status {
-    if (client == nullptr) return NullArgument("client");
-    absl::StatusOr<std::vector<ChunkKey>> parsed = Keys(keys, n);
-    if (!parsed.ok()) return parsed.status();
-    absl::StatusOr<kvcache::FetcherOptions> fetcher_options =
-        kvcache::c_api::FetcherOptionsOf(options, /*for_gpu=*/true);
-    if (!fetcher_options.ok()) return fetcher_options.status();
+    absl::StatusOr<kvcache::c_api::FetchArguments> fetch =
+        kvcache::c_api::ParseFetch(client, keys, n, options, /*for_gpu=*/true);
+    if (!fetch.ok()) return fetch.status();
     // Arguments first, so their errors read the same with or without a GPU.
     absl::StatusOr<DeviceTarget> target = kvcache::c_api::ParseLayout(layout);
     if (!target.ok()) return target.status();
@@ -1214,7 +1228,7 @@ int kvcache_fetch_to_device(kvcache_client* client, const uint8_t* keys,
     if (n == 0) return absl::OkStatus();
     absl::StatusOr<kvcache::c_api::DeviceReport> r =
         kvcache::c_api::FetchToDevice(
-            client->fetchers, client->devices, *fetcher_options, *parsed,
+            client->fetchers, client->devices, fetch->options, fetch->keys,
             *target, static_cast<kvcache::codec::gpu::Stream>(stream));
     if (!r.ok()) return r.status();
     kvcache::c_api::WriteReport(r->report, r->first_batch_ms, report);
