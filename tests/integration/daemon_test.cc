@@ -301,6 +301,42 @@ TEST_F(DaemonTest, RepeatedKeysInAGetAreInvalidArgument) {
   EXPECT_EQ(client_->Get({key})->front().bytes, bytes);
 }
 
+// A Get hands the tier's memory to gRPC without copying it: a chunk deleted,
+// and its memory taken by other chunks, while its Get is in flight must
+// still arrive intact, in either framing (header alone, or with the first
+// piece).
+TEST_F(DaemonTest, ChunkDeletedDuringItsGetStillArrivesIntact) {
+  for (bool header_carries_data : {false, true}) {
+    SCOPED_TRACE(header_carries_data);
+    const std::string bytes = RandomBytes(32 << 20, header_carries_data);
+    const ChunkKey key = ContentKey(bytes);
+    ASSERT_TRUE(client_->Put({{key, bytes}}).ok());
+    grpc::ClientContext context;
+    v1::GetRequest request;
+    request.add_keys(std::string(key.AsBytes()));
+    request.set_header_carries_data(header_carries_data);
+    auto reader = stub_->Get(&context, request);
+    v1::GetResponse message;
+    ASSERT_TRUE(reader->Read(&message));
+    ASSERT_TRUE(message.has_header());
+    EXPECT_EQ(message.has_data(), header_carries_data);
+    std::string received = message.data();
+
+    ASSERT_EQ(client_->Delete({key}).value_or(0), 1u);
+    for (int i = 0; i < 16; ++i) {
+      const std::string other = RandomBytes(32 << 20, 100 + i);
+      ASSERT_TRUE(client_->Put({{ContentKey(other), other}}).ok());
+    }
+    while (reader->Read(&message)) {
+      EXPECT_FALSE(message.has_header());
+      received += message.data();
+    }
+    ASSERT_TRUE(reader->Finish().ok());
+    EXPECT_EQ(received.size(), bytes.size());
+    EXPECT_TRUE(received == bytes) << "the bytes changed under the stream";
+  }
+}
+
 TEST_F(DaemonTest, KeyKeepsItsFirstCopyUnlessThePutAsksToReplace) {
   const ChunkKey key = ContentKey("keep-first");
   const std::string first = RandomBytes(64 << 10, 11);
