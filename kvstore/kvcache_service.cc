@@ -517,8 +517,8 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   GetReactor(NodeState& node, grpc::CallbackServerContext& context,
              const grpc::ByteBuffer& request)
-      : node_(node), context_(context), watch_(node.watchdog(), context) {
-    if (grpc::Status s = Begin(request); !s.ok()) {
+      : node_(node), watch_(node.watchdog(), context) {
+    if (grpc::Status s = Begin(context, request); !s.ok()) {
       Finish(s);
       return;
     }
@@ -545,7 +545,8 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   void OnDone() override { delete this; }
 
  private:
-  grpc::Status Begin(const grpc::ByteBuffer& raw) {
+  grpc::Status Begin(const grpc::CallbackServerContext& context,
+                     const grpc::ByteBuffer& raw) {
     grpc::ByteBuffer copy(raw);  // shares the request's slices
     if (!grpc::SerializationTraits<v1::GetRequest>::Deserialize(&copy,
                                                                 &request_)
@@ -554,7 +555,7 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
                           "malformed GetRequest");
     }
     absl::StatusOr<Caller> caller =
-        node_.access().Admit(context_, kTenantRole | kPeerRole);
+        node_.access().Admit(context, kTenantRole | kPeerRole);
     if (!caller.ok()) return ToGrpcStatus(caller.status());
     caller_.emplace(*std::move(caller));
     return ValidateDistinctKeys(request_.keys(), node_.config().limits());
@@ -658,7 +659,6 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   }
 
   NodeState& node_;
-  grpc::CallbackServerContext& context_;
   StreamWatchdog::Watch watch_;
   v1::GetRequest request_;
   std::optional<Caller> caller_;

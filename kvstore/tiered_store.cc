@@ -82,6 +82,9 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(
     if (!nvme.ok()) return nvme.status();
     store->nvme_ = std::move(*nvme);
   }
+  if (store->gpu_) store->tiers_.push_back(TierId::kGpu);
+  store->tiers_.push_back(TierId::kCpu);
+  if (store->nvme_) store->tiers_.push_back(TierId::kNvme);
   return store;
 }
 
@@ -116,7 +119,7 @@ absl::StatusOr<ChunkRef> TieredStore::PeekTier(TierId tier,
 
 absl::Time TieredStore::HeldPin(absl::string_view key) const {
   absl::Time pin = absl::InfinitePast();
-  for (TierId tier : {TierId::kGpu, TierId::kCpu, TierId::kNvme}) {
+  for (TierId tier : tiers_) {
     absl::StatusOr<ChunkRef> chunk = PeekTier(tier, key);
     if (chunk.ok() && chunk->pinned) pin = std::max(pin, chunk->pin_expiry);
   }
@@ -166,7 +169,7 @@ absl::StatusOr<PutOutcome> TieredStore::Put(absl::string_view key,
 }
 
 bool TieredStore::Holds(absl::string_view key) const {
-  for (TierId tier : {TierId::kGpu, TierId::kCpu, TierId::kNvme}) {
+  for (TierId tier : tiers_) {
     if (PeekTier(tier, key).ok()) return true;
   }
   return false;
@@ -412,12 +415,7 @@ absl::StatusOr<LocatedChunk> TieredStore::GetInMemory(absl::string_view key,
 }
 
 absl::StatusOr<LocatedChunk> TieredStore::Peek(absl::string_view key) const {
-  for (TierId tier : {TierId::kGpu, TierId::kCpu, TierId::kNvme}) {
-    // A tier this node lacks is skipped without making a status: a Lookup
-    // peeks at every key of a prompt.
-    if ((tier == TierId::kGpu && !gpu_) || (tier == TierId::kNvme && !nvme_)) {
-      continue;
-    }
+  for (TierId tier : tiers_) {
     absl::StatusOr<ChunkRef> chunk = PeekTier(tier, key);
     if (chunk.ok()) {
       // Device memory is no use to callers of Peek.

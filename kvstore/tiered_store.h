@@ -243,6 +243,10 @@ class TieredStore {
   std::shared_ptr<HostArena> cpu_arena_;
   std::unique_ptr<MemoryTier> cpu_;
   std::unique_ptr<NvmeTier> nvme_;
+  // The tiers this store has, fastest first: what per-key loops walk, so
+  // that a Lookup's peek at every key of a prompt makes no status for a
+  // tier the node lacks.
+  std::vector<TierId> tiers_;
   TierCounters gpu_counters_;
   TierCounters cpu_counters_;
   TierCounters nvme_counters_;
