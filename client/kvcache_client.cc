@@ -179,32 +179,37 @@ void KvCacheClient::AddKeys(absl::Span<const ChunkKey> keys, Request& request) {
   }
 }
 
-absl::StatusOr<LookupResult> KvCacheClient::Lookup(
-    absl::Span<const ChunkKey> keys) {
-  LookupResult result;
-  if (keys.empty()) return result;
+absl::StatusOr<v1::LookupResponse> KvCacheClient::LookupCall(
+    absl::Span<const ChunkKey> keys, bool count_only) {
+  v1::LookupResponse response;
+  if (keys.empty()) return response;
   v1::LookupRequest request;
   AddKeys(keys, request);
-  v1::LookupResponse response;
+  request.set_count_only(count_only);
   grpc::Status status = data_->Lookup(NewContext().get(), request, &response);
   if (!status.ok()) return Annotate(status, "lookup");
-  result.prefix_chunks = response.prefix_chunks();
+  return response;
+}
+
+absl::StatusOr<LookupResult> KvCacheClient::Lookup(
+    absl::Span<const ChunkKey> keys) {
+  absl::StatusOr<v1::LookupResponse> response =
+      LookupCall(keys, /*count_only=*/false);
+  if (!response.ok()) return response.status();
+  LookupResult result;
+  result.prefix_chunks = response->prefix_chunks();
   result.chunks.assign(
-      std::make_move_iterator(response.mutable_chunks()->begin()),
-      std::make_move_iterator(response.mutable_chunks()->end()));
+      std::make_move_iterator(response->mutable_chunks()->begin()),
+      std::make_move_iterator(response->mutable_chunks()->end()));
   return result;
 }
 
 absl::StatusOr<size_t> KvCacheClient::CountCached(
     absl::Span<const ChunkKey> keys) {
-  if (keys.empty()) return 0;
-  v1::LookupRequest request;
-  AddKeys(keys, request);
-  request.set_count_only(true);
-  v1::LookupResponse response;
-  grpc::Status status = data_->Lookup(NewContext().get(), request, &response);
-  if (!status.ok()) return Annotate(status, "lookup");
-  return response.prefix_chunks();
+  absl::StatusOr<v1::LookupResponse> response =
+      LookupCall(keys, /*count_only=*/true);
+  if (!response.ok()) return response.status();
+  return response->prefix_chunks();
 }
 
 absl::StatusOr<std::vector<v1::ChunkInfo>> KvCacheClient::LookupEach(

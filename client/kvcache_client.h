@@ -152,6 +152,10 @@ class KvCacheClient : public ChunkStore {
 
   // A context carrying the call deadline and the token.
   std::unique_ptr<grpc::ClientContext> NewContext() const;
+  // Lookup's call (an empty response for no keys), with or without the
+  // chunks' infos.
+  absl::StatusOr<v1::LookupResponse> LookupCall(absl::Span<const ChunkKey> keys,
+                                                bool count_only);
   // Fills a repeated keys field.
   template <typename Request>
   static void AddKeys(absl::Span<const ChunkKey> keys, Request& request);
