@@ -4,18 +4,42 @@
 #include <limits>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "codec/byte_io.h"
 #include "codec/crc32c.h"
 #include "codec/format.h"
 #include "codec/group_coder.h"
 #include "codec/levels.h"
 #include "codec/quantize.h"
+#include "codec/transform.h"
 
 namespace kvcache::codec {
 namespace {
 
 using internal::Header;
 using internal::PlaneSpec;
+
+absl::Span<const internal::SinCos> NoRope() { return {}; }
+
+absl::Status CheckProfileFits(const EncodeOptions& options,
+                              const ChunkShape& shape) {
+  const ModelProfile* p = options.profile;
+  if (p == nullptr) {
+    return absl::InvalidArgumentError(
+        "a transform level needs a model profile");
+  }
+  if (p->layers != shape.layers || p->kv_heads != shape.kv_heads ||
+      p->head_dim != shape.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "profile ", ProfileIdHex(p->id), " is for ", p->layers, " layers x ",
+        p->kv_heads, " KV heads x ", p->head_dim, ", not this chunk's ",
+        shape.layers, " x ", shape.kv_heads, " x ", shape.head_dim));
+  }
+  if (uint64_t{options.first_position} + shape.tokens > (uint64_t{1} << 32)) {
+    return absl::InvalidArgumentError("token positions past 2^32");
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -26,17 +50,47 @@ size_t ChunkShape::RawBytes() const { return 2 * NumValues(); }
 
 absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
                                         absl::Span<const uint16_t> values,
-                                        Level level) {
+                                        Level level,
+                                        const EncodeOptions& options) {
   if (LevelName(level) == "unknown") {
     return absl::InvalidArgumentError("unknown level");
   }
+  const ModelProfile* profile =
+      LevelNeedsProfile(level) ? options.profile : nullptr;
   Header h;
   h.shape = shape;
   h.level = static_cast<uint8_t>(level);
   h.channel_group = internal::PickChannelGroup(shape);
+  if (profile != nullptr) {
+    h.transform_id = internal::kProfileTransform;
+    h.transform_fingerprint = internal::ProfileFingerprint(profile->id);
+    // Whole heads per channel group: the transform works on heads.
+    if (h.channel_group % shape.head_dim != 0) h.channel_group = shape.head_dim;
+  }
   if (absl::Status st = internal::ValidateHeader(h); !st.ok()) return st;
   if (values.size() != shape.NumValues()) {
     return absl::InvalidArgumentError("values.size() != shape.NumValues()");
+  }
+  if (LevelNeedsProfile(level)) {
+    if (absl::Status st = CheckProfileFits(options, shape); !st.ok()) return st;
+  }
+  std::vector<internal::SinCos> rope;
+  if (profile != nullptr && profile->rope != RopeLayout::kNone) {
+    rope = internal::RopeTable(*profile, options.first_position, shape.tokens);
+  }
+  std::vector<float> coeff(profile ? size_t{shape.tokens} * h.Channels() : 0);
+  internal::TransformSection transform;
+  if (profile != nullptr) {
+    transform.profile_id = profile->id;
+    transform.first_position = options.first_position;
+    transform.exact_tokens =
+        internal::ExactTokens(options.first_position, shape.tokens);
+    const size_t row = h.Channels();
+    for (uint32_t p = 0; p < h.Planes(); ++p) {
+      const uint16_t* first = values.data() + p * size_t{shape.tokens} * row;
+      transform.exact_values.insert(transform.exact_values.end(), first,
+                                    first + transform.exact_tokens * row);
+    }
   }
   const std::vector<internal::PlanePolicy> policies =
       internal::PlanePoliciesFor(level, shape.layers);
@@ -51,9 +105,19 @@ absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
   internal::GroupEncoder coder;
   for (uint32_t p = 0; p < h.Planes(); ++p) {
     specs[p].mode = policies[p].mode;
-    internal::QuantizePlane(h, policies[p].relative_step, &specs[p],
-                            values.data() + p * plane_values, q.data(),
-                            &scales);
+    const uint16_t* plane = values.data() + p * plane_values;
+    if (profile != nullptr) {
+      const bool is_value = p % 2 == 1;
+      internal::ForwardPlane(
+          h, {profile, p / 2, is_value, is_value ? NoRope() : rope}, plane,
+          coeff.data());
+      internal::QuantizeFloats(h, policies[p].relative_step,
+                               /*drop_quiet_channels=*/true, &specs[p],
+                               coeff.data(), q.data(), &scales);
+    } else {
+      internal::QuantizePlane(h, policies[p].relative_step, &specs[p], plane,
+                              q.data(), &scales);
+    }
     for (uint32_t cg = 0; cg < h.ChannelGroups(); ++cg) {
       const internal::GroupView view{
           &h, specs[p].bits, cg,
@@ -71,7 +135,7 @@ absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
   out.reserve(internal::kFixedHeaderBytes + 2 * specs.size() + scales.size() +
               choices.size() + tables.size() + 4 * block_ends.size() +
               payload.size() + internal::kChecksumBytes);
-  internal::WriteHeader(h, specs, &out);
+  internal::WriteHeader(h, specs, transform, &out);
   internal::ByteWriter w(&out);
   w.Bytes(scales);
   w.Bytes(absl::string_view(reinterpret_cast<const char*>(choices.data()),
@@ -100,11 +164,16 @@ absl::StatusOr<ChunkShape> PeekShape(absl::string_view bitstream) {
 absl::StatusOr<StreamSummary> PeekSummary(absl::string_view bitstream) {
   absl::StatusOr<internal::Sections> s = internal::ParseSections(bitstream);
   if (!s.ok()) return s.status();
-  return StreamSummary{s->header.shape, static_cast<Level>(s->header.level)};
+  StreamSummary summary{s->header.shape, static_cast<Level>(s->header.level)};
+  if (s->header.transform_id == internal::kProfileTransform) {
+    summary.profile_id = s->profile_id;
+    summary.first_position = s->first_position;
+  }
+  return summary;
 }
 
-absl::Status DecodeChunk(absl::string_view bitstream,
-                         absl::Span<uint16_t> out) {
+absl::Status DecodeChunk(absl::string_view bitstream, absl::Span<uint16_t> out,
+                         const ModelProfile* profile) {
   absl::StatusOr<internal::Sections> parsed =
       internal::ParseSections(bitstream);
   if (!parsed.ok()) return parsed.status();
@@ -119,6 +188,26 @@ absl::Status DecodeChunk(absl::string_view bitstream,
       reinterpret_cast<const uint8_t*>(bitstream.data()) + body);
   if (Crc32c(bitstream.substr(0, body)) != stored) {
     return absl::DataLossError("checksum mismatch");
+  }
+  const bool transform = h.transform_id == internal::kProfileTransform;
+  std::vector<internal::SinCos> rope;
+  if (transform) {
+    if (profile == nullptr || profile->id != s.profile_id) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the stream needs model profile ", ProfileIdHex(s.profile_id),
+          profile == nullptr
+              ? ", and none was given"
+              : absl::StrCat(", not ", ProfileIdHex(profile->id))));
+    }
+    if (profile->layers != h.shape.layers ||
+        profile->kv_heads != h.shape.kv_heads ||
+        profile->head_dim != h.shape.head_dim ||
+        h.channel_group % h.shape.head_dim != 0) {
+      return absl::DataLossError("the stream's shape does not fit its profile");
+    }
+    if (profile->rope != RopeLayout::kNone) {
+      rope = internal::RopeTable(*profile, s.first_position, h.shape.tokens);
+    }
   }
   const size_t plane_values = size_t{h.shape.tokens} * h.Channels();
   std::vector<absl::string_view> plane_scales(h.Planes());
@@ -157,13 +246,31 @@ absl::Status DecodeChunk(absl::string_view bitstream,
     }
     for (size_t j = 0; j < k; ++j) {
       const uint32_t p = (first + static_cast<uint32_t>(j)) / groups;
-      internal::DequantizeGroup(h, s.planes[p], plane_scales[p], views[j].cg,
-                                batch_q[j], out.data() + p * plane_values);
+      uint16_t* plane_out = out.data() + p * plane_values;
+      if (transform) {
+        const bool is_value = p % 2 == 1;
+        internal::ReconstructGroup(
+            h, {profile, p / 2, is_value, is_value ? NoRope() : rope},
+            plane_scales[p], views[j].cg, batch_q[j], plane_out);
+      } else {
+        internal::DequantizeGroup(h, s.planes[p], plane_scales[p], views[j].cg,
+                                  batch_q[j], plane_out);
+      }
     }
   }
   if (tables.remaining() != 0 || !blocks.AtEnd() ||
       blocks.last_end() != s.payload.size()) {
     return absl::DataLossError("stream has unused tables or blocks");
+  }
+  // Leading tokens stored exactly replace what the transform gave them.
+  const size_t exact_values = size_t{s.exact_tokens} * h.Channels();
+  for (uint32_t p = 0; p < h.Planes() && exact_values != 0; ++p) {
+    const auto* src =
+        reinterpret_cast<const uint8_t*>(s.exact.data()) + 2 * p * exact_values;
+    uint16_t* dst = out.data() + p * plane_values;
+    for (size_t i = 0; i < exact_values; ++i) {
+      dst[i] = internal::LoadU16(src + 2 * i);
+    }
   }
   return absl::OkStatus();
 }

@@ -14,11 +14,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "codec/profile.h"
 
 namespace kvcache::codec {
 
@@ -68,6 +70,12 @@ enum class Level : uint8_t {
   kDefault = 3,       // "default": 4-bit, more for early layers.
   kCompact = 4,       // "compact": 3-bit.
   kTiny = 5,          // "tiny": 2-bit.
+  // Transform levels (format v3): a model profile's principal components,
+  // each quantized with one step per plane, the quietest left out. They
+  // need the model's profile to encode and to decode.
+  kProfileFine = 6,      // "profile-fine"
+  kProfileBalanced = 7,  // "profile-balanced"
+  kProfileSmall = 8,     // "profile-small"
 };
 // The level used where none is named: the smallest that keeps a real model's
 // answers (on SmolLM2-135M-Instruct: perplexity within 0.01%, top-1
@@ -80,12 +88,27 @@ absl::string_view LevelName(Level level);
 // Inverse of LevelName; InvalidArgument for unknown names.
 absl::StatusOr<Level> ParseLevel(absl::string_view name);
 
+// Whether a level is a transform level (needs a ModelProfile).
+bool LevelNeedsProfile(Level level);
+
+// What a transform level needs beyond the values.
+struct EncodeOptions {
+  // The model's profile; must outlive the call and match the shape (layers,
+  // KV heads, head_dim).
+  const ModelProfile* profile = nullptr;
+  // Position of the chunk's first token in its sequence (keys carry RoPE
+  // of their positions).
+  uint32_t first_position = 0;
+};
+
 // Compresses `values` (shape.NumValues() 16-bit patterns in the layout
 // above). Returns the bitstream, or InvalidArgument if the shape is empty,
-// exceeds the limits above, or does not match values.size().
+// exceeds the limits above, or does not match values.size(), or if a
+// transform level has no profile or one of another shape.
 absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
                                         absl::Span<const uint16_t> values,
-                                        Level level);
+                                        Level level,
+                                        const EncodeOptions& options = {});
 
 // Returns the shape recorded in `bitstream` after validating its header
 // (magic, version, field ranges, section sizes against the stream length).
@@ -97,9 +120,14 @@ absl::StatusOr<ChunkShape> PeekShape(absl::string_view bitstream);
 struct StreamSummary {
   ChunkShape shape;
   Level level = kDefaultLevel;
+  // Transform streams: the profile a decoder needs, and the chunk's first
+  // token position.
+  std::optional<ProfileId> profile_id;
+  uint32_t first_position = 0;
 
   bool operator==(const StreamSummary& o) const {
-    return shape == o.shape && level == o.level;
+    return shape == o.shape && level == o.level && profile_id == o.profile_id &&
+           first_position == o.first_position;
   }
 };
 absl::StatusOr<StreamSummary> PeekSummary(absl::string_view bitstream);
@@ -108,8 +136,11 @@ absl::StatusOr<StreamSummary> PeekSummary(absl::string_view bitstream);
 // recorded shape (InvalidArgument otherwise). Verifies the CRC32C before
 // decoding and every count and offset against the buffer; on any corruption
 // returns DataLoss (contents of `out` are then unspecified) and never reads
-// or writes out of bounds.
-absl::Status DecodeChunk(absl::string_view bitstream, absl::Span<uint16_t> out);
+// or writes out of bounds. A transform stream needs `profile` to be the
+// profile it names (PeekSummary's profile_id): FailedPrecondition, naming
+// the id, if it is missing or another one.
+absl::Status DecodeChunk(absl::string_view bitstream, absl::Span<uint16_t> out,
+                         const ModelProfile* profile = nullptr);
 
 }  // namespace kvcache::codec
 

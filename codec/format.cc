@@ -19,7 +19,7 @@ absl::Status ValidateHeader(const Header& h) {
     case HeaderCheck::kTooLarge:
       return absl::InvalidArgumentError("chunk shape exceeds codec limits");
     case HeaderCheck::kTransform:
-      return absl::UnimplementedError("transforms are not supported in v1");
+      return absl::UnimplementedError("unknown transform");
     case HeaderCheck::kBadGroups:
       return absl::InvalidArgumentError("bad token or channel group");
     case HeaderCheck::kBadBlockSize:
@@ -29,8 +29,10 @@ absl::Status ValidateHeader(const Header& h) {
   }
 }
 
+uint32_t ProfileFingerprint(const ProfileId& id) { return LoadU32(id.data()); }
+
 void WriteHeader(const Header& h, const std::vector<PlaneSpec>& planes,
-                 std::string* out) {
+                 const TransformSection& transform, std::string* out) {
   const size_t at = out->size();
   out->resize(at + kFixedHeaderBytes);
   WriteFixedHeader(h, reinterpret_cast<uint8_t*>(&(*out)[at]));
@@ -38,6 +40,14 @@ void WriteHeader(const Header& h, const std::vector<PlaneSpec>& planes,
   for (const PlaneSpec& p : planes) {
     w.U8(p.bits);
     w.U8(static_cast<uint8_t>(p.mode));
+  }
+  if (h.transform_id == kProfileTransform) {
+    w.Bytes(absl::string_view(
+        reinterpret_cast<const char*>(transform.profile_id.data()),
+        transform.profile_id.size()));
+    w.U32(transform.first_position);
+    w.U32(transform.exact_tokens);
+    for (uint16_t v : transform.exact_values) w.U16(v);
   }
 }
 
@@ -100,7 +110,28 @@ absl::StatusOr<Sections> ParseSections(absl::string_view stream) {
       return absl::DataLossError("bad plane descriptor");
     }
     p.mode = static_cast<ScaleMode>(mode);
+    if (h.transform_id == kProfileTransform &&
+        p.mode != ScaleMode::kPerChannel) {
+      return absl::DataLossError("a transform stream's planes are per channel");
+    }
     scale_bytes += ScaleBytes(h, p);
+  }
+  if (h.transform_id == kProfileTransform) {
+    absl::string_view id;
+    if (!r.Bytes(s.profile_id.size(), &id) || !r.U32(&s.first_position) ||
+        !r.U32(&s.exact_tokens) || s.exact_tokens > h.shape.tokens ||
+        !r.Bytes(uint64_t{2} * s.exact_tokens * planes * h.Channels(),
+                 &s.exact)) {
+      return absl::DataLossError("truncated or bad transform section");
+    }
+    std::memcpy(s.profile_id.data(), id.data(), id.size());
+    if (ProfileFingerprint(s.profile_id) != h.transform_fingerprint) {
+      return absl::DataLossError(
+          "transform section does not match the header's fingerprint");
+    }
+    if (uint64_t{s.first_position} + h.shape.tokens > (uint64_t{1} << 32)) {
+      return absl::DataLossError("token positions past 2^32");
+    }
   }
   const uint64_t choice_bits = h.ChoiceBits();
   const uint64_t choice_bytes = (choice_bits + 7) / 8;

@@ -14,17 +14,30 @@
 #include "codec/codec.h"
 #include "codec/group_layout.h"
 #include "codec/hd.h"
+#include "codec/profile.h"
 #include "codec/rans_math.h"
 
 namespace kvcache::codec::internal {
 
 inline constexpr char kMagic[4] = {'K', 'V', 'C', 'G'};
 inline constexpr uint32_t kMagicLE = 0x4743564B;  // kMagic as a LE u32.
-// Encoders write kVersion; decoders read every version from
-// kOldestVersion on (version 2 added stored tables, which version 1
-// streams simply never use).
-inline constexpr uint8_t kVersion = 2;
+// Decoders read every version from kOldestVersion to kNewestVersion.
+// Version 2 added stored tables, which version 1 streams simply never use;
+// version 3 added the transform section. Encoders write version 3 only for
+// streams with a transform, so readers of version 2 keep reading every
+// other stream.
 inline constexpr uint8_t kOldestVersion = 1;
+inline constexpr uint8_t kPlainVersion = 2;
+inline constexpr uint8_t kTransformVersion = 3;
+inline constexpr uint8_t kNewestVersion = 3;
+
+// What the header's transform_id names.
+inline constexpr uint8_t kNoTransform = 0;
+inline constexpr uint8_t kProfileTransform = 1;  // FORMAT.md, "Transform"
+// The transform section: the profile's 16-byte id, the position of the
+// chunk's first token (u32), the number of leading tokens stored exactly
+// (u32), then those tokens' values.
+inline constexpr size_t kTransformSectionBytes = 24;
 inline constexpr size_t kFixedHeaderBytes = 52;
 inline constexpr size_t kChecksumBytes = 4;
 inline constexpr uint32_t kMaxBlockSymbols = 1u << 20;
@@ -125,7 +138,8 @@ KVCACHE_HD inline HeaderCheck CheckHeader(const Header& h) {
   if (const HeaderCheck c = CheckShape(h.shape); c != HeaderCheck::kOk) {
     return c;
   }
-  if (h.transform_id != 0 || h.transform_fingerprint != 0) {
+  if (h.transform_id > kProfileTransform ||
+      (h.transform_id == kNoTransform && h.transform_fingerprint != 0)) {
     return HeaderCheck::kTransform;
   }
   if (h.token_group == 0 || h.token_group > 0xFFFF || h.channel_group == 0 ||
@@ -162,8 +176,11 @@ KVCACHE_HD inline HeaderCheck ReadFixedHeader(const uint8_t* p, Header* h,
   h->tables_bytes = LoadU32(p + 40);
   h->num_blocks = LoadU32(p + 44);
   h->payload_bytes = LoadU32(p + 48);
-  if (*version < kOldestVersion || *version > kVersion) {
+  if (*version < kOldestVersion || *version > kNewestVersion) {
     return HeaderCheck::kBadVersion;
+  }
+  if (h->transform_id != kNoTransform && *version < kTransformVersion) {
+    return HeaderCheck::kTransform;
   }
   if (dtype > 1) return HeaderCheck::kBadDtype;
   h->shape.dtype = static_cast<DType>(dtype);
@@ -177,6 +194,13 @@ KVCACHE_HD inline HeaderCheck ReadFixedHeader(const uint8_t* p, Header* h,
 struct Sections {
   Header header;
   std::vector<PlaneSpec> planes;  // layers * 2, K then V per layer.
+  // Transform streams: the profile they need and the first token's
+  // position.
+  ProfileId profile_id{};
+  uint32_t first_position = 0;
+  uint32_t exact_tokens = 0;
+  // exact_tokens rows of every plane, [plane][token][channel], 16-bit LE.
+  absl::string_view exact;
   absl::string_view scales;
   absl::string_view
       choices;  // One bit per (plane, channel group, token group).
@@ -200,7 +224,7 @@ KVCACHE_HD inline void WriteFixedHeader(const Header& h, uint8_t* p) {
     u16(at + 2, v >> 16);
   };
   u32(0, kMagicLE);
-  p[4] = kVersion;
+  p[4] = h.transform_id == kNoTransform ? kPlainVersion : kTransformVersion;
   p[5] = static_cast<uint8_t>(h.shape.dtype);
   p[6] = h.level;
   p[7] = h.transform_id;
@@ -220,9 +244,22 @@ KVCACHE_HD inline void WriteFixedHeader(const Header& h, uint8_t* p) {
   u32(48, h.payload_bytes);
 }
 
-// Appends the fixed header and plane descriptors.
+// Appends the fixed header, plane descriptors and, for transform streams,
+// the transform section.
+// What a transform stream's section holds; exact_values are the leading
+// tokens' values in the section's order.
+struct TransformSection {
+  ProfileId profile_id{};
+  uint32_t first_position = 0;
+  uint32_t exact_tokens = 0;
+  std::vector<uint16_t> exact_values;
+};
 void WriteHeader(const Header& h, const std::vector<PlaneSpec>& planes,
-                 std::string* out);
+                 const TransformSection& transform, std::string* out);
+
+// The header's transform_fingerprint for a profile: its id's first four
+// bytes, little-endian.
+uint32_t ProfileFingerprint(const ProfileId& id);
 
 // The channel group the encoder uses for a shape: whole heads keep a head's
 // statistics together; at least 64 channels amortize the tables on models

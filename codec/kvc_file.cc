@@ -302,7 +302,8 @@ absl::StatusOr<KvcFile> ReadKvcFile(const std::string& path) {
 
 absl::StatusOr<std::string> EncodeKvc(const ChunkShape& dump_shape,
                                       absl::Span<const uint16_t> values,
-                                      Level level, uint32_t chunk_tokens) {
+                                      Level level, uint32_t chunk_tokens,
+                                      const ModelProfile* profile) {
   if (chunk_tokens == 0 || chunk_tokens > kMaxTokens) {
     return absl::InvalidArgumentError(absl::StrCat(
         "chunk tokens must be in 1..", kMaxTokens, ", not ", chunk_tokens));
@@ -330,7 +331,10 @@ absl::StatusOr<std::string> EncodeKvc(const ChunkShape& dump_shape,
           values.data() + (p * dump_shape.tokens + t0) * row;
       chunk.insert(chunk.end(), first, first + size_t{s.tokens} * row);
     }
-    absl::StatusOr<std::string> stream = EncodeChunk(s, chunk, level);
+    EncodeOptions options;
+    options.profile = profile;
+    options.first_position = t0;
+    absl::StatusOr<std::string> stream = EncodeChunk(s, chunk, level, options);
     if (!stream.ok()) return stream.status();
     streams.push_back(*std::move(stream));
     t0 += s.tokens;
@@ -338,7 +342,8 @@ absl::StatusOr<std::string> EncodeKvc(const ChunkShape& dump_shape,
   return SerializeKvc(dump_shape, streams);
 }
 
-absl::Status DecodeKvcToFile(const KvcFile& file, const std::string& path) {
+absl::Status DecodeKvcToFile(const KvcFile& file, const std::string& path,
+                             const ModelProfile* profile) {
   const int fd =
       open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return IoError(absl::StatusCode::kUnknown, "create", path);
@@ -360,7 +365,8 @@ absl::Status DecodeKvcToFile(const KvcFile& file, const std::string& path) {
                        " bytes of memory to decode"));
       break;
     }
-    if (absl::Status st = DecodeChunk(file.Stream(i), absl::MakeSpan(values));
+    if (absl::Status st =
+            DecodeChunk(file.Stream(i), absl::MakeSpan(values), profile);
         !st.ok()) {
       status = absl::Status(
           st.code(),

@@ -96,18 +96,22 @@ absl::StatusOr<KvcFile> ReadKvcFile(const std::string& path);
 // with `dump_shape`, into chunks of `chunk_tokens` tokens (the last may be
 // shorter), encodes each at `level`, and returns the file. InvalidArgument
 // for a size mismatch, chunk_tokens outside [1, kMaxTokens] or a shape the
-// codec does not take.
+// codec does not take. Transform levels need `profile`; each chunk's first
+// position is its first token's index in the dump.
 absl::StatusOr<std::string> EncodeKvc(const ChunkShape& dump_shape,
                                       absl::Span<const uint16_t> values,
-                                      Level level, uint32_t chunk_tokens);
+                                      Level level, uint32_t chunk_tokens,
+                                      const ModelProfile* profile = nullptr);
 
 // Decodes every chunk of `file` and writes the dump to `path` in the layout
 // above, chunks re-joined along tokens, fp16/bf16 little-endian: a lossless
 // file gives back the original dump byte for byte. Holds one decoded chunk
 // in memory at a time. If a stream fails to decode, DataLoss naming
 // file.path and the chunk; if writing fails, Unknown naming `path`. The
-// partial output is then removed.
-absl::Status DecodeKvcToFile(const KvcFile& file, const std::string& path);
+// partial output is then removed. Transform streams need `profile`
+// (FailedPrecondition naming the one they need otherwise).
+absl::Status DecodeKvcToFile(const KvcFile& file, const std::string& path,
+                             const ModelProfile* profile = nullptr);
 
 }  // namespace kvcache::codec
 

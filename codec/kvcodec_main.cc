@@ -3,6 +3,8 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
+#include "codec/calibrate.h"
 #include "codec/codec.h"
 #include "codec/kv_dump.h"
 #include "codec/kvc_file.h"
@@ -20,9 +23,10 @@ namespace kvcache::codec {
 namespace {
 
 constexpr char kUsage[] =
-    R"(usage: kvcodec encode [--level=LEVEL] [--chunk_tokens=N] MANIFEST.json OUT.kvc
-       kvcodec decode IN.kvc OUT.kv
+    R"(usage: kvcodec encode [--level=LEVEL] [--chunk_tokens=N] [--profile=P.kvp] MANIFEST.json OUT.kvc
+       kvcodec decode [--profile=P.kvp] IN.kvc OUT.kv
        kvcodec info IN.kvc
+       kvcodec calibrate [--rope=adjacent|halves|none] [--rope_theta=BASE] MANIFEST.json... OUT.kvp
 
 Compresses a KV-cache dump with the kvcache chunk codec.
 
@@ -33,11 +37,25 @@ Compresses a KV-cache dump with the kvcache chunk codec.
           [layer][k_or_v][token][kv_head][head_dim], 16-bit little-endian;
           after --level=lossless it is byte-identical to the dump's .kv file
   info    each chunk's first token, tokens, level, dtype, shape, bytes and
-          ratio against fp16, then the totals
+          ratio against fp16, then the totals, and the profile a
+          transform level's chunks need
+  calibrate
+          make a model profile (codec/profile.h) from calibration dumps of
+          one model, for the transform levels (profile-*): per layer, K/V
+          and KV head, the principal components of the head's channels,
+          keys with RoPE undone; use texts other than the ones judged
 
-  --level=LEVEL     lossless, near-lossless, high, default, compact or tiny
-                    (default: near-lossless); error bounds in codec/README.md
+  --level=LEVEL     lossless, near-lossless, high, default, compact, tiny,
+                    profile-fine, profile-balanced or profile-small (default:
+                    near-lossless); what each promises: codec/README.md
   --chunk_tokens=N  tokens per chunk, 1..16777216 (default: 256)
+  --profile=P.kvp   the model profile the profile-* levels encode with and
+                    their chunks decode with
+  --rope=LAYOUT     which channels the model's RoPE rotates together:
+                    adjacent (2j, 2j+1; GGUF models, default), halves
+                    (j, j + head_dim/2; Hugging Face) or none
+  --rope_theta=BASE the model's RoPE base (SmolLM2: 100000); needed unless
+                    --rope=none
 
 exit status: 0 done; 1 a file could not be read, written or decoded;
 2 bad usage
@@ -51,6 +69,10 @@ struct Args {
   Level level = kDefaultLevel;
   uint32_t chunk_tokens = 256;
   bool encode_flags = false;  // --level or --chunk_tokens was given.
+  std::string profile;        // --profile
+  RopeLayout rope = RopeLayout::kAdjacentPairs;
+  double rope_theta = 0;
+  bool calibrate_flags = false;  // --rope or --rope_theta was given.
   bool help = false;
 };
 
@@ -72,13 +94,27 @@ std::string ParseArgs(int argc, char** argv, Args& args) {
       args.help = true;
     } else if (absl::ConsumePrefix(&arg, "--level=")) {
       absl::StatusOr<Level> level = ParseLevel(arg);
-      if (!level.ok()) {
-        return absl::StrCat("unknown level '", arg,
-                            "'; levels: lossless, near-lossless, high, "
-                            "default, compact, tiny");
-      }
+      if (!level.ok()) return std::string(level.status().message());
       args.level = *level;
       args.encode_flags = true;
+    } else if (absl::ConsumePrefix(&arg, "--profile=")) {
+      args.profile = std::string(arg);
+    } else if (absl::ConsumePrefix(&arg, "--rope=")) {
+      if (arg == "adjacent") {
+        args.rope = RopeLayout::kAdjacentPairs;
+      } else if (arg == "halves") {
+        args.rope = RopeLayout::kHalves;
+      } else if (arg == "none") {
+        args.rope = RopeLayout::kNone;
+      } else {
+        return absl::StrCat("--rope=", arg, " is not adjacent, halves or none");
+      }
+      args.calibrate_flags = true;
+    } else if (absl::ConsumePrefix(&arg, "--rope_theta=")) {
+      if (!absl::SimpleAtod(arg, &args.rope_theta) || !(args.rope_theta > 1)) {
+        return absl::StrCat("--rope_theta=", arg, " is not a number above 1");
+      }
+      args.calibrate_flags = true;
     } else if (absl::ConsumePrefix(&arg, "--chunk_tokens=")) {
       if (!absl::SimpleAtoi(arg, &args.chunk_tokens) ||
           args.chunk_tokens == 0 || args.chunk_tokens > kMaxTokens) {
@@ -112,17 +148,44 @@ absl::Status WriteFile(const std::string& path, const std::string& bytes) {
   return absl::OkStatus();
 }
 
+// The profile --profile names, or none when the flag is absent.
+absl::StatusOr<std::optional<ModelProfile>> LoadProfileFlag(const Args& args) {
+  if (args.profile.empty()) return std::nullopt;
+  std::ifstream in(args.profile, std::ios::binary);
+  if (!in)
+    return absl::NotFoundError(absl::StrCat("cannot read ", args.profile));
+  const std::string bytes((std::istreambuf_iterator<char>(in)),
+                          std::istreambuf_iterator<char>());
+  absl::StatusOr<ModelProfile> profile = ParseProfile(bytes);
+  if (!profile.ok()) {
+    return absl::Status(
+        profile.status().code(),
+        absl::StrCat(args.profile, ": ", profile.status().message()));
+  }
+  return std::optional<ModelProfile>(*std::move(profile));
+}
+
+const ModelProfile* OrNull(const std::optional<ModelProfile>& p) {
+  return p ? &*p : nullptr;
+}
+
 int Encode(const Args& args) {
   if (args.positional.size() != 3) {
     return UsageError("encode takes MANIFEST.json and OUT.kvc");
   }
+  if (LevelNeedsProfile(args.level) && args.profile.empty()) {
+    return UsageError(absl::StrCat("--level=", LevelName(args.level),
+                                   " needs --profile (kvcodec calibrate)"));
+  }
+  absl::StatusOr<std::optional<ModelProfile>> profile = LoadProfileFlag(args);
+  if (!profile.ok()) return Failed(profile.status());
   const std::string& manifest = args.positional[1];
   const std::string& out_path = args.positional[2];
   absl::StatusOr<KvDump> dump = LoadKvDump(manifest);
   if (!dump.ok()) return Failed(dump.status());
   const auto start = std::chrono::steady_clock::now();
-  absl::StatusOr<std::string> file =
-      EncodeKvc(dump->shape, dump->kv, args.level, args.chunk_tokens);
+  absl::StatusOr<std::string> file = EncodeKvc(
+      dump->shape, dump->kv, args.level, args.chunk_tokens, OrNull(*profile));
   if (!file.ok()) {
     return Failed(
         absl::Status(file.status().code(),
@@ -151,8 +214,11 @@ int Decode(const Args& args) {
   const std::string& out_path = args.positional[2];
   absl::StatusOr<KvcFile> file = ReadKvcFile(args.positional[1]);
   if (!file.ok()) return Failed(file.status());
+  absl::StatusOr<std::optional<ModelProfile>> profile = LoadProfileFlag(args);
+  if (!profile.ok()) return Failed(profile.status());
   const auto start = std::chrono::steady_clock::now();
-  if (absl::Status st = DecodeKvcToFile(*file, out_path); !st.ok()) {
+  if (absl::Status st = DecodeKvcToFile(*file, out_path, OrNull(*profile));
+      !st.ok()) {
     return Failed(st);
   }
   const double seconds = SecondsSince(start);
@@ -201,6 +267,50 @@ int Info(const Args& args) {
   absl::PrintF("file: %u bytes (%u of header and index), %.2fx\n",
                file->bytes.size(), file->bytes.size() - stream_bytes,
                Ratio(raw, file->bytes.size()));
+  for (const KvcChunk& c : index.chunks) {
+    if (c.summary.profile_id) {
+      absl::PrintF("decoding needs model profile %s\n",
+                   ProfileIdHex(*c.summary.profile_id));
+      break;
+    }
+  }
+  return 0;
+}
+
+int Calibrate(const Args& args) {
+  if (args.positional.size() < 3) {
+    return UsageError("calibrate takes MANIFEST.json... and OUT.kvp");
+  }
+  if (args.rope != RopeLayout::kNone && args.rope_theta == 0) {
+    return UsageError("calibrate needs --rope_theta (or --rope=none)");
+  }
+  const std::string& out_path = args.positional.back();
+  std::optional<ProfileCalibrator> calibrator;
+  for (size_t i = 1; i + 1 < args.positional.size(); ++i) {
+    absl::StatusOr<KvDump> dump = LoadKvDump(args.positional[i]);
+    if (!dump.ok()) return Failed(dump.status());
+    if (!calibrator) {
+      calibrator.emplace(
+          dump->shape.layers, dump->shape.kv_heads, dump->shape.head_dim,
+          args.rope,
+          args.rope == RopeLayout::kNone
+              ? std::vector<double>{}
+              : RopeInverseFrequencies(args.rope_theta, dump->shape.head_dim));
+    }
+    if (absl::Status st = calibrator->Add(dump->shape, dump->kv, 0); !st.ok()) {
+      return Failed(absl::Status(
+          st.code(), absl::StrCat(args.positional[i], ": ", st.message())));
+    }
+  }
+  absl::StatusOr<ModelProfile> profile = calibrator->Finish();
+  if (!profile.ok()) return Failed(profile.status());
+  const std::string bytes = SerializeProfile(*profile);
+  if (absl::Status st = WriteFile(out_path, bytes); !st.ok()) return Failed(st);
+  absl::PrintF(
+      "%s: profile %s of %u layers x %u KV heads x %u from %u tokens, "
+      "%u bytes\n",
+      out_path, ProfileIdHex(profile->id), profile->layers, profile->kv_heads,
+      profile->head_dim, calibrator->tokens(), bytes.size());
   return 0;
 }
 
@@ -224,9 +334,18 @@ int Run(int argc, char** argv) {
                      "not ",
                      command));
   }
+  if (command != "calibrate" && args.calibrate_flags) {
+    return UsageError(absl::StrCat(
+        "--rope and --rope_theta are for calibrate, not ", command));
+  }
+  if (command != "encode" && command != "decode" && !args.profile.empty()) {
+    return UsageError(
+        absl::StrCat("--profile is for encode and decode, not ", command));
+  }
   if (command == "encode") return Encode(args);
   if (command == "decode") return Decode(args);
   if (command == "info") return Info(args);
+  if (command == "calibrate") return Calibrate(args);
   return UsageError(absl::StrCat("unknown command '", command, "'"));
 }
 

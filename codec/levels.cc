@@ -13,16 +13,23 @@ struct LevelInfo {
   float key_step;    // Relative step for keys in later layers.
   float value_step;  // Relative step for values in later layers.
   float early;       // Step multiplier for the first quarter of the layers.
+  bool transform = false;  // Quantizes the profile's components.
 };
 
 // Tuned on the real dumps against KIVI at equal size; see README.md.
-constexpr std::array<LevelInfo, 6> kLevels = {{
+// The transform levels' steps are relative to the spread of the chunk's
+// components, so each is a target for the plane's relative RMS error
+// (step / sqrt(12)); tuned on SmolLM2's perplexity, see README.md.
+constexpr std::array<LevelInfo, 9> kLevels = {{
     {Level::kLossless, "lossless", 0, 0, 1},
     {Level::kNearLossless, "near-lossless", 0.011f, 0.019f, 1},
     {Level::kHigh, "high", 0.22f, 0.22f, 1},
     {Level::kDefault, "default", 1.1f, 1.1f, 0.6f},
     {Level::kCompact, "compact", 1.5f, 1.5f, 0.6f},
     {Level::kTiny, "tiny", 2.2f, 2.2f, 0.6f},
+    {Level::kProfileFine, "profile-fine", 0.12f, 0.12f, 1, true},
+    {Level::kProfileBalanced, "profile-balanced", 0.25f, 0.3f, 1, true},
+    {Level::kProfileSmall, "profile-small", 0.5f, 0.6f, 1, true},
 }};
 
 const LevelInfo* Find(Level level) {
@@ -43,10 +50,17 @@ absl::StatusOr<Level> ParseLevel(absl::string_view name) {
   for (const LevelInfo& info : kLevels) {
     if (info.name == name) return info.level;
   }
-  return absl::InvalidArgumentError(absl::StrCat("unknown level \"", name,
-                                                 "\"; expected lossless, "
-                                                 "near-lossless, high, "
-                                                 "default, compact or tiny"));
+  std::string names;
+  for (const LevelInfo& info : kLevels) {
+    absl::StrAppend(&names, names.empty() ? "" : ", ", info.name);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown level \"", name, "\"; expected one of ", names));
+}
+
+bool LevelNeedsProfile(Level level) {
+  const LevelInfo* info = Find(level);
+  return info != nullptr && info->transform;
 }
 
 namespace internal {
@@ -59,7 +73,9 @@ std::vector<PlanePolicy> PlanePoliciesFor(Level level, uint32_t layers) {
   for (uint32_t l = 0; l < layers; ++l) {
     const float scale = l < early ? info->early : 1.0f;
     policies[2 * l] = {ScaleMode::kPerChannel, info->key_step * scale};
-    policies[2 * l + 1] = {ScaleMode::kPerGroup, info->value_step * scale};
+    policies[2 * l + 1] = {
+        info->transform ? ScaleMode::kPerChannel : ScaleMode::kPerGroup,
+        info->value_step * scale};
   }
   return policies;
 }

@@ -19,6 +19,18 @@ struct PlanePolicy {
 // steps (more bits): their errors propagate through every later layer.
 std::vector<PlanePolicy> PlanePoliciesFor(Level level, uint32_t layers);
 
+// Transform levels store the tokens at the first kExactPositions positions
+// of a sequence exactly: models park a large share of their attention there
+// (attention sinks; on SmolLM2 a third of it on position 0), so their
+// errors cost far more than other tokens'. Returns how many of a chunk's
+// leading tokens that is.
+inline constexpr uint32_t kExactPositions = 4;
+inline uint32_t ExactTokens(uint32_t first_position, uint32_t tokens) {
+  if (first_position >= kExactPositions) return 0;
+  const uint32_t n = kExactPositions - first_position;
+  return n < tokens ? n : tokens;
+}
+
 }  // namespace kvcache::codec::internal
 
 #endif  // KVCACHE_CODEC_LEVELS_H_

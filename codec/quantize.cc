@@ -95,7 +95,8 @@ bool HaveF16C() {
 }
 #endif
 
-// x[i] = ToFloat(src[i], dtype) for i < n.
+}  // namespace
+
 void ValuesToFloat(const uint16_t* src, size_t n, DType dtype, float* x) {
   size_t i = 0;
 #if defined(__x86_64__)
@@ -103,6 +104,8 @@ void ValuesToFloat(const uint16_t* src, size_t n, DType dtype, float* x) {
 #endif
   for (; i < n; ++i) x[i] = ToFloat(src[i], dtype);
 }
+
+namespace {
 
 template <DType kType>
 void DequantizeGroupT(const Header& h, const PlaneSpec& spec,
@@ -157,6 +160,16 @@ void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
   }
   std::vector<float> x(size_t{tokens} * row);
   ValuesToFloat(src, x.size(), dtype, x.data());
+  QuantizeFloats(h, relative_step, /*drop_quiet_channels=*/false, spec,
+                 x.data(), q, scales);
+}
+
+void QuantizeFloats(const Header& h, float relative_step,
+                    bool drop_quiet_channels, PlaneSpec* spec, const float* x,
+                    uint16_t* q, std::string* scales) {
+  const uint32_t row = h.Channels();
+  const uint32_t tokens = h.shape.tokens;
+  const DType dtype = h.shape.dtype;
   // The sets sharing one affine map: channels, or (token group, channel
   // group) tiles.
   const bool per_channel = spec->mode == ScaleMode::kPerChannel;
@@ -190,9 +203,19 @@ void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
   double plane_var = 0;
   for (const Stats& st : stats) plane_var += st.Variance();
   const float plane_step = SpreadStep(relative_step, plane_var / groups);
+  // A channel whose spread is under the step's own rounding noise
+  // (step^2 / 12) costs more to code than it removes: with
+  // drop_quiet_channels it is left out (offset and step 0), which is
+  // reverse water-filling for a uniform quantizer.
+  const double noise = double{plane_step} * plane_step / 12;
+  std::vector<bool> dropped(groups, false);
   std::vector<float> step(groups);
   float levels = 1;
   for (uint32_t g = 0; g < groups; ++g) {
+    if (drop_quiet_channels && per_channel && stats[g].Variance() < noise) {
+      dropped[g] = true;
+      continue;
+    }
     const SetFit fit =
         FitSet(stats[g],
                per_channel ? plane_step
@@ -205,6 +228,11 @@ void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
   std::vector<Quantizer> quant;
   quant.reserve(groups);
   for (uint32_t g = 0; g < groups; ++g) {
+    if (dropped[g]) {
+      ByteWriter(scales).U32(0);
+      quant.emplace_back(Affine{0.0f, 0.0f}, spec->bits);
+      continue;
+    }
     quant.emplace_back(Fit(stats[g].Mean(), step[g], spec->bits, dtype, scales),
                        spec->bits);
   }

@@ -14,6 +14,9 @@
 
 namespace kvcache::codec::internal {
 
+// x[i] = ToFloat(src[i], dtype) for i < n (F16C where the CPU has it).
+void ValuesToFloat(const uint16_t* src, size_t n, DType dtype, float* x);
+
 // Replaces q (tokens x channels, row-major) with the integers for plane
 // values `src` (same layout) and appends the plane's scale section
 // (ScaleBytes(h, *spec) bytes). The quantization step is `relative_step`
@@ -21,6 +24,13 @@ namespace kvcache::codec::internal {
 // is set to the width the integers need. For kIdentity, q is a copy of src.
 void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
                    const uint16_t* src, uint16_t* q, std::string* scales);
+
+// QuantizePlane for values already in float (x, tokens x channels). With
+// drop_quiet_channels (per-channel mode only), channels whose variance is
+// under step^2 / 12 get offset and step 0, so all their integers are 0.
+void QuantizeFloats(const Header& h, float relative_step,
+                    bool drop_quiet_channels, PlaneSpec* spec, const float* x,
+                    uint16_t* q, std::string* scales);
 
 // Writes channel group `cg` of a plane: integers q (tokens x channel_group,
 // row-major) become values in out (tokens x channels). `plane_scales` is the

@@ -136,6 +136,8 @@ __device__ int32_t ParseHeader(const DecodeChunk& c, const DeviceLayout& l,
     default:
       return kBadHeader;
   }
+  // Transform streams (format v3) decode on the CPU, with their profile.
+  if (h->transform_id != kNoTransform) return kUnsupported;
   if (h->shape.layers != l.layers || h->shape.kv_heads != l.kv_heads ||
       h->shape.head_dim != l.head_dim || h->shape.dtype != l.dtype ||
       h->shape.tokens != c.tokens) {

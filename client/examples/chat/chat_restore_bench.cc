@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,7 @@
 #include "absl/time/clock.h"
 #include "client/examples/chat/chat_session.h"
 #include "client/examples/chat/llama_model.h"
+#include "client/examples/chat/model_profile.h"
 #include "client/examples/chat/paged_kv_cache.h"
 #include "client/examples/chat/quality_harness.h"
 #include "client/examples/chat/real_text.h"
@@ -111,7 +113,27 @@ absl::Status Quality(const BenchOptions& options, const LlamaModel& model,
   if (!chats.ok()) return chats.status();
   conversations->insert(conversations->end(), chats->begin(), chats->end());
 
-  QualityHarness harness(model, options.model, &store, options.chunk_tokens);
+  // The transform levels need the model's profile: calibrated here on the
+  // calibration set, as a worker would before its first store.
+  std::optional<codec::ModelProfile> profile;
+  if (std::any_of(variants->begin(), variants->end(), [](const Variant& v) {
+        return v.level.has_value() && codec::LevelNeedsProfile(*v.level);
+      })) {
+    absl::StatusOr<std::vector<Document>> calibration =
+        LoadDocuments(options.docs, TextSet::kCalibration);
+    if (!calibration.ok()) return calibration.status();
+    const absl::Time calibration_start = absl::Now();
+    absl::StatusOr<codec::ModelProfile> made =
+        CalibrateModelProfile(model, tokenizer, *calibration, {});
+    if (!made.ok()) return made.status();
+    profile = *std::move(made);
+    std::printf("Model profile %s from %d calibration tokens, %.1f s\n\n",
+                codec::ProfileIdHex(profile->id).c_str(),
+                CalibrationOptions().tokens,
+                absl::ToDoubleSeconds(absl::Now() - calibration_start));
+  }
+  QualityHarness harness(model, options.model, &store, options.chunk_tokens,
+                         profile ? &*profile : nullptr);
   absl::StatusOr<std::vector<VariantResult>> results =
       harness.Run(*conversations, *variants);
   if (!results.ok()) return results.status();

@@ -121,8 +121,11 @@ absl::StatusOr<StoreStats> ChatSession::Store(
         cache_->ExportChunk(seq, begin, end);
     if (!chunk.ok()) return chunk.status();
     shape.tokens = end - begin;
+    codec::EncodeOptions encode_options;
+    encode_options.profile = options_.profile;
+    encode_options.first_position = static_cast<uint32_t>(begin);
     absl::StatusOr<std::string> bits =
-        codec::EncodeChunk(shape, *chunk, options_.level);
+        codec::EncodeChunk(shape, *chunk, options_.level, encode_options);
     if (!bits.ok()) return bits.status();
     stats.raw_bytes += shape.RawBytes();
     stats.sent_bytes += bits->size();
@@ -231,7 +234,8 @@ absl::Status ChatSession::Fetch(SequenceId seq, absl::Span<const ChunkKey> keys,
                        want.tokens, "x", want.kv_heads, "x", want.head_dim));
     }
     values.resize(shape->NumValues());
-    if (absl::Status status = codec::DecodeChunk(bytes, absl::MakeSpan(values));
+    if (absl::Status status =
+            codec::DecodeChunk(bytes, absl::MakeSpan(values), options_.profile);
         !status.ok()) {
       return status;
     }

@@ -61,6 +61,9 @@ absl::StatusOr<KeySpace> ChatKeySpace(const std::string& checkpoint_path,
 
 struct ChatSessionOptions {
   codec::Level level = codec::kDefaultLevel;
+  // The model's profile, which the transform levels (codec::LevelNeedsProfile)
+  // encode and decode with; must outlive the session.
+  const codec::ModelProfile* profile = nullptr;
   // How long a stored turn stays pinned: the time a user may take to reply.
   absl::Duration pin_ttl = absl::Minutes(10);
 };

@@ -167,7 +167,8 @@ std::vector<Variant> DefaultVariants() {
   for (codec::Level level :
        {codec::Level::kLossless, codec::Level::kNearLossless,
         codec::Level::kHigh, codec::Level::kDefault, codec::Level::kCompact,
-        codec::Level::kTiny}) {
+        codec::Level::kTiny, codec::Level::kProfileFine,
+        codec::Level::kProfileBalanced, codec::Level::kProfileSmall}) {
     variants.push_back({std::string(codec::LevelName(level)), level, 0});
   }
   for (int bits : {8, 4, 2}) {
@@ -258,6 +259,7 @@ absl::Status QualityHarness::RunVariant(const Conversation& conversation,
     if (!space.ok()) return space.status();
     ChatSessionOptions options;
     options.level = *variant.level;
+    options.profile = profile_;
     absl::StatusOr<ChatSession> created =
         ChatSession::Create(&*cache, store_, *space, options);
     if (!created.ok()) return created.status();

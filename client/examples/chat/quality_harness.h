@@ -120,12 +120,16 @@ class QualityHarness {
  public:
   // `store` and `model` must outlive the harness; `model_path` names the
   // model's file for its key space.
+  // `profile`, which the transform levels need, must outlive the harness
+  // too.
   QualityHarness(const LlamaModel& model, std::string model_path,
-                 ChunkStore* store, uint32_t chunk_tokens)
+                 ChunkStore* store, uint32_t chunk_tokens,
+                 const codec::ModelProfile* profile = nullptr)
       : model_(model),
         model_path_(std::move(model_path)),
         store_(store),
-        chunk_tokens_(chunk_tokens) {}
+        chunk_tokens_(chunk_tokens),
+        profile_(profile) {}
 
   // Runs every conversation for the reference and each variant. Stored
   // chunks are deleted after each conversation. Errors: the model's, the
@@ -151,6 +155,7 @@ class QualityHarness {
   std::string model_path_;
   ChunkStore* store_;
   uint32_t chunk_tokens_;
+  const codec::ModelProfile* profile_;
 };
 
 }  // namespace kvcache::chat

@@ -1,0 +1,32 @@
+// A worker's own model profile (codec/profile.h) for the codec's transform
+// levels, calibrated from the KV its model computes over calibration text
+// (real_text.h's calibration set, never the text the levels are judged on).
+//
+// Not thread-safe; runs on the calling thread (BLAS uses every core).
+#ifndef KVCACHE_CLIENT_EXAMPLES_CHAT_MODEL_PROFILE_H_
+#define KVCACHE_CLIENT_EXAMPLES_CHAT_MODEL_PROFILE_H_
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "client/examples/chat/llama_model.h"
+#include "client/examples/chat/real_text.h"
+#include "client/examples/model/bpe_tokenizer.h"
+#include "codec/profile.h"
+
+namespace kvcache::chat {
+
+struct CalibrationOptions {
+  int tokens = 8192;               // KV tokens to calibrate on, in all
+  int tokens_per_document = 2048;  // taken from the start of each document
+};
+
+// Runs the documents, in order, through the model until options.tokens
+// tokens of KV are collected, and makes the profile of that KV (RoPE as the
+// model applies it). NOT_FOUND if the documents hold too few tokens.
+absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
+    const LlamaModel& model, const model::BpeTokenizer& tokenizer,
+    absl::Span<const Document> documents, const CalibrationOptions& options);
+
+}  // namespace kvcache::chat
+
+#endif  // KVCACHE_CLIENT_EXAMPLES_CHAT_MODEL_PROFILE_H_

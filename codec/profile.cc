@@ -1,0 +1,193 @@
+#include "codec/profile.h"
+
+#include <openssl/evp.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "codec/byte_io.h"
+#include "codec/codec.h"
+
+namespace kvcache::codec {
+namespace {
+
+constexpr char kProfileMagic[4] = {'K', 'V', 'C', 'P'};
+constexpr uint8_t kProfileVersion = 1;
+constexpr size_t kProfileHeaderBytes = 20;
+// How far a basis may be from orthonormal (any entry of B B^T - I): a
+// float32 basis of a well-conditioned eigensolver is within 1e-6.
+constexpr double kOrthonormalTolerance = 1e-4;
+
+size_t RopePairs(const ModelProfile& p) {
+  return p.rope == RopeLayout::kNone ? 0 : p.head_dim / 2;
+}
+
+void AppendF32(internal::ByteWriter* w, float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  w->U32(bits);
+}
+
+float ReadF32(const char* p) {
+  uint32_t bits = internal::LoadU32(reinterpret_cast<const uint8_t*>(p));
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+ProfileId Sha256Prefix(absl::string_view bytes) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int size = 0;
+  EVP_Digest(bytes.data(), bytes.size(), digest, &size, EVP_sha256(), nullptr);
+  ProfileId id;
+  std::memcpy(id.data(), digest, id.size());
+  return id;
+}
+
+absl::Status CheckProfile(const ModelProfile& p) {
+  if (p.layers == 0 || p.kv_heads == 0 || p.head_dim == 0 ||
+      p.layers > kMaxLayers ||
+      uint64_t{p.kv_heads} * p.head_dim > kMaxChannels ||
+      p.head_dim > kMaxProfileHeadDim) {
+    return absl::InvalidArgumentError("profile shape out of range");
+  }
+  if (p.rope != RopeLayout::kNone && p.rope != RopeLayout::kAdjacentPairs &&
+      p.rope != RopeLayout::kHalves) {
+    return absl::InvalidArgumentError("unknown RoPE layout");
+  }
+  if (p.rope != RopeLayout::kNone && p.head_dim % 2 != 0) {
+    return absl::InvalidArgumentError("RoPE needs an even head_dim");
+  }
+  const size_t d = p.head_dim;
+  if (p.rope_inv_freq.size() != RopePairs(p) ||
+      p.mean.size() != p.Heads() * d || p.basis.size() != p.Heads() * d * d ||
+      p.variance.size() != p.Heads() * d) {
+    return absl::InvalidArgumentError("profile arrays do not match its shape");
+  }
+  for (double f : p.rope_inv_freq) {
+    if (!std::isfinite(f) || f < 0) {
+      return absl::InvalidArgumentError("bad RoPE frequency");
+    }
+  }
+  for (const std::vector<float>* v : {&p.mean, &p.basis, &p.variance}) {
+    for (float f : *v) {
+      if (!std::isfinite(f)) {
+        return absl::InvalidArgumentError("profile holds a non-finite value");
+      }
+    }
+  }
+  for (size_t h = 0; h < p.Heads(); ++h) {
+    const float* b = p.Basis(h);
+    for (size_t i = 0; i < d; ++i) {
+      if (p.variance[h * d + i] < 0 ||
+          (i > 0 && p.variance[h * d + i] > p.variance[h * d + i - 1])) {
+        return absl::InvalidArgumentError(
+            "component variances must be non-negative and decreasing");
+      }
+      for (size_t j = i; j < d; ++j) {
+        double dot = 0;
+        for (size_t k = 0; k < d; ++k)
+          dot += double{b[i * d + k]} * b[j * d + k];
+        if (std::fabs(dot - (i == j ? 1.0 : 0.0)) > kOrthonormalTolerance) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("basis of head ", h, " is not orthonormal"));
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string ProfileIdHex(const ProfileId& id) {
+  return absl::BytesToHexString(
+      absl::string_view(reinterpret_cast<const char*>(id.data()), id.size()));
+}
+
+std::string SerializeProfile(const ModelProfile& p) {
+  std::string out(kProfileMagic, 4);
+  internal::ByteWriter w(&out);
+  w.U8(kProfileVersion);
+  w.U8(static_cast<uint8_t>(p.rope));
+  w.U16(0);
+  w.U32(p.layers);
+  w.U32(p.kv_heads);
+  w.U32(p.head_dim);
+  for (double f : p.rope_inv_freq) {
+    uint64_t bits;
+    std::memcpy(&bits, &f, 8);
+    w.U32(static_cast<uint32_t>(bits));
+    w.U32(static_cast<uint32_t>(bits >> 32));
+  }
+  for (const std::vector<float>* v : {&p.mean, &p.basis, &p.variance}) {
+    for (float f : *v) AppendF32(&w, f);
+  }
+  return out;
+}
+
+absl::Status FinishProfile(ModelProfile* profile) {
+  if (absl::Status st = CheckProfile(*profile); !st.ok()) return st;
+  profile->id = Sha256Prefix(SerializeProfile(*profile));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes) {
+  if (bytes.size() < kProfileHeaderBytes ||
+      std::memcmp(bytes.data(), kProfileMagic, 4) != 0) {
+    return absl::DataLossError("not a kvcache model profile");
+  }
+  const auto* b = reinterpret_cast<const uint8_t*>(bytes.data());
+  if (b[4] != kProfileVersion) {
+    return absl::DataLossError(
+        absl::StrCat("unsupported profile version ", b[4]));
+  }
+  ModelProfile p;
+  p.rope = static_cast<RopeLayout>(b[5]);
+  p.layers = internal::LoadU32(b + 8);
+  p.kv_heads = internal::LoadU32(b + 12);
+  p.head_dim = internal::LoadU32(b + 16);
+  if (internal::LoadU16(b + 6) != 0 || p.layers == 0 || p.kv_heads == 0 ||
+      p.head_dim == 0 || p.layers > kMaxLayers ||
+      uint64_t{p.kv_heads} * p.head_dim > kMaxChannels ||
+      p.head_dim > kMaxProfileHeadDim || b[5] > 2) {
+    return absl::DataLossError("profile header out of range");
+  }
+  // Size everything from the header and compare with what is there before
+  // allocating.
+  const uint64_t d = p.head_dim;
+  const uint64_t floats = p.Heads() * (d + d * d + d);
+  const uint64_t expected = kProfileHeaderBytes + 8 * RopePairs(p) + 4 * floats;
+  if (bytes.size() != expected) {
+    return absl::DataLossError(absl::StrCat(
+        "profile is ", bytes.size(), " bytes; its header implies ", expected));
+  }
+  const char* at = bytes.data() + kProfileHeaderBytes;
+  p.rope_inv_freq.resize(RopePairs(p));
+  for (double& f : p.rope_inv_freq) {
+    const uint64_t bits =
+        internal::LoadU32(reinterpret_cast<const uint8_t*>(at)) |
+        uint64_t{internal::LoadU32(reinterpret_cast<const uint8_t*>(at + 4))}
+            << 32;
+    std::memcpy(&f, &bits, 8);
+    at += 8;
+  }
+  p.mean.resize(p.Heads() * d);
+  p.basis.resize(p.Heads() * d * d);
+  p.variance.resize(p.Heads() * d);
+  for (std::vector<float>* v : {&p.mean, &p.basis, &p.variance}) {
+    for (float& f : *v) {
+      f = ReadF32(at);
+      at += 4;
+    }
+  }
+  if (absl::Status st = CheckProfile(p); !st.ok()) {
+    return absl::DataLossError(st.message());
+  }
+  p.id = Sha256Prefix(bytes);
+  return p;
+}
+
+}  // namespace kvcache::codec

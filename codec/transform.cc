@@ -1,0 +1,210 @@
+#include "codec/transform.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <vector>
+
+#include "codec/byte_io.h"
+#include "codec/quantize.h"
+
+namespace kvcache::codec::internal {
+namespace {
+
+// Undoes (forward) or re-applies RoPE on one head of `d` floats.
+void RotateHead(const ModelProfile& p, const SinCos* angles, bool undo,
+                float* head) {
+  const bool halves = p.rope == RopeLayout::kHalves;
+  for (uint32_t j = 0; j < p.head_dim / 2; ++j) {
+    float* a = head + RopeFirst(halves, j);
+    float* b = head + RopeSecond(halves, j, p.head_dim);
+    if (undo) {
+      RopeUndo(angles[j], a, b);
+    } else {
+      RopeApply(angles[j], a, b);
+    }
+  }
+}
+
+// out[k] = sum over i of basis_t[i][k] * x[i], i increasing, each step one
+// fused multiply-add: ForwardComponent for every component at once.
+void ForwardHead(const float* basis_t, const float* x, uint32_t d, float* out) {
+  for (uint32_t k = 0; k < d; ++k) out[k] = 0.0f;
+  for (uint32_t i = 0; i < d; ++i) {
+    const float* row = basis_t + size_t{i} * d;
+    for (uint32_t k = 0; k < d; ++k) out[k] = FmaRn(row[k], x[i], out[k]);
+  }
+}
+
+// acc[i] += sum over kept components k (increasing) of basis[k][i] * c[k].
+void InverseHead(const float* basis, const float* coeff, const uint32_t* kept,
+                 uint32_t kept_count, uint32_t d, float* acc) {
+  for (uint32_t n = 0; n < kept_count; ++n) {
+    const uint32_t k = kept[n];
+    const float* row = basis + size_t{k} * d;
+    for (uint32_t i = 0; i < d; ++i) acc[i] = FmaRn(row[i], coeff[k], acc[i]);
+  }
+}
+
+#if defined(__x86_64__)
+bool HaveFma() {
+  static const bool have =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return have;
+}
+
+// The two loops above eight lanes at a time; the same fused operations in
+// the same order per element, so the same bits.
+__attribute__((target("avx2,fma"))) void ForwardHeadFma(const float* basis_t,
+                                                        const float* x,
+                                                        uint32_t d,
+                                                        float* out) {
+  for (uint32_t k = 0; k < d; k += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (uint32_t i = 0; i < d; ++i) {
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(basis_t + size_t{i} * d + k),
+                            _mm256_set1_ps(x[i]), acc);
+    }
+    _mm256_storeu_ps(out + k, acc);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void InverseHeadFma(
+    const float* basis, const float* coeff, const uint32_t* kept,
+    uint32_t kept_count, uint32_t d, float* acc) {
+  for (uint32_t i = 0; i < d; i += 8) {
+    __m256 a = _mm256_loadu_ps(acc + i);
+    for (uint32_t n = 0; n < kept_count; ++n) {
+      const uint32_t k = kept[n];
+      a = _mm256_fmadd_ps(_mm256_loadu_ps(basis + size_t{k} * d + i),
+                          _mm256_set1_ps(coeff[k]), a);
+    }
+    _mm256_storeu_ps(acc + i, a);
+  }
+}
+#endif
+
+// The head loops, eight lanes at a time where the CPU can.
+class HeadKernels {
+ public:
+  explicit HeadKernels(uint32_t d) : d_(d) {
+#if defined(__x86_64__)
+    fma_ = d % 8 == 0 && HaveFma();
+#endif
+  }
+  void Forward(const float* basis_t, const float* x, float* out) const {
+#if defined(__x86_64__)
+    if (fma_) return ForwardHeadFma(basis_t, x, d_, out);
+#endif
+    ForwardHead(basis_t, x, d_, out);
+  }
+  void Inverse(const float* basis, const float* coeff, const uint32_t* kept,
+               uint32_t kept_count, float* acc) const {
+#if defined(__x86_64__)
+    if (fma_) return InverseHeadFma(basis, coeff, kept, kept_count, d_, acc);
+#endif
+    InverseHead(basis, coeff, kept, kept_count, d_, acc);
+  }
+
+ private:
+  uint32_t d_;
+  bool fma_ = false;
+};
+
+Affine ReadScale(absl::string_view scales, size_t index, DType dtype) {
+  const auto* p = reinterpret_cast<const uint8_t*>(scales.data()) + 4 * index;
+  return {ToFloat(LoadU16(p), dtype), ToFloat(LoadU16(p + 2), dtype)};
+}
+
+}  // namespace
+
+std::vector<SinCos> RopeTable(const ModelProfile& profile,
+                              uint32_t first_position, uint32_t tokens) {
+  const size_t pairs = profile.rope_inv_freq.size();
+  std::vector<SinCos> table(size_t{tokens} * pairs);
+  for (uint32_t t = 0; t < tokens; ++t) {
+    for (size_t j = 0; j < pairs; ++j) {
+      table[t * pairs + j] =
+          RopeAngle(first_position + t, profile.rope_inv_freq[j]);
+    }
+  }
+  return table;
+}
+
+void ForwardPlane(const Header& h, const TransformPlane& plane,
+                  const uint16_t* src, float* coeff) {
+  const ModelProfile& p = *plane.profile;
+  const uint32_t d = p.head_dim;
+  const uint32_t row = h.Channels();
+  const uint32_t pairs = d / 2;
+  const HeadKernels kernels(d);
+  std::vector<float> x(row), centered(d), basis_t(size_t{d} * d);
+  for (uint32_t head = 0; head < h.shape.kv_heads; ++head) {
+    const size_t index = p.Head(plane.layer, plane.is_value, head);
+    const float* basis = p.Basis(index);
+    const float* mean = p.Mean(index);
+    for (uint32_t k = 0; k < d; ++k) {
+      for (uint32_t i = 0; i < d; ++i) basis_t[i * d + k] = basis[k * d + i];
+    }
+    for (uint32_t t = 0; t < h.shape.tokens; ++t) {
+      ValuesToFloat(src + size_t{t} * row + head * d, d, h.shape.dtype,
+                    x.data());
+      if (!plane.rope.empty()) {
+        RotateHead(p, plane.rope.data() + size_t{t} * pairs, /*undo=*/true,
+                   x.data());
+      }
+      for (uint32_t i = 0; i < d; ++i) centered[i] = AddRn(x[i], -mean[i]);
+      kernels.Forward(basis_t.data(), centered.data(),
+                      coeff + size_t{t} * row + head * d);
+    }
+  }
+}
+
+void ReconstructGroup(const Header& h, const TransformPlane& plane,
+                      absl::string_view plane_scales, uint32_t cg,
+                      const uint16_t* q, uint16_t* out) {
+  const ModelProfile& p = *plane.profile;
+  const uint32_t d = p.head_dim;
+  const uint32_t width = h.channel_group;
+  const uint32_t row = h.Channels();
+  const uint32_t pairs = d / 2;
+  const DType dtype = h.shape.dtype;
+  const HeadKernels kernels(d);
+  std::vector<float> offset(width), step(width), coeff(width), acc(d);
+  std::vector<uint32_t> kept(width);
+  std::vector<uint32_t> kept_count(width / d, 0);
+  for (uint32_t c = 0; c < width; ++c) {
+    const Affine a = ReadScale(plane_scales, size_t{cg} * width + c, dtype);
+    offset[c] = a.offset;
+    step[c] = a.step;
+    // A component stored with step 0 is not in the sum (FORMAT.md).
+    if (a.step != 0.0f) {
+      const uint32_t group_head = c / d;
+      kept[group_head * d + kept_count[group_head]++] = c % d;
+    }
+  }
+  for (uint32_t t = 0; t < h.shape.tokens; ++t) {
+    const uint16_t* qr = q + size_t{t} * width;
+    for (uint32_t c = 0; c < width; ++c) {
+      coeff[c] = AddRn(offset[c], MulRn(static_cast<float>(qr[c]), step[c]));
+    }
+    for (uint32_t gh = 0; gh < width / d; ++gh) {
+      const uint32_t head = cg * (width / d) + gh;
+      const size_t index = p.Head(plane.layer, plane.is_value, head);
+      const float* mean = p.Mean(index);
+      for (uint32_t i = 0; i < d; ++i) acc[i] = mean[i];
+      kernels.Inverse(p.Basis(index), coeff.data() + size_t{gh} * d,
+                      kept.data() + size_t{gh} * d, kept_count[gh], acc.data());
+      if (!plane.rope.empty()) {
+        RotateHead(p, plane.rope.data() + size_t{t} * pairs, /*undo=*/false,
+                   acc.data());
+      }
+      uint16_t* o = out + size_t{t} * row + size_t{head} * d;
+      for (uint32_t i = 0; i < d; ++i)
+        o[i] = RoundCoefficientSum(acc[i], dtype);
+    }
+  }
+}
+
+}  // namespace kvcache::codec::internal
