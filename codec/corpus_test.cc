@@ -9,6 +9,7 @@
 
 #include "codec/codec.h"
 #include "codec/crc32c.h"
+#include "codec/fuzz_profile.h"
 #include "gtest/gtest.h"
 
 namespace kvcache::codec {
@@ -21,7 +22,7 @@ absl::Status DecodeBounded(absl::string_view stream) {
     return absl::ResourceExhaustedError("too large for the replay");
   }
   std::vector<uint16_t> out(shape->NumValues());
-  return DecodeChunk(stream, absl::MakeSpan(out));
+  return DecodeChunk(stream, absl::MakeSpan(out), &FuzzProfile());
 }
 
 TEST(CorpusTest, ReplaysEveryFile) {

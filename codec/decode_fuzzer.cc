@@ -9,6 +9,7 @@
 
 #include "codec/codec.h"
 #include "codec/crc32c.h"
+#include "codec/fuzz_profile.h"
 
 namespace {
 
@@ -16,12 +17,14 @@ namespace {
 // parsed by PeekShape.
 constexpr size_t kMaxFuzzValues = size_t{1} << 22;
 
+// Transform streams decode with the fuzz profile (the seeds' profile).
 void DecodeBounded(absl::string_view stream) {
   absl::StatusOr<kvcache::codec::ChunkShape> shape =
       kvcache::codec::PeekShape(stream);
   if (!shape.ok() || shape->NumValues() > kMaxFuzzValues) return;
   std::vector<uint16_t> out(shape->NumValues());
-  (void)kvcache::codec::DecodeChunk(stream, absl::MakeSpan(out));
+  (void)kvcache::codec::DecodeChunk(stream, absl::MakeSpan(out),
+                                    &kvcache::codec::FuzzProfile());
 }
 
 }  // namespace

@@ -324,7 +324,7 @@ TEST(KvcodecTest, BadUsageExits2) {
   const std::pair<std::string, absl::string_view> cases[] = {
       {"compress a b", "unknown command 'compress'"},
       {absl::StrCat("encode --level=fastest ", m, " ", out),
-       "unknown level 'fastest'"},
+       "unknown level \"fastest\""},
       {absl::StrCat("encode --chunk_tokens=0 ", m, " ", out),
        "--chunk_tokens=0"},
       {absl::StrCat("encode --chunk_tokens=12x ", m, " ", out),

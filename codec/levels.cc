@@ -27,9 +27,9 @@ constexpr std::array<LevelInfo, 9> kLevels = {{
     {Level::kDefault, "default", 1.1f, 1.1f, 0.6f},
     {Level::kCompact, "compact", 1.5f, 1.5f, 0.6f},
     {Level::kTiny, "tiny", 2.2f, 2.2f, 0.6f},
-    {Level::kProfileFine, "profile-fine", 0.12f, 0.12f, 1, true},
-    {Level::kProfileBalanced, "profile-balanced", 0.25f, 0.3f, 1, true},
-    {Level::kProfileSmall, "profile-small", 0.5f, 0.6f, 1, true},
+    {Level::kProfileFine, "profile-fine", 0.4f, 0.3f, 0.5f, true},
+    {Level::kProfileBalanced, "profile-balanced", 0.7f, 0.9f, 0.5f, true},
+    {Level::kProfileSmall, "profile-small", 1.4f, 1.0f, 0.5f, true},
 }};
 
 const LevelInfo* Find(Level level) {

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "codec/codec.h"
+#include "codec/fuzz_profile.h"
 #include "codec/test_data.h"
 
 int main(int argc, char** argv) {
@@ -34,6 +35,30 @@ int main(int argc, char** argv) {
           s.head_dim, "_", s.dtype == DType::kFloat16 ? "f16" : "bf16", "_",
           LevelName(level));
       std::ofstream(path, std::ios::binary) << *enc;
+    }
+  }
+  // Transform streams with the fuzz profile, at a first position inside
+  // the exactly stored ones and past them.
+  for (uint32_t tokens : {1u, 20u}) {
+    ChunkShape s = kFuzzProfileShape;
+    s.tokens = tokens;
+    for (Level level : {Level::kProfileFine, Level::kProfileSmall}) {
+      for (uint32_t position : {0u, 77u}) {
+        EncodeOptions options;
+        options.profile = &FuzzProfile();
+        options.first_position = position;
+        absl::StatusOr<std::string> enc =
+            EncodeChunk(s, SyntheticChunk(s, tokens), level, options);
+        if (!enc.ok()) {
+          std::fprintf(stderr, "%s\n", enc.status().ToString().c_str());
+          return 1;
+        }
+        std::ofstream(absl::StrCat(argv[1], "/valid_transform_", s.layers, "x",
+                                   tokens, "x", s.kv_heads, "x", s.head_dim,
+                                   "_", LevelName(level), "_at", position),
+                      std::ios::binary)
+            << *enc;
+      }
     }
   }
   return 0;

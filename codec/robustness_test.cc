@@ -76,16 +76,19 @@ TEST(RobustnessTest, WrongMagicAndVersion) {
   bad[0] = 'X';
   EXPECT_TRUE(absl::IsDataLoss(PeekShape(bad).status()));
   bad = s;
-  bad[4] = 3;  // A version from the future.
+  bad[4] = internal::kNewestVersion + 1;  // A version from the future.
   FixCrc(&bad);
   EXPECT_TRUE(absl::IsUnimplemented(PeekShape(bad).status()));
   bad[4] = 0;
   FixCrc(&bad);
   EXPECT_TRUE(absl::IsUnimplemented(PeekShape(bad).status()));
   bad = s;
-  bad[7] = 1;  // A transform this decoder does not know.
+  bad[7] = 2;  // A transform this decoder does not know.
   FixCrc(&bad);
   EXPECT_TRUE(absl::IsUnimplemented(Decode(bad)));
+  bad[7] = internal::kProfileTransform;  // Known, but not in version 2.
+  FixCrc(&bad);
+  EXPECT_TRUE(absl::IsDataLoss(Decode(bad)));
 }
 
 TEST(RobustnessTest, VersionOneStreamsStillDecode) {

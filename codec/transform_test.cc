@@ -206,10 +206,11 @@ TEST_F(TransformLevelTest, LevelsKeepTheirErrorAndSizeOrder) {
     std::vector<uint16_t> out(in.size());
     ASSERT_TRUE(DecodeChunk(*enc, absl::MakeSpan(out), profile_).ok());
     const double k = RelativeL2(s, in, out, 0), v = RelativeL2(s, in, out, 1);
-    // Each level stays within its relative error target, roughly
-    // step / sqrt(12) (levels.cc), with room for the components it drops.
-    EXPECT_LT(k, 0.25) << LevelName(level);
-    EXPECT_LT(v, 0.3) << LevelName(level);
+    // Each level stays within its relative error target, step / sqrt(12)
+    // (levels.cc: at most 1.4 / sqrt(12) = 0.40), with room for the
+    // components it drops.
+    EXPECT_LT(k, 0.45) << LevelName(level);
+    EXPECT_LT(v, 0.45) << LevelName(level);
     EXPECT_GT(k + v, last_error) << LevelName(level);
     EXPECT_LT(enc->size(), last_bytes) << LevelName(level);
     last_error = k + v;

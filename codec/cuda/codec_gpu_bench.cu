@@ -17,6 +17,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "codec/calibrate.h"
 #include "codec/codec.h"
 #include "codec/cuda/gpu_codec.h"
 #include "codec/cuda/test_util.h"
@@ -85,7 +86,7 @@ void CopyBaselines(uint64_t bytes, int reps, double* d2d, double* h2d) {
 double TimeDecode(const KvLayout& layout,
                   const std::vector<std::string>& streams,
                   const std::vector<uint16_t>& want, int n, Level level,
-                  int reps) {
+                  int reps, const DeviceProfile* profile) {
   const uint64_t raw = kLlama8B.RawBytes();
   std::vector<std::string> batch_streams;
   for (int i = 0; i < n; ++i) {
@@ -97,12 +98,12 @@ double TimeDecode(const KvLayout& layout,
     staged.jobs[i].dest.tokens = kLlama8B.tokens;
     staged.jobs[i].dest.values = dest.get<uint16_t>() + i * raw / 2;
   }
-  DeviceBuffer ws(DecodeWorkspaceBytes(layout, staged.jobs));
+  DeviceBuffer ws(DecodeWorkspaceBytes(layout, staged.jobs, profile));
   DeviceBuffer status(4 * n);
   const double ms = MedianMs(reps, [&] {
     const absl::Status st =
         DecodeBatch(layout, staged.jobs, ws.get(), ws.bytes(),
-                    status.get<int32_t>(), nullptr);
+                    status.get<int32_t>(), nullptr, profile);
     if (!st.ok()) {
       std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
       std::abort();
@@ -134,7 +135,7 @@ double TimeDecode(const KvLayout& layout,
 // from the CPU tier. Checks every chunk's status. Negative on failure.
 double TimeRestoreFromHost(const KvLayout& layout,
                            const std::vector<std::string>& streams, int n,
-                           int reps) {
+                           int reps, const DeviceProfile* profile) {
   constexpr int kGroup = 8;
   const uint64_t raw = kLlama8B.RawBytes();
   std::vector<uint64_t> at;
@@ -164,7 +165,8 @@ double TimeRestoreFromHost(const KvLayout& layout,
     const int first = g * kGroup, count = std::min(kGroup, n - first);
     ws_bytes = std::max(
         ws_bytes,
-        DecodeWorkspaceBytes(layout, absl::MakeConstSpan(&jobs[first], count)));
+        DecodeWorkspaceBytes(layout, absl::MakeConstSpan(&jobs[first], count),
+                             profile));
   }
   DeviceBuffer ws(ws_bytes);
   cudaStream_t copy_stream, decode_stream;
@@ -185,7 +187,7 @@ double TimeRestoreFromHost(const KvLayout& layout,
       cudaStreamWaitEvent(decode_stream, copied[g]);
       const absl::Status st = DecodeBatch(
           layout, absl::MakeConstSpan(&jobs[first], count), ws.get(),
-          ws.bytes(), status.get<int32_t>() + first, decode_stream);
+          ws.bytes(), status.get<int32_t>() + first, decode_stream, profile);
       if (!st.ok()) {
         std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
         std::abort();
@@ -258,9 +260,10 @@ double TimeEncode(const KvLayout& layout,
 
 int Run(int argc, char** argv) {
   std::vector<int> batches = {16, 64, 128};
-  std::vector<Level> levels = {Level::kLossless, Level::kNearLossless,
-                               Level::kHigh,     Level::kDefault,
-                               Level::kCompact,  Level::kTiny};
+  std::vector<Level> levels = {
+      Level::kLossless,    Level::kNearLossless,    Level::kHigh,
+      Level::kDefault,     Level::kCompact,         Level::kTiny,
+      Level::kProfileFine, Level::kProfileBalanced, Level::kProfileSmall};
   int reps = 10;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -340,13 +343,36 @@ int Run(int argc, char** argv) {
 
   const KvLayout layout = KvLayout::Contiguous(
       kLlama8B.layers, kLlama8B.kv_heads, kLlama8B.head_dim, kLlama8B.dtype);
+  // The transform levels' profile, calibrated on the tiled chunks
+  // themselves: their rows time the decoder; the ratio they print is not a
+  // quality figure (codec_bench and the chat harness measure those on text
+  // the profile never saw).
+  ProfileCalibrator calibrator(
+      kLlama8B.layers, kLlama8B.kv_heads, kLlama8B.head_dim,
+      RopeLayout::kAdjacentPairs,
+      RopeInverseFrequencies(500000, kLlama8B.head_dim));
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    if (!calibrator.Add(kLlama8B, chunks[i], 256 * (i % 2)).ok()) return 1;
+  }
+  absl::StatusOr<ModelProfile> profile = calibrator.Finish();
+  if (!profile.ok()) return 1;
+  absl::StatusOr<std::unique_ptr<DeviceProfile>> device_profile =
+      DeviceProfile::Upload(*profile);
+  if (!device_profile.ok()) return 1;
   std::vector<Row> rows;
   for (Level level : levels) {
+    const bool transform = LevelNeedsProfile(level);
+    const DeviceProfile* gpu_profile =
+        transform ? device_profile->get() : nullptr;
     std::vector<std::string> streams(chunks.size());
     std::vector<std::thread> threads;
     for (size_t i = 0; i < chunks.size(); ++i) {
       threads.emplace_back([&, i] {
-        absl::StatusOr<std::string> s = EncodeChunk(kLlama8B, chunks[i], level);
+        EncodeOptions options;
+        options.profile = &*profile;
+        options.first_position = 256 * (i % 2);
+        absl::StatusOr<std::string> s =
+            EncodeChunk(kLlama8B, chunks[i], level, options);
         if (s.ok()) streams[i] = *std::move(s);
       });
     }
@@ -360,20 +386,26 @@ int Run(int argc, char** argv) {
       compressed += s.size();
     }
     std::vector<uint16_t> want(kLlama8B.NumValues());
-    if (!DecodeChunk(streams[0], absl::MakeSpan(want)).ok()) return 1;
+    if (!DecodeChunk(streams[0], absl::MakeSpan(want), &*profile).ok()) {
+      return 1;
+    }
     for (size_t b = 0; b < batches.size(); ++b) {
       const int n = batches[b];
-      const double ms = TimeDecode(layout, streams, want, n, level, reps);
+      const double ms =
+          TimeDecode(layout, streams, want, n, level, reps, gpu_profile);
       if (ms < 0) return 1;
-      const double restore_ms = TimeRestoreFromHost(layout, streams, n, reps);
+      const double restore_ms =
+          TimeRestoreFromHost(layout, streams, n, reps, gpu_profile);
       if (restore_ms < 0) return 1;
+      // The GPU encoder writes the levels without a transform.
       const double encode_ms =
-          TimeEncode(layout, chunks, streams, n, level, reps);
+          transform ? 0 : TimeEncode(layout, chunks, streams, n, level, reps);
       if (encode_ms < 0) return 1;
-      rows.push_back(
-          {level, n, static_cast<double>(raw) * streams.size() / compressed,
-           GBps(raw * n, ms), GBps(raw * n, restore_ms),
-           GBps(raw * n, encode_ms), copies[b].first, copies[b].second});
+      rows.push_back({level, n,
+                      static_cast<double>(raw) * streams.size() / compressed,
+                      GBps(raw * n, ms), GBps(raw * n, restore_ms),
+                      encode_ms > 0 ? GBps(raw * n, encode_ms) : 0,
+                      copies[b].first, copies[b].second});
       std::printf(
           "%-13s batch %3d: decode %7.1f GB/s (%.3f ms), restore from pinned "
           "host %6.1f GB/s (%.3f ms), encode %6.1f GB/s (%.3f ms)\n",

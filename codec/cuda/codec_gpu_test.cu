@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "codec/calibrate.h"
 #include "codec/codec.h"
 #include "codec/crc32c.h"
 #include "codec/cuda/crc32c_math.h"
@@ -50,11 +51,12 @@ KvLayout LayoutOf(const ChunkShape& s) {
 // What the CPU decoder makes of a stream for a chunk of `want` shape: the
 // values, or nothing if it rejects the stream or its shape differs.
 bool CpuDecode(const std::string& stream, const ChunkShape& want,
-               std::vector<uint16_t>* out) {
+               std::vector<uint16_t>* out,
+               const ModelProfile* profile = nullptr) {
   absl::StatusOr<ChunkShape> shape = PeekShape(stream);
   if (!shape.ok() || !(*shape == want)) return false;
   out->assign(want.NumValues(), 0);
-  return DecodeChunk(stream, absl::MakeSpan(*out)).ok();
+  return DecodeChunk(stream, absl::MakeSpan(*out), profile).ok();
 }
 
 struct GpuResult {
@@ -66,7 +68,8 @@ struct GpuResult {
 // poisoned buffers. Odd chunks start one element past a 16-byte boundary.
 GpuResult GpuDecode(const KvLayout& layout,
                     const std::vector<std::string>& streams,
-                    const std::vector<uint32_t>& tokens, uint64_t skew = 1) {
+                    const std::vector<uint32_t>& tokens, uint64_t skew = 1,
+                    const DeviceProfile* profile = nullptr) {
   const size_t n = streams.size();
   StagedStreams staged = StageStreams(streams, skew);
   std::vector<uint64_t> at(n);
@@ -85,10 +88,10 @@ GpuResult GpuDecode(const KvLayout& layout,
     staged.jobs[i].dest.tokens = tokens[i];
     staged.jobs[i].dest.values = dest.get<uint16_t>() + at[i];
   }
-  DeviceBuffer ws(DecodeWorkspaceBytes(layout, staged.jobs));
+  DeviceBuffer ws(DecodeWorkspaceBytes(layout, staged.jobs, profile));
   DeviceBuffer status(4 * n);
   const absl::Status st = DecodeBatch(layout, staged.jobs, ws.get(), ws.bytes(),
-                                      status.get<int32_t>(), nullptr);
+                                      status.get<int32_t>(), nullptr, profile);
   EXPECT_TRUE(st.ok()) << st;
   KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
   GpuResult r;
@@ -109,15 +112,20 @@ GpuResult GpuDecode(const KvLayout& layout,
 // Decodes `streams` on the GPU and checks each chunk against the CPU:
 // accepted by both with equal values, or rejected by both with the chunk's
 // destination untouched.
+// Transform streams decode with `profile` on the CPU and `device_profile`
+// on the GPU.
 void ExpectGpuMatchesCpu(const ChunkShape& shape,
                          const std::vector<std::string>& streams,
                          const std::vector<uint32_t>& tokens,
-                         const std::string& what) {
-  const GpuResult gpu = GpuDecode(LayoutOf(shape), streams, tokens);
+                         const std::string& what,
+                         const ModelProfile* profile = nullptr,
+                         const DeviceProfile* device_profile = nullptr) {
+  const GpuResult gpu =
+      GpuDecode(LayoutOf(shape), streams, tokens, 1, device_profile);
   for (size_t i = 0; i < streams.size(); ++i) {
     std::vector<uint16_t> want;
     const bool cpu_ok =
-        CpuDecode(streams[i], WithTokens(shape, tokens[i]), &want);
+        CpuDecode(streams[i], WithTokens(shape, tokens[i]), &want, profile);
     ASSERT_EQ(gpu.status[i] == kOk, cpu_ok)
         << what << " chunk " << i << ": GPU says "
         << ChunkErrorName(gpu.status[i]);
@@ -208,6 +216,124 @@ TEST(GpuDecodeTest, RealDumpsEveryLevelBothDtypes) {
       ExpectGpuMatchesCpu(shape, streams, tokens,
                           absl::StrCat("dumps ", LevelName(level)));
     }
+  }
+}
+
+// A profile calibrated on synthetic chunks of `shape` (seeds other than
+// the tests'), RoPE with base 10000 in `rope` layout.
+ModelProfile SyntheticProfile(const ChunkShape& shape, RopeLayout rope) {
+  ProfileCalibrator calibrator(
+      shape.layers, shape.kv_heads, shape.head_dim, rope,
+      rope == RopeLayout::kNone
+          ? std::vector<double>{}
+          : RopeInverseFrequencies(10000, shape.head_dim));
+  for (uint32_t seed = 1000; calibrator.tokens() < 2 * shape.head_dim + 64;
+       ++seed) {
+    const ChunkShape s = WithTokens(shape, 128);
+    EXPECT_TRUE(calibrator.Add(s, SyntheticChunk(s, seed), 0).ok());
+  }
+  absl::StatusOr<ModelProfile> p = calibrator.Finish();
+  EXPECT_TRUE(p.ok()) << p.status();
+  return *std::move(p);
+}
+
+std::string EncodeAt(const ChunkShape& s, const std::vector<uint16_t>& v,
+                     Level level, const ModelProfile& profile,
+                     uint32_t first_position) {
+  EncodeOptions options;
+  options.profile = &profile;
+  options.first_position = first_position;
+  absl::StatusOr<std::string> e = EncodeChunk(s, v, level, options);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return e.ok() ? *e : std::string();
+}
+
+// Transform streams (format v3): every profile level, RoPE layouts, first
+// positions inside and past the exactly stored ones, odd token counts.
+TEST(GpuTransformTest, ProfileLevelsMatchTheCpuBitForBit) {
+  REQUIRE_GPU();
+  const std::pair<ChunkShape, RopeLayout> cases[] = {
+      {{3, 0, 3, 64, DType::kFloat16}, RopeLayout::kAdjacentPairs},
+      {{2, 0, 8, 128, DType::kBFloat16}, RopeLayout::kHalves},
+      {{2, 0, 5, 16, DType::kFloat16}, RopeLayout::kNone},
+      {{1, 0, 2, 256, DType::kFloat16}, RopeLayout::kAdjacentPairs},
+  };
+  for (const auto& [shape, rope] : cases) {
+    const ModelProfile profile = SyntheticProfile(shape, rope);
+    absl::StatusOr<std::unique_ptr<DeviceProfile>> device =
+        DeviceProfile::Upload(profile);
+    ASSERT_TRUE(device.ok()) << device.status();
+    for (Level level :
+         {Level::kProfileFine, Level::kProfileBalanced, Level::kProfileSmall}) {
+      std::vector<std::string> streams;
+      std::vector<uint32_t> tokens;
+      for (const auto& [t, position] :
+           std::vector<std::pair<uint32_t, uint32_t>>{
+               {256, 0}, {37, 2}, {1, 0}, {16, 1000}, {200, 123456}}) {
+        const ChunkShape s = WithTokens(shape, t);
+        streams.push_back(EncodeAt(s, SyntheticChunk(s, t * 13 + position),
+                                   level, profile, position));
+        tokens.push_back(t);
+      }
+      ExpectGpuMatchesCpu(shape, streams, tokens,
+                          absl::StrCat(LevelName(level), " ", shape.layers, "x",
+                                       shape.kv_heads, "x", shape.head_dim),
+                          &profile, device->get());
+    }
+  }
+}
+
+TEST(GpuTransformTest, RealDumpsWithACalibratedProfile) {
+  REQUIRE_GPU();
+  const std::vector<KvDump> dumps = LoadDumps();
+  ASSERT_GE(dumps.size(), 2u);
+  const ChunkShape& shape = dumps[0].shape;
+  // llama2.c models: RoPE base 10000 on adjacent pairs.
+  ProfileCalibrator calibrator(shape.layers, shape.kv_heads, shape.head_dim,
+                               RopeLayout::kAdjacentPairs,
+                               RopeInverseFrequencies(10000, shape.head_dim));
+  ASSERT_TRUE(calibrator.Add(dumps[1].shape, dumps[1].kv, 0).ok());
+  const ModelProfile profile = *calibrator.Finish();
+  std::unique_ptr<DeviceProfile> device = *DeviceProfile::Upload(profile);
+  std::vector<std::string> streams;
+  std::vector<uint32_t> tokens;
+  for (const auto& [t0, t1] : std::vector<std::pair<uint32_t, uint32_t>>{
+           {0, 256}, {256, 512}, {100, 101}, {3, 258}}) {
+    const ChunkShape s = WithTokens(shape, t1 - t0);
+    streams.push_back(EncodeAt(s, SliceTokens(dumps[0], t0, t1),
+                               Level::kProfileBalanced, profile, t0));
+    tokens.push_back(t1 - t0);
+  }
+  ExpectGpuMatchesCpu(shape, streams, tokens, "stories260K", &profile,
+                      device.get());
+}
+
+// A transform stream without its profile fails alone, never decodes to
+// other values, and leaves its neighbours alone.
+TEST(GpuTransformTest, StreamsNeedTheirProfile) {
+  REQUIRE_GPU();
+  const ChunkShape shape{2, 64, 3, 64, DType::kFloat16};
+  const ModelProfile profile =
+      SyntheticProfile(shape, RopeLayout::kAdjacentPairs);
+  const ModelProfile other = SyntheticProfile(shape, RopeLayout::kHalves);
+  ASSERT_NE(profile.id, other.id);
+  std::unique_ptr<DeviceProfile> wrong = *DeviceProfile::Upload(other);
+  const std::vector<uint16_t> values = SyntheticChunk(shape, 4);
+  const std::vector<std::string> streams = {
+      Encode(shape, values, Level::kHigh),
+      EncodeAt(shape, values, Level::kProfileBalanced, profile, 64),
+      Encode(shape, values, Level::kLossless)};
+  const std::vector<uint32_t> tokens(3, 64);
+  const std::vector<const DeviceProfile*> given_profiles = {nullptr,
+                                                            wrong.get()};
+  for (const DeviceProfile* given : given_profiles) {
+    const GpuResult gpu = GpuDecode(LayoutOf(shape), streams, tokens, 1, given);
+    EXPECT_EQ(gpu.status[0], kOk);
+    EXPECT_EQ(gpu.status[1], kNeedsProfile);
+    EXPECT_EQ(gpu.status[2], kOk);
+    EXPECT_TRUE(std::all_of(gpu.values[1].begin(), gpu.values[1].end(),
+                            [](uint16_t v) { return v == kPoison; }));
+    EXPECT_EQ(gpu.values[2], values);
   }
 }
 

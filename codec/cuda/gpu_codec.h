@@ -1,6 +1,8 @@
-// CUDA batch decoder and encoder for codec bitstreams (format v1,
-// codec/FORMAT.md). Bit-exact with the CPU codec: DecodeBatch writes the
-// values DecodeChunk would, EncodeBatch the bytes EncodeChunk would.
+// CUDA batch decoder and encoder for codec bitstreams (codec/FORMAT.md).
+// Bit-exact with the CPU codec: DecodeBatch writes the values DecodeChunk
+// would, EncodeBatch the bytes EncodeChunk would. The decoder reads every
+// version, transform streams (format v3) with their model profile uploaded
+// as a DeviceProfile; the encoder writes the levels without a transform.
 //
 // A batch is any number of chunks of one model (layers, KV heads, head dim,
 // dtype); each chunk has its own token count and its own place in a KV
@@ -19,8 +21,10 @@
 #define KVCACHE_CODEC_CUDA_GPU_CODEC_H_
 
 #include <cstdint>
+#include <memory>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "codec/codec.h"
 
@@ -42,6 +46,7 @@ enum ChunkError : int32_t {
   kBadBlock = 6,        // A rANS block.
   kBadDestination = 7,  // A block id outside the paged cache.
   kOutputTooSmall = 8,  // Encoder: the stream exceeds the job's capacity.
+  kNeedsProfile = 9,    // A transform stream whose profile the batch lacks.
 };
 // Returns a short name for a status code ("ok", "checksum", ...).
 const char* ChunkErrorName(int32_t code);
@@ -105,24 +110,59 @@ struct KvChunkRef {
 // Largest chunk (values) the GPU codec takes; bigger ones are rejected.
 inline constexpr uint64_t kMaxGpuChunkValues = uint64_t{1} << 30;
 
+// A model profile (codec/profile.h) in device memory, which decoding
+// transform streams needs. Upload is synchronous; the profile must outlive
+// every batch that uses it.
+class DeviceProfile {
+ public:
+  // What kernels read.
+  struct View {
+    uint8_t id[16];
+    uint32_t layers;
+    uint32_t kv_heads;
+    uint32_t head_dim;
+    uint32_t rope;           // RopeLayout
+    const double* inv_freq;  // [head_dim / 2]
+    const float* mean;       // [head][dim]
+    const float* basis;      // [head][component][dim]
+  };
+
+  static absl::StatusOr<std::unique_ptr<DeviceProfile>> Upload(
+      const ModelProfile& profile);
+  ~DeviceProfile();
+  DeviceProfile(const DeviceProfile&) = delete;
+  DeviceProfile& operator=(const DeviceProfile&) = delete;
+
+  const ProfileId& id() const { return id_; }
+  const View& view() const { return view_; }
+
+ private:
+  DeviceProfile() = default;
+  ProfileId id_{};
+  View view_{};
+  void* memory_ = nullptr;
+};
+
 struct DecodeJob {
   const uint8_t* stream = nullptr;  // Device copy of the bitstream.
   uint64_t stream_bytes = 0;
   KvChunkRef dest;  // dest.tokens must match the stream.
 };
 
-// Device workspace DecodeBatch needs for `jobs`, in bytes.
+// Device workspace DecodeBatch needs for `jobs` (and `profile`), in bytes.
 uint64_t DecodeWorkspaceBytes(const KvLayout& layout,
-                              absl::Span<const DecodeJob> jobs);
+                              absl::Span<const DecodeJob> jobs,
+                              const DeviceProfile* profile = nullptr);
 
 // Decodes jobs[i].stream into its destination and sets status[i] (device,
 // jobs.size() entries). Returns InvalidArgument for a bad layout, job or
 // workspace and Internal if a launch fails; corrupt streams are reported
-// only through `status`.
+// only through `status`, and so is a transform stream when `profile` is not
+// the one it names (kNeedsProfile).
 absl::Status DecodeBatch(const KvLayout& layout,
                          absl::Span<const DecodeJob> jobs, void* workspace,
                          uint64_t workspace_bytes, int32_t* status,
-                         Stream stream);
+                         Stream stream, const DeviceProfile* profile = nullptr);
 
 struct EncodeJob {
   KvChunkRef src;

@@ -23,9 +23,54 @@ const char* ChunkErrorName(int32_t code) {
       return "bad destination";
     case kOutputTooSmall:
       return "output too small";
+    case kNeedsProfile:
+      return "needs another model profile";
   }
   return "unknown";
 }
+
+absl::StatusOr<std::unique_ptr<DeviceProfile>> DeviceProfile::Upload(
+    const ModelProfile& profile) {
+  // One allocation: angles (8-byte aligned first), means, bases.
+  const size_t freq_bytes = 8 * profile.rope_inv_freq.size();
+  const size_t mean_bytes = 4 * profile.mean.size();
+  const size_t basis_bytes = 4 * profile.basis.size();
+  std::unique_ptr<DeviceProfile> p(new DeviceProfile());
+  if (absl::Status st = internal::CudaStatus(
+          cudaMalloc(&p->memory_, freq_bytes + mean_bytes + basis_bytes + 8),
+          "profile allocation");
+      !st.ok()) {
+    return st;
+  }
+  auto* bytes = static_cast<uint8_t*>(p->memory_);
+  const std::pair<const void*, size_t> parts[] = {
+      {profile.rope_inv_freq.data(), freq_bytes},
+      {profile.mean.data(), mean_bytes},
+      {profile.basis.data(), basis_bytes}};
+  size_t at = 0;
+  for (const auto& [src, size] : parts) {
+    if (absl::Status st = internal::CudaStatus(
+            cudaMemcpy(bytes + at, src, size, cudaMemcpyHostToDevice),
+            "profile upload");
+        !st.ok()) {
+      return st;
+    }
+    at += size;
+  }
+  p->id_ = profile.id;
+  View& v = p->view_;
+  std::copy(profile.id.begin(), profile.id.end(), v.id);
+  v.layers = profile.layers;
+  v.kv_heads = profile.kv_heads;
+  v.head_dim = profile.head_dim;
+  v.rope = static_cast<uint32_t>(profile.rope);
+  v.inv_freq = reinterpret_cast<const double*>(bytes);
+  v.mean = reinterpret_cast<const float*>(bytes + freq_bytes);
+  v.basis = reinterpret_cast<const float*>(bytes + freq_bytes + mean_bytes);
+  return p;
+}
+
+DeviceProfile::~DeviceProfile() { cudaFree(memory_); }
 
 KvLayout KvLayout::Contiguous(uint32_t layers, uint32_t kv_heads,
                               uint32_t head_dim, DType dtype) {

@@ -11,6 +11,9 @@
 //      time, lanes = rANS lanes, slot->symbol table in shared memory.
 //   5. ReconstructKernel: anchors and deltas, byte planes, affine dequant,
 //      stored straight into the destination layout.
+//   6. Transform streams (format v3) instead: RopeKernel (each chunk's RoPE
+//      angles) and TransformKernel (components to values, FORMAT.md
+//      "Transform", in the CPU decoder's order of operations).
 // Every offset comes from validated header fields or is checked before use,
 // so a corrupt stream only sets its status.
 #include <algorithm>
@@ -24,6 +27,7 @@
 #include "codec/group_layout.h"
 #include "codec/quant_math.h"
 #include "codec/rans_math.h"
+#include "codec/transform_math.h"
 
 namespace kvcache::codec::gpu {
 namespace internal {
@@ -36,6 +40,8 @@ using codec::internal::HeaderCheck;
 using codec::internal::kChecksumBytes;
 using codec::internal::kFixedHeaderBytes;
 using codec::internal::kMagicLE;
+using codec::internal::kNoTransform;
+using codec::internal::kTransformSectionBytes;
 using codec::internal::LoadU16;
 using codec::internal::LoadU32;
 using codec::internal::PlaneSpec;
@@ -58,6 +64,7 @@ struct DecodeChunk {
   uint32_t* stream_tables;  // Per stream: its table's offset.
   uint4* blocks;            // Table offset, first symbol, symbols, alphabet.
   uint8_t* symbols;         // Decoded streams (group_layout.h order).
+  float2* rope;             // Transform streams: [token][pair] (sin, cos).
   uint32_t affine_cap;
   uint32_t unit_cap;
   uint32_t stream_cap;
@@ -82,6 +89,23 @@ struct ChunkState {
   uint32_t dir_off;
   uint32_t payload_off;
   uint32_t payload_bytes;
+  // Transform streams (transform != 0): section 2a.
+  uint32_t transform;
+  uint32_t first_position;
+  uint32_t exact_tokens;
+  uint32_t exact_off;
+};
+
+// The batch's model profile as kernels take it; has == 0 when none.
+struct KernelProfile {
+  DeviceProfile::View view;
+  uint32_t has;
+};
+
+// Section 2a's fixed fields, read by ParseHeader.
+struct TransformFields {
+  uint32_t first_position;
+  uint32_t exact_tokens;
 };
 
 constexpr int kParseThreads = 256;
@@ -120,7 +144,8 @@ __device__ Unit UnitAt(const DecodeChunk& c, const ChunkState& s, uint32_t u) {
 }
 
 __device__ int32_t ParseHeader(const DecodeChunk& c, const DeviceLayout& l,
-                               Header* h) {
+                               const KernelProfile& profile, Header* h,
+                               TransformFields* transform) {
   const uint8_t* p = c.stream;
   if (c.stream_bytes < 4 || LoadU32(p) != kMagicLE ||
       c.stream_bytes < kFixedHeaderBytes) {
@@ -136,17 +161,32 @@ __device__ int32_t ParseHeader(const DecodeChunk& c, const DeviceLayout& l,
     default:
       return kBadHeader;
   }
-  // Transform streams (format v3) decode on the CPU, with their profile.
-  if (h->transform_id != kNoTransform) return kUnsupported;
   if (h->shape.layers != l.layers || h->shape.kv_heads != l.kv_heads ||
       h->shape.head_dim != l.head_dim || h->shape.dtype != l.dtype ||
       h->shape.tokens != c.tokens) {
     return kShapeMismatch;
   }
-  if (c.stream_bytes < kFixedHeaderBytes + 2 * uint64_t{h->Planes()}) {
+  const uint64_t section = kFixedHeaderBytes + 2 * uint64_t{h->Planes()};
+  if (c.stream_bytes < section) return kBadHeader;
+  *transform = {0, 0};
+  if (h->transform_id == kNoTransform) return kOk;
+  if (c.stream_bytes < section + kTransformSectionBytes) return kBadHeader;
+  const uint8_t* t = c.stream + section;
+  if (LoadU32(t) != h->transform_fingerprint) return kBadHeader;
+  transform->first_position = LoadU32(t + 16);
+  transform->exact_tokens = LoadU32(t + 20);
+  if (transform->exact_tokens > h->shape.tokens ||
+      uint64_t{transform->first_position} + h->shape.tokens >
+          (uint64_t{1} << 32)) {
     return kBadHeader;
   }
-  return kOk;
+  const DeviceProfile::View& v = profile.view;
+  bool same = profile.has != 0 && v.layers == h->shape.layers &&
+              v.kv_heads == h->shape.kv_heads &&
+              v.head_dim == h->shape.head_dim &&
+              h->channel_group % v.head_dim == 0;
+  for (int b = 0; b < 16 && same; ++b) same = t[b] == v.id[b];
+  return same ? kOk : kNeedsProfile;
 }
 
 // Window of the tables section ParseKernel works on, and markers of where
@@ -181,7 +221,8 @@ __device__ uint16_t NextTable(const uint8_t* win, uint32_t len,
 }
 
 __global__ __launch_bounds__(kParseThreads) void ParseKernel(
-    const DecodeChunk* chunks, ChunkState* states, DeviceLayout layout) {
+    const DecodeChunk* chunks, ChunkState* states, DeviceLayout layout,
+    KernelProfile profile) {
   using Scan = cub::BlockScan<uint32_t, kParseThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ alignas(Header) unsigned char header_storage[sizeof(Header)];
@@ -192,6 +233,7 @@ __global__ __launch_bounds__(kParseThreads) void ParseKernel(
   __shared__ uint16_t term_rank[kWindowBytes + 1], term_at[kWindowBytes];
   __shared__ uint16_t next_table[kWindowBytes];
   __shared__ uint32_t s_pos, s_stream;
+  __shared__ TransformFields s_transform;
   Header& h = *reinterpret_cast<Header*>(header_storage);
   const DecodeChunk c = chunks[blockIdx.x];
   ChunkState* out = &states[blockIdx.x];
@@ -199,8 +241,10 @@ __global__ __launch_bounds__(kParseThreads) void ParseKernel(
 
   if (tid == 0) {
     Header local;
-    s_err = ParseHeader(c, layout, &local);
+    TransformFields fields;
+    s_err = ParseHeader(c, layout, profile, &local, &fields);
     h = local;
+    s_transform = fields;
     s_bad_plane = 0;
   }
   __syncthreads();
@@ -228,7 +272,10 @@ __global__ __launch_bounds__(kParseThreads) void ParseKernel(
     if (p < planes) {
       bits = desc[2 * p];
       mode = desc[2 * p + 1];
-      if (codec::internal::ValidPlane(bits, mode)) {
+      // Transform streams' planes are all per channel (as ParseSections).
+      if (codec::internal::ValidPlane(bits, mode) &&
+          (h.transform_id == kNoTransform ||
+           mode == static_cast<uint32_t>(ScaleMode::kPerChannel))) {
         const PlaneSpec spec{static_cast<uint8_t>(bits),
                              static_cast<ScaleMode>(mode)};
         affines = static_cast<uint32_t>(ScaleBytes(h, spec) / 4);
@@ -261,7 +308,13 @@ __global__ __launch_bounds__(kParseThreads) void ParseKernel(
   const uint64_t choice_bits = h.ChoiceBits();
   const uint64_t choice_bytes = (choice_bits + 7) / 8;
   if (tid == 0) {
-    const uint64_t scales_off = kFixedHeaderBytes + 2 * uint64_t{planes};
+    const bool transform = h.transform_id != kNoTransform;
+    const uint64_t exact_off =
+        kFixedHeaderBytes + 2 * uint64_t{planes} + kTransformSectionBytes;
+    const uint64_t scales_off =
+        transform ? exact_off + 2 * uint64_t{s_transform.exact_tokens} *
+                                    planes * h.Channels()
+                  : kFixedHeaderBytes + 2 * uint64_t{planes};
     const uint64_t choices_off = scales_off + 4 * uint64_t{affine_total};
     const uint64_t tables_off = choices_off + choice_bytes;
     const uint64_t dir_off = tables_off + h.tables_bytes;
@@ -289,7 +342,11 @@ __global__ __launch_bounds__(kParseThreads) void ParseKernel(
                    h.tables_bytes,
                    static_cast<uint32_t>(dir_off),
                    static_cast<uint32_t>(payload_off),
-                   h.payload_bytes};
+                   h.payload_bytes,
+                   transform ? 1u : 0u,
+                   s_transform.first_position,
+                   s_transform.exact_tokens,
+                   static_cast<uint32_t>(exact_off)};
   }
   __syncthreads();
   if (s_err != kOk) {
@@ -740,19 +797,17 @@ __device__ inline uint32_t Div(uint32_t x, uint32_t d) {
   return (d & (d - 1)) == 0 ? x >> (__ffs(d) - 1) : x / d;
 }
 
-// Values of channels [c0, c0 + kN) of token t of plane p, which lie in one
-// channel group.
+// Integers of channels [c0, c0 + kN) of token t of plane p, which lie in
+// one channel group.
 template <int kN>
-__device__ inline void DecodeValues(const DecodeChunk& c, const ChunkState& s,
-                                    DType dtype, uint32_t p, uint32_t t,
-                                    uint32_t c0, uint16_t* out) {
+__device__ inline void DecodeInts(const DecodeChunk& c, const ChunkState& s,
+                                  uint32_t p, uint32_t t, uint32_t c0,
+                                  uint32_t* q) {
   const uint32_t width = s.channel_group;
   const uint32_t cg = Div(c0, width);
   const uint32_t g = Div(t, s.token_group);
   const uint32_t in_group = t - g * s.token_group;
-  const uint4 plane = c.planes[p];
-  const uint32_t bits = plane.x & 0xFF;
-  const auto mode = static_cast<ScaleMode>(plane.x >> 8);
+  const uint32_t bits = c.planes[p].x & 0xFF;
   const int planes_of_int = BytePlanes(bits);
   const uint32_t u = p * s.channel_groups + cg;
   const Unit unit = ToUnit(c.units[u]);
@@ -761,7 +816,6 @@ __device__ inline void DecodeValues(const DecodeChunk& c, const ChunkState& s,
   const codec::internal::StreamRows before = codec::internal::RowsBefore(
       g, Rank(c, first + g) - Rank(c, first), s.token_group);
   const uint8_t* raw = c.symbols + unit.base + (c0 - cg * width);
-  uint32_t q[kN];
   if (delta_group && in_group != 0) {
     uint32_t anchor[kN];
     LoadInts<kN>(raw + before.raw * width, unit.raw, planes_of_int, anchor);
@@ -776,6 +830,20 @@ __device__ inline void DecodeValues(const DecodeChunk& c, const ChunkState& s,
     const uint32_t row = before.raw + (delta_group ? 0 : in_group);
     LoadInts<kN>(raw + row * width, unit.raw, planes_of_int, q);
   }
+}
+
+// Values of channels [c0, c0 + kN) of token t of plane p, which lie in one
+// channel group.
+template <int kN>
+__device__ inline void DecodeValues(const DecodeChunk& c, const ChunkState& s,
+                                    DType dtype, uint32_t p, uint32_t t,
+                                    uint32_t c0, uint16_t* out) {
+  const uint4 plane = c.planes[p];
+  const auto mode = static_cast<ScaleMode>(plane.x >> 8);
+  uint32_t q[kN];
+  DecodeInts<kN>(c, s, p, t, c0, q);
+  const uint32_t cg = Div(c0, s.channel_group);
+  const uint32_t g = Div(t, s.token_group);
   for (int e = 0; e < kN; ++e) {
     if (mode == ScaleMode::kIdentity) {
       out[e] = static_cast<uint16_t>(q[e]);
@@ -795,7 +863,7 @@ __global__ __launch_bounds__(kReconstructThreads) void ReconstructKernel(
     const DecodeChunk* chunks, const ChunkState* states, const int32_t* status,
     DeviceLayout layout) {
   const uint32_t i = blockIdx.z, p = blockIdx.y;
-  if (status[i] != kOk) return;
+  if (status[i] != kOk || states[i].transform) return;
   const DecodeChunk& c = chunks[i];
   const ChunkState& s = states[i];
   const uint32_t vecs = layout.channels / kVec;
@@ -824,6 +892,120 @@ __global__ __launch_bounds__(kReconstructThreads) void ReconstructKernel(
   }
 }
 
+// The (sin, cos) of every (token, pair) of each transform chunk, computed
+// once per chunk rather than per key plane.
+__global__ void RopeKernel(const DecodeChunk* chunks, const ChunkState* states,
+                           const int32_t* status, KernelProfile profile) {
+  const uint32_t i = blockIdx.y;
+  if (status[i] != kOk || !states[i].transform) return;
+  const uint32_t pairs = profile.view.head_dim / 2;
+  const uint32_t e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= states[i].tokens * pairs) return;
+  const uint32_t t = e / pairs, j = e - t * pairs;
+  const codec::internal::SinCos a = codec::internal::RopeAngle(
+      states[i].first_position + t, profile.view.inv_freq[j]);
+  chunks[i].rope[e] = make_float2(a.sin, a.cos);
+}
+
+// Tokens per TransformKernel block; each thread keeps one accumulator per
+// token, so every basis element it loads serves kTransformTile multiply-adds.
+constexpr uint32_t kTransformTile = 16;
+
+// Threads of a TransformKernel block: whole heads, up to 256 channels.
+__host__ __device__ inline uint32_t HeadsPerTransformBlock(uint32_t head_dim) {
+  return head_dim >= 256 ? 1 : 256 / head_dim;
+}
+
+// One block: kTransformTile tokens of HeadsPerTransformBlock heads of plane
+// blockIdx.y of chunk blockIdx.z; one thread per channel.
+__global__ __launch_bounds__(256) void TransformKernel(
+    const DecodeChunk* chunks, const ChunkState* states, const int32_t* status,
+    DeviceLayout layout, KernelProfile profile, uint32_t head_blocks) {
+  const uint32_t i = blockIdx.z, p = blockIdx.y;
+  if (status[i] != kOk || !states[i].transform) return;
+  const DecodeChunk& c = chunks[i];
+  const ChunkState& s = states[i];
+  const uint32_t t0 = (blockIdx.x / head_blocks) * kTransformTile;
+  if (t0 >= s.tokens) return;
+  const DeviceProfile::View& v = profile.view;
+  const uint32_t dim = v.head_dim;
+  const uint32_t hpb = HeadsPerTransformBlock(dim);
+  const uint32_t tid = threadIdx.x;
+  const uint32_t head = (blockIdx.x % head_blocks) * hpb + tid / dim;
+  const uint32_t d = tid % dim;
+  const bool active = head < layout.kv_heads;
+  const uint32_t ch = head * dim + d;
+  const uint32_t tokens = min(kTransformTile, s.tokens - t0);
+  const bool is_value = p % 2 == 1;
+  // [thread's channel][token]: a thread reads four tokens of a component
+  // with one 16-byte load, broadcast to its head's threads.
+  __shared__ float4 coeff[256][kTransformTile / 4];
+  __shared__ uint8_t kept[256];
+  float step = 0;
+  if (active) {
+    const float2 a = c.affines[c.planes[p].y + ch];
+    step = a.y;
+    float* mine = reinterpret_cast<float*>(coeff[tid]);
+    for (uint32_t t = 0; t < kTransformTile; ++t) {
+      uint32_t q = 0;
+      if (t < tokens) DecodeInts<1>(c, s, p, t0 + t, ch, &q);
+      mine[t] = codec::internal::AddRn(
+          a.x, codec::internal::MulRn(static_cast<float>(q), a.y));
+    }
+  }
+  kept[tid] = active && step != 0.0f;
+  __syncthreads();
+  // Threads past the last head stay for the barriers below.
+  const size_t index = size_t{p} * v.kv_heads + (active ? head : 0);
+  const float* basis = v.basis + index * dim * dim + d;
+  float acc[kTransformTile];
+  const float mean = v.mean[index * dim + d];
+  for (uint32_t t = 0; t < kTransformTile; ++t) acc[t] = mean;
+  const uint32_t first = tid - d;  // This head's first thread.
+  for (uint32_t k = 0; k < dim && active; ++k) {
+    if (!kept[first + k]) continue;
+    const float b = basis[k * dim];
+    for (uint32_t q4 = 0; q4 < kTransformTile / 4; ++q4) {
+      const float4 x = coeff[first + k][q4];
+      acc[4 * q4] = __fmaf_rn(b, x.x, acc[4 * q4]);
+      acc[4 * q4 + 1] = __fmaf_rn(b, x.y, acc[4 * q4 + 1]);
+      acc[4 * q4 + 2] = __fmaf_rn(b, x.z, acc[4 * q4 + 2]);
+      acc[4 * q4 + 3] = __fmaf_rn(b, x.w, acc[4 * q4 + 3]);
+    }
+  }
+  const bool rope = !is_value && v.rope != 0;
+  if (rope) {
+    // Each pair's other channel belongs to another thread of the head.
+    float* mine = reinterpret_cast<float*>(coeff[tid]);
+    __syncthreads();
+    for (uint32_t t = 0; t < kTransformTile; ++t) mine[t] = acc[t];
+    __syncthreads();
+    const bool halves = v.rope == static_cast<uint32_t>(RopeLayout::kHalves);
+    const uint32_t j = halves ? d % (dim / 2) : d / 2;
+    const bool second = halves ? d >= dim / 2 : d % 2 == 1;
+    const uint32_t a_ch = first + codec::internal::RopeFirst(halves, j);
+    const uint32_t b_ch = first + codec::internal::RopeSecond(halves, j, dim);
+    for (uint32_t t = 0; t < tokens && active; ++t) {
+      const float2 sc = c.rope[size_t{t0 + t} * (dim / 2) + j];
+      float a = reinterpret_cast<const float*>(coeff[a_ch])[t];
+      float b = reinterpret_cast<const float*>(coeff[b_ch])[t];
+      codec::internal::RopeApply({sc.x, sc.y}, &a, &b);
+      acc[t] = second ? b : a;
+    }
+  }
+  if (!active) return;
+  const uint8_t* exact = c.stream + s.exact_off +
+                         2 * (size_t{p} * s.exact_tokens * layout.channels);
+  for (uint32_t t = 0; t < tokens; ++t) {
+    const uint32_t token = t0 + t;
+    *ElementPtr(layout, c.values, c.block_ids, c.first_slot, s.tokens, p, token,
+                ch) =
+        token < s.exact_tokens
+            ? LoadU16(exact + 2 * (size_t{token} * layout.channels + ch))
+            : codec::internal::RoundCoefficientSum(acc[t], layout.dtype);
+  }
+}
+
 // Device pointers of a batch's workspace, and the host copies of the
 // arrays the kernels read.
 struct DecodePlan {
@@ -837,11 +1019,16 @@ struct DecodePlan {
   uint64_t bytes = 0;
   uint64_t max_stream_bytes = 0;
   uint64_t max_work = 0;  // Reconstruct threads per plane, largest chunk.
+  uint64_t max_tokens = 0;
 };
 
 absl::Status PlanDecode(const KvLayout& layout,
                         absl::Span<const DecodeJob> jobs, void* workspace,
-                        int vec, DecodePlan* plan) {
+                        int vec, const DeviceProfile* profile,
+                        DecodePlan* plan) {
+  // Room for RoPE angles when transform streams may need them.
+  const uint32_t rope_pairs =
+      profile != nullptr && profile->view().rope != 0 ? layout.head_dim / 2 : 0;
   if (absl::Status st = CheckLayout(layout); !st.ok()) return st;
   if (jobs.empty() || jobs.size() > 65535) {
     return absl::InvalidArgumentError("a batch holds 1 to 65535 chunks");
@@ -888,10 +1075,12 @@ absl::Status PlanDecode(const KvLayout& layout,
     c.choice_ranks = carver.Take<uint32_t>(sb / 4 + 2);
     c.blocks = carver.Take<uint4>(c.block_cap);
     c.symbols = carver.Take<uint8_t>(2 * values);
+    c.rope = carver.Take<float2>(uint64_t{job.dest.tokens} * rope_pairs);
     plan->host_crc_jobs[i] = {job.stream,
                               sb >= kChecksumBytes ? sb - kChecksumBytes : 0,
                               plan->crc_raw + i};
     plan->max_stream_bytes = std::max(plan->max_stream_bytes, sb);
+    plan->max_tokens = std::max<uint64_t>(plan->max_tokens, job.dest.tokens);
     plan->max_work = std::max<uint64_t>(
         plan->max_work, uint64_t{job.dest.tokens} * layout.Channels() / vec);
   }
@@ -901,7 +1090,8 @@ absl::Status PlanDecode(const KvLayout& layout,
 
 absl::Status RunDecode(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
                        void* workspace, uint64_t workspace_bytes,
-                       int32_t* status, cudaStream_t s) {
+                       int32_t* status, cudaStream_t s,
+                       const DeviceProfile* profile) {
   if (workspace == nullptr ||
       reinterpret_cast<uintptr_t>(workspace) % 256 != 0 || status == nullptr) {
     return absl::InvalidArgumentError(
@@ -909,10 +1099,13 @@ absl::Status RunDecode(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
   }
   const int vec = VecFor(layout);
   DecodePlan plan;
-  if (absl::Status st = PlanDecode(layout, jobs, workspace, vec, &plan);
+  if (absl::Status st =
+          PlanDecode(layout, jobs, workspace, vec, profile, &plan);
       !st.ok()) {
     return st;
   }
+  KernelProfile kernel_profile{};
+  if (profile != nullptr) kernel_profile = {profile->view(), 1};
   if (plan.bytes > workspace_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "workspace of ", workspace_bytes, " bytes; ", plan.bytes, " needed"));
@@ -931,7 +1124,8 @@ absl::Status RunDecode(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
   }
   cudaMemsetAsync(plan.states, 0, n * sizeof(ChunkState), s);
   cudaMemsetAsync(plan.crc_raw, 0, n * sizeof(uint32_t), s);
-  ParseKernel<<<n, kParseThreads, 0, s>>>(plan.chunks, plan.states, dl);
+  ParseKernel<<<n, kParseThreads, 0, s>>>(plan.chunks, plan.states, dl,
+                                          kernel_profile);
   LaunchRawCrc(plan.crc_jobs, n, plan.max_stream_bytes, s);
   FinalizeKernel<<<1, kParseThreads, 0, s>>>(
       plan.chunks, plan.states, plan.crc_raw, n, DevicePowerTable(), status,
@@ -952,12 +1146,30 @@ absl::Status RunDecode(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
     ReconstructKernel<1><<<grid, kReconstructThreads, 0, s>>>(
         plan.chunks, plan.states, status, dl);
   }
+  if (profile != nullptr) {
+    const uint32_t dim = layout.head_dim;
+    if (profile->view().rope != 0) {
+      const uint64_t angles = plan.max_tokens * (dim / 2);
+      RopeKernel<<<dim3(static_cast<uint32_t>((angles + 255) / 256), n), 256, 0,
+                   s>>>(plan.chunks, plan.states, status, kernel_profile);
+    }
+    const uint32_t hpb = HeadsPerTransformBlock(dim);
+    const uint32_t head_blocks = (layout.kv_heads + hpb - 1) / hpb;
+    const uint32_t tiles = static_cast<uint32_t>(
+        (plan.max_tokens + kTransformTile - 1) / kTransformTile);
+    TransformKernel<<<dim3(tiles * head_blocks, 2 * layout.layers, n),
+                      hpb * dim, 0, s>>>(plan.chunks, plan.states, status, dl,
+                                         kernel_profile, head_blocks);
+  }
   return CudaStatus(cudaGetLastError(), "decode launch");
 }
 
-uint64_t DecodeBytes(const KvLayout& layout, absl::Span<const DecodeJob> jobs) {
+uint64_t DecodeBytes(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
+                     const DeviceProfile* profile) {
   DecodePlan plan;
-  if (!PlanDecode(layout, jobs, nullptr, VecFor(layout), &plan).ok()) return 0;
+  if (!PlanDecode(layout, jobs, nullptr, VecFor(layout), profile, &plan).ok()) {
+    return 0;
+  }
   return plan.bytes;
 }
 
@@ -965,16 +1177,17 @@ uint64_t DecodeBytes(const KvLayout& layout, absl::Span<const DecodeJob> jobs) {
 }  // namespace internal
 
 uint64_t DecodeWorkspaceBytes(const KvLayout& layout,
-                              absl::Span<const DecodeJob> jobs) {
-  return internal::DecodeBytes(layout, jobs);
+                              absl::Span<const DecodeJob> jobs,
+                              const DeviceProfile* profile) {
+  return internal::DecodeBytes(layout, jobs, profile);
 }
 
 absl::Status DecodeBatch(const KvLayout& layout,
                          absl::Span<const DecodeJob> jobs, void* workspace,
                          uint64_t workspace_bytes, int32_t* status,
-                         Stream stream) {
+                         Stream stream, const DeviceProfile* profile) {
   return internal::RunDecode(layout, jobs, workspace, workspace_bytes, status,
-                             stream);
+                             stream, profile);
 }
 
 }  // namespace kvcache::codec::gpu

@@ -222,8 +222,9 @@ absl::Status ChatSession::Fetch(SequenceId seq, absl::Span<const ChunkKey> keys,
     const std::string& bytes = (*fetched)[i].bytes;
     const int begin = static_cast<int>(i) * chunk_tokens;
     want.tokens = std::min(total_tokens - begin, chunk_tokens);
-    absl::StatusOr<codec::ChunkShape> shape = codec::PeekShape(bytes);
-    if (!shape.ok()) return shape.status();
+    absl::StatusOr<codec::StreamSummary> summary = codec::PeekSummary(bytes);
+    if (!summary.ok()) return summary.status();
+    const codec::ChunkShape* shape = &summary->shape;
     // A well-formed chunk of another shape under this key is as wrong as a
     // damaged one: importing it would misplace every value after it.
     if (!(*shape == want)) {
@@ -234,8 +235,21 @@ absl::Status ChatSession::Fetch(SequenceId seq, absl::Span<const ChunkKey> keys,
                        want.tokens, "x", want.kv_heads, "x", want.head_dim));
     }
     values.resize(shape->NumValues());
+    // A chunk stored with another profile than this worker's brings that
+    // profile's id; the profile comes from kvcache.
+    const codec::ModelProfile* profile = options_.profile;
+    std::shared_ptr<const codec::ModelProfile> fetched_profile;
+    if (summary->profile_id.has_value() &&
+        (profile == nullptr || profile->id != *summary->profile_id) &&
+        options_.profiles != nullptr) {
+      absl::StatusOr<std::shared_ptr<const codec::ModelProfile>> got =
+          options_.profiles->Get(*summary->profile_id);
+      if (!got.ok()) return got.status();
+      fetched_profile = *std::move(got);
+      profile = fetched_profile.get();
+    }
     if (absl::Status status =
-            codec::DecodeChunk(bytes, absl::MakeSpan(values), options_.profile);
+            codec::DecodeChunk(bytes, absl::MakeSpan(values), profile);
         !status.ok()) {
       return status;
     }

@@ -41,6 +41,7 @@
 #include "client/chunk_store.h"
 #include "client/examples/chat/llama_model.h"
 #include "client/examples/chat/paged_kv_cache.h"
+#include "client/profile_store.h"
 #include "codec/codec.h"
 
 namespace kvcache::chat {
@@ -62,8 +63,11 @@ absl::StatusOr<KeySpace> ChatKeySpace(const std::string& checkpoint_path,
 struct ChatSessionOptions {
   codec::Level level = codec::kDefaultLevel;
   // The model's profile, which the transform levels (codec::LevelNeedsProfile)
-  // encode and decode with; must outlive the session.
+  // encode with; must outlive the session.
   const codec::ModelProfile* profile = nullptr;
+  // Where chunks naming another profile find theirs (a worker that stored
+  // them may have had an older one); may be null. Must outlive the session.
+  ProfileStore* profiles = nullptr;
   // How long a stored turn stays pinned: the time a user may take to reply.
   absl::Duration pin_ttl = absl::Minutes(10);
 };

@@ -45,15 +45,19 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "client/examples/chat/chat_session.h"
 #include "client/examples/chat/chat_turn.h"
 #include "client/examples/chat/llama_model.h"
+#include "client/examples/chat/model_profile.h"
 #include "client/examples/chat/paged_kv_cache.h"
 #include "client/examples/chat/real_text.h"
 #include "client/examples/model/chat_template.h"
 #include "client/examples/model/gguf.h"
 #include "client/examples/model/model_text.h"
 #include "client/kvcache_client.h"
+#include "client/profile_store.h"
 #include "codec/codec.h"
 #include "codec/kv_dump.h"
 
@@ -164,10 +168,48 @@ class Worker {
     ChatSessionOptions session_options;
     session_options.level = options_.level;
     session_options.pin_ttl = absl::Seconds(options_.pin_ttl_s);
+    if (codec::LevelNeedsProfile(options_.level)) {
+      profiles_ = std::make_unique<ProfileStore>(client, *space);
+      if (absl::Status st = LoadOrMakeProfile(); !st.ok()) return st;
+      session_options.profile = profile_.get();
+      session_options.profiles = profiles_.get();
+    }
     absl::StatusOr<ChatSession> session =
         ChatSession::Create(&cache_, client, *space, session_options);
     if (!session.ok()) return session.status();
     session_.emplace(*std::move(session));
+    return absl::OkStatus();
+  }
+
+  // The model's profile from kvcache, or, if it has none yet, calibrated
+  // on the calibration text and published for the model's other workers.
+  absl::Status LoadOrMakeProfile() {
+    absl::StatusOr<std::shared_ptr<const codec::ModelProfile>> current =
+        profiles_->Current();
+    if (current.ok()) {
+      profile_ = *std::move(current);
+      std::printf("model profile %s, from kvcache\n",
+                  codec::ProfileIdHex(profile_->id).c_str());
+      return absl::OkStatus();
+    }
+    if (!absl::IsNotFound(current.status())) return current.status();
+    if (!text_chat_.has_value()) {
+      return absl::InvalidArgumentError(
+          "the transform levels calibrate a model profile on text, which "
+          "needs a GGUF model's tokenizer");
+    }
+    absl::StatusOr<std::vector<Document>> documents =
+        LoadDocuments(options_.docs, TextSet::kCalibration);
+    if (!documents.ok()) return documents.status();
+    const absl::Time start = absl::Now();
+    absl::StatusOr<codec::ModelProfile> made = CalibrateModelProfile(
+        model_, *text_chat_->text.tokenizer, *documents, {});
+    if (!made.ok()) return made.status();
+    if (absl::Status st = profiles_->Publish(*made); !st.ok()) return st;
+    std::printf("model profile %s, calibrated in %.1f s and published\n",
+                codec::ProfileIdHex(made->id).c_str(),
+                absl::ToDoubleSeconds(absl::Now() - start));
+    profile_ = std::make_shared<const codec::ModelProfile>(*std::move(made));
     return absl::OkStatus();
   }
 
@@ -289,6 +331,8 @@ class Worker {
   PagedKvCache cache_;
   UserMessages user_messages_;
   std::optional<TextChat> text_chat_;
+  std::unique_ptr<ProfileStore> profiles_;
+  std::shared_ptr<const codec::ModelProfile> profile_;
   std::optional<ChatSession> session_;
   std::vector<int32_t> conversation_;
 };
