@@ -2,18 +2,24 @@
 // KV-cache dumps: size ratio, K/V/attention-output error, and single-core
 // encode/decode throughput. Prints Markdown tables.
 //
-// Usage: codec_bench [DIR_OR_MANIFEST.json ...]
-// With no arguments it measures every dump in shared/kvdata (see kv_dump.h).
+// Usage: codec_bench [--profile=P.kvp] [DIR_OR_MANIFEST.json ...]
+// With no manifests it measures every dump in shared/kvdata (see kv_dump.h).
+// With a model profile (kvcodec calibrate, on other text of the dumps'
+// model) the transform levels get rows too.
 #include <zstd.h>
 
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "codec/cachegen_ref.h"
 #include "codec/codec.h"
 #include "codec/kivi.h"
@@ -78,15 +84,24 @@ void Place(const KvDump& dump, const Chunk& c,
   }
 }
 
+// Encode options of a chunk at a transform level.
+EncodeOptions OptionsFor(const Chunk& c, const ModelProfile* profile) {
+  EncodeOptions options;
+  options.profile = profile;
+  options.first_position = c.first_token;
+  return options;
+}
+
 absl::StatusOr<Row> MeasureLevel(const KvDump& dump,
-                                 const std::vector<Chunk>& chunks,
-                                 Level level) {
+                                 const std::vector<Chunk>& chunks, Level level,
+                                 const ModelProfile* profile) {
   Row row;
   row.name = absl::StrCat("kvcache ", LevelName(level));
   std::vector<std::string> streams(chunks.size());
   for (size_t i = 0; i < chunks.size(); ++i) {
     absl::StatusOr<std::string> s =
-        EncodeChunk(chunks[i].shape, chunks[i].values, level);
+        EncodeChunk(chunks[i].shape, chunks[i].values, level,
+                    OptionsFor(chunks[i], profile));
     if (!s.ok()) return s.status();
     streams[i] = *std::move(s);
     row.bytes += streams[i].size();
@@ -95,7 +110,8 @@ absl::StatusOr<Row> MeasureLevel(const KvDump& dump,
   std::vector<std::vector<uint16_t>> decoded(chunks.size());
   for (size_t i = 0; i < chunks.size(); ++i) {
     decoded[i].resize(chunks[i].values.size());
-    if (absl::Status st = DecodeChunk(streams[i], absl::MakeSpan(decoded[i]));
+    if (absl::Status st =
+            DecodeChunk(streams[i], absl::MakeSpan(decoded[i]), profile);
         !st.ok()) {
       return st;
     }
@@ -105,12 +121,16 @@ absl::StatusOr<Row> MeasureLevel(const KvDump& dump,
   const size_t raw = dump.kv.size() * 2;
   row.encode_mbps = Throughput(raw, [&] {
     for (const Chunk& c : chunks) {
-      if (!EncodeChunk(c.shape, c.values, level).ok()) std::abort();
+      if (!EncodeChunk(c.shape, c.values, level, OptionsFor(c, profile))
+               .ok()) {
+        std::abort();
+      }
     }
   });
   row.decode_mbps = Throughput(raw, [&] {
     for (size_t i = 0; i < chunks.size(); ++i) {
-      if (!DecodeChunk(streams[i], absl::MakeSpan(decoded[i])).ok()) {
+      if (!DecodeChunk(streams[i], absl::MakeSpan(decoded[i]), profile)
+               .ok()) {
         std::abort();
       }
     }
@@ -243,7 +263,24 @@ void PrintDump(const KvDump& dump, const std::vector<Row>& rows) {
 
 int Run(int argc, char** argv) {
   std::vector<std::string> manifests;
-  std::vector<std::string> inputs(argv + 1, argv + argc);
+  std::vector<std::string> inputs;
+  std::optional<ModelProfile> profile;
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (!absl::ConsumePrefix(&arg, "--profile=")) {
+      inputs.emplace_back(arg);
+      continue;
+    }
+    std::ifstream in{std::string(arg), std::ios::binary};
+    absl::StatusOr<ModelProfile> parsed =
+        ParseProfile(std::string(std::istreambuf_iterator<char>(in),
+                                 std::istreambuf_iterator<char>()));
+    if (!parsed.ok()) {
+      absl::FPrintF(stderr, "%s: %s\n", arg, parsed.status().ToString());
+      return 1;
+    }
+    profile = *std::move(parsed);
+  }
   if (inputs.empty()) {
     absl::StatusOr<std::string> dir = FindKvDataDir();
     if (!dir.ok()) {
@@ -272,9 +309,16 @@ int Run(int argc, char** argv) {
     }
     const std::vector<Chunk> chunks = CutChunks(*dump);
     std::vector<Row> rows;
-    for (Level level : {Level::kLossless, Level::kNearLossless, Level::kHigh,
-                        Level::kDefault, Level::kCompact, Level::kTiny}) {
-      absl::StatusOr<Row> row = MeasureLevel(*dump, chunks, level);
+    std::vector<Level> levels = {Level::kLossless, Level::kNearLossless,
+                                 Level::kHigh,     Level::kDefault,
+                                 Level::kCompact,  Level::kTiny};
+    if (profile.has_value()) {
+      levels.insert(levels.end(), {Level::kProfileFine, Level::kProfileBalanced,
+                                   Level::kProfileSmall});
+    }
+    for (Level level : levels) {
+      absl::StatusOr<Row> row = MeasureLevel(
+          *dump, chunks, level, profile.has_value() ? &*profile : nullptr);
       if (!row.ok()) {
         absl::FPrintF(stderr, "%s: %s\n", path, row.status().ToString());
         return 1;

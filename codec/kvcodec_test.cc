@@ -19,6 +19,7 @@
 #include "codec/codec.h"
 #include "codec/half.h"
 #include "codec/kv_dump.h"
+#include "codec/profile.h"
 #include "gtest/gtest.h"
 
 namespace kvcache::codec {
@@ -193,6 +194,54 @@ TEST(KvcodecTest, LossyLevelsDecodeWithinTheirBounds) {
       previous_bytes = bytes;
     }
   }
+}
+
+// calibrate makes a profile from one dump; the transform levels encode
+// another with it and decode only with it.
+TEST(KvcodecTest, TransformLevelsCalibrateEncodeAndDecodeWithAProfile) {
+  const std::vector<Dump> dumps = RealDumps();
+  ASSERT_EQ(dumps.size(), 3u);
+  const std::string profile = TempPath("stories.kvp");
+  Result r = Kvcodec(absl::StrCat("calibrate --rope_theta=10000 '",
+                                  dumps[1].manifest, "' '", dumps[2].manifest,
+                                  "' '", profile, "'"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(absl::StrContains(r.output, "from 1024 tokens")) << r.output;
+  const absl::StatusOr<ModelProfile> parsed = ParseProfile(ReadAll(profile));
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+
+  const Dump& d = dumps[0];
+  const std::string kvc =
+      Encode(d, absl::StrCat("--level=profile-balanced --profile='", profile,
+                             "'"),
+             "transform");
+  r = Kvcodec(absl::StrCat("info '", kvc, "'"));
+  EXPECT_TRUE(absl::StrContains(
+      r.output, "needs model profile " + ProfileIdHex(parsed->id)))
+      << r.output;
+  const std::string kv = TempPath("transform.kv");
+  r = Kvcodec(absl::StrCat("decode '", kvc, "' '", kv, "'"));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(absl::StrContains(r.output, ProfileIdHex(parsed->id)))
+      << r.output;
+  r = Kvcodec(
+      absl::StrCat("decode --profile='", profile, "' '", kvc, "' '", kv, "'"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string decoded = ReadAll(kv);
+  EXPECT_LT(RelativeL2(d.dump, decoded, 0), 0.3);
+  EXPECT_LT(RelativeL2(d.dump, decoded, 1), 0.3);
+  // Usage errors: a transform level without a profile, calibrate without
+  // its RoPE base, a damaged profile.
+  r = Kvcodec(absl::StrCat("encode --level=profile-fine '", d.manifest, "' '",
+                           TempPath("x.kvc"), "'"));
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  r = Kvcodec(absl::StrCat("calibrate '", d.manifest, "' '",
+                           TempPath("x.kvp"), "'"));
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  WriteAll(TempPath("bad.kvp"), ReadAll(profile).substr(0, 100));
+  r = Kvcodec(absl::StrCat("decode --profile='", TempPath("bad.kvp"), "' '",
+                           kvc, "' '", kv, "'"));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
 }
 
 TEST(KvcodecTest, DefaultLevelIsTheCodecsDefault) {

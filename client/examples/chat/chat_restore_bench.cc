@@ -11,8 +11,9 @@
 // Quality (quality_harness.h): documents and chats of the evaluation set
 // (real_text.h), each run with its KV kept in the worker and then once per
 // variant with its KV stored and restored between segments; one table row
-// per variant. Variants are named as codec levels ("default") or "kivi8",
-// "kivi4", "kivi2"; all by default.
+// per variant. Variants are named as codec levels ("default"), "kivi8",
+// "kivi4", "kivi2", or CacheGen's reference coder by its delta bins
+// ("cachegen32-16-16", "cachegen16-8-8"); all by default.
 //
 // Time: for each history length, recomputing it (one prefill) against
 // restoring it from kvcache (lookup + get + decode + import) at each codec
@@ -77,13 +78,15 @@ absl::StatusOr<std::vector<Variant>> ChooseVariants(
   std::vector<Variant> chosen;
   for (const std::string& name : names) {
     auto it = std::find_if(all.begin(), all.end(), [&](const Variant& v) {
-      return v.level.has_value() ? codec::LevelName(*v.level) == name
-                                 : absl::StrCat("kivi", v.kivi_bits) == name;
+      return v.key == name;
     });
     if (it == all.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("unknown variant \"", name,
-                       "\": a codec level or kivi8, kivi4, kivi2"));
+      std::string keys;
+      for (const Variant& v : all) {
+        absl::StrAppend(&keys, keys.empty() ? "" : ", ", v.key);
+      }
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unknown variant \"", name, "\"; variants: ", keys));
     }
     chosen.push_back(*it);
   }

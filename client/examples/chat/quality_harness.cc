@@ -39,6 +39,28 @@ double Kl(absl::Span<const double> log_p, absl::Span<const double> log_q) {
   return std::max(0.0, kl);  // rounding can make an exact match -1e-17
 }
 
+// What restoring a chunk coded by an in-place variant (KIVI or CacheGen)
+// gives, and its coded size.
+absl::StatusOr<codec::KiviResult> RoundTripInPlace(
+    const Variant& variant, const codec::ChunkShape& shape,
+    absl::Span<const uint16_t> values) {
+  if (!variant.cachegen.has_value()) {
+    return codec::KiviRoundTrip(shape, values, variant.kivi_bits);
+  }
+  absl::StatusOr<std::string> stream =
+      codec::CacheGenEncode(shape, values, *variant.cachegen);
+  if (!stream.ok()) return stream.status();
+  codec::KiviResult result;
+  result.decoded.resize(values.size());
+  if (absl::Status st =
+          codec::CacheGenDecode(*stream, absl::MakeSpan(result.decoded));
+      !st.ok()) {
+    return st;
+  }
+  result.bytes = stream->size();
+  return result;
+}
+
 // Room for the conversation, twice over.
 absl::StatusOr<PagedKvCache> CacheFor(const LlamaModel& model,
                                       const Conversation& conversation) {
@@ -169,11 +191,19 @@ std::vector<Variant> DefaultVariants() {
         codec::Level::kHigh, codec::Level::kDefault, codec::Level::kCompact,
         codec::Level::kTiny, codec::Level::kProfileFine,
         codec::Level::kProfileBalanced, codec::Level::kProfileSmall}) {
-    variants.push_back({std::string(codec::LevelName(level)), level, 0});
+    const std::string name(codec::LevelName(level));
+    variants.push_back({name, name, level});
   }
   for (int bits : {8, 4, 2}) {
-    variants.push_back(
-        {absl::StrCat("KIVI ", bits, "-bit"), std::nullopt, bits});
+    variants.push_back({absl::StrCat("KIVI ", bits, "-bit"),
+                        absl::StrCat("kivi", bits), std::nullopt, bits});
+  }
+  for (const codec::CacheGenConfig& config : codec::CacheGenSettings()) {
+    const auto& b = config.delta_bins;
+    variants.push_back({absl::StrCat("CacheGen ref ", b[0], "/", b[1], "/",
+                                     b[2]),
+                        absl::StrCat("cachegen", b[0], "-", b[1], "-", b[2]),
+                        std::nullopt, 0, config});
   }
   return variants;
 }
@@ -305,7 +335,8 @@ absl::Status QualityHarness::RunVariant(const Conversation& conversation,
       if (!keys.ok()) return keys.status();
       stored_keys.insert(stored_keys.end(), keys->begin(), keys->end());
     } else {
-      // KIVI: quantize what a store would send, in place.
+      // KIVI or CacheGen: what a store would send, coded and decoded in
+      // place.
       const size_t chunk = chunk_tokens_;
       const size_t chunks = (tokens.size() + chunk - 1) / chunk;
       kivi_bytes.resize(chunks);
@@ -317,13 +348,14 @@ absl::Status QualityHarness::RunVariant(const Conversation& conversation,
             cache->ExportChunk(seq, begin, end);
         if (!values.ok()) return values.status();
         shape.tokens = end - begin;
-        codec::KiviResult kivi =
-            codec::KiviRoundTrip(shape, *values, variant.kivi_bits);
-        if (absl::Status st = cache->ImportChunk(seq, begin, kivi.decoded);
+        absl::StatusOr<codec::KiviResult> coded =
+            RoundTripInPlace(variant, shape, *values);
+        if (!coded.ok()) return coded.status();
+        if (absl::Status st = cache->ImportChunk(seq, begin, coded->decoded);
             !st.ok()) {
           return st;
         }
-        kivi_bytes[c] = kivi.bytes;
+        kivi_bytes[c] = coded->bytes;
       }
       kivi_full_chunks = tokens.size() / chunk;
       for (size_t b : kivi_bytes) result.restored_bytes += b;

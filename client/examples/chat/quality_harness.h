@@ -34,6 +34,7 @@
 #include "client/examples/chat/real_text.h"
 #include "client/examples/model/bpe_tokenizer.h"
 #include "client/examples/model/chat_template.h"
+#include "codec/cachegen_ref.h"
 #include "codec/codec.h"
 
 namespace kvcache::chat {
@@ -79,12 +80,16 @@ absl::StatusOr<std::vector<Conversation>> ChatConversations(
 
 // How a conversation's KV travels between segments.
 struct Variant {
-  std::string name;
+  std::string name;  // as tables print it
+  std::string key;   // as a command line names it
   std::optional<codec::Level> level;  // through kvcached
   int kivi_bits = 0;                  // or KIVI, in place
+  // or CacheGen's coder (codec/cachegen_ref.h), in place
+  std::optional<codec::CacheGenConfig> cachegen;
 };
 
-// Every codec level, then KIVI 8, 4 and 2 bits.
+// Every codec level, then KIVI 8, 4 and 2 bits, then CacheGen's reference
+// coder at each of codec::CacheGenSettings().
 std::vector<Variant> DefaultVariants();
 
 struct VariantResult {
