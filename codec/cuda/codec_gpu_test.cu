@@ -570,6 +570,22 @@ void ExpectEncodeMatchesCpu(const ChunkShape& shape,
   }
 }
 
+TEST(GpuEncodeTest, TransformLevelsAreTheCpuEncodersOnly) {
+  REQUIRE_GPU();
+  const ChunkShape shape{1, 16, 1, 8, DType::kFloat16};
+  DeviceBuffer values(shape.RawBytes()), out(MaxEncodedBytes(shape));
+  DeviceBuffer ws(256), status(4), lengths(8);
+  EncodeJob job;
+  job.src.tokens = shape.tokens;
+  job.src.values = values.get<uint16_t>();
+  job.out = out.get<uint8_t>();
+  job.out_capacity = out.bytes();
+  const absl::Status st = EncodeBatch(
+      LayoutOf(shape), {job}, Level::kProfileBalanced, ws.get(), ws.bytes(),
+      lengths.get<uint64_t>(), status.get<int32_t>(), nullptr);
+  EXPECT_TRUE(absl::IsInvalidArgument(st)) << st;
+}
+
 TEST(GpuEncodeTest, SyntheticShapesEveryLevel) {
   REQUIRE_GPU();
   const ChunkShape shapes[] = {

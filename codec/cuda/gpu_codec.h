@@ -180,7 +180,8 @@ uint64_t EncodeWorkspaceBytes(const KvLayout& layout,
 
 // Encodes each job's chunk at `level` into jobs[i].out, sets out_bytes[i]
 // to the stream's length and status[i] (both device arrays of jobs.size()).
-// Errors as for DecodeBatch.
+// Errors as for DecodeBatch; InvalidArgument for a transform level, which
+// only the CPU encoder writes.
 absl::Status EncodeBatch(const KvLayout& layout,
                          absl::Span<const EncodeJob> jobs, Level level,
                          void* workspace, uint64_t workspace_bytes,

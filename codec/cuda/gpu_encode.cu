@@ -1083,6 +1083,11 @@ absl::Status RunEncode(const KvLayout& layout, absl::Span<const EncodeJob> jobs,
   if (LevelName(level) == "unknown") {
     return absl::InvalidArgumentError("unknown level");
   }
+  if (LevelNeedsProfile(level)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the GPU encoder does not write the transform levels (",
+                     LevelName(level), "); encode them with EncodeChunk"));
+  }
   const int vec = VecFor(layout);
   EncodePlan plan;
   if (absl::Status st = PlanEncode(layout, jobs, level, workspace, vec, &plan);
