@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "codec/byte_io.h"
+#include "codec/transform_math.h"
 
 namespace kvcache::codec::internal {
 namespace {
@@ -84,6 +85,21 @@ __attribute__((target("avx2,f16c"))) size_t HalfsToFloatF16C(
   return i;
 }
 
+// Rounds floats to fp16 eight at a time until eight hold a NaN (whose
+// canonical form the scalar path writes); returns how many it converted.
+__attribute__((target("avx2,f16c"))) size_t FloatsToHalfsF16C(const float* x,
+                                                              size_t n,
+                                                              uint16_t* out) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) break;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  return i;
+}
+
 bool HaveF16C() {
   // CPUID leaf 1, ECX bit 29; clang before 16 cannot ask for "f16c" by name.
   static const bool have = [] {
@@ -96,6 +112,14 @@ bool HaveF16C() {
 #endif
 
 }  // namespace
+
+void FloatsToValues(const float* x, size_t n, DType dtype, uint16_t* out) {
+  size_t i = 0;
+#if defined(__x86_64__)
+  if (dtype == DType::kFloat16 && HaveF16C()) i = FloatsToHalfsF16C(x, n, out);
+#endif
+  for (; i < n; ++i) out[i] = RoundCoefficientSum(x[i], dtype);
+}
 
 void ValuesToFloat(const uint16_t* src, size_t n, DType dtype, float* x) {
   size_t i = 0;

@@ -17,6 +17,11 @@ namespace kvcache::codec::internal {
 // x[i] = ToFloat(src[i], dtype) for i < n (F16C where the CPU has it).
 void ValuesToFloat(const uint16_t* src, size_t n, DType dtype, float* x);
 
+// out[i] = x[i] rounded to the dtype (nearest-even), NaN as the dtype's
+// canonical quiet NaN (RoundCoefficientSum), for i < n; F16C where the CPU
+// has it.
+void FloatsToValues(const float* x, size_t n, DType dtype, uint16_t* out);
+
 // Replaces q (tokens x channels, row-major) with the integers for plane
 // values `src` (same layout) and appends the plane's scale section
 // (ScaleBytes(h, *spec) bytes). The quantization step is `relative_step`

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <vector>
 
 #include "codec/byte_io.h"
@@ -55,32 +56,52 @@ bool HaveFma() {
 }
 
 // The two loops above eight lanes at a time; the same fused operations in
-// the same order per element, so the same bits.
+// the same order per element, so the same bits. Up to eight vectors of
+// outputs advance together, so that the multiply-adds' latency overlaps.
+constexpr uint32_t kVectors = 8;
+
+// out[0, 8n) += rows[j][0, 8n) * scale[j] for j < count (row j at
+// rows + offsets[j]), j increasing, for n <= kVectors vectors.
+__attribute__((target("avx2,fma"))) inline void FmaRows(
+    const float* rows, const uint32_t* offsets, const float* scales,
+    uint32_t count, uint32_t n, float* out) {
+  __m256 acc[kVectors];
+  for (uint32_t v = 0; v < n; ++v) acc[v] = _mm256_loadu_ps(out + 8 * v);
+  for (uint32_t j = 0; j < count; ++j) {
+    const float* row = rows + offsets[j];
+    const __m256 s = _mm256_set1_ps(scales[j]);
+    for (uint32_t v = 0; v < n; ++v) {
+      acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(row + 8 * v), s, acc[v]);
+    }
+  }
+  for (uint32_t v = 0; v < n; ++v) _mm256_storeu_ps(out + 8 * v, acc[v]);
+}
+
 __attribute__((target("avx2,fma"))) void ForwardHeadFma(const float* basis_t,
                                                         const float* x,
                                                         uint32_t d,
                                                         float* out) {
-  for (uint32_t k = 0; k < d; k += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (uint32_t i = 0; i < d; ++i) {
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(basis_t + size_t{i} * d + k),
-                            _mm256_set1_ps(x[i]), acc);
-    }
-    _mm256_storeu_ps(out + k, acc);
+  uint32_t offsets[kMaxProfileHeadDim];
+  for (uint32_t i = 0; i < d; ++i) offsets[i] = i * d;
+  for (uint32_t k = 0; k < d; ++k) out[k] = 0.0f;
+  for (uint32_t k = 0; k < d; k += 8 * kVectors) {
+    FmaRows(basis_t + k, offsets, x, d, std::min(kVectors, (d - k) / 8),
+            out + k);
   }
 }
 
 __attribute__((target("avx2,fma"))) void InverseHeadFma(
     const float* basis, const float* coeff, const uint32_t* kept,
     uint32_t kept_count, uint32_t d, float* acc) {
-  for (uint32_t i = 0; i < d; i += 8) {
-    __m256 a = _mm256_loadu_ps(acc + i);
-    for (uint32_t n = 0; n < kept_count; ++n) {
-      const uint32_t k = kept[n];
-      a = _mm256_fmadd_ps(_mm256_loadu_ps(basis + size_t{k} * d + i),
-                          _mm256_set1_ps(coeff[k]), a);
-    }
-    _mm256_storeu_ps(acc + i, a);
+  uint32_t offsets[kMaxProfileHeadDim];
+  float scales[kMaxProfileHeadDim];
+  for (uint32_t n = 0; n < kept_count; ++n) {
+    offsets[n] = kept[n] * d;
+    scales[n] = coeff[kept[n]];
+  }
+  for (uint32_t i = 0; i < d; i += 8 * kVectors) {
+    FmaRows(basis + i, offsets, scales, kept_count,
+            std::min(kVectors, (d - i) / 8), acc + i);
   }
 }
 #endif
@@ -200,9 +221,8 @@ void ReconstructGroup(const Header& h, const TransformPlane& plane,
         RotateHead(p, plane.rope.data() + size_t{t} * pairs, /*undo=*/false,
                    acc.data());
       }
-      uint16_t* o = out + size_t{t} * row + size_t{head} * d;
-      for (uint32_t i = 0; i < d; ++i)
-        o[i] = RoundCoefficientSum(acc[i], dtype);
+      FloatsToValues(acc.data(), d, dtype,
+                     out + size_t{t} * row + size_t{head} * d);
     }
   }
 }
