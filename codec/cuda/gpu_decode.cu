@@ -1146,7 +1146,9 @@ absl::Status RunDecode(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
     ReconstructKernel<1><<<grid, kReconstructThreads, 0, s>>>(
         plan.chunks, plan.states, status, dl);
   }
-  if (profile != nullptr) {
+  // A profile of another head size fits no chunk of this layout: each
+  // transform chunk has failed with kNeedsProfile already.
+  if (profile != nullptr && profile->view().head_dim == layout.head_dim) {
     const uint32_t dim = layout.head_dim;
     if (profile->view().rope != 0) {
       const uint64_t angles = plan.max_tokens * (dim / 2);
