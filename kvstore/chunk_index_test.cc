@@ -159,7 +159,7 @@ TEST(ChunkIndexTest, TruncatedAndHostileRecordsAreInvalidArgument) {
   EXPECT_TRUE(rejected(with(42, 0))) << "summary bytes taken as the parent";
   EXPECT_TRUE(rejected(with(43, 0))) << "zero layers";
   EXPECT_TRUE(rejected(with(59, 7))) << "dtype";
-  EXPECT_TRUE(rejected(with(60, 6))) << "level";
+  EXPECT_TRUE(rejected(with(60, 9))) << "level";
   EXPECT_TRUE(rejected(with(60, '\x8b'))) << "level";
   EXPECT_TRUE(rejected(with(61, 100))) << "parent longer than the record";
   std::string huge = good;
