@@ -92,26 +92,28 @@ EncodeOptions OptionsFor(const Chunk& c, const ModelProfile* profile) {
   return options;
 }
 
-absl::StatusOr<Row> MeasureLevel(const KvDump& dump,
-                                 const std::vector<Chunk>& chunks, Level level,
-                                 const ModelProfile* profile) {
+using EncodeFn = std::function<absl::StatusOr<std::string>(const Chunk&)>;
+using DecodeFn =
+    std::function<absl::Status(absl::string_view, absl::Span<uint16_t>)>;
+
+// A codec that writes real streams: their total size, the error of what
+// they decode to, and both directions' throughput.
+absl::StatusOr<Row> MeasureStreams(std::string name, const KvDump& dump,
+                                   const std::vector<Chunk>& chunks,
+                                   const EncodeFn& encode,
+                                   const DecodeFn& decode) {
   Row row;
-  row.name = absl::StrCat("kvcache ", LevelName(level));
+  row.name = std::move(name);
   std::vector<std::string> streams(chunks.size());
+  std::vector<std::vector<uint16_t>> decoded(chunks.size());
+  std::vector<uint16_t> all(dump.kv.size());
   for (size_t i = 0; i < chunks.size(); ++i) {
-    absl::StatusOr<std::string> s =
-        EncodeChunk(chunks[i].shape, chunks[i].values, level,
-                    OptionsFor(chunks[i], profile));
+    absl::StatusOr<std::string> s = encode(chunks[i]);
     if (!s.ok()) return s.status();
     streams[i] = *std::move(s);
     row.bytes += streams[i].size();
-  }
-  std::vector<uint16_t> all(dump.kv.size());
-  std::vector<std::vector<uint16_t>> decoded(chunks.size());
-  for (size_t i = 0; i < chunks.size(); ++i) {
     decoded[i].resize(chunks[i].values.size());
-    if (absl::Status st =
-            DecodeChunk(streams[i], absl::MakeSpan(decoded[i]), profile);
+    if (absl::Status st = decode(streams[i], absl::MakeSpan(decoded[i]));
         !st.ok()) {
       return st;
     }
@@ -121,21 +123,28 @@ absl::StatusOr<Row> MeasureLevel(const KvDump& dump,
   const size_t raw = dump.kv.size() * 2;
   row.encode_mbps = Throughput(raw, [&] {
     for (const Chunk& c : chunks) {
-      if (!EncodeChunk(c.shape, c.values, level, OptionsFor(c, profile))
-               .ok()) {
-        std::abort();
-      }
+      if (!encode(c).ok()) std::abort();
     }
   });
   row.decode_mbps = Throughput(raw, [&] {
     for (size_t i = 0; i < chunks.size(); ++i) {
-      if (!DecodeChunk(streams[i], absl::MakeSpan(decoded[i]), profile)
-               .ok()) {
-        std::abort();
-      }
+      if (!decode(streams[i], absl::MakeSpan(decoded[i])).ok()) std::abort();
     }
   });
   return row;
+}
+
+absl::StatusOr<Row> MeasureLevel(const KvDump& dump,
+                                 const std::vector<Chunk>& chunks, Level level,
+                                 const ModelProfile* profile) {
+  return MeasureStreams(
+      absl::StrCat("kvcache ", LevelName(level)), dump, chunks,
+      [&](const Chunk& c) {
+        return EncodeChunk(c.shape, c.values, level, OptionsFor(c, profile));
+      },
+      [&](absl::string_view stream, absl::Span<uint16_t> out) {
+        return DecodeChunk(stream, out, profile);
+      });
 }
 
 Row MeasureZstd(const KvDump& dump, const std::vector<Chunk>& chunks,
@@ -189,40 +198,11 @@ Row MeasureKivi(const KvDump& dump, const std::vector<Chunk>& chunks,
 absl::StatusOr<Row> MeasureCacheGen(const KvDump& dump,
                                     const std::vector<Chunk>& chunks,
                                     const CacheGenConfig& config) {
-  Row row;
-  row.name = absl::StrCat("CacheGen ref (", CacheGenSettingName(config), ")");
-  std::vector<std::string> streams(chunks.size());
-  std::vector<std::vector<uint16_t>> decoded(chunks.size());
-  std::vector<uint16_t> all(dump.kv.size());
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    absl::StatusOr<std::string> s =
-        CacheGenEncode(chunks[i].shape, chunks[i].values, config);
-    if (!s.ok()) return s.status();
-    streams[i] = *std::move(s);
-    row.bytes += streams[i].size();
-    decoded[i].resize(chunks[i].values.size());
-    if (absl::Status st =
-            CacheGenDecode(streams[i], absl::MakeSpan(decoded[i]));
-        !st.ok()) {
-      return st;
-    }
-    Place(dump, chunks[i], decoded[i], &all);
-  }
-  row.errors = MeasureErrors(dump, all);
-  const size_t raw = dump.kv.size() * 2;
-  row.encode_mbps = Throughput(raw, [&] {
-    for (const Chunk& c : chunks) {
-      if (!CacheGenEncode(c.shape, c.values, config).ok()) std::abort();
-    }
-  });
-  row.decode_mbps = Throughput(raw, [&] {
-    for (size_t i = 0; i < chunks.size(); ++i) {
-      if (!CacheGenDecode(streams[i], absl::MakeSpan(decoded[i])).ok()) {
-        std::abort();
-      }
-    }
-  });
-  return row;
+  return MeasureStreams(
+      absl::StrCat("CacheGen ref (", CacheGenSettingName(config), ")"), dump,
+      chunks,
+      [&](const Chunk& c) { return CacheGenEncode(c.shape, c.values, config); },
+      CacheGenDecode);
 }
 
 std::string Mbps(double v) {
@@ -272,9 +252,8 @@ int Run(int argc, char** argv) {
       continue;
     }
     std::ifstream in{std::string(arg), std::ios::binary};
-    absl::StatusOr<ModelProfile> parsed =
-        ParseProfile(std::string(std::istreambuf_iterator<char>(in),
-                                 std::istreambuf_iterator<char>()));
+    absl::StatusOr<ModelProfile> parsed = ParseProfile(std::string(
+        std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()));
     if (!parsed.ok()) {
       absl::FPrintF(stderr, "%s: %s\n", arg, parsed.status().ToString());
       return 1;

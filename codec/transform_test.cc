@@ -89,6 +89,22 @@ class TransformLevelTest : public ::testing::Test {
     delete dumps_;
     delete profile_;
   }
+  // Tokens [t0, t0 + n) of dump `which` as a chunk at position `position`,
+  // encoded at `level` with the suite's profile.
+  static std::string EncodeAt(size_t which, uint32_t t0, uint32_t n,
+                              uint32_t position, Level level,
+                              std::vector<uint16_t>* values,
+                              ChunkShape* shape) {
+    *values = Slice((*dumps_)[which], t0, n, shape);
+    EncodeOptions options;
+    options.profile = profile_;
+    options.first_position = position;
+    absl::StatusOr<std::string> enc =
+        EncodeChunk(*shape, *values, level, options);
+    EXPECT_TRUE(enc.ok()) << enc.status();
+    return enc.ok() ? *enc : std::string();
+  }
+
   static std::vector<KvDump>* dumps_;
   static ModelProfile* profile_;
 };
@@ -191,11 +207,9 @@ TEST_F(TransformLevelTest, LevelsKeepTheirErrorAndSizeOrder) {
   size_t last_bytes = near->size();
   double last_error = 0;
   for (Level level : kTransformLevels) {
-    EncodeOptions options;
-    options.profile = profile_;
-    options.first_position = 256;
-    absl::StatusOr<std::string> enc = EncodeChunk(s, in, level, options);
-    ASSERT_TRUE(enc.ok()) << enc.status();
+    std::vector<uint16_t> values;
+    const std::string stream = EncodeAt(0, 256, 256, 256, level, &values, &s);
+    const std::string* enc = &stream;
     absl::StatusOr<StreamSummary> summary = PeekSummary(*enc);
     ASSERT_TRUE(summary.ok());
     EXPECT_EQ(summary->level, level);
@@ -221,33 +235,24 @@ TEST_F(TransformLevelTest, LevelsKeepTheirErrorAndSizeOrder) {
 TEST_F(TransformLevelTest, KeysComeBackAtTheirPositions) {
   // The same values stored as if at position 0 and at 200000: each decodes
   // near its input only with RoPE re-applied at the position it recorded.
-  const KvDump& d = (*dumps_)[0];
   ChunkShape s;
-  const std::vector<uint16_t> in = Slice(d, 128, 128, &s);
+  std::vector<uint16_t> in;
   for (uint32_t position : {128u, 200000u}) {
-    EncodeOptions options;
-    options.profile = profile_;
-    options.first_position = position;
-    absl::StatusOr<std::string> enc =
-        EncodeChunk(s, in, Level::kProfileFine, options);
-    ASSERT_TRUE(enc.ok());
+    const std::string enc =
+        EncodeAt(0, 128, 128, position, Level::kProfileFine, &in, &s);
     std::vector<uint16_t> out(in.size());
-    ASSERT_TRUE(DecodeChunk(*enc, absl::MakeSpan(out), profile_).ok());
+    ASSERT_TRUE(DecodeChunk(enc, absl::MakeSpan(out), profile_).ok());
     EXPECT_LT(RelativeL2(s, in, out, 0), 0.1) << position;
   }
 }
 
 TEST_F(TransformLevelTest, FirstPositionsAreStoredExactly) {
-  const KvDump& d = (*dumps_)[0];
   ChunkShape s;
-  const std::vector<uint16_t> in = Slice(d, 0, 64, &s);
+  std::vector<uint16_t> in;
   for (uint32_t position : {0u, 2u, 64u}) {
-    EncodeOptions options;
-    options.profile = profile_;
-    options.first_position = position;
-    absl::StatusOr<std::string> enc =
-        EncodeChunk(s, in, Level::kProfileSmall, options);
-    ASSERT_TRUE(enc.ok());
+    const std::string stream =
+        EncodeAt(0, 0, 64, position, Level::kProfileSmall, &in, &s);
+    const std::string* enc = &stream;
     std::vector<uint16_t> out(in.size());
     ASSERT_TRUE(DecodeChunk(*enc, absl::MakeSpan(out), profile_).ok());
     const uint32_t exact = internal::ExactTokens(position, s.tokens);
@@ -272,15 +277,11 @@ TEST_F(TransformLevelTest, FirstPositionsAreStoredExactly) {
 // component with fused multiply-adds, RoPE, rounding. Recomputed here from
 // the stream's sections with the shared scalar arithmetic.
 TEST_F(TransformLevelTest, DecodeFollowsTheFormatsArithmeticBitForBit) {
-  const KvDump& d = (*dumps_)[2];
   ChunkShape s;
-  const std::vector<uint16_t> in = Slice(d, 100, 50, &s);
-  EncodeOptions options;
-  options.profile = profile_;
-  options.first_position = 100;
-  absl::StatusOr<std::string> enc =
-      EncodeChunk(s, in, Level::kProfileBalanced, options);
-  ASSERT_TRUE(enc.ok());
+  std::vector<uint16_t> in;
+  const std::string stream =
+      EncodeAt(2, 100, 50, 100, Level::kProfileBalanced, &in, &s);
+  const std::string* enc = &stream;
   std::vector<uint16_t> out(in.size());
   ASSERT_TRUE(DecodeChunk(*enc, absl::MakeSpan(out), profile_).ok());
 
@@ -349,12 +350,12 @@ TEST_F(TransformLevelTest, DecodeFollowsTheFormatsArithmeticBitForBit) {
 TEST_F(TransformLevelTest, DecodingNeedsTheProfileItNames) {
   const KvDump& d = (*dumps_)[0];
   ChunkShape s;
-  const std::vector<uint16_t> in = Slice(d, 0, 32, &s);
+  std::vector<uint16_t> in;
+  const std::string stream =
+      EncodeAt(0, 0, 32, 0, Level::kProfileBalanced, &in, &s);
+  const std::string* enc = &stream;
   EncodeOptions options;
   options.profile = profile_;
-  absl::StatusOr<std::string> enc =
-      EncodeChunk(s, in, Level::kProfileBalanced, options);
-  ASSERT_TRUE(enc.ok());
   std::vector<uint16_t> out(in.size());
   absl::Status none = DecodeChunk(*enc, absl::MakeSpan(out));
   EXPECT_TRUE(absl::IsFailedPrecondition(none)) << none;
@@ -384,14 +385,11 @@ TEST_F(TransformLevelTest, DecodingNeedsTheProfileItNames) {
 }
 
 TEST_F(TransformLevelTest, DamagedTransformSectionsAreDataLoss) {
-  const KvDump& d = (*dumps_)[0];
   ChunkShape s;
-  const std::vector<uint16_t> in = Slice(d, 0, 32, &s);
-  EncodeOptions options;
-  options.profile = profile_;
-  absl::StatusOr<std::string> enc =
-      EncodeChunk(s, in, Level::kProfileSmall, options);
-  ASSERT_TRUE(enc.ok());
+  std::vector<uint16_t> in;
+  const std::string stream =
+      EncodeAt(0, 0, 32, 0, Level::kProfileSmall, &in, &s);
+  const std::string* enc = &stream;
   std::vector<uint16_t> out(in.size());
   const size_t section = internal::kFixedHeaderBytes + 2 * 2 * s.layers;
   // The id no longer matching the header's fingerprint.
