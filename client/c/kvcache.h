@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define KVCACHE_ABI_VERSION 1
+#define KVCACHE_ABI_VERSION 2
 #define KVCACHE_KEY_BYTES 32
 
 #define KVCACHE_EXPORT __attribute__((visibility("default")))
@@ -354,7 +354,8 @@ typedef struct {
 
 /* Compresses one chunk, values[layers][2][tokens][kv_heads * head_dim] of
  * n_values 16-bit patterns, at `level` ("lossless", "near-lossless",
- * "high", "default", "compact", "tiny"). */
+ * "high", "default", "compact", "tiny"; the transform levels take
+ * kvcache_encode_with_profile). */
 KVCACHE_EXPORT int kvcache_encode(const kvcache_chunk_shape* shape,
                                   const uint16_t* values, size_t n_values,
                                   const char* level, kvcache_buffer** stream);
@@ -362,9 +363,59 @@ KVCACHE_EXPORT int kvcache_encode(const kvcache_chunk_shape* shape,
 KVCACHE_EXPORT int kvcache_peek_shape(const void* stream, size_t size,
                                       kvcache_chunk_shape* shape);
 /* Decodes a stream into values (n_values, exactly as its shape says).
- * DATA_LOSS for a corrupt or truncated stream. */
+ * DATA_LOSS for a corrupt or truncated stream; FAILED_PRECONDITION for a
+ * transform stream (kvcache_decode_with_profile). */
 KVCACHE_EXPORT int kvcache_decode(const void* stream, size_t size,
                                   uint16_t* values, size_t n_values);
+
+/* ---- Model profiles (ABI version 2) ----
+ *
+ * The transform levels ("profile-fine", "profile-balanced",
+ * "profile-small") code a model's KV in the principal components of its
+ * heads, which a profile of the model holds (kvcodec calibrate makes one).
+ * A profile is named by its content: its id, 32 hex digits. kvcache keeps
+ * a model's profiles beside its chunks, under the key space's namespace and
+ * model id (the other fields do not matter), and the id of its current
+ * one; a client fetches each profile once and keeps it. */
+
+typedef struct kvcache_profile kvcache_profile;
+/* Parses a profile's bytes. DATA_LOSS if they are not a valid profile. */
+KVCACHE_EXPORT int kvcache_profile_parse(const void* bytes, size_t size,
+                                         kvcache_profile** profile);
+/* Its bytes, as kvcache_profile_parse takes them. */
+KVCACHE_EXPORT int kvcache_profile_bytes(const kvcache_profile* profile,
+                                         kvcache_buffer** bytes);
+/* Its id and a NUL into id_hex. */
+KVCACHE_EXPORT int kvcache_profile_id(const kvcache_profile* profile,
+                                      char id_hex[33]);
+KVCACHE_EXPORT void kvcache_profile_free(kvcache_profile* profile);
+/* Stores the profile in kvcache and makes it the model's current one. */
+KVCACHE_EXPORT int kvcache_profile_publish(kvcache_client* client,
+                                           const kvcache_key_space* space,
+                                           const kvcache_profile* profile);
+/* The model's profile with id `id_hex`, or its current one if id_hex is
+ * NULL. NOT_FOUND if kvcache holds none; DATA_LOSS if what it holds is not
+ * that profile. */
+KVCACHE_EXPORT int kvcache_profile_get(kvcache_client* client,
+                                       const kvcache_key_space* space,
+                                       const char* id_hex,
+                                       kvcache_profile** profile);
+/* The id of the profile a stream needs into id_hex; NOT_FOUND if it needs
+ * none. */
+KVCACHE_EXPORT int kvcache_stream_profile_id(const void* stream, size_t size,
+                                             char id_hex[33]);
+/* kvcache_encode at any level; the transform levels need `profile` and the
+ * position of the chunk's first token in its sequence. */
+KVCACHE_EXPORT int kvcache_encode_with_profile(
+    const kvcache_chunk_shape* shape, const uint16_t* values, size_t n_values,
+    const char* level, const kvcache_profile* profile, uint32_t first_position,
+    kvcache_buffer** stream);
+/* kvcache_decode of any stream; a transform stream needs the profile it
+ * names (FAILED_PRECONDITION naming it otherwise). */
+KVCACHE_EXPORT int kvcache_decode_with_profile(const void* stream, size_t size,
+                                               uint16_t* values,
+                                               size_t n_values,
+                                               const kvcache_profile* profile);
 
 #ifdef __cplusplus
 }

@@ -21,6 +21,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
@@ -30,6 +32,7 @@
 #include "client/host_decode_sink.h"
 #include "client/kvcache_client.h"
 #include "client/prefix_fetcher.h"
+#include "client/profile_store.h"
 #include "codec/codec.h"
 #include "codec/cuda/gpu_codec.h"
 #include "transfer/gpu_decode_sink.h"
@@ -868,10 +871,117 @@ struct kvcache_client {
   explicit kvcache_client(std::shared_ptr<KvCacheClient> c)
       : client(std::move(c)), fetchers(client) {}
 
+  // The profile store of a (namespace, model id), made on first use and
+  // kept, so each profile is fetched once.
+  kvcache::ProfileStore& Profiles(const kvcache::KeySpace& space) {
+    absl::MutexLock lock(&profiles_mu);
+    std::unique_ptr<kvcache::ProfileStore>& store =
+        profiles[{space.name_space, space.model_id}];
+    if (store == nullptr) {
+      store = std::make_unique<kvcache::ProfileStore>(client.get(), space);
+    }
+    return *store;
+  }
+
   const std::shared_ptr<KvCacheClient> client;
   kvcache::c_api::FetcherPool fetchers;
   kvcache::c_api::DeviceFetchPool devices{2};
+  absl::Mutex profiles_mu;
+  std::map<std::pair<std::string, std::string>,
+           std::unique_ptr<kvcache::ProfileStore>>
+      profiles ABSL_GUARDED_BY(profiles_mu);
 };
+
+struct kvcache_profile {
+  std::shared_ptr<const kvcache::codec::ModelProfile> profile;
+};
+
+namespace {
+
+// A caller's key space as the C++ library takes it.
+absl::StatusOr<kvcache::KeySpace> KeySpaceOf(const kvcache_key_space* space) {
+  if (space == nullptr) return NullArgument("space");
+  absl::StatusOr<kvcache_key_space> s =
+      Versioned(space, kvcache_key_space_init, "key space");
+  if (!s.ok()) return s.status();
+  kvcache::KeySpace key_space;
+  if (s->name_space != nullptr) key_space.name_space = s->name_space;
+  key_space.model_id = String(s->model_id);
+  if (s->dtype != nullptr) key_space.dtype = s->dtype;
+  key_space.layers = s->layers;
+  key_space.kv_heads = s->kv_heads;
+  key_space.head_dim = s->head_dim;
+  key_space.tp_rank = s->tp_rank;
+  key_space.tp_size = s->tp_size;
+  key_space.chunk_tokens = s->chunk_tokens;
+  return key_space;
+}
+
+void CopyId(const kvcache::codec::ProfileId& id, char id_hex[33]) {
+  const std::string hex = kvcache::codec::ProfileIdHex(id);
+  std::memcpy(id_hex, hex.c_str(), hex.size() + 1);
+}
+
+// Shared by kvcache_encode and kvcache_encode_with_profile.
+absl::Status EncodeWith(const kvcache_chunk_shape* shape,
+                        const uint16_t* values, size_t n_values,
+                        const char* level,
+                        const kvcache::codec::EncodeOptions& options,
+                        kvcache_buffer** stream) {
+  if (shape == nullptr) return NullArgument("shape");
+  if (stream == nullptr) return NullArgument("stream");
+  *stream = nullptr;
+  if (values == nullptr && n_values > 0) return NullArgument("values");
+  kvcache::codec::ChunkShape s;
+  s.layers = shape->layers;
+  s.tokens = shape->tokens;
+  s.kv_heads = shape->kv_heads;
+  s.head_dim = shape->head_dim;
+  absl::StatusOr<kvcache::codec::DType> dtype =
+      kvcache::c_api::DTypeOf(shape->dtype);
+  if (!dtype.ok()) return dtype.status();
+  s.dtype = *dtype;
+  if (!kvcache::codec::ShapeWithinLimits(s)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shape [layers ", s.layers, ", tokens ", s.tokens,
+                     ", kv_heads ", s.kv_heads, ", head_dim ", s.head_dim,
+                     "] has an empty dimension or is past the codec's limits"));
+  }
+  if (n_values != s.NumValues()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(n_values, " values, but the shape holds ", s.NumValues(),
+                     " (layers * 2 * tokens * kv_heads * "
+                     "head_dim)"));
+  }
+  absl::StatusOr<kvcache::codec::Level> parsed_level =
+      kvcache::codec::ParseLevel(level == nullptr ? "near-lossless" : level);
+  if (!parsed_level.ok()) return parsed_level.status();
+  absl::StatusOr<std::string> encoded = kvcache::codec::EncodeChunk(
+      s, absl::MakeConstSpan(values, n_values), *parsed_level, options);
+  if (!encoded.ok()) return encoded.status();
+  *stream = new kvcache_buffer{*std::move(encoded)};
+  return absl::OkStatus();
+}
+
+// Shared by kvcache_decode and kvcache_decode_with_profile.
+absl::Status DecodeWith(const void* stream, size_t size, uint16_t* values,
+                        size_t n_values,
+                        const kvcache::codec::ModelProfile* profile) {
+  if (stream == nullptr && size > 0) return NullArgument("stream");
+  if (values == nullptr && n_values > 0) return NullArgument("values");
+  const absl::string_view bytes(static_cast<const char*>(stream), size);
+  absl::StatusOr<kvcache::codec::ChunkShape> s =
+      kvcache::codec::PeekShape(bytes);
+  if (!s.ok()) return s.status();
+  if (s->NumValues() != n_values) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the stream holds ", s->NumValues(), " values, not ", n_values));
+  }
+  return kvcache::codec::DecodeChunk(bytes, absl::MakeSpan(values, n_values),
+                                     profile);
+}
+
+}  // namespace
 
 struct kvcache_storer {
   std::unique_ptr<kvcache::c_api::Storer> storer;
@@ -934,21 +1044,10 @@ int kvcache_chunk_keys(const kvcache_key_space* space, const int32_t* tokens,
     if (space == nullptr) return NullArgument("space");
     if (n_tokens > 0 && tokens == nullptr) return NullArgument("tokens");
     if (n_keys == nullptr) return NullArgument("n_keys");
-    absl::StatusOr<kvcache_key_space> s =
-        Versioned(space, kvcache_key_space_init, "key space");
-    if (!s.ok()) return s.status();
-    kvcache::KeySpace key_space;
-    if (s->name_space != nullptr) key_space.name_space = s->name_space;
-    key_space.model_id = String(s->model_id);
-    if (s->dtype != nullptr) key_space.dtype = s->dtype;
-    key_space.layers = s->layers;
-    key_space.kv_heads = s->kv_heads;
-    key_space.head_dim = s->head_dim;
-    key_space.tp_rank = s->tp_rank;
-    key_space.tp_size = s->tp_size;
-    key_space.chunk_tokens = s->chunk_tokens;
+    absl::StatusOr<kvcache::KeySpace> key_space = KeySpaceOf(space);
+    if (!key_space.ok()) return key_space.status();
     absl::StatusOr<std::vector<ChunkKey>> keys = kvcache::ChunkKeysForTokens(
-        key_space, absl::MakeConstSpan(tokens, n_tokens));
+        *key_space, absl::MakeConstSpan(tokens, n_tokens));
     if (!keys.ok()) return keys.status();
     *n_keys = keys->size();
     if (keys->size() > max_keys) {
@@ -1343,41 +1442,8 @@ void kvcache_storer_free(kvcache_storer* storer) { delete storer; }
 int kvcache_encode(const kvcache_chunk_shape* shape, const uint16_t* values,
                    size_t n_values, const char* level,
                    kvcache_buffer** stream) {
-  return Guarded([&]() -> absl::Status {
-    if (shape == nullptr) return NullArgument("shape");
-    if (stream == nullptr) return NullArgument("stream");
-    *stream = nullptr;
-    if (values == nullptr && n_values > 0) return NullArgument("values");
-    kvcache::codec::ChunkShape s;
-    s.layers = shape->layers;
-    s.tokens = shape->tokens;
-    s.kv_heads = shape->kv_heads;
-    s.head_dim = shape->head_dim;
-    absl::StatusOr<kvcache::codec::DType> dtype =
-        kvcache::c_api::DTypeOf(shape->dtype);
-    if (!dtype.ok()) return dtype.status();
-    s.dtype = *dtype;
-    if (!kvcache::codec::ShapeWithinLimits(s)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "shape [layers ", s.layers, ", tokens ", s.tokens, ", kv_heads ",
-          s.kv_heads, ", head_dim ", s.head_dim,
-          "] has an empty dimension or is past the codec's limits"));
-    }
-    if (n_values != s.NumValues()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(n_values, " values, but the shape holds ", s.NumValues(),
-                       " (layers * 2 * tokens * kv_heads * "
-                       "head_dim)"));
-    }
-    absl::StatusOr<kvcache::codec::Level> parsed_level =
-        kvcache::codec::ParseLevel(level == nullptr ? "near-lossless" : level);
-    if (!parsed_level.ok()) return parsed_level.status();
-    absl::StatusOr<std::string> encoded = kvcache::codec::EncodeChunk(
-        s, absl::MakeConstSpan(values, n_values), *parsed_level);
-    if (!encoded.ok()) return encoded.status();
-    *stream = new kvcache_buffer{*std::move(encoded)};
-    return absl::OkStatus();
-  });
+  return Guarded(
+      [&] { return EncodeWith(shape, values, n_values, level, {}, stream); });
 }
 
 int kvcache_peek_shape(const void* stream, size_t size,
@@ -1401,18 +1467,128 @@ int kvcache_peek_shape(const void* stream, size_t size,
 
 int kvcache_decode(const void* stream, size_t size, uint16_t* values,
                    size_t n_values) {
+  return Guarded(
+      [&] { return DecodeWith(stream, size, values, n_values, nullptr); });
+}
+
+int kvcache_profile_parse(const void* bytes, size_t size,
+                          kvcache_profile** profile) {
+  return Guarded([&]() -> absl::Status {
+    if (bytes == nullptr && size > 0) return NullArgument("bytes");
+    if (profile == nullptr) return NullArgument("profile");
+    *profile = nullptr;
+    absl::StatusOr<kvcache::codec::ModelProfile> parsed =
+        kvcache::codec::ParseProfile(
+            absl::string_view(static_cast<const char*>(bytes), size));
+    if (!parsed.ok()) return parsed.status();
+    *profile = new kvcache_profile{
+        std::make_shared<const kvcache::codec::ModelProfile>(
+            *std::move(parsed))};
+    return absl::OkStatus();
+  });
+}
+
+int kvcache_profile_bytes(const kvcache_profile* profile,
+                          kvcache_buffer** bytes) {
+  return Guarded([&]() -> absl::Status {
+    if (profile == nullptr) return NullArgument("profile");
+    if (bytes == nullptr) return NullArgument("bytes");
+    *bytes =
+        new kvcache_buffer{kvcache::codec::SerializeProfile(*profile->profile)};
+    return absl::OkStatus();
+  });
+}
+
+int kvcache_profile_id(const kvcache_profile* profile, char id_hex[33]) {
+  return Guarded([&]() -> absl::Status {
+    if (profile == nullptr) return NullArgument("profile");
+    if (id_hex == nullptr) return NullArgument("id_hex");
+    CopyId(profile->profile->id, id_hex);
+    return absl::OkStatus();
+  });
+}
+
+void kvcache_profile_free(kvcache_profile* profile) { delete profile; }
+
+int kvcache_profile_publish(kvcache_client* client,
+                            const kvcache_key_space* space,
+                            const kvcache_profile* profile) {
+  return Guarded([&]() -> absl::Status {
+    if (client == nullptr) return NullArgument("client");
+    if (profile == nullptr) return NullArgument("profile");
+    absl::StatusOr<kvcache::KeySpace> key_space = KeySpaceOf(space);
+    if (!key_space.ok()) return key_space.status();
+    return client->Profiles(*key_space).Publish(*profile->profile);
+  });
+}
+
+int kvcache_profile_get(kvcache_client* client, const kvcache_key_space* space,
+                        const char* id_hex, kvcache_profile** profile) {
+  return Guarded([&]() -> absl::Status {
+    if (client == nullptr) return NullArgument("client");
+    if (profile == nullptr) return NullArgument("profile");
+    *profile = nullptr;
+    absl::StatusOr<kvcache::KeySpace> key_space = KeySpaceOf(space);
+    if (!key_space.ok()) return key_space.status();
+    kvcache::ProfileStore& store = client->Profiles(*key_space);
+    absl::StatusOr<std::shared_ptr<const kvcache::codec::ModelProfile>> got;
+    if (id_hex == nullptr) {
+      got = store.Current();
+    } else {
+      const absl::string_view hex(id_hex);
+      if (hex.size() != 32 ||
+          !std::all_of(hex.begin(), hex.end(), absl::ascii_isxdigit)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("profile id \"", hex, "\" is not 32 hex digits"));
+      }
+      const std::string raw = absl::HexStringToBytes(hex);
+      kvcache::codec::ProfileId id;
+      std::memcpy(id.data(), raw.data(), id.size());
+      got = store.Get(id);
+    }
+    if (!got.ok()) return got.status();
+    *profile = new kvcache_profile{*std::move(got)};
+    return absl::OkStatus();
+  });
+}
+
+int kvcache_stream_profile_id(const void* stream, size_t size,
+                              char id_hex[33]) {
   return Guarded([&]() -> absl::Status {
     if (stream == nullptr && size > 0) return NullArgument("stream");
-    if (values == nullptr && n_values > 0) return NullArgument("values");
-    const absl::string_view bytes(static_cast<const char*>(stream), size);
-    absl::StatusOr<kvcache::codec::ChunkShape> s =
-        kvcache::codec::PeekShape(bytes);
-    if (!s.ok()) return s.status();
-    if (s->NumValues() != n_values) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the stream holds ", s->NumValues(), " values, not ", n_values));
+    if (id_hex == nullptr) return NullArgument("id_hex");
+    absl::StatusOr<kvcache::codec::StreamSummary> summary =
+        kvcache::codec::PeekSummary(
+            absl::string_view(static_cast<const char*>(stream), size));
+    if (!summary.ok()) return summary.status();
+    if (!summary->profile_id.has_value()) {
+      return absl::NotFoundError("the stream needs no model profile");
     }
-    return kvcache::codec::DecodeChunk(bytes, absl::MakeSpan(values, n_values));
+    CopyId(*summary->profile_id, id_hex);
+    return absl::OkStatus();
+  });
+}
+
+int kvcache_encode_with_profile(const kvcache_chunk_shape* shape,
+                                const uint16_t* values, size_t n_values,
+                                const char* level,
+                                const kvcache_profile* profile,
+                                uint32_t first_position,
+                                kvcache_buffer** stream) {
+  return Guarded([&] {
+    kvcache::codec::EncodeOptions options;
+    options.profile = profile == nullptr ? nullptr : profile->profile.get();
+    options.first_position = first_position;
+    return EncodeWith(shape, values, n_values, level, options, stream);
+  });
+}
+
+int kvcache_decode_with_profile(const void* stream, size_t size,
+                                uint16_t* values, size_t n_values,
+                                const kvcache_profile* profile) {
+  return Guarded([&] {
+    return DecodeWith(stream, size, values, n_values,
+                      profile == nullptr ? nullptr : profile->profile.get());
   });
 }
 

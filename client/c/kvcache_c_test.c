@@ -263,6 +263,157 @@ static void TestCodec(void) {
 }
 
 /* The last error is the calling thread's own. */
+/* A model profile's bytes (FORMAT.md, "Model profiles") for this test's
+ * shape, made by hand: RoPE base 10000 on adjacent pairs, zero means, each
+ * head's basis the identity with its channels in reverse order. */
+static size_t ProfileBytes(uint8_t* out) {
+  size_t n = 0;
+#define PUT(bytes, count)            \
+  do {                               \
+    memcpy(out + n, (bytes), count); \
+    n += (count);                    \
+  } while (0)
+  const uint8_t header[8] = {'K', 'V', 'C', 'P', 1, 1, 0, 0};
+  const uint32_t dims[3] = {LAYERS, KV_HEADS, HEAD_DIM};
+  PUT(header, 8);
+  PUT(dims, 12);
+  for (int j = 0; j < HEAD_DIM / 2; ++j) {
+    const double f = pow(10000.0, -2.0 * j / HEAD_DIM);
+    PUT(&f, 8);
+  }
+  const int heads = LAYERS * 2 * KV_HEADS;
+  const float zero = 0.0f, one = 1.0f;
+  for (int i = 0; i < heads * HEAD_DIM; ++i) PUT(&zero, 4);
+  for (int h = 0; h < heads; ++h) {
+    for (int k = 0; k < HEAD_DIM; ++k) {
+      for (int d = 0; d < HEAD_DIM; ++d) {
+        PUT(d == HEAD_DIM - 1 - k ? &one : &zero, 4);
+      }
+    }
+  }
+  for (int h = 0; h < heads; ++h) {
+    for (int k = 0; k < HEAD_DIM; ++k) {
+      const float variance = (float)(HEAD_DIM - k);
+      PUT(&variance, 4);
+    }
+  }
+#undef PUT
+  return n;
+}
+
+enum {
+  kProfileBytes = 20 + 8 * HEAD_DIM / 2 +
+                  4 * LAYERS * 2 * KV_HEADS * HEAD_DIM * (HEAD_DIM + 2)
+};
+
+/* The transform levels: a profile parsed from its bytes, chunks encoded
+ * with it and decoded only with it. */
+static void TestProfileCodec(void) {
+  static uint8_t bytes[kProfileBytes];
+  EXPECT(ProfileBytes(bytes) == kProfileBytes);
+  kvcache_profile* profile = NULL;
+  EXPECT(kvcache_profile_parse(bytes, kProfileBytes, &profile) == KVCACHE_OK);
+  if (profile == NULL) return;
+  char id[33];
+  EXPECT(kvcache_profile_id(profile, id) == KVCACHE_OK);
+  EXPECT(strlen(id) == 32);
+  kvcache_buffer* again = NULL;
+  EXPECT(kvcache_profile_bytes(profile, &again) == KVCACHE_OK);
+  EXPECT(kvcache_buffer_size(again) == kProfileBytes &&
+         memcmp(kvcache_buffer_data(again), bytes, kProfileBytes) == 0);
+  kvcache_buffer_free(again);
+  kvcache_profile* bad = NULL;
+  EXPECT_STATUS(kvcache_profile_parse(bytes, kProfileBytes - 1, &bad),
+                KVCACHE_DATA_LOSS, "header implies");
+  EXPECT(bad == NULL);
+
+  const uint32_t tokens = 40;
+  uint16_t* values = MakeChunk(tokens, 5);
+  const size_t n = (size_t)LAYERS * 2 * tokens * CHANNELS;
+  const kvcache_chunk_shape shape = {LAYERS, tokens, KV_HEADS, HEAD_DIM,
+                                     KVCACHE_FLOAT16};
+  kvcache_buffer* stream = NULL;
+  EXPECT_STATUS(kvcache_encode(&shape, values, n, "profile-balanced", &stream),
+                KVCACHE_INVALID_ARGUMENT, "needs a model profile");
+  EXPECT(kvcache_encode_with_profile(&shape, values, n, "profile-balanced",
+                                     profile, 100, &stream) == KVCACHE_OK);
+  if (stream != NULL) {
+    const uint8_t* data = kvcache_buffer_data(stream);
+    const size_t size = kvcache_buffer_size(stream);
+    char named[33];
+    EXPECT(kvcache_stream_profile_id(data, size, named) == KVCACHE_OK);
+    EXPECT(strcmp(named, id) == 0);
+    uint16_t* decoded = malloc(n * sizeof(uint16_t));
+    EXPECT_STATUS(kvcache_decode(data, size, decoded, n),
+                  KVCACHE_FAILED_PRECONDITION, id);
+    EXPECT(kvcache_decode_with_profile(data, size, decoded, n, profile) ==
+           KVCACHE_OK);
+    double err = 0, ref = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const double d = FromHalf(decoded[i]) - FromHalf(values[i]);
+      err += d * d;
+      ref += (double)FromHalf(values[i]) * FromHalf(values[i]);
+    }
+    fprintf(stderr, "profile-balanced relative L2 error %.4f\n",
+            sqrt(err / ref));
+    EXPECT(err > 0 && sqrt(err / ref) < 0.3);
+    free(decoded);
+  }
+  kvcache_buffer_free(stream);
+  /* A stream of another level names no profile. */
+  kvcache_buffer* plain = Encode(values, tokens, "high");
+  char none[33];
+  EXPECT_STATUS(kvcache_stream_profile_id(kvcache_buffer_data(plain),
+                                          kvcache_buffer_size(plain), none),
+                KVCACHE_NOT_FOUND, "no model profile");
+  kvcache_buffer_free(plain);
+  free(values);
+  kvcache_profile_free(profile);
+}
+
+static kvcache_client* Connect(const char* address);
+
+/* Profiles kept in kvcache: published by one client, fetched by id or as
+ * the model's current one by another, and apart per model. */
+static void TestProfileStore(const char* address) {
+  kvcache_client* client = Connect(address);
+  if (client == NULL) return;
+  static uint8_t bytes[kProfileBytes];
+  ProfileBytes(bytes);
+  kvcache_profile* profile = NULL;
+  EXPECT(kvcache_profile_parse(bytes, kProfileBytes, &profile) == KVCACHE_OK);
+  if (profile == NULL) return;
+  kvcache_key_space space;
+  kvcache_key_space_init(&space);
+  space.model_id = "test/c-abi-profiles";
+  kvcache_profile* got = NULL;
+  EXPECT_STATUS(kvcache_profile_get(client, &space, NULL, &got),
+                KVCACHE_NOT_FOUND, "");
+  EXPECT(kvcache_profile_publish(client, &space, profile) == KVCACHE_OK);
+  kvcache_client* other = Connect(address);
+  char id[33], fetched[33];
+  kvcache_profile_id(profile, id);
+  EXPECT(kvcache_profile_get(other, &space, NULL, &got) == KVCACHE_OK);
+  if (got != NULL) {
+    EXPECT(kvcache_profile_id(got, fetched) == KVCACHE_OK);
+    EXPECT(strcmp(fetched, id) == 0);
+    kvcache_profile_free(got);
+    got = NULL;
+  }
+  EXPECT(kvcache_profile_get(other, &space, id, &got) == KVCACHE_OK);
+  kvcache_profile_free(got);
+  got = NULL;
+  EXPECT_STATUS(kvcache_profile_get(other, &space, "xyz", &got),
+                KVCACHE_INVALID_ARGUMENT, "32 hex digits");
+  space.model_id = "test/another-model";
+  EXPECT_STATUS(kvcache_profile_get(other, &space, id, &got), KVCACHE_NOT_FOUND,
+                id);
+  EXPECT(got == NULL);
+  kvcache_client_free(other);
+  kvcache_client_free(client);
+  kvcache_profile_free(profile);
+}
+
 static void* FailOnAnotherThread(void* unused) {
   (void)unused;
   kvcache_chunk_shape shape;
@@ -554,6 +705,7 @@ int main(int argc, char** argv) {
   TestVersionAndNames();
   TestChunkKeys();
   TestCodec();
+  TestProfileCodec();
   TestErrorsArePerThread();
   TestUnreachable();
   char address[64];
@@ -564,6 +716,7 @@ int main(int argc, char** argv) {
   }
   TestAgainstDaemon(address);
   TestThreads(address);
+  TestProfileStore(address);
   StopDaemon();
   if (failures > 0) {
     fprintf(stderr, "%d expectations failed\n", failures);

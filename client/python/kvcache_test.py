@@ -34,6 +34,43 @@ def filled(arrays, bits=0xFFFF):
     return out
 
 
+def numpy_profile(kv, manifest, theta=10000.0):
+    """A model profile's bytes (codec/FORMAT.md, "Model profiles") written
+    here from the spec with NumPy: per layer, K/V and KV head, the mean and
+    the eigenvectors of the covariance of the head's channels, keys with
+    RoPE (adjacent pairs, base `theta`, as llama2.c applies it) undone."""
+    layers, heads, dim = (manifest["layers"], manifest["kv_heads"],
+                          manifest["head_dim"])
+    tokens = kv.shape[2]
+    x = kv.astype(np.float64).reshape(layers, 2, tokens, heads, dim)
+    freq = theta ** (-2.0 * np.arange(dim // 2) / dim)
+    angle = np.arange(tokens)[:, None] * freq[None, :]
+    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    keys = x[:, 0].copy()
+    a, b = x[:, 0, ..., 0::2], x[:, 0, ..., 1::2]
+    keys[..., 0::2] = a * cos + b * sin
+    keys[..., 1::2] = b * cos - a * sin
+    x[:, 0] = keys
+    means, bases, variances = [], [], []
+    for layer in range(layers):
+        for kv_index in range(2):
+            for head in range(heads):
+                samples = x[layer, kv_index, :, head, :]
+                values, vectors = np.linalg.eigh(np.cov(samples.T,
+                                                        bias=True))
+                order = np.argsort(values)[::-1]
+                means.append(samples.mean(axis=0))
+                bases.append(vectors[:, order].T)
+                variances.append(np.maximum(values[order], 0))
+    variances = np.minimum.accumulate(np.array(variances), axis=1)
+    return (b"KVCP" + bytes([1, 1, 0, 0]) +
+            np.array([layers, heads, dim], "<u4").tobytes() +
+            freq.astype("<f8").tobytes() +
+            np.array(means, "<f4").tobytes() +
+            np.array(bases, "<f4").tobytes() +
+            variances.astype("<f4").tobytes())
+
+
 class KvcacheTest(unittest.TestCase):
 
     @classmethod
@@ -110,6 +147,48 @@ class KvcacheTest(unittest.TestCase):
             kvcache.peek_shape(kvcache.encode(chunk, 4, 8)),
             {"layers": 5, "tokens": 256, "kv_heads": 4, "head_dim": 8,
              "dtype": "float16"})
+
+    def test_transform_levels_need_their_profile(self):
+        m, kv = self.manifest, self.kv
+        profile = kvcache.Profile.from_bytes(numpy_profile(kv, m))
+        self.assertRegex(profile.id, "^[0-9a-f]{32}$")
+        self.assertEqual(
+            kvcache.Profile.from_bytes(profile.to_bytes()).id, profile.id)
+        with self.assertRaises(kvcache.DataLossError):
+            kvcache.Profile.from_bytes(profile.to_bytes()[:-4])
+        chunk = np.ascontiguousarray(kv[:, :, 256:512])
+        with self.assertRaises(kvcache.InvalidArgumentError):
+            kvcache.encode(chunk, m["kv_heads"], m["head_dim"],
+                           level="profile-balanced")
+        stream = kvcache.encode(chunk, m["kv_heads"], m["head_dim"],
+                                level="profile-balanced", profile=profile,
+                                first_position=256)
+        self.assertEqual(kvcache.stream_profile_id(stream), profile.id)
+        self.assertIsNone(kvcache.stream_profile_id(
+            kvcache.encode(chunk, m["kv_heads"], m["head_dim"])))
+        with self.assertRaises(kvcache.FailedPreconditionError) as missing:
+            kvcache.decode(stream)
+        self.assertIn(profile.id, str(missing.exception))
+        decoded = kvcache.decode(stream, profile).astype(np.float32)
+        original = chunk.astype(np.float32)
+        error = (np.linalg.norm(decoded - original) /
+                 np.linalg.norm(original))
+        self.assertGreater(error, 0)
+        self.assertLess(error, 0.3)
+
+    def test_profiles_are_kept_in_the_node(self):
+        m, kv = self.manifest, self.kv
+        profile = kvcache.Profile.from_bytes(numpy_profile(kv, m))
+        with self.assertRaises(kvcache.NotFoundError):
+            self.client.profile("py/profiled")
+        self.client.publish_profile(profile, "py/profiled")
+        with kvcache.Client(self.address) as other:
+            self.assertEqual(other.profile("py/profiled").id, profile.id)
+            self.assertEqual(
+                other.profile("py/profiled", profile_id=profile.id).id,
+                profile.id)
+            with self.assertRaises(kvcache.NotFoundError):
+                other.profile("py/profiled", name_space="another-tenant")
 
     def test_bfloat16_round_trip_is_bit_exact(self):
         bits = (self.kv[:, :, :64].astype(np.float32).view(np.uint32) >>

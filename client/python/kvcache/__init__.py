@@ -23,9 +23,9 @@ from kvcache._native import (DataLossError, Error, FailedPreconditionError,
 __all__ = [
     "ABI_VERSION", "Client", "DataLossError", "Error",
     "FailedPreconditionError", "InvalidArgumentError", "NotFoundError",
-    "PermissionDeniedError", "ResourceExhaustedError", "Storer",
+    "PermissionDeniedError", "Profile", "ResourceExhaustedError", "Storer",
     "UnauthenticatedError", "UnavailableError", "chunk_keys", "decode",
-    "encode", "peek_shape"
+    "encode", "peek_shape", "stream_profile_id"
 ]
 
 ABI_VERSION = _native.ABI_VERSION
@@ -303,6 +303,22 @@ class _Handle:
         self.close()
 
 
+def _key_space(model_id, chunk_tokens=256, name_space="default",
+               dtype="float16", layers=0, kv_heads=0, head_dim=0, tp_rank=0,
+               tp_size=1):
+    space = _native.init(_native.KeySpace, "kvcache_key_space_init")
+    space.name_space = _text(name_space)
+    space.model_id = _text(model_id)
+    space.dtype = _text(dtype)
+    space.layers = _int(layers, "layers", 0, _U32)
+    space.kv_heads = _int(kv_heads, "kv_heads", 0, _U32)
+    space.head_dim = _int(head_dim, "head_dim", 0, _U32)
+    space.tp_rank = _int(tp_rank, "tp_rank", 0, _U32)
+    space.tp_size = _int(tp_size, "tp_size", 0, _U32)
+    space.chunk_tokens = _int(chunk_tokens, "chunk_tokens", 0, _U32)
+    return space
+
+
 def chunk_keys(tokens, model_id, chunk_tokens=256, name_space="default",
                dtype="float16", layers=0, kv_heads=0, head_dim=0, tp_rank=0,
                tp_size=1):
@@ -314,16 +330,8 @@ def chunk_keys(tokens, model_id, chunk_tokens=256, name_space="default",
     chunks only if all match.
     """
     ids = [_int(t, "token", -2**31, 2**31 - 1) for t in tokens]
-    space = _native.init(_native.KeySpace, "kvcache_key_space_init")
-    space.name_space = _text(name_space)
-    space.model_id = _text(model_id)
-    space.dtype = _text(dtype)
-    space.layers = _int(layers, "layers", 0, _U32)
-    space.kv_heads = _int(kv_heads, "kv_heads", 0, _U32)
-    space.head_dim = _int(head_dim, "head_dim", 0, _U32)
-    space.tp_rank = _int(tp_rank, "tp_rank", 0, _U32)
-    space.tp_size = _int(tp_size, "tp_size", 0, _U32)
-    space.chunk_tokens = _int(chunk_tokens, "chunk_tokens", 0, _U32)
+    space = _key_space(model_id, chunk_tokens, name_space, dtype, layers,
+                       kv_heads, head_dim, tp_rank, tp_size)
     array = (ctypes.c_int32 * max(len(ids), 1))(*ids)
     most = len(ids) // max(space.chunk_tokens, 1) + 1
     out = ctypes.create_string_buffer(most * 32)
@@ -332,6 +340,49 @@ def chunk_keys(tokens, model_id, chunk_tokens=256, name_space="default",
                                    most, ctypes.byref(n)))
     raw = out.raw
     return [raw[i * 32:(i + 1) * 32] for i in range(n.value)]
+
+
+class Profile(_Handle):
+    """A model profile: what the transform levels (profile-fine,
+    profile-balanced, profile-small) encode and decode with. Made by
+    `kvcodec calibrate` on the model's KV over other text; kept in kvcache
+    by Client.publish_profile and fetched by Client.profile."""
+
+    _free = "kvcache_profile_free"
+    _what = "profile"
+
+    @classmethod
+    def from_bytes(cls, data):
+        """Parses a profile's bytes; DataLossError if they are not one."""
+        data = bytes(data)
+        handle = ctypes.c_void_p()
+        _check(_lib.kvcache_profile_parse(data, len(data),
+                                          ctypes.byref(handle)))
+        return cls(handle.value)
+
+    def to_bytes(self):
+        """The bytes from_bytes takes."""
+        out = ctypes.c_void_p()
+        _check(_lib.kvcache_profile_bytes(self.handle, ctypes.byref(out)))
+        return _native.take_buffer(out)
+
+    @property
+    def id(self):
+        """The profile's id: 32 hex digits naming its content."""
+        out = ctypes.create_string_buffer(33)
+        _check(_lib.kvcache_profile_id(self.handle, out))
+        return out.value.decode()
+
+
+def stream_profile_id(stream):
+    """The id of the profile a stream needs, or None if it needs none."""
+    stream = bytes(stream)
+    out = ctypes.create_string_buffer(33)
+    try:
+        _check(_lib.kvcache_stream_profile_id(stream, len(stream), out))
+    except NotFoundError:
+        return None
+    return out.value.decode()
 
 
 class Client(_Handle):
@@ -389,6 +440,25 @@ class Client(_Handle):
                 "pinned": bool(infos[i].pinned)
             } for i in range(prefix.value)]
         }
+
+    def publish_profile(self, profile, model_id, name_space="default"):
+        """Stores a Profile in the node beside the model's chunks and makes
+        it the model's current one."""
+        space = _key_space(model_id, name_space=name_space)
+        _check(_lib.kvcache_profile_publish(self.handle, ctypes.byref(space),
+                                            profile.handle))
+
+    def profile(self, model_id, name_space="default", profile_id=None):
+        """The model's Profile with id `profile_id` (stream_profile_id
+        gives a stream's), or its current one; fetched once per Client.
+        NotFoundError if the node holds none."""
+        space = _key_space(model_id, name_space=name_space)
+        handle = ctypes.c_void_p()
+        _check(_lib.kvcache_profile_get(
+            self.handle, ctypes.byref(space),
+            None if profile_id is None else _text(profile_id),
+            ctypes.byref(handle)))
+        return Profile(handle.value)
 
     def cached_prefix(self, keys):
         """How many leading chunks of `keys` the node holds, without their
@@ -683,11 +753,13 @@ class Storer(_Handle):
 
 
 def encode(values, kv_heads, head_dim, level="near-lossless",
-           dtype="float16"):
+           dtype="float16", profile=None, first_position=0):
     """Compresses one chunk: a C-contiguous 16-bit array shaped [layers, 2,
     tokens, kv_heads * head_dim] (NumPy float16, or uint16 holding bfloat16
     bits with dtype='bfloat16'). Levels: lossless, near-lossless, high,
-    default, compact, tiny."""
+    default, compact, tiny, and the transform levels profile-fine,
+    profile-balanced and profile-small, which need the model's Profile and
+    the position of the chunk's first token in its sequence."""
     np = _numpy()
     if (not isinstance(values, np.ndarray) or values.itemsize != 2 or
             values.ndim != 4 or values.shape[1] != 2 or
@@ -708,9 +780,11 @@ def encode(values, kv_heads, head_dim, level="near-lossless",
                                _int(values.shape[2], "tokens", 0, _U32),
                                kv_heads, head_dim, _DTYPES[dtype])
     stream = ctypes.c_void_p()
-    _check(_lib.kvcache_encode(ctypes.byref(shape), values.ctypes.data,
-                               values.size, _text(level),
-                               ctypes.byref(stream)))
+    _check(_lib.kvcache_encode_with_profile(
+        ctypes.byref(shape), values.ctypes.data, values.size, _text(level),
+        None if profile is None else profile.handle,
+        _int(first_position, "first_position", 0, _U32),
+        ctypes.byref(stream)))
     return _native.take_buffer(stream)
 
 
@@ -720,18 +794,20 @@ def _shape(stream):
     return shape
 
 
-def decode(stream):
+def decode(stream, profile=None):
     """Decodes a stream from encode(): a float16 array (uint16 for
     bfloat16) shaped [layers, 2, tokens, channels]. Raises DataLossError
-    for a corrupt or truncated stream."""
+    for a corrupt or truncated stream, FailedPreconditionError for a
+    transform stream without the Profile it names."""
     np = _numpy()
     stream = bytes(stream)
     shape = _shape(stream)
     out = np.empty((shape.layers, 2, shape.tokens,
                     shape.kv_heads * shape.head_dim),
                    np.float16 if shape.dtype == 0 else np.uint16)
-    _check(_lib.kvcache_decode(stream, len(stream), out.ctypes.data,
-                               out.size))
+    _check(_lib.kvcache_decode_with_profile(
+        stream, len(stream), out.ctypes.data, out.size,
+        None if profile is None else profile.handle))
     return out
 
 

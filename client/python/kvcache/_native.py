@@ -7,7 +7,7 @@ at $KVCACHE_LIBRARY. ctypes releases the GIL for every call into it.
 import ctypes
 import os
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 KEY_BYTES = 32
 
 c_int32_p = ctypes.POINTER(ctypes.c_int32)
@@ -239,6 +239,21 @@ _FUNCTIONS = {
                                       ctypes.c_char_p, P(_void_p)]),
     "kvcache_peek_shape": (ctypes.c_int, [_void_p, _size, P(ChunkShape)]),
     "kvcache_decode": (ctypes.c_int, [_void_p, _size, _void_p, _size]),
+    "kvcache_profile_parse": (ctypes.c_int, [_void_p, _size, P(_void_p)]),
+    "kvcache_profile_bytes": (ctypes.c_int, [_void_p, P(_void_p)]),
+    "kvcache_profile_id": (ctypes.c_int, [_void_p, ctypes.c_char_p]),
+    "kvcache_profile_free": (None, [_void_p]),
+    "kvcache_profile_publish": (ctypes.c_int, [_void_p, P(KeySpace),
+                                               _void_p]),
+    "kvcache_profile_get": (ctypes.c_int, [_void_p, P(KeySpace),
+                                           ctypes.c_char_p, P(_void_p)]),
+    "kvcache_stream_profile_id": (ctypes.c_int, [_void_p, _size,
+                                                 ctypes.c_char_p]),
+    "kvcache_encode_with_profile": (ctypes.c_int, [
+        P(ChunkShape), _void_p, _size, ctypes.c_char_p, _void_p,
+        ctypes.c_uint32, P(_void_p)]),
+    "kvcache_decode_with_profile": (ctypes.c_int, [_void_p, _size, _void_p,
+                                                   _size, _void_p]),
 }
 
 
