@@ -1,6 +1,7 @@
 // KV-cache chunk codec: compresses one chunk of an LLM KV cache
 // ([layers][K,V][tokens][kv_heads * head_dim] of fp16 or bf16) into a
-// self-describing bitstream (format v1, see codec/FORMAT.md) and back.
+// self-describing bitstream (codec/FORMAT.md: version 2, or 3 for the
+// transform levels) and back.
 //
 // Lossless level: bit-exact for every input, NaN payloads included.
 // Lossy levels: quantize (keys per channel, values per token group), then
