@@ -55,7 +55,6 @@ absl::Status ProfileCalibrator::Add(const ChunkShape& shape,
   if (shape_.rope != RopeLayout::kNone) {
     rope = internal::RopeTable(shape_, first_position, shape.tokens);
   }
-  const bool halves = shape_.rope == RopeLayout::kHalves;
   std::vector<float> x(row);
   std::vector<double> samples(size_t{shape.tokens} * d);
   for (uint32_t l = 0; l < shape.layers; ++l) {
@@ -67,11 +66,8 @@ absl::Status ProfileCalibrator::Add(const ChunkShape& shape,
           internal::ValuesToFloat(plane + size_t{t} * row + head * d, d,
                                   shape.dtype, x.data());
           if (kv == 0 && !rope.empty()) {
-            for (uint32_t j = 0; j < pairs; ++j) {
-              internal::RopeUndo(rope[size_t{t} * pairs + j],
-                                 &x[internal::RopeFirst(halves, j)],
-                                 &x[internal::RopeSecond(halves, j, d)]);
-            }
+            internal::RotateHead(shape_, rope.data() + size_t{t} * pairs,
+                                 /*undo=*/true, x.data());
           }
           std::copy(x.begin(), x.begin() + d, samples.begin() + size_t{t} * d);
         }

@@ -19,7 +19,13 @@ namespace {
 using internal::Header;
 using internal::PlaneSpec;
 
-absl::Span<const internal::SinCos> NoRope() { return {}; }
+// Plane p (2 * layer + kv) of a transform stream; only keys carry RoPE.
+internal::TransformPlane PlaneOf(const ModelProfile* profile, uint32_t p,
+                                 absl::Span<const internal::SinCos> rope) {
+  const bool is_value = p % 2 == 1;
+  return {profile, p / 2, is_value,
+          is_value ? absl::Span<const internal::SinCos>() : rope};
+}
 
 absl::Status CheckProfileFits(const EncodeOptions& options,
                               const ChunkShape& shape) {
@@ -107,10 +113,7 @@ absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
     specs[p].mode = policies[p].mode;
     const uint16_t* plane = values.data() + p * plane_values;
     if (profile != nullptr) {
-      const bool is_value = p % 2 == 1;
-      internal::ForwardPlane(
-          h, {profile, p / 2, is_value, is_value ? NoRope() : rope}, plane,
-          coeff.data());
+      internal::ForwardPlane(h, PlaneOf(profile, p, rope), plane, coeff.data());
       internal::QuantizeFloats(h, policies[p].relative_step,
                                /*drop_quiet_channels=*/true, &specs[p],
                                coeff.data(), q.data(), &scales);
@@ -248,10 +251,9 @@ absl::Status DecodeChunk(absl::string_view bitstream, absl::Span<uint16_t> out,
       const uint32_t p = (first + static_cast<uint32_t>(j)) / groups;
       uint16_t* plane_out = out.data() + p * plane_values;
       if (transform) {
-        const bool is_value = p % 2 == 1;
-        internal::ReconstructGroup(
-            h, {profile, p / 2, is_value, is_value ? NoRope() : rope},
-            plane_scales[p], views[j].cg, batch_q[j], plane_out);
+        internal::ReconstructGroup(h, PlaneOf(profile, p, rope),
+                                   plane_scales[p], views[j].cg, batch_q[j],
+                                   plane_out);
       } else {
         internal::DequantizeGroup(h, s.planes[p], plane_scales[p], views[j].cg,
                                   batch_q[j], plane_out);

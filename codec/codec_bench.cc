@@ -11,9 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <functional>
-#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
@@ -251,11 +249,9 @@ int Run(int argc, char** argv) {
       inputs.emplace_back(arg);
       continue;
     }
-    std::ifstream in{std::string(arg), std::ios::binary};
-    absl::StatusOr<ModelProfile> parsed = ParseProfile(std::string(
-        std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()));
+    absl::StatusOr<ModelProfile> parsed = ReadProfileFile(std::string(arg));
     if (!parsed.ok()) {
-      absl::FPrintF(stderr, "%s: %s\n", arg, parsed.status().ToString());
+      absl::FPrintF(stderr, "%s\n", parsed.status().ToString());
       return 1;
     }
     profile = *std::move(parsed);

@@ -117,20 +117,23 @@ absl::StatusOr<Sections> ParseSections(absl::string_view stream) {
     scale_bytes += ScaleBytes(h, p);
   }
   if (h.transform_id == kProfileTransform) {
-    absl::string_view id;
-    if (!r.Bytes(s.profile_id.size(), &id) || !r.U32(&s.first_position) ||
-        !r.U32(&s.exact_tokens) || s.exact_tokens > h.shape.tokens ||
-        !r.Bytes(uint64_t{2} * s.exact_tokens * planes * h.Channels(),
-                 &s.exact)) {
-      return absl::DataLossError("truncated or bad transform section");
+    absl::string_view fixed;
+    if (!r.Bytes(kTransformSectionBytes, &fixed)) {
+      return absl::DataLossError("truncated transform section");
     }
-    std::memcpy(s.profile_id.data(), id.data(), id.size());
-    if (ProfileFingerprint(s.profile_id) != h.transform_fingerprint) {
+    const auto* p = reinterpret_cast<const uint8_t*>(fixed.data());
+    TransformFields f;
+    if (!ReadTransformFields(p, h, &f)) {
       return absl::DataLossError(
-          "transform section does not match the header's fingerprint");
+          "bad transform section: its id is not the header's fingerprint, or "
+          "its exact tokens or positions are out of range");
     }
-    if (uint64_t{s.first_position} + h.shape.tokens > (uint64_t{1} << 32)) {
-      return absl::DataLossError("token positions past 2^32");
+    std::memcpy(s.profile_id.data(), p, s.profile_id.size());
+    s.first_position = f.first_position;
+    s.exact_tokens = f.exact_tokens;
+    if (!r.Bytes(uint64_t{2} * s.exact_tokens * planes * h.Channels(),
+                 &s.exact)) {
+      return absl::DataLossError("truncated transform section");
     }
   }
   const uint64_t choice_bits = h.ChoiceBits();

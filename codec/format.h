@@ -190,6 +190,24 @@ KVCACHE_HD inline HeaderCheck ReadFixedHeader(const uint8_t* p, Header* h,
   return CheckHeader(*h);
 }
 
+// Section 2a's fixed fields after the profile id.
+struct TransformFields {
+  uint32_t first_position;
+  uint32_t exact_tokens;
+};
+
+// Reads the kTransformSectionBytes bytes at p (the caller has checked they
+// exist) into *f; false unless the id starts with the header's fingerprint,
+// the exact tokens are within the chunk and its positions within 2^32.
+KVCACHE_HD inline bool ReadTransformFields(const uint8_t* p, const Header& h,
+                                           TransformFields* f) {
+  f->first_position = LoadU32(p + 16);
+  f->exact_tokens = LoadU32(p + 20);
+  return LoadU32(p) == h.transform_fingerprint &&
+         f->exact_tokens <= h.shape.tokens &&
+         uint64_t{f->first_position} + h.shape.tokens <= (uint64_t{1} << 32);
+}
+
 // A stream split into its sections; views point into the caller's buffer.
 struct Sections {
   Header header;

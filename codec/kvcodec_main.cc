@@ -3,7 +3,6 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
-#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
@@ -151,17 +150,8 @@ absl::Status WriteFile(const std::string& path, const std::string& bytes) {
 // The profile --profile names, or none when the flag is absent.
 absl::StatusOr<std::optional<ModelProfile>> LoadProfileFlag(const Args& args) {
   if (args.profile.empty()) return std::nullopt;
-  std::ifstream in(args.profile, std::ios::binary);
-  if (!in)
-    return absl::NotFoundError(absl::StrCat("cannot read ", args.profile));
-  const std::string bytes((std::istreambuf_iterator<char>(in)),
-                          std::istreambuf_iterator<char>());
-  absl::StatusOr<ModelProfile> profile = ParseProfile(bytes);
-  if (!profile.ok()) {
-    return absl::Status(
-        profile.status().code(),
-        absl::StrCat(args.profile, ": ", profile.status().message()));
-  }
+  absl::StatusOr<ModelProfile> profile = ReadProfileFile(args.profile);
+  if (!profile.ok()) return profile.status();
   return std::optional<ModelProfile>(*std::move(profile));
 }
 

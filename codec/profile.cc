@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -46,16 +48,21 @@ ProfileId Sha256Prefix(absl::string_view bytes) {
   return id;
 }
 
+// Whether the dimensions and RoPE layout are ones a profile may have: what
+// sizes every array, so it is checked before anything is allocated.
+bool HeaderInRange(const ModelProfile& p) {
+  return p.layers != 0 && p.kv_heads != 0 && p.head_dim != 0 &&
+         p.layers <= kMaxLayers &&
+         uint64_t{p.kv_heads} * p.head_dim <= kMaxChannels &&
+         p.head_dim <= kMaxProfileHeadDim &&
+         (p.rope == RopeLayout::kNone || p.rope == RopeLayout::kAdjacentPairs ||
+          p.rope == RopeLayout::kHalves);
+}
+
 absl::Status CheckProfile(const ModelProfile& p) {
-  if (p.layers == 0 || p.kv_heads == 0 || p.head_dim == 0 ||
-      p.layers > kMaxLayers ||
-      uint64_t{p.kv_heads} * p.head_dim > kMaxChannels ||
-      p.head_dim > kMaxProfileHeadDim) {
-    return absl::InvalidArgumentError("profile shape out of range");
-  }
-  if (p.rope != RopeLayout::kNone && p.rope != RopeLayout::kAdjacentPairs &&
-      p.rope != RopeLayout::kHalves) {
-    return absl::InvalidArgumentError("unknown RoPE layout");
+  if (!HeaderInRange(p)) {
+    return absl::InvalidArgumentError(
+        "profile shape or RoPE layout out of range");
   }
   if (p.rope != RopeLayout::kNone && p.head_dim % 2 != 0) {
     return absl::InvalidArgumentError("RoPE needs an even head_dim");
@@ -149,10 +156,7 @@ absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes) {
   p.layers = internal::LoadU32(b + 8);
   p.kv_heads = internal::LoadU32(b + 12);
   p.head_dim = internal::LoadU32(b + 16);
-  if (internal::LoadU16(b + 6) != 0 || p.layers == 0 || p.kv_heads == 0 ||
-      p.head_dim == 0 || p.layers > kMaxLayers ||
-      uint64_t{p.kv_heads} * p.head_dim > kMaxChannels ||
-      p.head_dim > kMaxProfileHeadDim || b[5] > 2) {
+  if (internal::LoadU16(b + 6) != 0 || !HeaderInRange(p)) {
     return absl::DataLossError("profile header out of range");
   }
   // Size everything from the header and compare with what is there before
@@ -188,6 +192,19 @@ absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes) {
   }
   p.id = Sha256Prefix(bytes);
   return p;
+}
+
+absl::StatusOr<ModelProfile> ReadProfileFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  const std::string bytes((std::istreambuf_iterator<char>(in)),
+                          std::istreambuf_iterator<char>());
+  absl::StatusOr<ModelProfile> profile = ParseProfile(bytes);
+  if (!profile.ok()) {
+    return absl::Status(profile.status().code(),
+                        absl::StrCat(path, ": ", profile.status().message()));
+  }
+  return profile;
 }
 
 }  // namespace kvcache::codec

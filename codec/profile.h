@@ -80,6 +80,10 @@ absl::Status FinishProfile(ModelProfile* profile);
 // DataLoss for malformed bytes.
 absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes);
 
+// Reads and parses a profile file (kvcodec calibrate writes them): NotFound
+// if it cannot be read, else as ParseProfile, the path in the message.
+absl::StatusOr<ModelProfile> ReadProfileFile(const std::string& path);
+
 }  // namespace kvcache::codec
 
 #endif  // KVCACHE_CODEC_PROFILE_H_

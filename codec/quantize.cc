@@ -23,11 +23,6 @@ Affine Fit(float center, float step, int bits, DType dtype, std::string* out) {
   return a.map;
 }
 
-Affine ReadAffine(absl::string_view scales, size_t index, DType dtype) {
-  const auto* p = reinterpret_cast<const uint8_t*>(scales.data()) + 4 * index;
-  return {ToFloat(LoadU16(p), dtype), ToFloat(LoadU16(p + 2), dtype)};
-}
-
 // One row of a channel group: out[c] = Dequantize({offset[c], step[c]}, q[c]).
 template <DType kType>
 void DequantizeRow(const float* offset, const float* step, const uint16_t* q,
@@ -119,6 +114,11 @@ void FloatsToValues(const float* x, size_t n, DType dtype, uint16_t* out) {
   if (dtype == DType::kFloat16 && HaveF16C()) i = FloatsToHalfsF16C(x, n, out);
 #endif
   for (; i < n; ++i) out[i] = RoundCoefficientSum(x[i], dtype);
+}
+
+Affine ReadAffine(absl::string_view scales, size_t index, DType dtype) {
+  const auto* p = reinterpret_cast<const uint8_t*>(scales.data()) + 4 * index;
+  return {ToFloat(LoadU16(p), dtype), ToFloat(LoadU16(p + 2), dtype)};
 }
 
 void ValuesToFloat(const uint16_t* src, size_t n, DType dtype, float* x) {

@@ -14,6 +14,9 @@
 
 namespace kvcache::codec::internal {
 
+// Affine map `index` of a scale section (4 bytes each: offset, step).
+Affine ReadAffine(absl::string_view scales, size_t index, DType dtype);
+
 // x[i] = ToFloat(src[i], dtype) for i < n (F16C where the CPU has it).
 void ValuesToFloat(const uint16_t* src, size_t n, DType dtype, float* x);
 

@@ -13,21 +13,6 @@
 namespace kvcache::codec::internal {
 namespace {
 
-// Undoes (forward) or re-applies RoPE on one head of `d` floats.
-void RotateHead(const ModelProfile& p, const SinCos* angles, bool undo,
-                float* head) {
-  const bool halves = p.rope == RopeLayout::kHalves;
-  for (uint32_t j = 0; j < p.head_dim / 2; ++j) {
-    float* a = head + RopeFirst(halves, j);
-    float* b = head + RopeSecond(halves, j, p.head_dim);
-    if (undo) {
-      RopeUndo(angles[j], a, b);
-    } else {
-      RopeApply(angles[j], a, b);
-    }
-  }
-}
-
 // out[k] = sum over i of basis_t[i][k] * x[i], i increasing, each step one
 // fused multiply-add: ForwardComponent for every component at once.
 void ForwardHead(const float* basis_t, const float* x, uint32_t d, float* out) {
@@ -133,12 +118,21 @@ class HeadKernels {
   bool fma_ = false;
 };
 
-Affine ReadScale(absl::string_view scales, size_t index, DType dtype) {
-  const auto* p = reinterpret_cast<const uint8_t*>(scales.data()) + 4 * index;
-  return {ToFloat(LoadU16(p), dtype), ToFloat(LoadU16(p + 2), dtype)};
-}
-
 }  // namespace
+
+void RotateHead(const ModelProfile& p, const SinCos* angles, bool undo,
+                float* head) {
+  const bool halves = p.rope == RopeLayout::kHalves;
+  for (uint32_t j = 0; j < p.head_dim / 2; ++j) {
+    float* a = head + RopeFirst(halves, j);
+    float* b = head + RopeSecond(halves, j, p.head_dim);
+    if (undo) {
+      RopeUndo(angles[j], a, b);
+    } else {
+      RopeApply(angles[j], a, b);
+    }
+  }
+}
 
 std::vector<SinCos> RopeTable(const ModelProfile& profile,
                               uint32_t first_position, uint32_t tokens) {
@@ -196,7 +190,7 @@ void ReconstructGroup(const Header& h, const TransformPlane& plane,
   std::vector<uint32_t> kept(width);
   std::vector<uint32_t> kept_count(width / d, 0);
   for (uint32_t c = 0; c < width; ++c) {
-    const Affine a = ReadScale(plane_scales, size_t{cg} * width + c, dtype);
+    const Affine a = ReadAffine(plane_scales, size_t{cg} * width + c, dtype);
     offset[c] = a.offset;
     step[c] = a.step;
     // A component stored with step 0 is not in the sum (FORMAT.md).

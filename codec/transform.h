@@ -29,6 +29,12 @@ struct TransformPlane {
 std::vector<SinCos> RopeTable(const ModelProfile& profile,
                               uint32_t first_position, uint32_t tokens);
 
+// Undoes (keys before the transform) or re-applies (after it) the
+// profile's RoPE on one head of head_dim floats; `angles` holds the token's
+// head_dim / 2 pairs' angles.
+void RotateHead(const ModelProfile& p, const SinCos* angles, bool undo,
+                float* head);
+
 // coeff (tokens x channels, channel = head * head_dim + component) = the
 // components of src's heads (tokens x channels of dtype patterns).
 void ForwardPlane(const Header& h, const TransformPlane& plane,

@@ -46,6 +46,7 @@ using codec::internal::LoadU16;
 using codec::internal::LoadU32;
 using codec::internal::PlaneSpec;
 using codec::internal::ScaleMode;
+using codec::internal::TransformFields;
 
 // One chunk of a batch as the kernels see it; the host fills it.
 struct DecodeChunk {
@@ -100,12 +101,6 @@ struct ChunkState {
 struct KernelProfile {
   DeviceProfile::View view;
   uint32_t has;
-};
-
-// Section 2a's fixed fields, read by ParseHeader.
-struct TransformFields {
-  uint32_t first_position;
-  uint32_t exact_tokens;
 };
 
 constexpr int kParseThreads = 256;
@@ -172,12 +167,7 @@ __device__ int32_t ParseHeader(const DecodeChunk& c, const DeviceLayout& l,
   if (h->transform_id == kNoTransform) return kOk;
   if (c.stream_bytes < section + kTransformSectionBytes) return kBadHeader;
   const uint8_t* t = c.stream + section;
-  if (LoadU32(t) != h->transform_fingerprint) return kBadHeader;
-  transform->first_position = LoadU32(t + 16);
-  transform->exact_tokens = LoadU32(t + 20);
-  if (transform->exact_tokens > h->shape.tokens ||
-      uint64_t{transform->first_position} + h->shape.tokens >
-          (uint64_t{1} << 32)) {
+  if (!codec::internal::ReadTransformFields(t, *h, transform)) {
     return kBadHeader;
   }
   const DeviceProfile::View& v = profile.view;
