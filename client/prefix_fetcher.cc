@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <future>
 #include <string>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "transfer/cuda_devices.h"
 #include "transfer/cuda_status.h"
@@ -221,11 +223,26 @@ absl::StatusOr<size_t> PrefixFetcher::FetchShared(
     absl::Span<const ChunkKey> keys, ChunkSink& sink, Leases& leases,
     FetchReport& report) {
   const bool use_gpu = gpu_region_ != nullptr && sink.accepts_device_memory();
+  auto locate = [this, keys, use_gpu](size_t first) {
+    return client_->Locate(keys.subspan(first), options_.lease,
+                           use_gpu ? gpu_region_->id() : "",
+                           options_.nvme_window_bytes);
+  };
+  // The window after the one being consumed, located meanwhile, so the
+  // node's NVMe reads overlap the sink's copies and decoding. Whatever
+  // lease it got is released with the fetch's, even if the fetch ends
+  // before it is consumed.
+  std::future<absl::StatusOr<v1::LocateResponse>> ahead;
+  absl::Cleanup join_ahead = [&ahead, &leases] {
+    if (!ahead.valid()) return;
+    absl::StatusOr<v1::LocateResponse> unused = ahead.get();
+    if (unused.ok() && unused->lease_id() != 0) {
+      leases.ids.push_back(unused->lease_id());
+    }
+  };
   size_t lent = 0;
-  while (lent < keys.size()) {
-    absl::StatusOr<v1::LocateResponse> located = client_->Locate(
-        keys.subspan(lent), options_.lease, use_gpu ? gpu_region_->id() : "",
-        options_.nvme_window_bytes);
+  absl::StatusOr<v1::LocateResponse> located = locate(0);
+  while (true) {
     ++report.locate_calls;
     if (located.ok() && located->region_id() != region_->id()) {
       // The node restarted with a new region: the rest comes over gRPC.
@@ -253,17 +270,21 @@ absl::StatusOr<size_t> PrefixFetcher::FetchShared(
     leases.ids.push_back(located->lease_id());
     leases.expiry = std::min(
         leases.expiry, absl::FromUnixMillis(located->lease_expires_unix_ms()));
+    const size_t next = lent + located->chunks_size();
+    const bool more = located->read_limited() && next < keys.size();
+    if (more) ahead = std::async(std::launch::async, locate, next);
     if (absl::Status s =
             ConsumeLocated(*located, keys, lent, use_gpu, sink, report);
         !s.ok()) {
       return s;
     }
-    lent += located->chunks_size();
-    if (!located->read_limited()) return lent;
-    // The next Locate waits on NVMe reads: decode this window meanwhile.
+    lent = next;
+    if (!more) return lent;
+    // The next window may still wait on NVMe reads: decode this one
+    // meanwhile.
     if (absl::Status s = sink.Flush(); !s.ok()) return s;
+    located = ahead.get();
   }
-  return lent;
 }
 
 absl::Status PrefixFetcher::ConsumeLocated(const v1::LocateResponse& located,

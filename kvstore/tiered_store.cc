@@ -1,6 +1,9 @@
 #include "kvstore/tiered_store.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <thread>
 #include <utility>
 
 #include "absl/hash/hash.h"
@@ -412,6 +415,22 @@ absl::StatusOr<LocatedChunk> TieredStore::GetInMemory(absl::string_view key,
     return LocatedChunk{*std::move(in_cpu), TierId::kCpu};
   }
   return absl::UnavailableError("chunk cannot be placed in the CPU tier");
+}
+
+void TieredStore::ReadUpFromNvme(absl::Span<const std::string> keys,
+                                 int parallel) {
+  if (nvme_ == nullptr || keys.empty()) return;
+  std::atomic<size_t> next{0};
+  auto read_up = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < keys.size();) {
+      (void)GetInMemory(keys[i], /*accept_device=*/false);
+    }
+  };
+  std::vector<std::thread> helpers;
+  const size_t threads = std::min<size_t>(std::max(parallel, 1), keys.size());
+  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(read_up);
+  read_up();
+  for (std::thread& helper : helpers) helper.join();
 }
 
 absl::StatusOr<LocatedChunk> TieredStore::Peek(absl::string_view key) const {

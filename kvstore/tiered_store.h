@@ -158,6 +158,11 @@ class TieredStore {
   // serves it.
   absl::StatusOr<LocatedChunk> GetInMemory(absl::string_view key,
                                            bool accept_device);
+  // Reads those of `keys` held only on NVMe up into the CPU tier, `parallel`
+  // at a time, for a caller about to take each with GetInMemory: reading
+  // them one by one leaves the disk idle between chunks. Best effort: a
+  // chunk not read up is left to that call, which says why.
+  void ReadUpFromNvme(absl::Span<const std::string> keys, int parallel);
   // The CPU tier's memory, which workers on this host may map read-only.
   const HostArena& cpu_arena() const { return *cpu_arena_; }
   // The GPU tier's memory, which workers on this host may open through CUDA

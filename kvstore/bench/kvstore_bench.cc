@@ -64,9 +64,9 @@
 #include "codec/crc32c.h"
 #include "kvstore/malloc_options.h"
 #include "kvstore/nvme_tier.h"
-#include "nlohmann/json.hpp"
 #include "tests/testing/bench_payloads.h"
 #include "tests/testing/daemon_process.h"
+#include "tests/testing/fio_process.h"
 
 namespace kvcache::kvstore {
 namespace {
@@ -75,7 +75,6 @@ using ::kvcache::testing::DaemonProcess;
 
 constexpr char kDaemon[] = "kvstore/kvcached";
 constexpr char kRedisServer[] = "/usr/bin/redis-server";
-constexpr char kFio[] = "/usr/bin/fio";
 constexpr uint64_t kKiB = 1 << 10;
 constexpr uint64_t kMiB = 1 << 20;
 constexpr uint64_t kGiB = 1 << 30;
@@ -752,39 +751,6 @@ absl::StatusOr<Samples> ReadRandomChunks(NvmeTier& tier,
   return all;
 }
 
-// Runs fio's random O_DIRECT reads over the first `bytes` of `file` for
-// `duration`; returns the bytes it read and its run time.
-absl::StatusOr<Samples> RunFio(const std::string& file, uint64_t bytes,
-                               uint64_t block_bytes, int depth,
-                               absl::Duration duration,
-                               const std::string& report_path) {
-  absl::StatusOr<DaemonProcess> fio = DaemonProcess::Spawn(
-      kFio,
-      {"--name=randread", "--filename=" + file, absl::StrCat("--size=", bytes),
-       "--rw=randread", absl::StrCat("--bs=", block_bytes), "--direct=1",
-       "--ioengine=io_uring", absl::StrCat("--iodepth=", depth), "--time_based",
-       absl::StrCat("--runtime=", absl::ToInt64Milliseconds(duration), "ms"),
-       "--output-format=json", "--output=" + report_path});
-  if (!fio.ok()) return fio.status();
-  absl::StatusOr<int> exit_code = fio->WaitForExit(duration + absl::Minutes(1));
-  if (!exit_code.ok()) return exit_code.status();
-  if (*exit_code != 0) {
-    return absl::InternalError(absl::StrCat("fio exited with ", *exit_code));
-  }
-  try {
-    const nlohmann::json report =
-        nlohmann::json::parse(std::ifstream(report_path));
-    const nlohmann::json& read = report.at("jobs").at(0).at("read");
-    Samples samples;
-    samples.bytes = read.at("io_bytes").get<uint64_t>();
-    samples.seconds = read.at("runtime").get<double>() / 1e3;
-    return samples;
-  } catch (const nlohmann::json::exception& e) {
-    return absl::InternalError(
-        absl::StrCat("cannot read fio's report ", report_path, ": ", e.what()));
-  }
-}
-
 absl::Status RunNvmeComparison(const Flags& flags) {
   const uint64_t chunk_bytes = flags.nvme_chunk_kib * kKiB;
   const uint64_t fill_bytes = flags.nvme_mib * kMiB / chunk_bytes * chunk_bytes;
@@ -842,10 +808,17 @@ absl::Status RunNvmeComparison(const Flags& flags) {
           ReadRandomChunks(**tier, keys, chunk_bytes, depth, round);
       if (!read.ok()) return read.status();
       ours.Add(*read);
-      absl::StatusOr<Samples> fio = RunFio(dir + "/slab-000", fill_bytes,
-                                           chunk_bytes, depth, round, report);
+      absl::StatusOr<testing::FioResult> fio =
+          testing::RunFioRead({.file = dir + "/slab-000",
+                               .bytes = fill_bytes,
+                               .block_bytes = chunk_bytes,
+                               .queue_depth = depth,
+                               .random = true,
+                               .duration = round,
+                               .report_path = report});
       if (!fio.ok()) return fio.status();
-      theirs.Add(*fio);
+      theirs.bytes += fio->bytes;
+      theirs.seconds += fio->seconds;
       if (fio->GbPerSecond() > 0) {
         round_ratios.push_back(read->GbPerSecond() / fio->GbPerSecond());
       }

@@ -53,6 +53,31 @@ class FetchTest : public testing::FetchFixture {
     return report.ok() ? *report : FetchReport{};
   }
 
+  // Starts a node with a 1 MiB CPU tier over NVMe in `dir` (under the
+  // test's temporary directory), with `args` on top, and puts the prompt,
+  // which newer chunks then push down to NVMe.
+  void StartWithPromptOnNvme(const std::string& dir,
+                             std::vector<std::string> args = {}) {
+    const std::string data_dir = absl::StrCat(
+        getenv("TEST_TMPDIR") ? getenv("TEST_TMPDIR") : "/tmp", "/", dir);
+    std::filesystem::remove_all(data_dir);
+    args.push_back("--set=cpu_tier { capacity_bytes: 1048576 }");
+    args.push_back(absl::StrCat("--set=nvme_tier { data_dir: '", data_dir,
+                                "' slab_bytes: 16777216 slab_count: 1 }"));
+    StartDaemon(args);
+    PutPrompt(prompt_->keys.size());
+    PushPromptToNvme(0);
+  }
+
+  // Puts three 512 KiB fillers, distinct for each `first` (a filler
+  // already held would be kept where it is, pushing nothing out).
+  void PushPromptToNvme(int first) {
+    for (int i = first; i < first + 3; ++i) {
+      const std::string filler(512 << 10, static_cast<char>(i));
+      ASSERT_TRUE(client_->Put({{ContentKey(filler), filler}}).ok());
+    }
+  }
+
   void ExpectDecoded(const Destination& destination, size_t chunks) {
     for (size_t i = 0; i < chunks; ++i) {
       EXPECT_EQ(destination.values[i], prompt_->decoded[i]) << "chunk " << i;
@@ -160,19 +185,8 @@ TEST_F(FetchTest, LeaseLimitSendsTheRestOverGrpc) {
 }
 
 TEST_F(FetchTest, PrefixOnNvmeIsLocatedInWindows) {
-  const std::string data_dir = absl::StrCat(
-      getenv("TEST_TMPDIR") ? getenv("TEST_TMPDIR") : "/tmp", "/nvme_windows");
-  std::filesystem::remove_all(data_dir);
-  StartDaemon({"--set=cpu_tier { capacity_bytes: 1048576 }",
-               absl::StrCat("--set=nvme_tier { data_dir: '", data_dir,
-                            "' slab_bytes: 16777216 slab_count: 1 }")});
+  StartWithPromptOnNvme("nvme_windows");
   const size_t n = prompt_->keys.size();
-  PutPrompt(n);
-  // Newer chunks push the prompt out of memory, down to NVMe.
-  for (int i = 0; i < 3; ++i) {
-    const std::string filler(512 << 10, static_cast<char>(i));
-    ASSERT_TRUE(client_->Put({{ContentKey(filler), filler}}).ok());
-  }
   for (uint64_t window : {uint64_t{0}, 3 * prompt_->streams[0].size()}) {
     absl::StatusOr<LookupResult> before = client_->Lookup(prompt_->keys);
     ASSERT_TRUE(before.ok()) << before.status();
@@ -188,14 +202,42 @@ TEST_F(FetchTest, PrefixOnNvmeIsLocatedInWindows) {
       // About three chunks a window (chunk sizes vary a little).
       EXPECT_GE(report.locate_calls, n / 4) << "window " << window;
     }
-    // Back to NVMe for the next round, with fillers of their own (a filler
-    // already held would be kept where it is, pushing nothing out).
-    for (int i = 0; i < 3; ++i) {
-      const std::string filler(512 << 10,
-                               static_cast<char>(window == 0 ? 3 + i : 6 + i));
-      ASSERT_TRUE(client_->Put({{ContentKey(filler), filler}}).ok());
-    }
+    PushPromptToNvme(window == 0 ? 3 : 6);
   }
+}
+
+// Refuses every chunk.
+class RefusingSink : public ChunkSink {
+ public:
+  absl::Status Consume(size_t index, absl::string_view, bool) override {
+    return absl::InternalError(absl::StrCat("sink refused chunk ", index));
+  }
+  absl::Status Finish() override { return absl::OkStatus(); }
+};
+
+TEST_F(FetchTest, FailedFetchReleasesTheWindowLocatedAhead) {
+  uint64_t prompt_bytes = 0;
+  for (const std::string& stream : prompt_->streams) {
+    prompt_bytes += stream.size();
+  }
+  // Two windows, and lease room for the prompt and a quarter: the second
+  // window's lease, left behind by the failed fetch, would make the next
+  // one run out.
+  const uint64_t percent = (prompt_bytes * 5 / 4 * 100 >> 20) + 1;
+  ASSERT_LT(percent, 100u);
+  StartWithPromptOnNvme(
+      "nvme_ahead", {absl::StrCat("--set=shared_memory { max_leased_percent: ",
+                                  percent, " }")});
+  const FetcherOptions windows = {.transport = Transport::kSharedMemory,
+                                  .nvme_window_bytes = prompt_bytes / 2 + 1};
+  RefusingSink refusing;
+  absl::StatusOr<FetchReport> failed =
+      Fetcher(windows)->Fetch(prompt_->keys, refusing);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().message(), "sink refused chunk 0");
+  PushPromptToNvme(3);
+  EXPECT_EQ(FetchPrompt(*Fetcher(windows)).shared_memory_chunks,
+            prompt_->keys.size());
 }
 
 TEST_F(FetchTest, RestartedNodeIsMappedAnew) {
