@@ -12,7 +12,8 @@ absl::Status HostDecodeSink::Consume(size_t index, absl::string_view bytes,
         absl::StrCat("chunk ", index, " has no destination (",
                      destinations_.size(), " given)"));
   }
-  if (absl::Status s = codec::DecodeChunk(bytes, destinations_[index]);
+  if (absl::Status s =
+          codec::DecodeChunk(bytes, destinations_[index], profile_);
       !s.ok()) {
     return absl::Status(s.code(),
                         absl::StrCat("chunk ", index, ": ", s.message()));

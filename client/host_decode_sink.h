@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "client/prefix_fetcher.h"
+#include "codec/profile.h"
 
 namespace kvcache {
 
@@ -20,12 +21,16 @@ class HostDecodeSink : public ChunkSink {
   // destinations[i] receives chunk i's values, [layers][K,V][tokens]
   // [kv_heads * head_dim], and must be exactly that size. The buffers must
   // outlive the sink.
-  explicit HostDecodeSink(std::vector<absl::Span<uint16_t>> destinations)
-      : destinations_(std::move(destinations)) {}
+  // `profile`, if any, is the model profile that chunks at the transform
+  // levels name, and must outlive the sink.
+  explicit HostDecodeSink(std::vector<absl::Span<uint16_t>> destinations,
+                          const codec::ModelProfile* profile = nullptr)
+      : destinations_(std::move(destinations)), profile_(profile) {}
 
   // Decodes the chunk at once; INVALID_ARGUMENT for a chunk with no
   // destination or of another shape, DATA_LOSS (from the codec) for a
-  // corrupt one, each naming the chunk.
+  // corrupt one, FAILED_PRECONDITION for one that names a profile the sink
+  // lacks, each naming the chunk.
   absl::Status Consume(size_t index, absl::string_view bytes,
                        bool stable) override;
   absl::Status Finish() override { return absl::OkStatus(); }
@@ -35,6 +40,7 @@ class HostDecodeSink : public ChunkSink {
 
  private:
   const std::vector<absl::Span<uint16_t>> destinations_;
+  const codec::ModelProfile* const profile_;
   size_t decoded_ = 0;
 };
 

@@ -57,7 +57,8 @@ GpuDecodeSink::GpuDecodeSink(const codec::gpu::KvLayout& layout,
     : layout_(layout),
       destinations_(std::move(destinations)),
       stream_(stream),
-      options_(options) {}
+      options_(options),
+      profile_(options.profile) {}
 
 absl::Status GpuDecodeSink::Allocate() {
   if (absl::Status s = AllocateStatuses(); !s.ok()) return s;
@@ -97,8 +98,8 @@ absl::Status GpuDecodeSink::AllocateStatuses() {
 
 absl::Status GpuDecodeSink::Reset(
     const codec::gpu::KvLayout& layout,
-    std::vector<codec::gpu::KvChunkRef> destinations,
-    codec::gpu::Stream stream) {
+    std::vector<codec::gpu::KvChunkRef> destinations, codec::gpu::Stream stream,
+    const codec::gpu::DeviceProfile* profile) {
   if (consumed_ > 0 && !finished_) {
     return absl::FailedPreconditionError(
         "a GPU decode sink is reset only after Finish");
@@ -113,6 +114,7 @@ absl::Status GpuDecodeSink::Reset(
   layout_ = layout;
   destinations_ = std::move(destinations);
   stream_ = stream;
+  profile_ = profile;
   filling_ = 0;
   consumed_ = 0;
   finished_ = false;
@@ -254,7 +256,8 @@ absl::Status GpuDecodeSink::ConsumeOnDevice(size_t index,
 absl::Status GpuDecodeSink::Launch() {
   Slot& slot = *slots_[filling_];
   if (slot.jobs.empty()) return absl::OkStatus();
-  const uint64_t needed = codec::gpu::DecodeWorkspaceBytes(layout_, slot.jobs);
+  const uint64_t needed =
+      codec::gpu::DecodeWorkspaceBytes(layout_, slot.jobs, profile_);
   if (needed > slot.workspace_bytes) {
     cudaFree(slot.workspace);
     slot.workspace = nullptr;
@@ -270,7 +273,7 @@ absl::Status GpuDecodeSink::Launch() {
   cudaStreamWaitEvent(stream_, slot.copied, 0);
   if (absl::Status s = codec::gpu::DecodeBatch(
           layout_, slot.jobs, slot.workspace, slot.workspace_bytes,
-          status_ + slot.first_index, stream_);
+          status_ + slot.first_index, stream_, profile_);
       !s.ok()) {
     return s;
   }
@@ -302,6 +305,15 @@ absl::Status GpuDecodeSink::Finish() {
     if (e != cudaSuccess) return CudaError(e, "reading chunk statuses");
   }
   for (size_t i = 0; i < status.size(); ++i) {
+    if (status[i] == codec::gpu::kNeedsProfile) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "chunk ", i, " is coded with a model profile ",
+          profile_ == nullptr
+              ? "and the fetch was given none"
+              : absl::StrCat("other than the fetch's (",
+                             codec::ProfileIdHex(profile_->id()), ")"),
+          "; fetch the profile the chunk names and pass it"));
+    }
     if (status[i] != codec::gpu::kOk) {
       return absl::DataLossError(absl::StrCat(
           "chunk ", i,

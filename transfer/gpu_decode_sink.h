@@ -36,6 +36,10 @@ struct GpuDecodeSinkOptions {
   uint64_t slot_bytes = 64 << 20;
   // Slots in flight: one filling, the others copying or decoding.
   uint32_t slots = 3;
+  // The model profile that chunks at the transform levels name; it must
+  // outlive the fetches. Without it (or with another) such a chunk fails
+  // the fetch with FAILED_PRECONDITION.
+  const codec::gpu::DeviceProfile* profile = nullptr;
 };
 
 class GpuDecodeSink : public ChunkSink {
@@ -51,11 +55,13 @@ class GpuDecodeSink : public ChunkSink {
 
   // Aims the sink at another fetch once Finish has returned, keeping its
   // staging slots and workspace (device and pinned memory, which take far
-  // longer to allocate than a fetch of a few chunks). FAILED_PRECONDITION
-  // while a fetch is under way.
+  // longer to allocate than a fetch of a few chunks), with `profile` in
+  // place of the options' one. FAILED_PRECONDITION while a fetch is under
+  // way.
   absl::Status Reset(const codec::gpu::KvLayout& layout,
                      std::vector<codec::gpu::KvChunkRef> destinations,
-                     codec::gpu::Stream stream);
+                     codec::gpu::Stream stream,
+                     const codec::gpu::DeviceProfile* profile = nullptr);
 
   absl::Status Consume(size_t index, absl::string_view bytes,
                        bool stable) override;
@@ -69,8 +75,9 @@ class GpuDecodeSink : public ChunkSink {
   // Launches the decode of the chunks staged so far.
   absl::Status Flush() override { return Launch(); }
   // Decodes what is left, waits for the stream, and reports the first chunk
-  // the GPU rejected (DATA_LOSS naming it and why). A rejected chunk leaves
-  // its blocks untouched.
+  // the GPU rejected (DATA_LOSS naming it and why; FAILED_PRECONDITION for
+  // a chunk whose model profile the sink lacks). A rejected chunk leaves its
+  // blocks untouched.
   absl::Status Finish() override;
 
   // After Finish: milliseconds, on the GPU, from the first chunk's copy to
@@ -110,6 +117,7 @@ class GpuDecodeSink : public ChunkSink {
   std::vector<codec::gpu::KvChunkRef> destinations_;
   codec::gpu::Stream stream_;
   const GpuDecodeSinkOptions options_;
+  const codec::gpu::DeviceProfile* profile_;
   codec::gpu::Stream copy_stream_ = nullptr;
   std::vector<std::unique_ptr<Slot>> slots_;
   size_t filling_ = 0;         // index of the slot taking chunks

@@ -206,6 +206,10 @@ typedef struct {
   /* How long the node keeps chunks in place for a shared-memory read;
    * default 30. */
   double lease_s;
+  /* The model profile that chunks at the transform levels name
+   * (kvcache_profile_get), kept by the caller through the call. NULL: none;
+   * such a chunk then fails the fetch with FAILED_PRECONDITION. */
+  const struct kvcache_profile* profile;
 } kvcache_fetch_options;
 KVCACHE_EXPORT void kvcache_fetch_options_init(kvcache_fetch_options* options);
 

@@ -115,11 +115,8 @@ absl::StatusOr<codec::DType> DTypeOf(int32_t dtype) {
       "dtype is ", dtype, "; KVCACHE_FLOAT16 (0) or KVCACHE_BFLOAT16 (1)"));
 }
 
-absl::StatusOr<FetcherOptions> FetcherOptionsOf(const kvcache_fetch_options* in,
+absl::StatusOr<FetcherOptions> FetcherOptionsOf(const kvcache_fetch_options* o,
                                                 bool for_gpu) {
-  absl::StatusOr<kvcache_fetch_options> o =
-      Versioned(in, kvcache_fetch_options_init, "fetch options");
-  if (!o.ok()) return o.status();
   FetcherOptions options;
   switch (o->transport) {
     case KVCACHE_TRANSPORT_AUTO:
@@ -153,6 +150,7 @@ absl::StatusOr<FetcherOptions> FetcherOptionsOf(const kvcache_fetch_options* in,
 struct FetchArguments {
   std::vector<ChunkKey> keys;
   FetcherOptions options;
+  const ::kvcache_profile* profile = nullptr;
 };
 
 absl::StatusOr<FetchArguments> ParseFetch(const ::kvcache_client* client,
@@ -162,10 +160,14 @@ absl::StatusOr<FetchArguments> ParseFetch(const ::kvcache_client* client,
   if (client == nullptr) return NullArgument("client");
   absl::StatusOr<std::vector<ChunkKey>> parsed = Keys(keys, n);
   if (!parsed.ok()) return parsed.status();
+  absl::StatusOr<kvcache_fetch_options> versioned =
+      Versioned(options, kvcache_fetch_options_init, "fetch options");
+  if (!versioned.ok()) return versioned.status();
   absl::StatusOr<FetcherOptions> fetcher_options =
-      FetcherOptionsOf(options, for_gpu);
+      FetcherOptionsOf(&*versioned, for_gpu);
   if (!fetcher_options.ok()) return fetcher_options.status();
-  return FetchArguments{*std::move(parsed), *std::move(fetcher_options)};
+  return FetchArguments{*std::move(parsed), *std::move(fetcher_options),
+                        versioned->profile};
 }
 
 void WriteReport(const FetchReport& r, float first_batch_ms,
@@ -288,8 +290,9 @@ absl::Status CheckHostChunks(const kvcache_host_chunk* out, size_t n) {
 // the right size but another shape would take them in the wrong places.
 class CheckedHostSink : public ChunkSink {
  public:
-  CheckedHostSink(const kvcache_host_chunk* out, size_t n)
-      : out_(out, out + n), host_(Spans(out_)) {}
+  CheckedHostSink(const kvcache_host_chunk* out, size_t n,
+                  const codec::ModelProfile* profile)
+      : out_(out, out + n), host_(Spans(out_), profile) {}
 
   absl::Status Consume(size_t index, absl::string_view bytes,
                        bool stable) override {
@@ -684,19 +687,55 @@ struct DeviceReport {
   float first_batch_ms = 0;
 };
 
+// A model profile's copies on the GPUs that fetch_to_device decoded with
+// it, each uploaded on first use. Thread-safe.
+class DeviceProfiles {
+ public:
+  explicit DeviceProfiles(const codec::ModelProfile& profile)
+      : profile_(profile) {}
+
+  // The copy on `device`, the current GPU.
+  absl::StatusOr<const codec::gpu::DeviceProfile*> On(int device) const {
+    absl::MutexLock lock(&mu_);
+    std::unique_ptr<codec::gpu::DeviceProfile>& copy = copies_[device];
+    if (copy == nullptr) {
+      absl::StatusOr<std::unique_ptr<codec::gpu::DeviceProfile>> uploaded =
+          codec::gpu::DeviceProfile::Upload(profile_);
+      if (!uploaded.ok()) {
+        copies_.erase(device);
+        return uploaded.status();
+      }
+      copy = *std::move(uploaded);
+    }
+    return copy.get();
+  }
+
+ private:
+  const codec::ModelProfile& profile_;
+  mutable absl::Mutex mu_;
+  mutable std::map<int, std::unique_ptr<codec::gpu::DeviceProfile>> copies_
+      ABSL_GUARDED_BY(mu_);
+};
+
 // fetch_to_device's work: on the destination's GPU, uploads host block
-// tables, then fetches through a GpuDecodeSink.
-absl::StatusOr<DeviceReport> FetchToDevice(FetcherPool& pool,
-                                           DeviceFetchPool& devices,
-                                           const FetcherOptions& options,
-                                           absl::Span<const ChunkKey> keys,
-                                           const DeviceTarget& target,
-                                           codec::gpu::Stream stream) {
+// tables (and the profile, if given and not there yet), then fetches
+// through a GpuDecodeSink.
+absl::StatusOr<DeviceReport> FetchToDevice(
+    FetcherPool& pool, DeviceFetchPool& devices, const FetcherOptions& options,
+    absl::Span<const ChunkKey> keys, const DeviceTarget& target,
+    codec::gpu::Stream stream, const DeviceProfiles* profiles) {
   absl::StatusOr<int> device = DestinationDevice(target.addresses);
   if (!device.ok()) return device.status();
   // The sink allocates and launches on the current device.
   CurrentDevice current;
   if (absl::Status s = current.Enter(*device, stream); !s.ok()) return s;
+  const codec::gpu::DeviceProfile* profile = nullptr;
+  if (profiles != nullptr) {
+    absl::StatusOr<const codec::gpu::DeviceProfile*> on_device =
+        profiles->On(*device);
+    if (!on_device.ok()) return on_device.status();
+    profile = *on_device;
+  }
 
   std::unique_ptr<DeviceFetch> fetch = devices.Take(*device);
   if (fetch == nullptr) fetch = std::make_unique<DeviceFetch>();
@@ -728,11 +767,12 @@ absl::StatusOr<DeviceReport> FetchToDevice(FetcherPool& pool,
 
   if (fetch->sink == nullptr) {
     absl::StatusOr<std::unique_ptr<transfer::GpuDecodeSink>> sink =
-        transfer::GpuDecodeSink::Create(layout, std::move(refs), stream);
+        transfer::GpuDecodeSink::Create(layout, std::move(refs), stream,
+                                        {.profile = profile});
     if (!sink.ok()) return sink.status();
     fetch->sink = *std::move(sink);
   } else if (absl::Status s =
-                 fetch->sink->Reset(layout, std::move(refs), stream);
+                 fetch->sink->Reset(layout, std::move(refs), stream, profile);
              !s.ok()) {
     return s;
   }
@@ -894,6 +934,7 @@ struct kvcache_client {
 
 struct kvcache_profile {
   std::shared_ptr<const kvcache::codec::ModelProfile> profile;
+  kvcache::c_api::DeviceProfiles on_device{*profile};
 };
 
 namespace {
@@ -1286,7 +1327,9 @@ int kvcache_fetch(kvcache_client* client, const uint8_t* keys, size_t n,
     }
     kvcache::c_api::WriteReport({}, 0, report);
     if (n == 0) return absl::OkStatus();
-    kvcache::c_api::CheckedHostSink sink(out, n);
+    kvcache::c_api::CheckedHostSink sink(
+        out, n,
+        fetch->profile == nullptr ? nullptr : fetch->profile->profile.get());
     absl::StatusOr<kvcache::FetchReport> r =
         client->fetchers.Fetch(fetch->options, fetch->keys, sink);
     if (!r.ok()) return r.status();
@@ -1328,7 +1371,8 @@ int kvcache_fetch_to_device(kvcache_client* client, const uint8_t* keys,
     absl::StatusOr<kvcache::c_api::DeviceReport> r =
         kvcache::c_api::FetchToDevice(
             client->fetchers, client->devices, fetch->options, fetch->keys,
-            *target, static_cast<kvcache::codec::gpu::Stream>(stream));
+            *target, static_cast<kvcache::codec::gpu::Stream>(stream),
+            fetch->profile == nullptr ? nullptr : &fetch->profile->on_device);
     if (!r.ok()) return r.status();
     kvcache::c_api::WriteReport(r->report, r->first_batch_ms, report);
     return absl::OkStatus();

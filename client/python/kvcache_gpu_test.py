@@ -18,7 +18,7 @@ import unittest
 import numpy as np
 
 import kvcache
-from kvcache_testing import load_dump, start_daemon
+from kvcache_testing import load_dump, numpy_profile, start_daemon
 
 CHUNK_TOKENS = 96  # 512 tokens: five chunks of 96 and a last one of 32
 BLOCK_TOKENS = 16
@@ -136,7 +136,8 @@ class FetchToDeviceTest(unittest.TestCase):
         return dict(layers=m["layers"], kv_heads=m["kv_heads"],
                     head_dim=m["head_dim"], **fields)
 
-    def put_prompt(self, model_id, dtype="float16"):
+    def put_prompt(self, model_id, dtype="float16", level="default",
+                   profile=None):
         """Stores the dump as a prompt's chunks; returns (keys, streams,
         expected [layers, 2, tokens, C] of the whole prompt)."""
         m, kv = self.manifest, self.kv
@@ -151,14 +152,42 @@ class FetchToDeviceTest(unittest.TestCase):
         streams = [
             kvcache.encode(np.ascontiguousarray(
                 values[:, :, i * CHUNK_TOKENS:(i + 1) * CHUNK_TOKENS]),
-                           m["kv_heads"], m["head_dim"], level="default",
-                           dtype=dtype)
+                           m["kv_heads"], m["head_dim"], level=level,
+                           dtype=dtype, profile=profile,
+                           first_position=i * CHUNK_TOKENS)
             for i in range(len(keys))
         ]
         self.client.put(keys, streams)
         expected = np.concatenate(
-            [kvcache.decode(s).view(np.uint16) for s in streams], axis=2)
+            [kvcache.decode(s, profile).view(np.uint16) for s in streams],
+            axis=2)
         return keys, streams, expected
+
+    def test_transform_chunks_restore_with_the_profile(self):
+        profile = kvcache.Profile.from_bytes(
+            numpy_profile(self.kv, self.manifest))
+        keys, streams, _ = self.put_prompt(
+            "gpu-profiled", level="profile-balanced", profile=profile)
+        self.assertEqual(kvcache.stream_profile_id(streams[0]), profile.id)
+        wanted = [kvcache.decode(s, profile).view(np.uint16) for s in streams]
+        for transport in ("shared_memory", "grpc"):
+            buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
+            blocks = [{"tokens": w.shape[2], "values": b}
+                      for w, b in zip(wanted, buffers)]
+            with self.assertRaises(kvcache.FailedPreconditionError):
+                self.client.fetch_to_device(keys, self.layout(), blocks,
+                                            transport=transport)
+            for i, (w, b) in enumerate(zip(wanted, buffers)):
+                self.assertTrue(
+                    (self.cuda.download(b, w.shape, np.uint16) == 0xFFFF)
+                    .all(), f"{transport}: chunk {i} written without its "
+                    "profile")
+            self.client.fetch_to_device(keys, self.layout(), blocks,
+                                        transport=transport, profile=profile)
+            for i, (w, b) in enumerate(zip(wanted, buffers)):
+                np.testing.assert_array_equal(
+                    self.cuda.download(b, w.shape, np.uint16), w,
+                    f"{transport} chunk {i}")
 
     def test_contiguous_restore_is_bit_exact_over_each_transport(self):
         keys, streams, _ = self.put_prompt("gpu-contiguous")

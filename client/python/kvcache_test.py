@@ -12,7 +12,7 @@ import unittest
 import numpy as np
 
 import kvcache
-from kvcache_testing import load_dump, start_daemon
+from kvcache_testing import load_dump, numpy_profile, start_daemon
 
 
 def has_gpu():
@@ -32,43 +32,6 @@ def filled(arrays, bits=0xFFFF):
     for o in out:
         o.view(np.uint16)[...] = bits
     return out
-
-
-def numpy_profile(kv, manifest, theta=10000.0):
-    """A model profile's bytes (codec/FORMAT.md, "Model profiles") written
-    here from the spec with NumPy: per layer, K/V and KV head, the mean and
-    the eigenvectors of the covariance of the head's channels, keys with
-    RoPE (adjacent pairs, base `theta`, as llama2.c applies it) undone."""
-    layers, heads, dim = (manifest["layers"], manifest["kv_heads"],
-                          manifest["head_dim"])
-    tokens = kv.shape[2]
-    x = kv.astype(np.float64).reshape(layers, 2, tokens, heads, dim)
-    freq = theta ** (-2.0 * np.arange(dim // 2) / dim)
-    angle = np.arange(tokens)[:, None] * freq[None, :]
-    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
-    keys = x[:, 0].copy()
-    a, b = x[:, 0, ..., 0::2], x[:, 0, ..., 1::2]
-    keys[..., 0::2] = a * cos + b * sin
-    keys[..., 1::2] = b * cos - a * sin
-    x[:, 0] = keys
-    means, bases, variances = [], [], []
-    for layer in range(layers):
-        for kv_index in range(2):
-            for head in range(heads):
-                samples = x[layer, kv_index, :, head, :]
-                values, vectors = np.linalg.eigh(np.cov(samples.T,
-                                                        bias=True))
-                order = np.argsort(values)[::-1]
-                means.append(samples.mean(axis=0))
-                bases.append(vectors[:, order].T)
-                variances.append(np.maximum(values[order], 0))
-    variances = np.minimum.accumulate(np.array(variances), axis=1)
-    return (b"KVCP" + bytes([1, 1, 0, 0]) +
-            np.array([layers, heads, dim], "<u4").tobytes() +
-            freq.astype("<f8").tobytes() +
-            np.array(means, "<f4").tobytes() +
-            np.array(bases, "<f4").tobytes() +
-            variances.astype("<f4").tobytes())
 
 
 class KvcacheTest(unittest.TestCase):
@@ -236,7 +199,8 @@ class KvcacheTest(unittest.TestCase):
         with self.assertRaises(kvcache.UnavailableError):
             kvcache.Client("127.0.0.1:1", connect_timeout_s=0.5)
 
-    def put_prompt(self, model_id, chunk_tokens=96, level="default"):
+    def put_prompt(self, model_id, chunk_tokens=96, level="default",
+                   profile=None):
         """Stores the dump's KV as a prompt's chunks; returns (keys, streams).
 
         512 tokens in chunks of 96: five full chunks and a last of 32.
@@ -249,11 +213,34 @@ class KvcacheTest(unittest.TestCase):
         streams = [
             kvcache.encode(np.ascontiguousarray(
                 kv[:, :, i * chunk_tokens:(i + 1) * chunk_tokens]),
-                           m["kv_heads"], m["head_dim"], level=level)
+                           m["kv_heads"], m["head_dim"], level=level,
+                           profile=profile, first_position=i * chunk_tokens)
             for i in range(len(keys))
         ]
         self.client.put(keys, streams)
         return keys, streams
+
+    def test_fetch_decodes_transform_chunks_with_the_profile(self):
+        self.client.publish_profile(
+            kvcache.Profile.from_bytes(numpy_profile(self.kv, self.manifest)),
+            "fetch-profiled")
+        profile = self.client.profile("fetch-profiled")
+        keys, streams = self.put_prompt("fetch-profiled",
+                                        level="profile-fine", profile=profile)
+        self.assertEqual(kvcache.stream_profile_id(streams[1]), profile.id)
+        expected = [kvcache.decode(s, profile).view(np.uint16)
+                    for s in streams]
+        for transport in ("shared_memory", "grpc"):
+            with self.assertRaises(kvcache.FailedPreconditionError) as missing:
+                self.client.fetch(keys, filled(expected), transport=transport)
+            self.assertIn(profile.id, str(missing.exception))
+            out = filled(expected)
+            self.client.fetch(keys, out, transport=transport, profile=profile)
+            for i, (got, want) in enumerate(zip(out, expected)):
+                np.testing.assert_array_equal(got, want,
+                                              f"{transport} chunk {i}")
+        with self.assertRaises(kvcache.InvalidArgumentError):
+            self.client.fetch(keys, filled(expected), profile=profile.id)
 
     def test_fetch_into_numpy_is_bit_exact_over_each_transport(self):
         keys, streams = self.put_prompt("fetch-numpy")

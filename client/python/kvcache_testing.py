@@ -47,3 +47,40 @@ def load_dump():
     channels = manifest["kv_heads"] * manifest["head_dim"]
     return manifest, kv.reshape(manifest["layers"], 2, manifest["tokens"],
                                 channels)
+
+
+def numpy_profile(kv, manifest, theta=10000.0):
+    """A model profile's bytes (codec/FORMAT.md, "Model profiles") written
+    here from the spec with NumPy: per layer, K/V and KV head, the mean and
+    the eigenvectors of the covariance of the head's channels, keys with
+    RoPE (adjacent pairs, base `theta`, as llama2.c applies it) undone."""
+    layers, heads, dim = (manifest["layers"], manifest["kv_heads"],
+                          manifest["head_dim"])
+    tokens = kv.shape[2]
+    x = kv.astype(np.float64).reshape(layers, 2, tokens, heads, dim)
+    freq = theta ** (-2.0 * np.arange(dim // 2) / dim)
+    angle = np.arange(tokens)[:, None] * freq[None, :]
+    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    keys = x[:, 0].copy()
+    a, b = x[:, 0, ..., 0::2], x[:, 0, ..., 1::2]
+    keys[..., 0::2] = a * cos + b * sin
+    keys[..., 1::2] = b * cos - a * sin
+    x[:, 0] = keys
+    means, bases, variances = [], [], []
+    for layer in range(layers):
+        for kv_index in range(2):
+            for head in range(heads):
+                samples = x[layer, kv_index, :, head, :]
+                values, vectors = np.linalg.eigh(np.cov(samples.T,
+                                                        bias=True))
+                order = np.argsort(values)[::-1]
+                means.append(samples.mean(axis=0))
+                bases.append(vectors[:, order].T)
+                variances.append(np.maximum(values[order], 0))
+    variances = np.minimum.accumulate(np.array(variances), axis=1)
+    return (b"KVCP" + bytes([1, 1, 0, 0]) +
+            np.array([layers, heads, dim], "<u4").tobytes() +
+            freq.astype("<f8").tobytes() +
+            np.array(means, "<f4").tobytes() +
+            np.array(bases, "<f4").tobytes() +
+            variances.astype("<f4").tobytes())

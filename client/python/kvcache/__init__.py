@@ -134,14 +134,18 @@ def _stream(stream):
     return _int(stream, "stream", 0, 2**64 - 1) or None
 
 
-def _fetch_options(transport, lease_s):
+def _fetch_options(transport, lease_s, profile):
     if transport not in _TRANSPORTS:
         raise InvalidArgumentError(
             "transport must be \"auto\", \"shared_memory\", \"grpc\" or "
             f"\"nccl\", not {transport!r}")
+    if profile is not None and not isinstance(profile, Profile):
+        raise InvalidArgumentError(
+            f"profile is a {type(profile).__name__}, not a kvcache.Profile")
     options = _native.init(_native.FetchOptions, "kvcache_fetch_options_init")
     options.transport = _TRANSPORTS[transport]
     options.lease_s = float(lease_s)
+    options.profile = None if profile is None else profile.handle
     return options
 
 
@@ -530,7 +534,8 @@ class Client(_Handle):
         _check(_lib.kvcache_get_stats(self.handle, ctypes.byref(stats)))
         return {name: getattr(stats, name) for name, _ in stats._fields_}
 
-    def fetch(self, keys, out, transport="auto", lease_s=30.0):
+    def fetch(self, keys, out, transport="auto", lease_s=30.0,
+              profile=None):
         """Restores the chunks of `keys` into NumPy arrays, decoded on the
         CPU.
 
@@ -548,6 +553,9 @@ class Client(_Handle):
         lease_s: how long the node keeps the chunks in place for a
           shared-memory read; a fetch that outlasts it fails rather than
           read reused memory.
+        profile: the model's Profile (Client.profile), which chunks at the
+          transform levels need; FailedPreconditionError for such a chunk
+          without it.
 
         Returns {'gpu_tier_chunks', 'shared_memory_chunks', 'grpc_chunks',
         'nccl_chunks', 'bytes'}: which transport carried how many chunks,
@@ -562,7 +570,7 @@ class Client(_Handle):
         Threads may fetch through one Client at once.
         """
         data, n = _keys(keys)
-        options = _fetch_options(transport, lease_s)
+        options = _fetch_options(transport, lease_s, profile)
         if isinstance(out, (str, bytes)) or len(out) != n:
             raise InvalidArgumentError(
                 f"{n} keys but {len(out)} arrays in out; give one per key")
@@ -597,7 +605,8 @@ class Client(_Handle):
         return _report(report)
 
     def fetch_to_device(self, keys, layout=None, blocks=None, stream=0,
-                        transport="auto", lease_s=30.0, **layout_fields):
+                        transport="auto", lease_s=30.0, profile=None,
+                        **layout_fields):
         """Restores the chunks of `keys` straight into the engine's GPU KV
         cache.
 
@@ -638,8 +647,9 @@ class Client(_Handle):
         with __cuda_array_interface__ or __dlpack__.
         stream: the cudaStream_t to decode on: an int, a torch.cuda.Stream
           or a CuPy stream; 0 is the default stream.
-        transport, lease_s: as for fetch(); 'nccl' insists on an NCCL link
-          from the node's GPU (FailedPreconditionError if none opens).
+        transport, lease_s, profile: as for fetch(); 'nccl' insists on an
+          NCCL link from the node's GPU (FailedPreconditionError if none
+          opens).
 
         All addresses must be on one GPU; the call runs on that GPU.
         Raises FailedPreconditionError on a host without a GPU (use
@@ -650,7 +660,7 @@ class Client(_Handle):
         layout), whose blocks are then left untouched.
         """
         data, n = _keys(keys)
-        options = _fetch_options(transport, lease_s)
+        options = _fetch_options(transport, lease_s, profile)
         parsed = _Layout(layout, layout_fields)
         places = _Blocks(blocks, n, parsed.paged)
         report = _native.FetchReport()

@@ -118,7 +118,8 @@ class Stats(ctypes.Structure):
 class FetchOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_size_t),
                 ("transport", ctypes.c_int32),
-                ("lease_s", ctypes.c_double)]
+                ("lease_s", ctypes.c_double),
+                ("profile", ctypes.c_void_p)]
 
 
 class FetchReport(ctypes.Structure):
