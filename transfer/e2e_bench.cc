@@ -30,6 +30,7 @@
 #include "codec/cuda/test_util.h"
 #include "codec/kv_dump.h"
 #include "tests/testing/daemon_process.h"
+#include "tests/testing/fio_process.h"
 #include "transfer/gpu_decode_sink.h"
 #include "transfer/gpu_storer.h"
 
@@ -535,12 +536,15 @@ std::unique_ptr<PrefixFetcher> MakeFetcher(
 int Run(int argc, char** argv) {
   std::string kvcached = "kvstore/kvcached";
   std::string nvme_dir = "/tmp/kvcache-e2e-nvme";
+  std::string fio = testing::FioReadJob{}.fio;
   for (int i = 1; i < argc; ++i) {
     absl::string_view value = argv[i];
     if (absl::ConsumePrefix(&value, "--kvcached=")) {
       kvcached = std::string(value);
     } else if (absl::ConsumePrefix(&value, "--nvme_dir=")) {
       nvme_dir = std::string(value);
+    } else if (absl::ConsumePrefix(&value, "--fio=")) {
+      fio = std::string(value);
     }
   }
   cudaDeviceProp prop;
@@ -662,6 +666,7 @@ int Run(int argc, char** argv) {
 
   // NVMe tier: a restarted node has everything on disk and nothing in
   // memory; each restore reads the chunks up with io_uring.
+  std::vector<double> fio_gbps;
   {
     Note("restoring from the NVMe tier");
     std::filesystem::remove_all(nvme_dir);
@@ -676,12 +681,22 @@ int Run(int argc, char** argv) {
       daemon->Signal(SIGTERM);
       (void)daemon->WaitForExit(absl::Seconds(60));
     }
-    // Located in windows (the default), and in one Locate for the peer.
+    // Located in windows (the default), and in one Locate for the peer;
+    // fio reads the same slab before each restore.
     for (const uint64_t window :
          {FetcherOptions{}.nvme_window_bytes, uint64_t{0}}) {
       std::vector<double> times, firsts;
       FetchReport report;
       for (int rep = 0; rep < 3; ++rep) {
+        if (std::filesystem::exists(fio)) {
+          absl::StatusOr<testing::FioResult> read = testing::RunFioRead(
+              {.fio = fio,
+               .file = nvme_dir + "/slab-000",
+               .bytes = bench.compressed_bytes() >> 20 << 20,
+               .report_path = nvme_dir + "-fio.json"});
+          Die(read.status(), "fio");
+          fio_gbps.push_back(read->GbPerSecond());
+        }
         auto daemon = bench.StartDaemon(args);
         auto fetcher =
             MakeFetcher(bench.Connect(*daemon), Transport::kAuto, window);
@@ -748,6 +763,17 @@ int Run(int argc, char** argv) {
   std::printf(
       "\nGPU tier restore: %.0f%% of the GPU decoder's throughput alone\n",
       100 * decode_alone_s / gpu_tier_s);
+  std::sort(fio_gbps.begin(), fio_gbps.end());
+  if (fio_gbps.empty()) {
+    std::printf("\nfio: not run, none at %s (--fio=PATH)\n", fio.c_str());
+  } else {
+    std::printf(
+        "\nfio, sequential O_DIRECT reads of the cold NVMe rows' slab (1 "
+        "MiB, queue depth 32, io_uring), once before each restore: %.2f GB/s "
+        "(%.2f-%.2f); the cold restores carry %.1f MiB of compressed bytes\n",
+        Median(fio_gbps), fio_gbps.front(), fio_gbps.back(),
+        bench.compressed_bytes() / 1048576.0);
+  }
   std::printf(
       "\nstore from GPU blocks (GPU encode, background put over gRPC, %.2f "
       "GiB of device memory for 4 slots of 8 chunks): worker's thread free "

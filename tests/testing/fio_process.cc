@@ -11,16 +11,15 @@ namespace kvcache::testing {
 
 absl::StatusOr<FioResult> RunFioRead(const FioReadJob& job) {
   absl::StatusOr<DaemonProcess> fio = DaemonProcess::Spawn(
-      "/usr/bin/fio",
-      {"--name=read", "--filename=" + job.file,
-       absl::StrCat("--size=", job.bytes),
-       job.random ? "--rw=randread" : "--rw=read",
-       absl::StrCat("--bs=", job.block_bytes), "--direct=1",
-       "--ioengine=io_uring", absl::StrCat("--iodepth=", job.queue_depth),
-       "--time_based",
-       absl::StrCat("--runtime=", absl::ToInt64Milliseconds(job.duration),
-                    "ms"),
-       "--output-format=json", "--output=" + job.report_path});
+      job.fio, {"--name=read", "--filename=" + job.file,
+                absl::StrCat("--size=", job.bytes),
+                job.random ? "--rw=randread" : "--rw=read",
+                absl::StrCat("--bs=", job.block_bytes), "--direct=1",
+                "--ioengine=io_uring",
+                absl::StrCat("--iodepth=", job.queue_depth), "--time_based",
+                absl::StrCat("--runtime=",
+                             absl::ToInt64Milliseconds(job.duration), "ms"),
+                "--output-format=json", "--output=" + job.report_path});
   if (!fio.ok()) return fio.status();
   absl::StatusOr<int> exit_code =
       fio->WaitForExit(job.duration + absl::Minutes(1));

@@ -13,6 +13,7 @@
 namespace kvcache::testing {
 
 struct FioReadJob {
+  std::string fio = "/usr/bin/fio";  // deploy/setup.sh installs it there
   std::string file;
   uint64_t bytes = 0;  // the first `bytes` of the file are read
   uint64_t block_bytes = 1 << 20;
@@ -29,7 +30,6 @@ struct FioResult {
   double GbPerSecond() const { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
 };
 
-// Runs /usr/bin/fio (deploy/setup.sh installs it).
 absl::StatusOr<FioResult> RunFioRead(const FioReadJob& job);
 
 }  // namespace kvcache::testing
