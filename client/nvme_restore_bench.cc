@@ -8,8 +8,9 @@
 //    the disk and the transport deliver.
 //  - "bytes, one Locate": the same with the whole prefix located in one
 //    call, the node reading all of it before the worker starts.
-//  - "decoded": the same windows into a HostDecodeSink (the CPU decoder
-//    on the fetching thread): what a worker without a GPU gets.
+//  - "decoded": the same windows into a HostDecodeSink, on the fetching
+//    thread or on one decoding thread per core: what a worker without a
+//    GPU gets.
 //  - fio: --rw=read, 1 MiB blocks, io_uring, O_DIRECT, queue depth 32, over
 //    the bytes the chunks fill in the node's slab file.
 //
@@ -240,8 +241,9 @@ class Bench {
   // Seconds to restore the whole prefix from a node just started, into a
   // copy or a decoding sink, located `window` bytes at a time (0: all in
   // one Locate); checks what arrived.
-  absl::StatusOr<double> Restore(bool decode, uint64_t window,
+  absl::StatusOr<double> Restore(int decode_threads, uint64_t window,
                                  FetchReport* report) {
+    const bool decode = decode_threads > 0;
     absl::StatusOr<DaemonProcess> daemon = Start();
     if (!daemon.ok()) return daemon.status();
     absl::StatusOr<std::shared_ptr<KvCacheClient>> client = Connect(*daemon);
@@ -265,7 +267,7 @@ class Bench {
       values.assign(n, std::vector<uint16_t>(prefix_.shape.NumValues()));
       for (auto& v : values) destinations.push_back(absl::MakeSpan(v));
     }
-    HostDecodeSink decoder(destinations);
+    HostDecodeSink decoder(destinations, {.threads = decode_threads});
     ChunkSink& sink = decode ? static_cast<ChunkSink&>(decoder) : copies;
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<FetchReport> fetched = (*fetcher)->Fetch(prefix_.keys, sink);
@@ -343,16 +345,19 @@ absl::Status Run(const Flags& flags) {
   Bench bench(flags, *prefix);
   if (absl::Status s = bench.Store(); !s.ok()) return s;
   struct Side {
-    const char* name;
-    bool decode;
+    std::string name;
+    int decode_threads;  // 0: bytes only
     uint64_t window;
     std::vector<double> seconds, vs_fio;
     FetchReport report;
   };
   const uint64_t window = FetcherOptions{}.nvme_window_bytes;
-  std::vector<Side> sides = {{"bytes, located in windows", false, window},
-                             {"bytes, located in one call", false, 0},
-                             {"decoded, located in windows", true, window}};
+  const int cores = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<Side> sides = {
+      {"bytes, located in windows", 0, window},
+      {"bytes, located in one call", 0, 0},
+      {"decoded on the fetching thread, windows", 1, window},
+      {absl::StrCat("decoded on ", cores, " threads, windows"), cores, window}};
   std::vector<double> fio_gbps;
   for (int round = 0; round < flags.rounds; ++round) {
     absl::StatusOr<testing::FioResult> fio = bench.Fio();
@@ -360,7 +365,7 @@ absl::Status Run(const Flags& flags) {
     fio_gbps.push_back(fio->GbPerSecond());
     for (Side& side : sides) {
       absl::StatusOr<double> s =
-          bench.Restore(side.decode, side.window, &side.report);
+          bench.Restore(side.decode_threads, side.window, &side.report);
       if (!s.ok()) return s.status();
       side.seconds.push_back(*s);
       side.vs_fio.push_back(prefix->compressed_bytes / *s / 1e9 /
@@ -383,7 +388,7 @@ absl::Status Run(const Flags& flags) {
     }
     std::vector<double> percent;
     for (double r : side.vs_fio) percent.push_back(100 * r);
-    std::printf("| %s | %s | %s | %s | %s%% | %zu |\n", side.name,
+    std::printf("| %s | %s | %s | %s | %s%% | %zu |\n", side.name.c_str(),
                 Range(side.seconds).c_str(), Range(compressed).c_str(),
                 Range(kv).c_str(), Range(percent, 0).c_str(),
                 side.report.locate_calls);

@@ -292,7 +292,7 @@ class CheckedHostSink : public ChunkSink {
  public:
   CheckedHostSink(const kvcache_host_chunk* out, size_t n,
                   const codec::ModelProfile* profile)
-      : out_(out, out + n), host_(Spans(out_), profile) {}
+      : out_(out, out + n), host_(Spans(out_), {.profile = profile}) {}
 
   absl::Status Consume(size_t index, absl::string_view bytes,
                        bool stable) override {

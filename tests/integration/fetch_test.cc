@@ -30,11 +30,12 @@ using ::kvcache::testing::Prompt;
 
 // Buffers for `n` decoded chunks and a sink that fills them.
 struct Destination {
-  Destination(const Prompt& prompt, size_t n)
+  Destination(const Prompt& prompt, size_t n, int decode_threads = 1)
       : values(n, std::vector<uint16_t>(prompt.shape.NumValues(), 0xFFFF)) {
     std::vector<absl::Span<uint16_t>> spans;
     for (auto& v : values) spans.emplace_back(v);
-    sink = std::make_unique<HostDecodeSink>(std::move(spans));
+    sink = std::make_unique<HostDecodeSink>(
+        std::move(spans), HostDecodeOptions{.threads = decode_threads});
   }
   std::vector<std::vector<uint16_t>> values;
   std::unique_ptr<HostDecodeSink> sink;
@@ -43,9 +44,9 @@ struct Destination {
 class FetchTest : public testing::FetchFixture {
  protected:
   // Fetches the whole prompt through `fetcher` and checks every value.
-  FetchReport FetchPrompt(PrefixFetcher& fetcher) {
+  FetchReport FetchPrompt(PrefixFetcher& fetcher, int decode_threads = 1) {
     const size_t n = prompt_->keys.size();
-    Destination destination(*prompt_, n);
+    Destination destination(*prompt_, n, decode_threads);
     absl::StatusOr<FetchReport> report =
         fetcher.Fetch(prompt_->keys, *destination.sink);
     EXPECT_TRUE(report.ok()) << report.status();
@@ -95,6 +96,16 @@ TEST_F(FetchTest, SameHostFetchReadsTheSharedRegionInPlace) {
   const FetchReport report = FetchPrompt(*fetcher);
   EXPECT_EQ(report.shared_memory_chunks, n);
   EXPECT_EQ(report.grpc_chunks, 0u);
+}
+
+TEST_F(FetchTest, DecodingThreadsGiveTheSameValues) {
+  StartDaemon();
+  PutPrompt(prompt_->keys.size());
+  for (Transport t : {Transport::kSharedMemory, Transport::kGrpc}) {
+    const FetchReport report = FetchPrompt(*Fetcher(t), /*decode_threads=*/3);
+    EXPECT_EQ(report.shared_memory_chunks + report.grpc_chunks,
+              prompt_->keys.size());
+  }
 }
 
 TEST_F(FetchTest, GrpcFetchDecodesTheSameValues) {
@@ -321,14 +332,17 @@ TEST_F(FetchTest, CorruptChunkIsReportedWithItsIndex) {
                         PutOptions{absl::ZeroDuration(), /*replace=*/true})
                   .ok());
   for (Transport t : {Transport::kSharedMemory, Transport::kGrpc}) {
-    Destination destination(*prompt_, 4);
-    absl::StatusOr<FetchReport> report = Fetcher(t)->Fetch(
-        absl::MakeConstSpan(prompt_->keys).first(4), *destination.sink);
-    ASSERT_FALSE(report.ok());
-    EXPECT_EQ(report.status().code(), absl::StatusCode::kDataLoss)
-        << report.status();
-    EXPECT_NE(report.status().message().find("chunk 3"), std::string::npos)
-        << report.status();
+    for (int threads : {1, 3}) {
+      Destination destination(*prompt_, 4, threads);
+      absl::StatusOr<FetchReport> report = Fetcher(t)->Fetch(
+          absl::MakeConstSpan(prompt_->keys).first(4), *destination.sink);
+      ASSERT_FALSE(report.ok());
+      EXPECT_EQ(report.status().code(), absl::StatusCode::kDataLoss)
+          << report.status();
+      EXPECT_NE(report.status().message().find("chunk 3"), std::string::npos)
+          << report.status();
+      EXPECT_EQ(destination.sink->decoded(), 3u) << threads << " threads";
+    }
   }
 }
 
