@@ -210,6 +210,10 @@ typedef struct {
    * (kvcache_profile_get), kept by the caller through the call. NULL: none;
    * such a chunk then fails the fetch with FAILED_PRECONDITION. */
   const struct kvcache_profile* profile;
+  /* kvcache_fetch: threads that decode chunks read in place from the node's
+   * memory while the fetch goes on; default 1 (the calling thread only),
+   * at most 256. */
+  int32_t decode_threads;
 } kvcache_fetch_options;
 KVCACHE_EXPORT void kvcache_fetch_options_init(kvcache_fetch_options* options);
 

@@ -151,6 +151,7 @@ struct FetchArguments {
   std::vector<ChunkKey> keys;
   FetcherOptions options;
   const ::kvcache_profile* profile = nullptr;
+  int decode_threads = 1;
 };
 
 absl::StatusOr<FetchArguments> ParseFetch(const ::kvcache_client* client,
@@ -166,8 +167,12 @@ absl::StatusOr<FetchArguments> ParseFetch(const ::kvcache_client* client,
   absl::StatusOr<FetcherOptions> fetcher_options =
       FetcherOptionsOf(&*versioned, for_gpu);
   if (!fetcher_options.ok()) return fetcher_options.status();
+  if (versioned->decode_threads < 1 || versioned->decode_threads > 256) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "decode_threads is ", versioned->decode_threads, ", not in [1, 256]"));
+  }
   return FetchArguments{*std::move(parsed), *std::move(fetcher_options),
-                        versioned->profile};
+                        versioned->profile, versioned->decode_threads};
 }
 
 void WriteReport(const FetchReport& r, float first_batch_ms,
@@ -291,8 +296,8 @@ absl::Status CheckHostChunks(const kvcache_host_chunk* out, size_t n) {
 class CheckedHostSink : public ChunkSink {
  public:
   CheckedHostSink(const kvcache_host_chunk* out, size_t n,
-                  const codec::ModelProfile* profile)
-      : out_(out, out + n), host_(Spans(out_), {.profile = profile}) {}
+                  HostDecodeOptions options)
+      : out_(out, out + n), host_(Spans(out_), options) {}
 
   absl::Status Consume(size_t index, absl::string_view bytes,
                        bool stable) override {
@@ -1311,6 +1316,7 @@ void kvcache_fetch_options_init(kvcache_fetch_options* options) {
   options->struct_size = sizeof(*options);
   options->transport = KVCACHE_TRANSPORT_AUTO;
   options->lease_s = 30;
+  options->decode_threads = 1;
 }
 
 int kvcache_fetch(kvcache_client* client, const uint8_t* keys, size_t n,
@@ -1329,7 +1335,9 @@ int kvcache_fetch(kvcache_client* client, const uint8_t* keys, size_t n,
     if (n == 0) return absl::OkStatus();
     kvcache::c_api::CheckedHostSink sink(
         out, n,
-        fetch->profile == nullptr ? nullptr : fetch->profile->profile.get());
+        {.profile = fetch->profile == nullptr ? nullptr
+                                              : fetch->profile->profile.get(),
+         .threads = fetch->decode_threads});
     absl::StatusOr<kvcache::FetchReport> r =
         client->fetchers.Fetch(fetch->options, fetch->keys, sink);
     if (!r.ok()) return r.status();

@@ -262,6 +262,14 @@ class KvcacheTest(unittest.TestCase):
                 np.testing.assert_array_equal(
                     got.view(np.uint16), want.view(np.uint16),
                     f"{transport} chunk {i}")
+        # Decoding threads give the same values.
+        out = filled(expected)
+        self.client.fetch(keys, out, decode_threads=3)
+        for got, want in zip(out, expected):
+            np.testing.assert_array_equal(got.view(np.uint16),
+                                          want.view(np.uint16))
+        with self.assertRaises(kvcache.InvalidArgumentError):
+            self.client.fetch(keys, filled(expected), decode_threads=0)
         # uint16 arrays take a float16 chunk's bits; a fetch of nothing is
         # nothing.
         out = filled([e.view(np.uint16) for e in expected])

@@ -535,7 +535,7 @@ class Client(_Handle):
         return {name: getattr(stats, name) for name, _ in stats._fields_}
 
     def fetch(self, keys, out, transport="auto", lease_s=30.0,
-              profile=None):
+              profile=None, decode_threads=1):
         """Restores the chunks of `keys` into NumPy arrays, decoded on the
         CPU.
 
@@ -556,6 +556,9 @@ class Client(_Handle):
         profile: the model's Profile (Client.profile), which chunks at the
           transform levels need; FailedPreconditionError for such a chunk
           without it.
+        decode_threads: threads (1 to 256) that decode the chunks read in
+          place from the node's memory while the fetch goes on; 1 decodes
+          on the calling thread only.
 
         Returns {'gpu_tier_chunks', 'shared_memory_chunks', 'grpc_chunks',
         'nccl_chunks', 'bytes'}: which transport carried how many chunks,
@@ -571,6 +574,8 @@ class Client(_Handle):
         """
         data, n = _keys(keys)
         options = _fetch_options(transport, lease_s, profile)
+        options.decode_threads = _int(decode_threads, "decode_threads", 1,
+                                      256)
         if isinstance(out, (str, bytes)) or len(out) != n:
             raise InvalidArgumentError(
                 f"{n} keys but {len(out)} arrays in out; give one per key")

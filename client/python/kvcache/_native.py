@@ -119,7 +119,8 @@ class FetchOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_size_t),
                 ("transport", ctypes.c_int32),
                 ("lease_s", ctypes.c_double),
-                ("profile", ctypes.c_void_p)]
+                ("profile", ctypes.c_void_p),
+                ("decode_threads", ctypes.c_int32)]
 
 
 class FetchReport(ctypes.Structure):
