@@ -899,7 +899,7 @@ __global__ void RopeKernel(const DecodeChunk* chunks, const ChunkState* states,
 
 // Tokens per TransformKernel block; each thread keeps one accumulator per
 // token, so every basis element it loads serves kTransformTile multiply-adds.
-constexpr uint32_t kTransformTile = 16;
+constexpr uint32_t kTransformTile = 32;
 
 // Threads of a TransformKernel block: whole heads, up to 256 channels.
 __host__ __device__ inline uint32_t HeadsPerTransformBlock(uint32_t head_dim) {
@@ -921,7 +921,8 @@ __global__ __launch_bounds__(256) void TransformKernel(
   const uint32_t dim = v.head_dim;
   const uint32_t hpb = HeadsPerTransformBlock(dim);
   const uint32_t tid = threadIdx.x;
-  const uint32_t head = (blockIdx.x % head_blocks) * hpb + tid / dim;
+  const uint32_t first_head = (blockIdx.x % head_blocks) * hpb;
+  const uint32_t head = first_head + tid / dim;
   const uint32_t d = tid % dim;
   const bool active = head < layout.kv_heads;
   const uint32_t ch = head * dim + d;
@@ -931,19 +932,33 @@ __global__ __launch_bounds__(256) void TransformKernel(
   // with one 16-byte load, broadcast to its head's threads.
   __shared__ float4 coeff[256][kTransformTile / 4];
   __shared__ uint8_t kept[256];
-  float step = 0;
-  if (active) {
-    const float2 a = c.affines[c.planes[p].y + ch];
-    step = a.y;
-    float* mine = reinterpret_cast<float*>(coeff[tid]);
-    for (uint32_t t = 0; t < kTransformTile; ++t) {
-      uint32_t q = 0;
-      if (t < tokens) DecodeInts<1>(c, s, p, t0 + t, ch, &q);
-      mine[t] = codec::internal::AddRn(
-          a.x, codec::internal::MulRn(static_cast<float>(q), a.y));
+  // The tile's coefficients, eight channels of a token per decode where
+  // channel groups allow (a decode's lookups cost far more than its
+  // symbols); neighbouring threads take neighbouring tokens, so their
+  // shared-memory writes fall in different banks.
+  const uint32_t first_channel = first_head * dim;
+  const uint32_t channels = min(hpb, layout.kv_heads - first_head) * dim;
+  const uint32_t vec = s.channel_group % 8 == 0 && dim % 8 == 0 ? 8 : 1;
+  const float2* affines = c.affines + c.planes[p].y + first_channel;
+  float* tile = reinterpret_cast<float*>(coeff);
+  for (uint32_t e = tid; e < kTransformTile * (channels / vec);
+       e += blockDim.x) {
+    const uint32_t t = e % kTransformTile, c0 = e / kTransformTile * vec;
+    uint32_t q[8] = {};
+    if (t < tokens) {
+      if (vec == 8) {
+        DecodeInts<8>(c, s, p, t0 + t, first_channel + c0, q);
+      } else {
+        DecodeInts<1>(c, s, p, t0 + t, first_channel + c0, q);
+      }
+    }
+    for (uint32_t k = 0; k < vec; ++k) {
+      const float2 a = affines[c0 + k];
+      tile[(c0 + k) * kTransformTile + t] = codec::internal::AddRn(
+          a.x, codec::internal::MulRn(static_cast<float>(q[k]), a.y));
     }
   }
-  kept[tid] = active && step != 0.0f;
+  kept[tid] = active && affines[tid].y != 0.0f;
   __syncthreads();
   // Threads past the last head stay for the barriers below.
   const size_t index = size_t{p} * v.kv_heads + (active ? head : 0);
