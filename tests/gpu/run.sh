@@ -4,9 +4,13 @@
 #
 #   tests/gpu/run.sh build   # on a build machine (Debian 12 + CUDA toolkit):
 #                            # builds into .gpu/ (bin/ and lib/)
+#   tests/gpu/run.sh pack    # after build: .gpu/ as one file, .gpu.tar.gz
+#                            # (about 40 MB instead of 90), for hosts the
+#                            # tree travels to with a size limit
 #   tests/gpu/run.sh run     # on the GPU host, in a copy of this tree that
-#                            # has .gpu/: runs everything, logs to $OUT or
-#                            # .gpu/results/, ends with "N passed, N failed"
+#                            # has .gpu/ or .gpu.tar.gz: runs everything,
+#                            # logs to $OUT or .gpu/results/, ends with
+#                            # "N passed, N failed"
 #   tests/gpu/run.sh         # both, on a GPU host that can also build
 #   tests/gpu/run.sh run gpu_nccl_test e2e_bench   # only the entries named
 #
@@ -98,7 +102,18 @@ setup_python() {
   export KVCACHED=$PWD/.gpu/bin/kvcached
 }
 
+# .gpu/ as one compressed file beside it.
+pack() {
+  [[ -d .gpu/bin ]] || { echo "gpu: no .gpu/bin; run '$0 build' first" >&2; return 1; }
+  tar czf .gpu.tar.gz .gpu/bin .gpu/lib .gpu/python .gpu/wheel \
+    $( [[ -d .gpu/kvdata ]] && echo .gpu/kvdata) || return 1
+  echo "gpu: packed .gpu/ into .gpu.tar.gz ($(du -h .gpu.tar.gz | cut -f1))"
+}
+
 run() {
+  if [[ ! -d .gpu/bin && -f .gpu.tar.gz ]]; then
+    tar xzf .gpu.tar.gz || return 1
+  fi
   [[ -d .gpu/bin ]] || { echo "gpu: no .gpu/bin; run '$0 build' first" >&2; return 1; }
   local results=${OUT:-.gpu/results}
   mkdir -p "$results"
@@ -168,7 +183,8 @@ run() {
 
 case "${1:-all}" in
   build) build ;;
+  pack) pack ;;
   run) shift; run "$@" ;;
   all) build && run ;;
-  *) echo "usage: $0 [build | run [name...]]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build | pack | run [name...]]" >&2; exit 2 ;;
 esac
