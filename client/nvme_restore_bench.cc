@@ -12,7 +12,9 @@
 //    thread or on one decoding thread per core: what a worker without a
 //    GPU gets.
 //  - fio: --rw=read, 1 MiB blocks, io_uring, O_DIRECT, queue depth 32, over
-//    the bytes the chunks fill in the node's slab file.
+//    the bytes the chunks fill in the node's slab file; and the same job
+//    issued from this process (tests/testing/raw_disk_read.h), the
+//    reference where fio is not installed.
 //
 // The prefix is real KV (a model's dump, cut into 256-token chunks and
 // repeated up to --tokens), encoded at --level. The sides alternate over
@@ -56,6 +58,7 @@
 #include "codec/kv_dump.h"
 #include "tests/testing/daemon_process.h"
 #include "tests/testing/fio_process.h"
+#include "tests/testing/raw_disk_read.h"
 
 namespace kvcache {
 namespace {
@@ -288,7 +291,12 @@ class Bench {
     return seconds;
   }
 
-  absl::StatusOr<testing::FioResult> Fio() const {
+  absl::StatusOr<testing::DiskReadResult> RawRead() const {
+    return testing::RawSequentialRead(nvme_dir_ + "/slab-000",
+                                      prefix_.compressed_bytes);
+  }
+
+  absl::StatusOr<testing::DiskReadResult> Fio() const {
     return testing::RunFioRead({.file = nvme_dir_ + "/slab-000",
                                 .bytes = prefix_.compressed_bytes / kMiB * kMiB,
                                 .duration = absl::Seconds(2),
@@ -358,11 +366,14 @@ absl::Status Run(const Flags& flags) {
       {"bytes, located in one call", 0, 0},
       {"decoded on the fetching thread, windows", 1, window},
       {absl::StrCat("decoded on ", cores, " threads, windows"), cores, window}};
-  std::vector<double> fio_gbps;
+  std::vector<double> fio_gbps, raw_gbps;
   for (int round = 0; round < flags.rounds; ++round) {
-    absl::StatusOr<testing::FioResult> fio = bench.Fio();
+    absl::StatusOr<testing::DiskReadResult> fio = bench.Fio();
     if (!fio.ok()) return fio.status();
     fio_gbps.push_back(fio->GbPerSecond());
+    absl::StatusOr<testing::DiskReadResult> raw = bench.RawRead();
+    if (!raw.ok()) return raw.status();
+    raw_gbps.push_back(raw->GbPerSecond());
     for (Side& side : sides) {
       absl::StatusOr<double> s =
           bench.Restore(side.decode_threads, side.window, &side.report);
@@ -376,10 +387,11 @@ absl::Status Run(const Flags& flags) {
   }
   bench.Clean();
   std::printf(
-      "\nfio sequential read of the same slab: %s GB/s\n\n"
+      "\nfio sequential read of the same slab: %s GB/s; the same job from "
+      "this process (RawSequentialRead): %s GB/s\n\n"
       "| restore (cold node) | seconds | compressed GB/s | KV GB/s | vs fio "
       "(same round) | Locate calls |\n|---|---:|---:|---:|---:|---:|\n",
-      Range(fio_gbps).c_str());
+      Range(fio_gbps).c_str(), Range(raw_gbps).c_str());
   for (Side& side : sides) {
     std::vector<double> compressed, kv;
     for (double s : side.seconds) {

@@ -808,7 +808,7 @@ absl::Status RunNvmeComparison(const Flags& flags) {
           ReadRandomChunks(**tier, keys, chunk_bytes, depth, round);
       if (!read.ok()) return read.status();
       ours.Add(*read);
-      absl::StatusOr<testing::FioResult> fio =
+      absl::StatusOr<testing::DiskReadResult> fio =
           testing::RunFioRead({.file = dir + "/slab-000",
                                .bytes = fill_bytes,
                                .block_bytes = chunk_bytes,

@@ -9,7 +9,7 @@
 
 namespace kvcache::testing {
 
-absl::StatusOr<FioResult> RunFioRead(const FioReadJob& job) {
+absl::StatusOr<DiskReadResult> RunFioRead(const FioReadJob& job) {
   absl::StatusOr<DaemonProcess> fio = DaemonProcess::Spawn(
       job.fio, {"--name=read", "--filename=" + job.file,
                 absl::StrCat("--size=", job.bytes),
@@ -31,7 +31,7 @@ absl::StatusOr<FioResult> RunFioRead(const FioReadJob& job) {
     const nlohmann::json report =
         nlohmann::json::parse(std::ifstream(job.report_path));
     const nlohmann::json& read = report.at("jobs").at(0).at("read");
-    FioResult result;
+    DiskReadResult result;
     result.bytes = read.at("io_bytes").get<uint64_t>();
     result.seconds = read.at("runtime").get<double>() / 1e3;
     return result;

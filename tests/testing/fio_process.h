@@ -24,13 +24,13 @@ struct FioReadJob {
   std::string report_path;  // where fio writes its JSON report
 };
 
-struct FioResult {
+struct DiskReadResult {
   uint64_t bytes = 0;
   double seconds = 0;
   double GbPerSecond() const { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
 };
 
-absl::StatusOr<FioResult> RunFioRead(const FioReadJob& job);
+absl::StatusOr<DiskReadResult> RunFioRead(const FioReadJob& job);
 
 }  // namespace kvcache::testing
 
