@@ -6,6 +6,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "cluster/stored_key.h"
 #include "codec/crc32c.h"
 #include "transfer/grpc_stream.h"
 #include "transfer/put_stream.h"
@@ -204,8 +205,53 @@ absl::StatusOr<LookupResult> KvCacheClient::Lookup(
   return result;
 }
 
+std::shared_ptr<KvCacheClient::LocalLookup> KvCacheClient::FindLocalLookup() {
+  absl::MutexLock lock(&local_mu_);
+  if (local_searched_ || !options_.local_lookups) return local_;
+  absl::StatusOr<v1::NodeInfoResponse> info = NodeInfo();
+  // A node not reached now is asked again at the next call.
+  local_searched_ = info.ok() || !(absl::IsUnavailable(info.status()) ||
+                                   absl::IsDeadlineExceeded(info.status()));
+  if (!info.ok()) return nullptr;
+  if (info->local_lookup_socket().empty()) return nullptr;
+  // A node elsewhere, or one this user may not ask, has no socket here
+  // that greets with its id.
+  absl::StatusOr<std::unique_ptr<transfer::LocalLookupClient>> client =
+      transfer::LocalLookupClient::Connect(info->local_lookup_socket(),
+                                           info->node_id());
+  if (!client.ok()) return nullptr;
+  local_ = std::make_shared<LocalLookup>(
+      LocalLookup{*std::move(client), info->key_namespace()});
+  return local_;
+}
+
+void KvCacheClient::DropLocalLookup(
+    const std::shared_ptr<LocalLookup>& broken) {
+  absl::MutexLock lock(&local_mu_);
+  // The next call looks again: the node may have restarted.
+  if (local_ == broken) {
+    local_ = nullptr;
+    local_searched_ = false;
+  }
+}
+
 absl::StatusOr<size_t> KvCacheClient::CountCached(
     absl::Span<const ChunkKey> keys) {
+  if (keys.empty()) return 0;
+  if (std::shared_ptr<LocalLookup> local = FindLocalLookup();
+      local != nullptr && keys.size() <= transfer::kMaxLocalLookupKeys) {
+    std::vector<std::string> stored;
+    stored.reserve(keys.size());
+    for (const ChunkKey& key : keys) {
+      stored.push_back(cluster::StoredKey(local->key_namespace, key.AsBytes()));
+    }
+    absl::StatusOr<size_t> held = local->client->CountHeld(stored);
+    if (held.ok()) {
+      local_lookups_.fetch_add(1, std::memory_order_relaxed);
+      return *held;
+    }
+    DropLocalLookup(local);
+  }
   absl::StatusOr<v1::LookupResponse> response =
       LookupCall(keys, /*count_only=*/true);
   if (!response.ok()) return response.status();

@@ -17,6 +17,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -25,11 +26,13 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "client/chunk_key.h"
 #include "client/chunk_store.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
+#include "transfer/local_lookup.h"
 
 namespace kvcache {
 
@@ -66,6 +69,9 @@ struct ClientOptions {
   // node whose access section grants it to the caller's tenant; empty: the
   // tenant's own namespace.
   std::string key_namespace;
+  // CountCached asks a node on this host over its local lookup socket
+  // (NodeInfo.local_lookup_socket) instead of a gRPC call.
+  bool local_lookups = true;
 };
 
 class KvCacheClient : public ChunkStore {
@@ -81,8 +87,12 @@ class KvCacheClient : public ChunkStore {
 
   absl::StatusOr<LookupResult> Lookup(absl::Span<const ChunkKey> keys) override;
   // How many leading keys the node holds, without their infos: the
-  // cheapest lookup, for a caller that needs only the prefix's length.
+  // cheapest lookup, for a caller that needs only the prefix's length. On
+  // the node's host it goes over the node's local lookup socket (found at
+  // the first call; gRPC if that fails).
   absl::StatusOr<size_t> CountCached(absl::Span<const ChunkKey> keys);
+  // CountCached calls answered over the local lookup socket.
+  uint64_t local_lookups() const { return local_lookups_.load(); }
 
   // For each key on its own (not only a leading prefix): its info if the
   // node holds it, else an entry with only the key set (tier
@@ -160,7 +170,20 @@ class KvCacheClient : public ChunkStore {
   template <typename Request>
   static void AddKeys(absl::Span<const ChunkKey> keys, Request& request);
 
+  // The node's local lookup socket and this caller's namespace there, if
+  // the node runs on this host; found once (null: gRPC).
+  struct LocalLookup {
+    std::unique_ptr<transfer::LocalLookupClient> client;
+    std::string key_namespace;
+  };
+  std::shared_ptr<LocalLookup> FindLocalLookup();
+  void DropLocalLookup(const std::shared_ptr<LocalLookup>& broken);
+
   ClientOptions options_;
+  absl::Mutex local_mu_;
+  bool local_searched_ ABSL_GUARDED_BY(local_mu_) = false;
+  std::shared_ptr<LocalLookup> local_ ABSL_GUARDED_BY(local_mu_);
+  std::atomic<uint64_t> local_lookups_{0};
   // "Bearer <token>", or empty when no token is given.
   std::string authorization_;
   std::shared_ptr<grpc::Channel> channel_;

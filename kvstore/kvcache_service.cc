@@ -314,6 +314,27 @@ void NodeState::set_shared_memory_socket(std::string path) {
   shared_memory_socket_ = std::move(path);
 }
 
+std::string NodeState::local_lookup_socket() const {
+  absl::MutexLock lock(&socket_mu_);
+  return local_lookup_socket_;
+}
+
+void NodeState::set_local_lookup_socket(std::string path) {
+  absl::MutexLock lock(&socket_mu_);
+  local_lookup_socket_ = std::move(path);
+}
+
+size_t NodeState::CountHeld(absl::Span<const absl::string_view> stored_keys) {
+  lookups.fetch_add(1, std::memory_order_relaxed);
+  size_t found = 0;
+  while (found < stored_keys.size() && store().Peek(stored_keys[found]).ok()) {
+    ++found;
+  }
+  hits.fetch_add(found, std::memory_order_relaxed);
+  misses.fetch_add(stored_keys.size() - found, std::memory_order_relaxed);
+  return found;
+}
+
 void NodeState::SetNcclLinkOwner(uint64_t link_id, std::string caller) {
   absl::MutexLock lock(&nccl_owners_mu_);
   // Ids of links closed since (the link table reuses none) go with them.
@@ -955,6 +976,7 @@ grpc::Status AdminService::NodeInfo(grpc::ServerContext* context,
   response->set_handoff_chunks(node_.handoff_chunks.load());
   response->set_drained(node_.drained());
   response->set_shared_memory_socket(node_.shared_memory_socket());
+  response->set_local_lookup_socket(node_.local_lookup_socket());
   response->set_shared_region_id(node_.store().cpu_arena().id());
   if (const GpuArena* gpu = node_.store().gpu_arena();
       gpu != nullptr && !response->shared_memory_socket().empty()) {

@@ -64,6 +64,13 @@ class NodeState {
   // daemon serves it (and when shared_memory.enabled is off).
   std::string shared_memory_socket() const;
   void set_shared_memory_socket(std::string path);
+  // Where workers on this host look up prefixes without a gRPC call; empty
+  // until the daemon serves it.
+  std::string local_lookup_socket() const;
+  void set_local_lookup_socket(std::string path);
+  // How many leading stored keys the node holds, counted as a lookup's hits
+  // and misses: the count-only Lookup, and the local lookup socket's.
+  size_t CountHeld(absl::Span<const absl::string_view> stored_keys);
 
   bool draining() const { return draining_.load(); }
   void StartDraining() { draining_.store(true); }
@@ -104,6 +111,7 @@ class NodeState {
       ABSL_GUARDED_BY(nccl_owners_mu_);
   mutable absl::Mutex socket_mu_;
   std::string shared_memory_socket_ ABSL_GUARDED_BY(socket_mu_);
+  std::string local_lookup_socket_ ABSL_GUARDED_BY(socket_mu_);
   std::atomic<bool> draining_{false};
 };
 

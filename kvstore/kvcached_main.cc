@@ -37,6 +37,7 @@
 #include "kvstore/peer_client.h"
 #include "kvstore/prometheus_metrics.h"
 #include "transfer/grpc_stream.h"
+#include "transfer/local_lookup.h"
 #include "transfer/shared_region.h"
 #include "transfer/tls_credentials.h"
 
@@ -338,6 +339,7 @@ int Run(int argc, char** argv) {
 
   // Workers on this host map the CPU tier through this socket.
   std::unique_ptr<transfer::SharedRegionServer> shared_region;
+  std::unique_ptr<transfer::LocalLookupServer> local_lookups;
   if (config->shared_memory().enabled()) {
     const std::string path =
         config->shared_memory().socket_path().empty()
@@ -353,6 +355,22 @@ int Run(int argc, char** argv) {
       shared_region = *std::move(started);
       node.set_shared_memory_socket(path);
       std::fprintf(stderr, "kvcached: shared CPU tier on %s\n", path.c_str());
+      // The same users look up prefixes beside it without a gRPC call.
+      absl::StatusOr<std::unique_ptr<transfer::LocalLookupServer>> lookups =
+          transfer::LocalLookupServer::Start(
+              path + ".lookup", node.node_id(),
+              [&node](absl::Span<const absl::string_view> keys) {
+                return node.CountHeld(keys);
+              },
+              {.allowed_uids = {config->shared_memory().allowed_uids().begin(),
+                                config->shared_memory().allowed_uids().end()}});
+      if (lookups.ok()) {
+        local_lookups = *std::move(lookups);
+        node.set_local_lookup_socket(local_lookups->socket_path());
+      } else {
+        std::fprintf(stderr, "kvcached: no local lookups: %s\n",
+                     lookups.status().ToString().c_str());
+      }
     } else {
       // Same-host workers then fetch over gRPC like remote ones.
       std::fprintf(stderr, "kvcached: CPU tier not shared: %s\n",

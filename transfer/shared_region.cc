@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "transfer/unix_socket.h"
 
 namespace kvcache::transfer {
 namespace {
@@ -21,27 +22,6 @@ namespace {
 constexpr absl::string_view kMagic = "KVCSHM01";
 constexpr size_t kHeaderBytes = 8 + 8 + 1;
 constexpr size_t kMaxIdBytes = 255;
-
-std::string Errno(absl::string_view what) {
-  return absl::StrCat(what, ": ", std::strerror(errno));
-}
-
-absl::StatusOr<sockaddr_un> UnixAddress(const std::string& path) {
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof(address.sun_path)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unusable Unix socket path '", path, "'"));
-  }
-  std::memcpy(address.sun_path, path.data(), path.size());
-  return address;
-}
-
-// Sets a send or receive timeout, so a stalled peer cannot hold the caller.
-void SetTimeout(int fd, int option, int seconds) {
-  timeval timeout{seconds, 0};
-  setsockopt(fd, SOL_SOCKET, option, &timeout, sizeof(timeout));
-}
 
 // A message of `bytes` at `data` with room for one descriptor.
 struct FdMessage {
@@ -68,8 +48,6 @@ absl::StatusOr<std::unique_ptr<SharedRegionServer>> SharedRegionServer::Start(
   if (region_id.empty() || region_id.size() > kMaxIdBytes) {
     return absl::InvalidArgumentError("region id must be 1-255 bytes");
   }
-  absl::StatusOr<sockaddr_un> address = UnixAddress(socket_path);
-  if (!address.ok()) return address.status();
   // Opening the memfd through /proc gives a descriptor of its own with
   // read-only access, so receivers can map the region but never write it.
   const int read_only_fd = open(
@@ -77,31 +55,18 @@ absl::StatusOr<std::unique_ptr<SharedRegionServer>> SharedRegionServer::Start(
   if (read_only_fd < 0) {
     return absl::InternalError(Errno("cannot reopen the region read-only"));
   }
-  const int listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   const int stop_fd = eventfd(0, EFD_CLOEXEC);
-  auto fail = [&](absl::string_view what) {
-    const std::string message = Errno(what);
-    if (listen_fd >= 0) close(listen_fd);
-    if (stop_fd >= 0) close(stop_fd);
+  if (stop_fd < 0) {
+    close(read_only_fd);
+    return absl::UnavailableError(Errno("eventfd"));
+  }
+  absl::StatusOr<int> listen_fd = ListenUnix(socket_path, allowed_uids);
+  if (!listen_fd.ok()) {
+    close(stop_fd);
     close(read_only_fd);
     return absl::UnavailableError(absl::StrCat(
-        "cannot serve the shared region on ", socket_path, ": ", message));
-  };
-  if (listen_fd < 0 || stop_fd < 0) return fail("socket");
-  // A socket file left by a node that died would make bind fail.
-  unlink(socket_path.c_str());
-  if (bind(listen_fd, reinterpret_cast<const sockaddr*>(&*address),
-           sizeof(*address)) != 0) {
-    return fail("bind");
+        "cannot serve the shared region: ", listen_fd.status().message()));
   }
-  // Only this user may even connect when no other is allowed; otherwise
-  // anyone may, and the peer's credentials decide (Serve).
-  const bool only_self =
-      allowed_uids.size() == 1 && allowed_uids[0] == geteuid();
-  if (chmod(socket_path.c_str(), only_self ? 0600 : 0666) != 0) {
-    return fail("chmod");
-  }
-  if (listen(listen_fd, 64) != 0) return fail("listen");
 
   std::string message(kMagic);
   char fields[9];
@@ -110,7 +75,7 @@ absl::StatusOr<std::unique_ptr<SharedRegionServer>> SharedRegionServer::Start(
   message.append(fields, sizeof(fields));
   message += region_id;
   std::unique_ptr<SharedRegionServer> server(new SharedRegionServer(
-      std::move(socket_path), listen_fd, stop_fd, read_only_fd,
+      std::move(socket_path), *listen_fd, stop_fd, read_only_fd,
       std::move(message), std::move(allowed_uids)));
   server->thread_ = std::thread([s = server.get()] { s->Serve(); });
   return server;
@@ -147,14 +112,9 @@ void SharedRegionServer::Serve() {
     if (fds[1].revents != 0) return;
     const int connection = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (connection < 0) continue;
-    // The kernel vouches for the peer's user; a process of any other user
-    // gets nothing and learns only that the socket closed.
-    ucred peer{};
-    socklen_t peer_size = sizeof(peer);
-    if (getsockopt(connection, SOL_SOCKET, SO_PEERCRED, &peer, &peer_size) !=
-            0 ||
-        std::find(allowed_uids_.begin(), allowed_uids_.end(), peer.uid) ==
-            allowed_uids_.end()) {
+    // A process of any other user gets nothing and learns only that the
+    // socket closed.
+    if (!PeerAllowed(connection, allowed_uids_)) {
       refused_.fetch_add(1);
       close(connection);
       continue;
@@ -174,17 +134,13 @@ void SharedRegionServer::Serve() {
 
 absl::StatusOr<std::unique_ptr<SharedRegion>> SharedRegion::Connect(
     const std::string& socket_path) {
-  absl::StatusOr<sockaddr_un> address = UnixAddress(socket_path);
-  if (!address.ok()) return address.status();
-  const int connection = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (connection < 0) return absl::InternalError(Errno("socket"));
-  if (connect(connection, reinterpret_cast<const sockaddr*>(&*address),
-              sizeof(*address)) != 0) {
-    const std::string message = Errno("connect");
-    close(connection);
-    return absl::UnavailableError(
-        absl::StrCat("no shared region at ", socket_path, " (", message, ")"));
+  absl::StatusOr<int> connected = ConnectUnix(socket_path);
+  if (!connected.ok()) {
+    return absl::Status(
+        connected.status().code(),
+        absl::StrCat("no shared region: ", connected.status().message()));
   }
+  const int connection = *connected;
   SetTimeout(connection, SO_RCVTIMEO, 5);
   char buffer[kHeaderBytes + kMaxIdBytes];
   FdMessage message(buffer, sizeof(buffer));

@@ -23,7 +23,7 @@
 //
 // Usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]
 //                      [--nvme_chunk_kib=N] [--nvme_seconds=N]
-//                      [--rounds=N] [--part=all|store|nvme|tls]
+//                      [--rounds=N] [--part=all|store|nvme|tls|lookup]
 //                      [--chunk_kib=256,4096,32768]
 // Needs redis-server and fio (deploy/setup.sh installs them) and a data_dir
 // on a local disk filesystem such as ext4 or xfs (not tmpfs).
@@ -82,7 +82,7 @@ constexpr uint64_t kGiB = 1 << 30;
 constexpr char kUsage[] =
     "usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]\n"
     "                     [--nvme_chunk_kib=N] [--nvme_seconds=N]\n"
-    "                     [--rounds=N] [--part=all|store|nvme|tls]\n"
+    "                     [--rounds=N] [--part=all|store|nvme|tls|lookup]\n"
     "                     [--chunk_kib=256,4096,32768]\n"
     "  --data_dir      local disk directory for the NVMe slab and Redis\n"
     "                  (default /var/tmp/kvstore_bench; not tmpfs)\n"
@@ -96,7 +96,8 @@ constexpr char kUsage[] =
     "  --rounds        rounds each comparison alternates its sides over\n"
     "                  (default 3)\n"
     "  --part          which comparisons to run (default all: store and\n"
-    "                  nvme; tls: plaintext against mutual TLS only)\n"
+    "                  nvme; tls: plaintext against mutual TLS only;\n"
+    "                  lookup: prefix lookups only)\n"
     "  --chunk_kib     chunk sizes of the Put/Get comparison, in KiB\n"
     "                  (default 256,4096,32768)\n";
 
@@ -139,7 +140,7 @@ bool ParseFlags(int argc, char** argv, Flags& flags) {
     } else if (absl::ConsumePrefix(&value, "--part=")) {
       flags.part = std::string(value);
       ok = value == "all" || value == "store" || value == "nvme" ||
-           value == "tls";
+           value == "tls" || value == "lookup";
     } else {
       ok = false;
     }
@@ -664,27 +665,40 @@ absl::Status RunStoreComparison(const Flags& flags) {
   if (!redis.ok()) return redis.status();
 
   const std::string kvcached_address = kvcached->address();
-  const Store stores[] = {
-      {"kvcache (gRPC)",
-       [&]() -> absl::StatusOr<std::unique_ptr<StoreConnection>> {
-         ClientOptions options;
-         options.address = kvcached_address;
-         options.timeout = absl::Minutes(2);
-         absl::StatusOr<std::unique_ptr<KvCacheClient>> client =
-             KvCacheClient::Connect(options);
-         if (!client.ok()) return client.status();
-         return std::make_unique<KvCacheConnection>(std::move(*client));
-       },
-       kvcached->pid()},
-      {"Redis (hiredis)",
-       [&]() -> absl::StatusOr<std::unique_ptr<StoreConnection>> {
-         absl::StatusOr<std::unique_ptr<RedisConnection>> connection =
-             RedisConnection::Connect(redis_port);
-         if (!connection.ok()) return connection.status();
-         return std::unique_ptr<StoreConnection>(std::move(*connection));
-       },
-       redis->pid()},
+  // kvcache's clients; count-only lookups over the node's local lookup
+  // socket or, without `local_lookups`, gRPC.
+  auto kvcache = [&](std::string name, bool local_lookups) {
+    return Store{
+        std::move(name),
+        [&,
+         local_lookups]() -> absl::StatusOr<std::unique_ptr<StoreConnection>> {
+          ClientOptions options;
+          options.address = kvcached_address;
+          options.timeout = absl::Minutes(2);
+          options.local_lookups = local_lookups;
+          absl::StatusOr<std::unique_ptr<KvCacheClient>> client =
+              KvCacheClient::Connect(options);
+          if (!client.ok()) return client.status();
+          return std::make_unique<KvCacheConnection>(std::move(*client));
+        },
+        kvcached->pid()};
   };
+  const Store redis_store = {
+      "Redis (hiredis)",
+      [&]() -> absl::StatusOr<std::unique_ptr<StoreConnection>> {
+        absl::StatusOr<std::unique_ptr<RedisConnection>> connection =
+            RedisConnection::Connect(redis_port);
+        if (!connection.ok()) return connection.status();
+        return std::unique_ptr<StoreConnection>(std::move(*connection));
+      },
+      redis->pid()};
+  const Store stores[] = {kvcache("kvcache (gRPC)", true), redis_store};
+  const Store lookup_stores[] = {kvcache("kvcache (local lookup socket)", true),
+                                 kvcache("kvcache (gRPC)", false), redis_store};
+  if (flags.part == "lookup") {
+    return CompareLookups(lookup_stores, /*clients=*/8, /*lookups=*/500,
+                          flags.rounds);
+  }
 
   std::printf(
       "## Put/Get over loopback\n\n"
@@ -707,7 +721,8 @@ absl::Status RunStoreComparison(const Flags& flags) {
       !s.ok()) {
     return s;
   }
-  return CompareLookups(stores, /*clients=*/8, /*lookups=*/500, flags.rounds);
+  return CompareLookups(lookup_stores, /*clients=*/8, /*lookups=*/500,
+                        flags.rounds);
 }
 
 // ---------------------------------------------------------------------------
@@ -938,7 +953,7 @@ int Run(int argc, char** argv) {
     status = RunTlsComparison(flags);
   } else {
     if (flags.part != "nvme") status = RunStoreComparison(flags);
-    if (status.ok() && flags.part != "store") {
+    if (status.ok() && flags.part != "store" && flags.part != "lookup") {
       status = RunNvmeComparison(flags);
     }
   }

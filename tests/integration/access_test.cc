@@ -15,11 +15,14 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "client/chunk_key.h"
+#include "client/kvcache_client.h"
+#include "cluster/stored_key.h"
 #include "codec/crc32c.h"
 #include "kvcache/v1/kvcache.grpc.pb.h"
 #include "kvstore/access_control.h"
 #include "tests/testing/daemon_process.h"
 #include "tests/testing/tenant_access.h"
+#include "transfer/local_lookup.h"
 
 namespace kvcache {
 namespace {
@@ -341,6 +344,39 @@ TEST_F(AccessTest, TenantLimitsHoldOneTenantBackAndNotTheOthers) {
     contexts[i]->TryCancel();
     writers[i]->Finish();
   }
+}
+
+// A node with one tenant may share its memory; the tenant's client then
+// counts its prefix over the local lookup socket, by its stored keys.
+TEST(LocalLookupAccessTest, TenantCountsItsOwnKeysOverTheLocalSocket) {
+  auto daemon = DaemonProcess::Start(
+      kDaemon,
+      {absl::StrCat("--set=access { ", TenantEntry("alice", kAlice), " }")});
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  ClientOptions options;
+  options.address = daemon->address();
+  options.token = kAlice;
+  std::unique_ptr<KvCacheClient> alice = *KvCacheClient::Connect(options);
+  std::vector<ChunkKey> keys;
+  for (const char* name : {"l0", "l1", "l2"}) keys.push_back(ContentKey(name));
+  ASSERT_TRUE(alice->Put({{keys[0], "zero"}, {keys[1], "one"}}).ok());
+  options.local_lookups = false;
+  std::unique_ptr<KvCacheClient> over_grpc = *KvCacheClient::Connect(options);
+  EXPECT_EQ(*alice->CountCached(keys), 2u);
+  EXPECT_EQ(*over_grpc->CountCached(keys), 2u);
+  EXPECT_EQ(alice->local_lookups(), 1u);
+  // The stored keys are the tenant's namespace's, not the keys sent.
+  absl::StatusOr<v1::NodeInfoResponse> info = alice->NodeInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  ASSERT_FALSE(info->key_namespace().empty());
+  absl::StatusOr<std::unique_ptr<transfer::LocalLookupClient>> raw =
+      transfer::LocalLookupClient::Connect(info->local_lookup_socket(),
+                                           info->node_id());
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  EXPECT_EQ(*(*raw)->CountHeld({std::string(keys[0].AsBytes())}), 0u);
+  EXPECT_EQ(*(*raw)->CountHeld(
+                {cluster::StoredKey(info->key_namespace(), keys[0].AsBytes())}),
+            1u);
 }
 
 // (kvstore/daemon_config_test checks the message names the field.)

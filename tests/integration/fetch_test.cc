@@ -346,6 +346,46 @@ TEST_F(FetchTest, CorruptChunkIsReportedWithItsIndex) {
   }
 }
 
+TEST_F(FetchTest, CountCachedAsksTheLocalLookupSocket) {
+  StartDaemon();
+  const size_t n = prompt_->keys.size();
+  PutPrompt(n - 2);
+  ClientOptions options;
+  options.address = daemon_->address();
+  options.local_lookups = false;
+  std::unique_ptr<KvCacheClient> over_grpc = *KvCacheClient::Connect(options);
+  for (size_t k : {n, n - 2, size_t{1}}) {
+    const auto keys = absl::MakeConstSpan(prompt_->keys).first(k);
+    EXPECT_EQ(*client_->CountCached(keys), std::min(k, n - 2)) << k;
+    EXPECT_EQ(*over_grpc->CountCached(keys), std::min(k, n - 2)) << k;
+  }
+  EXPECT_EQ(client_->local_lookups(), 3u);
+  EXPECT_EQ(over_grpc->local_lookups(), 0u);
+  absl::StatusOr<v1::NodeInfoResponse> info = client_->NodeInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->local_lookup_socket(),
+            info->shared_memory_socket() + ".lookup");
+
+  // A restarted node at the same address: the old socket's connections
+  // fail, gRPC answers, and a later call finds the new node's socket.
+  std::shared_ptr<KvCacheClient> old_client = client_;
+  const std::string address = daemon_->address();
+  daemon_.reset();
+  StartDaemon({absl::StrCat("--listen=", address)});
+  PutPrompt(1);
+  // The old client's channel reconnects on its own; a worker retries.
+  absl::StatusOr<size_t> counted;
+  for (int i = 0; i < 50; ++i) {
+    counted = old_client->CountCached(prompt_->keys);
+    if (counted.ok()) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_TRUE(counted.ok()) << counted.status();
+  EXPECT_EQ(*counted, 1u);
+  EXPECT_EQ(*old_client->CountCached(prompt_->keys), 1u);
+  EXPECT_GT(old_client->local_lookups(), 3u);
+}
+
 TEST_F(FetchTest, ConcurrentWorkersEachGetTheirPrefix) {
   StartDaemon();
   const size_t n = prompt_->keys.size();
