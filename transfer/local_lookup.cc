@@ -1,10 +1,12 @@
 #include "transfer/local_lookup.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -65,7 +67,13 @@ absl::StatusOr<std::unique_ptr<LocalLookupServer>> LocalLookupServer::Start(
   std::unique_ptr<LocalLookupServer> server(new LocalLookupServer(
       std::move(socket_path), *listen_fd, stop_fd, std::move(greeting),
       std::move(count_held), std::move(options)));
-  server->accept_thread_ = std::thread([s = server.get()] { s->Accept(); });
+  // Every loop polls the listening socket; the one whose accept wins takes
+  // the connection, the others find nothing (non-blocking) and go on.
+  fcntl(*listen_fd, F_SETFL, fcntl(*listen_fd, F_GETFL) | O_NONBLOCK);
+  for (uint32_t t = 0; t < std::max<uint32_t>(1, server->options_.threads);
+       ++t) {
+    server->threads_.emplace_back([s = server.get()] { s->Serve(); });
+  }
   return server;
 }
 
@@ -83,85 +91,111 @@ LocalLookupServer::LocalLookupServer(std::string socket_path, int listen_fd,
 LocalLookupServer::~LocalLookupServer() {
   const uint64_t one = 1;
   if (write(stop_fd_, &one, sizeof(one)) != sizeof(one)) std::abort();
-  accept_thread_.join();
-  {
-    // Serving threads never take the lock: joining under it is safe.
-    absl::MutexLock lock(&mu_);
-    // Wakes every connection's thread out of its read.
-    for (Connection& c : connections_) shutdown(c.fd, SHUT_RDWR);
-    for (Connection& c : connections_) {
-      c.thread.join();
-      close(c.fd);
-    }
-  }
+  for (std::thread& thread : threads_) thread.join();
   unlink(socket_path_.c_str());
   close(listen_fd_);
   close(stop_fd_);
 }
 
-void LocalLookupServer::Reap() {
-  for (auto it = connections_.begin(); it != connections_.end();) {
-    if (it->done.load()) {
-      it->thread.join();
-      close(it->fd);
-      it = connections_.erase(it);
-    } else {
-      ++it;
+namespace {
+
+// A client connection: the request read so far, never more than one.
+struct Connection {
+  int fd;
+  std::string in;
+  absl::Time last_active;
+};
+
+// Reads what `c` has sent and answers each whole request; false once the
+// connection is to be closed (its end, an error, a malformed request).
+bool Advance(Connection& c, const LocalLookupServer::CountHeld& count_held,
+             std::vector<absl::string_view>& views) {
+  while (true) {
+    size_t need = 8;
+    uint32_t n = 0;
+    if (c.in.size() >= 8) {
+      std::memcpy(&n, c.in.data() + 4, sizeof(n));
+      if (absl::string_view(c.in.data(), 4) != kRequest || n < 1 ||
+          n > kMaxLocalLookupKeys) {
+        return false;
+      }
+      need = 8 + size_t{n} * kKeyBytes;
     }
+    if (c.in.size() == need) {
+      views.clear();
+      for (uint32_t i = 0; i < n; ++i) {
+        views.emplace_back(c.in.data() + 8 + size_t{i} * kKeyBytes, kKeyBytes);
+      }
+      const uint32_t held = static_cast<uint32_t>(count_held(views));
+      // Four bytes fit any socket buffer; a client that does not read its
+      // answers is dropped.
+      if (send(c.fd, &held, sizeof(held), MSG_NOSIGNAL | MSG_DONTWAIT) !=
+          sizeof(held)) {
+        return false;
+      }
+      c.in.clear();
+      continue;
+    }
+    const size_t have = c.in.size();
+    c.in.resize(need);
+    const ssize_t got =
+        recv(c.fd, c.in.data() + have, need - have, MSG_DONTWAIT);
+    if (got <= 0) {
+      c.in.resize(have);
+      return got < 0 && (errno == EAGAIN || errno == EINTR);
+    }
+    c.in.resize(have + static_cast<size_t>(got));
   }
 }
 
-void LocalLookupServer::Accept() {
-  pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+}  // namespace
+
+void LocalLookupServer::Serve() {
+  std::vector<Connection> connections;
+  std::vector<pollfd> fds;
+  std::vector<absl::string_view> views;
+  auto drop = [&](size_t i) {
+    close(connections[i].fd);
+    connections.erase(connections.begin() + i);
+    connections_.fetch_sub(1);
+  };
   while (true) {
-    if (poll(fds, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      return;
+    fds.assign({{listen_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}});
+    for (const Connection& c : connections) fds.push_back({c.fd, POLLIN, 0});
+    // Wakes at least once a second to close idle connections.
+    if (poll(fds.data(), fds.size(), 1000) < 0 && errno != EINTR) break;
+    if (fds[1].revents != 0) break;
+    const absl::Time now = absl::Now();
+    // Backwards, so dropping one leaves the indices of those before it.
+    for (size_t i = connections.size(); i-- > 0;) {
+      Connection& c = connections[i];
+      if (fds[i + 2].revents != 0) {
+        c.last_active = now;
+        if (!Advance(c, count_held_, views)) drop(i);
+      } else if (now - c.last_active > options_.idle_timeout) {
+        drop(i);
+      }
     }
-    if (fds[1].revents != 0) return;
-    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fds[0].revents == 0) continue;
+    const int fd =
+        accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) continue;
-    absl::MutexLock lock(&mu_);
-    Reap();
-    if (!PeerAllowed(fd, options_.allowed_uids) ||
-        connections_.size() >= options_.max_connections) {
+    if (!PeerAllowed(fd, options_.allowed_uids)) {
       close(fd);
       continue;
     }
-    Connection& c = connections_.emplace_back();
-    c.fd = fd;
-    c.thread = std::thread([this, &c] { Serve(c); });
-  }
-}
-
-void LocalLookupServer::Serve(Connection& connection) {
-  const int fd = connection.fd;
-  SetTimeout(fd, SO_SNDTIMEO, 5);
-  SetTimeout(fd, SO_RCVTIMEO,
-             std::max<int>(1, absl::ToInt64Seconds(options_.idle_timeout)));
-  std::string keys;
-  std::vector<absl::string_view> views;
-  bool open = WriteAll(fd, greeting_.data(), greeting_.size());
-  while (open) {
-    char header[8];
-    uint32_t n = 0;
-    open = ReadAll(fd, header, sizeof(header)) &&
-           absl::string_view(header, 4) == kRequest;
-    if (open) std::memcpy(&n, header + 4, sizeof(n));
-    open = open && n >= 1 && n <= kMaxLocalLookupKeys;
-    if (!open) break;
-    keys.resize(size_t{n} * kKeyBytes);
-    if (!ReadAll(fd, keys.data(), keys.size())) break;
-    views.clear();
-    for (uint32_t i = 0; i < n; ++i) {
-      views.emplace_back(keys.data() + size_t{i} * kKeyBytes, kKeyBytes);
+    if (connections_.fetch_add(1) >= options_.max_connections) {
+      connections_.fetch_sub(1);
+      close(fd);
+      continue;
     }
-    const uint32_t held = static_cast<uint32_t>(count_held_(views));
-    open = WriteAll(fd, reinterpret_cast<const char*>(&held), sizeof(held));
+    connections.push_back({fd, std::string(), now});
+    if (send(fd, greeting_.data(), greeting_.size(), MSG_NOSIGNAL) !=
+        static_cast<ssize_t>(greeting_.size())) {
+      drop(connections.size() - 1);
+    }
   }
-  // The peer sees the end now; Reap closes the descriptor.
-  shutdown(fd, SHUT_RDWR);
-  connection.done.store(true);
+  for (const Connection& c : connections) close(c.fd);
 }
 
 absl::StatusOr<std::unique_ptr<LocalLookupClient>> LocalLookupClient::Connect(

@@ -19,7 +19,6 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
-#include <list>
 #include <memory>
 #include <string>
 #include <thread>
@@ -39,10 +38,14 @@ inline constexpr uint32_t kMaxLocalLookupKeys = 16384;
 struct LocalLookupOptions {
   std::vector<uid_t> allowed_uids;  // empty: this process's user only
   uint32_t max_connections = 64;    // more are closed at once
+  // Poll loops serving the connections, each taking those it accepts.
+  uint32_t threads = 2;
   absl::Duration idle_timeout = absl::Seconds(60);
 };
 
-// Daemon side. Serves each connection on a thread of its own.
+// Daemon side. A few threads serve the connections from poll loops, as an
+// event-driven server does: a request is answered in microseconds, so a
+// thread per connection would only add wake-ups and context switches.
 class LocalLookupServer {
  public:
   // How many leading keys of a request the node holds.
@@ -62,28 +65,19 @@ class LocalLookupServer {
   const std::string& socket_path() const { return socket_path_; }
 
  private:
-  struct Connection {
-    int fd;
-    std::thread thread;
-    std::atomic<bool> done{false};
-  };
   LocalLookupServer(std::string socket_path, int listen_fd, int stop_fd,
                     std::string greeting, CountHeld count_held,
                     LocalLookupOptions options);
-  void Accept();
-  void Serve(Connection& connection);
-  // Joins the threads of connections that ended.
-  void Reap() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Serve();
 
   const std::string socket_path_;
   const int listen_fd_;
-  const int stop_fd_;  // eventfd that wakes Accept to stop
+  const int stop_fd_;  // eventfd that wakes Serve to stop
   const std::string greeting_;
   const CountHeld count_held_;
   const LocalLookupOptions options_;
-  absl::Mutex mu_;
-  std::list<Connection> connections_ ABSL_GUARDED_BY(mu_);
-  std::thread accept_thread_;
+  std::atomic<uint32_t> connections_{0};
+  std::vector<std::thread> threads_;
 };
 
 // Worker side: a few connections kept open and lent one per call.
