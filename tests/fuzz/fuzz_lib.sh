@@ -23,6 +23,7 @@
 # tests/fuzz/corpus/<name>/.
 fuzz_targets=(
   codec gguf daemon_config chunk_index etcd_reply kvcache_service metrics_http
+  local_lookup
 )
 # The targets CI's smoke test runs. metrics_http is left out: now and then
 # a connection is neither answered nor closed within twice the server's
@@ -31,6 +32,15 @@ fuzz_targets=(
 # 60 s since), but it still happened once in a loaded CI run after ~23k
 # connections, and replaying that input never repeats it. run_all_fuzz.sh
 # runs it.
+#
+# local_lookup is left out for what looks like the same cause: after 50k to
+# 220k connections, one connection's greeting or answer did not come within
+# 4 s, while the server's loop was alive (a new connection was greeted at
+# once, and the stalled one was answered right after). It happened with a
+# thread per connection and with poll loops, and with the loop retrying
+# every socket at a 100 ms timeout; no input replays it, and a separate
+# process saw no scheduling gap over 8 ms meanwhile. run_all_fuzz.sh runs
+# it.
 smoke_targets=(codec gguf daemon_config chunk_index etcd_reply kvcache_service)
 
 fuzz_flags=(
