@@ -324,11 +324,15 @@ void NodeState::set_local_lookup_socket(std::string path) {
   local_lookup_socket_ = std::move(path);
 }
 
-size_t NodeState::CountHeld(absl::Span<const absl::string_view> stored_keys) {
+size_t NodeState::CountHeld(
+    absl::Span<const absl::string_view> stored_keys,
+    absl::FunctionRef<void(size_t, const LocatedChunk&)> on_held) {
   lookups.fetch_add(1, std::memory_order_relaxed);
   size_t found = 0;
-  while (found < stored_keys.size() && store().Peek(stored_keys[found]).ok()) {
-    ++found;
+  for (; found < stored_keys.size(); ++found) {
+    absl::StatusOr<LocatedChunk> chunk = store().Peek(stored_keys[found]);
+    if (!chunk.ok()) break;
+    on_held(found, *chunk);
   }
   hits.fetch_add(found, std::memory_order_relaxed);
   misses.fetch_add(stored_keys.size() - found, std::memory_order_relaxed);
@@ -371,22 +375,18 @@ grpc::Status LookupPrefix(NodeState& node, grpc::CallbackServerContext* context,
       !s.ok()) {
     return s;
   }
-  node.lookups.fetch_add(1, std::memory_order_relaxed);
-  // Collect infos one by one: a chunk evicted between the checks shortens the
-  // prefix rather than producing a hole in it.
-  uint32_t found = 0;
+  std::vector<std::string> stored;
+  stored.reserve(request->keys_size());
   for (const std::string& key : request->keys()) {
-    absl::StatusOr<LocatedChunk> chunk = node.store().Peek(caller->Stored(key));
-    if (!chunk.ok()) break;
-    if (!request->count_only()) {
-      FillInfo(key, *chunk, *response->add_chunks());
-    }
-    ++found;
+    stored.push_back(caller->Stored(key));
   }
-  response->set_prefix_chunks(found);
-  node.hits.fetch_add(found, std::memory_order_relaxed);
-  node.misses.fetch_add(request->keys_size() - found,
-                        std::memory_order_relaxed);
+  const std::vector<absl::string_view> views(stored.begin(), stored.end());
+  response->set_prefix_chunks(
+      node.CountHeld(views, [&](size_t i, const LocatedChunk& chunk) {
+        if (!request->count_only()) {
+          FillInfo(request->keys(i), chunk, *response->add_chunks());
+        }
+      }));
   return grpc::Status::OK;
 }
 

@@ -16,6 +16,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -69,8 +70,13 @@ class NodeState {
   std::string local_lookup_socket() const;
   void set_local_lookup_socket(std::string path);
   // How many leading stored keys the node holds, counted as a lookup's hits
-  // and misses: the count-only Lookup, and the local lookup socket's.
-  size_t CountHeld(absl::Span<const absl::string_view> stored_keys);
+  // and misses, showing `on_held` each chunk of the prefix in order: Lookup,
+  // and the local lookup socket's. Chunks are looked up one by one, so one
+  // evicted meanwhile shortens the prefix rather than leaving a hole in it.
+  size_t CountHeld(
+      absl::Span<const absl::string_view> stored_keys,
+      absl::FunctionRef<void(size_t, const LocatedChunk&)> on_held =
+          [](size_t, const LocatedChunk&) {});
 
   bool draining() const { return draining_.load(); }
   void StartDraining() { draining_.store(true); }
