@@ -175,6 +175,50 @@ absl::StatusOr<StreamSummary> PeekSummary(absl::string_view bitstream) {
   return summary;
 }
 
+absl::StatusOr<std::vector<uint64_t>> LayerEnds(absl::string_view bitstream) {
+  absl::StatusOr<internal::Sections> parsed =
+      internal::ParseSections(bitstream);
+  if (!parsed.ok()) return parsed.status();
+  const internal::Sections& s = *parsed;
+  const Header& h = s.header;
+  const uint32_t groups = h.ChannelGroups();
+  const uint32_t token_groups = h.TokenGroups();
+  const uint64_t payload_at =
+      bitstream.size() - internal::kChecksumBytes - s.payload.size();
+  // Blocks per stream follow from the symbol counts, which follow from the
+  // choice bits (FORMAT.md sections 4 to 6), a stream per byte plane.
+  auto blocks_of = [&](uint64_t symbols) {
+    return (symbols + h.block_symbols - 1) / h.block_symbols;
+  };
+  std::vector<uint64_t> ends(h.shape.layers);
+  uint64_t blocks = 0;
+  for (uint32_t p = 0; p < h.Planes(); ++p) {
+    const int byte_planes = internal::BytePlanes(s.planes[p].bits);
+    for (uint32_t cg = 0; cg < groups; ++cg) {
+      const std::array<size_t, 2> symbols =
+          internal::StreamSizes({&h, s.planes[p].bits, cg,
+                                 (uint64_t{p} * groups + cg) * token_groups},
+                                s.choices);
+      blocks += byte_planes * (blocks_of(symbols[0]) + blocks_of(symbols[1]));
+    }
+    if (p % 2 == 0) continue;
+    if (blocks > h.num_blocks) {
+      return absl::DataLossError("block directory shorter than the streams");
+    }
+    const uint64_t end =
+        blocks == 0 ? 0
+                    : internal::LoadU32(
+                          reinterpret_cast<const uint8_t*>(s.directory.data()) +
+                          4 * (blocks - 1));
+    if (end > s.payload.size() ||
+        (p > 1 && end < ends[p / 2 - 1] - payload_at)) {
+      return absl::DataLossError("block directory out of range or order");
+    }
+    ends[p / 2] = payload_at + end;
+  }
+  return ends;
+}
+
 absl::Status DecodeChunk(absl::string_view bitstream, absl::Span<uint16_t> out,
                          const ModelProfile* profile) {
   absl::StatusOr<internal::Sections> parsed =

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -132,6 +133,14 @@ struct StreamSummary {
   }
 };
 absl::StatusOr<StreamSummary> PeekSummary(absl::string_view bitstream);
+
+// Where each layer's coded data ends in `bitstream`, as offsets from its
+// start, for restoring a chunk layer by layer: a stream's headers, tables
+// and block directory come first, then its blocks in layer order, so
+// decoding layers [0, l] reads its bytes before ends[l] and its last 4 (the
+// checksum). Checks the header and directory, not the checksum; DataLoss or
+// Unimplemented as PeekShape.
+absl::StatusOr<std::vector<uint64_t>> LayerEnds(absl::string_view bitstream);
 
 // Decodes `bitstream` into `out`, which must hold exactly NumValues() of the
 // recorded shape (InvalidArgument otherwise). Verifies the CRC32C before

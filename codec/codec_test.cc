@@ -5,6 +5,7 @@
 #include <random>
 #include <vector>
 
+#include "codec/byte_io.h"
 #include "codec/kv_dump.h"
 #include "codec/quantize.h"
 #include "codec/test_data.h"
@@ -95,6 +96,37 @@ TEST(CodecTest, EveryLevelAndDtypeOnSyntheticData) {
       previous = bytes;
     }
   }
+}
+
+TEST(CodecTest, LayerEndsSplitThePayloadByLayer) {
+  const ChunkShape s{5, 300, 2, 64, DType::kFloat16};
+  const std::vector<uint16_t> in = SyntheticChunk(s, 11);
+  for (Level level : kAllLevels) {
+    absl::StatusOr<std::string> enc = EncodeChunk(s, in, level);
+    ASSERT_TRUE(enc.ok()) << enc.status();
+    absl::StatusOr<std::vector<uint64_t>> ends = LayerEnds(*enc);
+    ASSERT_TRUE(ends.ok()) << ends.status();
+    ASSERT_EQ(ends->size(), s.layers);
+    // The last layer ends where the checksum starts; each layer has bytes.
+    EXPECT_EQ(ends->back(), enc->size() - 4) << LevelName(level);
+    for (size_t l = 1; l < ends->size(); ++l) {
+      EXPECT_LT((*ends)[l - 1], (*ends)[l]) << LevelName(level) << " " << l;
+    }
+  }
+  // A directory whose ends lie past the payload is refused.
+  absl::StatusOr<std::string> enc = EncodeChunk(s, in, Level::kDefault);
+  ASSERT_TRUE(enc.ok());
+  absl::StatusOr<std::vector<uint64_t>> ends = LayerEnds(*enc);
+  ASSERT_TRUE(ends.ok());
+  const uint64_t payload_bytes =
+      internal::LoadU32(reinterpret_cast<const uint8_t*>(enc->data()) + 48);
+  const uint32_t num_blocks =
+      internal::LoadU32(reinterpret_cast<const uint8_t*>(enc->data()) + 44);
+  const uint64_t dir = enc->size() - 4 - payload_bytes - 4 * num_blocks;
+  std::string bad = *enc;
+  for (uint64_t b = 0; b < 4 * num_blocks; ++b) bad[dir + b] = '\xff';
+  EXPECT_EQ(LayerEnds(bad).status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_FALSE(LayerEnds(enc->substr(0, 40)).ok());
 }
 
 TEST(CodecTest, LosslessKeepsArbitraryBitPatterns) {

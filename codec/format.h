@@ -4,7 +4,9 @@
 #ifndef KVCACHE_CODEC_FORMAT_H_
 #define KVCACHE_CODEC_FORMAT_H_
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -293,6 +295,25 @@ absl::StatusOr<Sections> ParseSections(absl::string_view stream);
 // anchor, 0 = coded as is.
 inline bool ChoiceBit(absl::string_view choices, uint64_t i) {
   return (static_cast<uint8_t>(choices[i >> 3]) >> (i & 7)) & 1;
+}
+
+// Set bits among bits [first, first + count) of the choice section, up to
+// 56 at a time from one unaligned 8-byte load.
+inline uint32_t CountChoiceBits(absl::string_view choices, uint64_t first,
+                                uint64_t count) {
+  uint32_t set = 0;
+  while (count > 0) {
+    const uint64_t byte = first >> 3;
+    uint64_t word = 0;
+    std::memcpy(&word, choices.data() + byte,
+                std::min<uint64_t>(8, choices.size() - byte));
+    const uint64_t take = std::min<uint64_t>(count, 56);
+    set += static_cast<uint32_t>(__builtin_popcountll(
+        (word >> (first & 7)) & ((uint64_t{1} << take) - 1)));
+    first += take;
+    count -= take;
+  }
+  return set;
 }
 
 }  // namespace kvcache::codec::internal

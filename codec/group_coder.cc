@@ -16,23 +16,6 @@ Range GroupTokens(const Header& h, uint32_t tg) {
   return {t0, std::min(h.shape.tokens, t0 + h.token_group)};
 }
 
-// Symbols per mode: raw holds every anchor row plus raw groups; delta holds
-// the non-anchor rows of delta groups.
-std::array<size_t, 2> StreamSizes(const GroupView& v,
-                                  absl::string_view choices) {
-  const Header& h = *v.header;
-  const uint32_t groups = h.TokenGroups();
-  uint32_t delta_before_last = 0;
-  for (uint32_t tg = 0; tg + 1 < groups; ++tg) {
-    delta_before_last += ChoiceBit(choices, v.first_choice + tg);
-  }
-  const StreamRows rows =
-      RowsOfAll(h.shape.tokens, h.token_group, groups, delta_before_last,
-                ChoiceBit(choices, v.first_choice + groups - 1));
-  return {size_t{rows.raw} * h.channel_group,
-          size_t{rows.delta} * h.channel_group};
-}
-
 // Symbol counts of a stream. Quantized streams repeat symbols a lot, and one
 // table would make each increment wait for the previous one to the same
 // entry; four tables, summed at the end, keep four in flight.
@@ -54,6 +37,19 @@ rans::Histogram CountSymbols(const std::vector<uint8_t>& symbols) {
 }
 
 }  // namespace
+
+std::array<size_t, 2> StreamSizes(const GroupView& v,
+                                  absl::string_view choices) {
+  const Header& h = *v.header;
+  const uint32_t groups = h.TokenGroups();
+  const uint64_t end = v.first_choice + groups - 1;
+  const uint32_t delta_before_last =
+      CountChoiceBits(choices, v.first_choice, groups - 1);
+  const StreamRows rows = RowsOfAll(h.shape.tokens, h.token_group, groups,
+                                    delta_before_last, ChoiceBit(choices, end));
+  return {size_t{rows.raw} * h.channel_group,
+          size_t{rows.delta} * h.channel_group};
+}
 
 void GroupEncoder::Encode(const GroupView& v, const uint16_t* q,
                           std::vector<uint8_t>* choices, std::string* tables,

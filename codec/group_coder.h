@@ -12,6 +12,7 @@
 #ifndef KVCACHE_CODEC_GROUP_CODER_H_
 #define KVCACHE_CODEC_GROUP_CODER_H_
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -33,6 +34,12 @@ struct GroupView {
   uint64_t
       first_choice;  // Index of this group's first bit in the choice section.
 };
+
+// Symbols of the group's raw and delta streams (per byte plane): raw holds
+// every anchor row plus raw groups; delta the non-anchor rows of delta
+// groups.
+std::array<size_t, 2> StreamSizes(const GroupView& v,
+                                  absl::string_view choices);
 
 class GroupEncoder {
  public:

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "codec/codec.h"
 #include "transfer/cuda_status.h"
 #include "transfer/gpu_decode_sink.h"
 
@@ -58,7 +59,8 @@ GpuDecodeSink::GpuDecodeSink(const codec::gpu::KvLayout& layout,
       destinations_(std::move(destinations)),
       stream_(stream),
       options_(options),
-      profile_(options.profile) {}
+      profile_(options.profile),
+      on_layer_(options.on_layer) {}
 
 absl::Status GpuDecodeSink::Allocate() {
   if (absl::Status s = AllocateStatuses(); !s.ok()) return s;
@@ -99,7 +101,7 @@ absl::Status GpuDecodeSink::AllocateStatuses() {
 absl::Status GpuDecodeSink::Reset(
     const codec::gpu::KvLayout& layout,
     std::vector<codec::gpu::KvChunkRef> destinations, codec::gpu::Stream stream,
-    const codec::gpu::DeviceProfile* profile) {
+    const codec::gpu::DeviceProfile* profile, LayerReadyCallback on_layer) {
   if (consumed_ > 0 && !finished_) {
     return absl::FailedPreconditionError(
         "a GPU decode sink is reset only after Finish");
@@ -115,6 +117,11 @@ absl::Status GpuDecodeSink::Reset(
   destinations_ = std::move(destinations);
   stream_ = stream;
   profile_ = profile;
+  on_layer_ = std::move(on_layer);
+  layered_.clear();
+  held_.clear();
+  staging_block_ = 0;
+  staging_used_ = 0;
   filling_ = 0;
   consumed_ = 0;
   finished_ = false;
@@ -131,6 +138,10 @@ GpuDecodeSink::~GpuDecodeSink() {
     cudaStreamDestroy(copy_stream_);
   }
   slots_.clear();
+  for (auto& [block, bytes] : staging_) cudaFree(block);
+  cudaFree(layered_workspace_);
+  if (layer_copied_) cudaEventDestroy(layer_copied_);
+  for (cudaEvent_t e : layer_ready_) cudaEventDestroy(e);
   cudaFree(status_);
   if (started_) cudaEventDestroy(started_);
   if (first_decoded_) cudaEventDestroy(first_decoded_);
@@ -215,6 +226,10 @@ absl::Status GpuDecodeSink::Stage(
 
 absl::Status GpuDecodeSink::Consume(size_t index, absl::string_view bytes,
                                     bool stable) {
+  if (layered()) {
+    if (!stable) bytes = held_.emplace_back(bytes);
+    return TakeLayered(index, bytes);
+  }
   const uint64_t size = bytes.size();
   return Stage(index, absl::MakeConstSpan(&size, 1),
                [&](Slot& slot, uint8_t* staged, uint64_t) {
@@ -237,6 +252,7 @@ absl::Status GpuDecodeSink::ConsumeWrittenOnDevice(
     absl::FunctionRef<absl::Status(void*, uint64_t, CUstream_st*)> write) {
   // Written on the copy stream, so a batch's decode waits for it as it
   // waits for copies.
+  if (layered()) return TakeWrittenLayered(first, sizes, write);
   return Stage(first, sizes, [&](Slot&, uint8_t* staged, uint64_t bytes) {
     return write(staged, bytes, copy_stream_);
   });
@@ -247,6 +263,10 @@ absl::Status GpuDecodeSink::ConsumeOnDevice(size_t index,
                                             uint64_t size) {
   // Decoded where it lies: the chunk takes a place in the batch, but no
   // staging space.
+  if (layered()) {
+    return TakeLayeredOnDevice(index, static_cast<const uint8_t*>(device_bytes),
+                               size);
+  }
   absl::StatusOr<Slot*> slot = SlotFor(index, 0);
   if (!slot.ok()) return slot.status();
   AddJob(**slot, index, device_bytes, size);
@@ -289,6 +309,7 @@ absl::Status GpuDecodeSink::Launch() {
 }
 
 absl::Status GpuDecodeSink::Finish() {
+  if (layered()) return FinishLayered();
   const absl::Status launched = Launch();
   const cudaError_t synced = cudaStreamSynchronize(stream_);
   for (auto& slot : slots_) slot->in_flight = false;
@@ -298,6 +319,10 @@ absl::Status GpuDecodeSink::Finish() {
   if (launched_any_) {
     cudaEventElapsedTime(&first_batch_ms_, started_, first_decoded_);
   }
+  return ChunkStatuses();
+}
+
+absl::Status GpuDecodeSink::ChunkStatuses() {
   std::vector<int32_t> status(consumed_);
   if (consumed_ > 0) {
     const cudaError_t e = cudaMemcpy(status.data(), status_, 4 * consumed_,
@@ -321,6 +346,214 @@ absl::Status GpuDecodeSink::Finish() {
     }
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<uint8_t*> GpuDecodeSink::TakeStaging(uint64_t bytes) {
+  bytes = (bytes + 255) / 256 * 256;  // Streams start 256-byte aligned.
+  for (; staging_block_ < staging_.size(); ++staging_block_) {
+    auto [block, capacity] = staging_[staging_block_];
+    if (staging_used_ + bytes <= capacity) {
+      staging_used_ += bytes;
+      return block + staging_used_ - bytes;
+    }
+    staging_used_ = 0;
+  }
+  constexpr uint64_t kStagingBlock = 256 << 20;
+  const uint64_t capacity = std::max(kStagingBlock, bytes);
+  void* block = nullptr;
+  if (absl::Status s = CudaError(cudaMalloc(&block, capacity),
+                                 "allocating layer-by-layer staging");
+      !s.ok()) {
+    return s;
+  }
+  staging_.emplace_back(static_cast<uint8_t*>(block), capacity);
+  staging_used_ = bytes;
+  return static_cast<uint8_t*>(block);
+}
+
+absl::Status GpuDecodeSink::TakeLayered(size_t index, absl::string_view bytes) {
+  if (index != consumed_ || index >= destinations_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk ", index, " out of order or without a destination (",
+        destinations_.size(), " given)"));
+  }
+  LayeredChunk chunk;
+  chunk.bytes = reinterpret_cast<const uint8_t*>(bytes.data());
+  chunk.size = bytes.size();
+  // A chunk whose layers can't be found goes up whole with layer 0, for
+  // the decoder to reject.
+  absl::StatusOr<std::vector<uint64_t>> ends = codec::LayerEnds(bytes);
+  chunk.ends = ends.ok() && ends->size() == layout_.layers
+                   ? *std::move(ends)
+                   : std::vector<uint64_t>(layout_.layers, bytes.size());
+  chunk.ends.back() = bytes.size();  // The checksum comes with the last.
+  absl::StatusOr<uint8_t*> staged = TakeStaging(bytes.size());
+  if (!staged.ok()) return staged.status();
+  chunk.staged = *staged;
+  // Its headers, tables and layer 0 go up now, while later chunks are
+  // still on their way.
+  if (index == 0) cudaEventRecord(started_, copy_stream_);
+  if (absl::Status s =
+          CudaError(cudaMemcpyAsync(*staged, chunk.bytes, chunk.ends[0],
+                                    cudaMemcpyHostToDevice, copy_stream_),
+                    "copying a chunk's first layer to the GPU");
+      !s.ok()) {
+    return s;
+  }
+  layered_.push_back(std::move(chunk));
+  ++consumed_;
+  return absl::OkStatus();
+}
+
+absl::Status GpuDecodeSink::TakeLayeredOnDevice(size_t index,
+                                                const uint8_t* bytes,
+                                                uint64_t size) {
+  if (index != consumed_ || index >= destinations_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk ", index, " out of order or without a destination (",
+        destinations_.size(), " given)"));
+  }
+  if (index == 0) cudaEventRecord(started_, copy_stream_);
+  layered_.push_back({bytes, size, nullptr, {}});
+  ++consumed_;
+  return absl::OkStatus();
+}
+
+absl::Status GpuDecodeSink::TakeWrittenLayered(
+    size_t first, absl::Span<const uint64_t> sizes,
+    absl::FunctionRef<absl::Status(void*, uint64_t, CUstream_st*)> write) {
+  std::vector<uint64_t> offsets;
+  uint64_t end = 0;
+  for (uint64_t size : sizes) {
+    offsets.push_back((end + 255) / 256 * 256);
+    end = offsets.back() + size;
+  }
+  absl::StatusOr<uint8_t*> group = TakeStaging(end);
+  if (!group.ok()) return group.status();
+  if (absl::Status s = write(*group, end, copy_stream_); !s.ok()) return s;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (absl::Status s =
+            TakeLayeredOnDevice(first + i, *group + offsets[i], sizes[i]);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Queues host-to-device copies of pieces on `stream`, in one call where the
+// driver takes batches.
+cudaError_t CopyPieces(std::vector<void*>& to, std::vector<const void*>& from,
+                       std::vector<size_t>& sizes, cudaStream_t stream) {
+  if (sizes.empty()) return cudaSuccess;
+  cudaMemcpyAttributes attributes = {};
+  attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  attributes.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+  size_t attribute_index = 0;
+  if (cudaMemcpyBatchAsync(to.data(), from.data(), sizes.data(), sizes.size(),
+                           &attributes, &attribute_index, 1,
+                           stream) == cudaSuccess) {
+    return cudaSuccess;
+  }
+  cudaGetLastError();  // An older driver: one copy at a time.
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const cudaError_t e = cudaMemcpyAsync(to[i], from[i], sizes[i],
+                                          cudaMemcpyHostToDevice, stream);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+absl::Status GpuDecodeSink::RunLayers() {
+  const size_t n = layered_.size();
+  const uint32_t layers = layout_.layers;
+  if (n == 0) return absl::OkStatus();
+  std::vector<DecodeJob> jobs(n);
+  for (size_t i = 0; i < n; ++i) {
+    const LayeredChunk& c = layered_[i];
+    jobs[i].stream = c.staged != nullptr ? c.staged : c.bytes;
+    jobs[i].stream_bytes = c.size;
+    jobs[i].dest = destinations_[i];
+  }
+  const codec::gpu::LayerRange one_layer{0, 1, false, false};
+  const uint64_t workspace =
+      codec::gpu::DecodeWorkspaceBytes(layout_, jobs, profile_, one_layer);
+  if (workspace > layered_workspace_bytes_) {
+    cudaFree(layered_workspace_);
+    layered_workspace_ = nullptr;
+    layered_workspace_bytes_ = 0;
+    if (absl::Status s = CudaError(cudaMalloc(&layered_workspace_, workspace),
+                                   "allocating decode workspace");
+        !s.ok()) {
+      return s;
+    }
+    layered_workspace_bytes_ = workspace;
+  }
+  cudaError_t e = cudaSuccess;
+  if (layer_copied_ == nullptr) {
+    e = cudaEventCreateWithFlags(&layer_copied_, cudaEventDisableTiming);
+  }
+  while (e == cudaSuccess && layer_ready_.size() < layers) {
+    e = cudaEventCreate(&layer_ready_.emplace_back());
+    if (e != cudaSuccess) layer_ready_.pop_back();
+  }
+  if (e != cudaSuccess) return CudaError(e, "setting up layer events");
+
+  std::vector<void*> to;
+  std::vector<const void*> from;
+  std::vector<size_t> sizes;
+  for (uint32_t l = 0; l < layers; ++l) {
+    // Layer 0 went up with each chunk.
+    to.clear();
+    from.clear();
+    sizes.clear();
+    for (const LayeredChunk& c : layered_) {
+      if (l == 0 || c.ends.empty() || c.ends[l] == c.ends[l - 1]) continue;
+      const uint64_t begin = c.ends[l - 1];
+      to.push_back(c.staged + begin);
+      from.push_back(c.bytes + begin);
+      sizes.push_back(c.ends[l] - begin);
+    }
+    if (absl::Status s = CudaError(CopyPieces(to, from, sizes, copy_stream_),
+                                   "copying a layer to the GPU");
+        !s.ok()) {
+      return s;
+    }
+    cudaEventRecord(layer_copied_, copy_stream_);
+    cudaStreamWaitEvent(stream_, layer_copied_, 0);
+    const codec::gpu::LayerRange range{l, 1, l > 0, l + 1 == layers};
+    if (absl::Status s = codec::gpu::DecodeBatch(
+            layout_, jobs, layered_workspace_, layered_workspace_bytes_,
+            status_, stream_, profile_, range);
+        !s.ok()) {
+      return s;
+    }
+    launched_any_ = true;
+    cudaEventRecord(layer_ready_[l], stream_);
+    on_layer_(l, layer_ready_[l]);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GpuDecodeSink::FinishLayered() {
+  const absl::Status ran = RunLayers();
+  // Copies precede the decodes that wait for them, unless a failure came
+  // between.
+  const cudaError_t copied = cudaStreamSynchronize(copy_stream_);
+  const cudaError_t synced = cudaStreamSynchronize(stream_);
+  finished_ = true;
+  held_.clear();
+  if (!ran.ok()) return ran;
+  if (copied != cudaSuccess) return CudaError(copied, "copying to the GPU");
+  if (synced != cudaSuccess) return CudaError(synced, "decoding on the GPU");
+  if (launched_any_) {
+    cudaEventElapsedTime(&first_batch_ms_, started_, layer_ready_[0]);
+  }
+  return ChunkStatuses();
 }
 
 }  // namespace kvcache::transfer

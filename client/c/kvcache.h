@@ -214,6 +214,17 @@ typedef struct {
    * memory while the fetch goes on; default 1 (the calling thread only),
    * at most 256. */
   int32_t decode_threads;
+  /* kvcache_fetch_to_device: restores layer by layer when set. The chunks'
+   * bytes go to the GPU layer by layer, and on_layer(on_layer_user, layer,
+   * event) is called for each layer in order, on the calling thread, as
+   * soon as that layer's decode is queued on the call's stream. `event`, a
+   * cudaEvent_t valid until the call returns, is recorded after it: a
+   * stream that waits on it (cudaStreamWaitEvent) reads the layer's values,
+   * so an engine computes layer l while later layers arrive. The prefix's
+   * compressed bytes are staged on the GPU at once, and a corrupt chunk
+   * fails the call after its earlier layers were written. */
+  void (*on_layer)(void* user, uint32_t layer, void* event);
+  void* on_layer_user;
 } kvcache_fetch_options;
 KVCACHE_EXPORT void kvcache_fetch_options_init(kvcache_fetch_options* options);
 
@@ -307,6 +318,11 @@ KVCACHE_EXPORT int kvcache_fetch_to_device(kvcache_client* client,
                                            void* stream,
                                            const kvcache_fetch_options* options,
                                            kvcache_fetch_report* report);
+
+/* Makes `stream` (a cudaStream_t; NULL: the default stream) wait, on the
+ * GPU, for `event`: an event on_layer gave, so that work queued on the
+ * stream afterwards sees that layer. INVALID_ARGUMENT for a null event. */
+KVCACHE_EXPORT int kvcache_stream_wait_event(void* stream, void* event);
 
 /* ---- Storing from the GPU ---- */
 

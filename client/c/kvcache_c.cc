@@ -35,6 +35,7 @@
 #include "client/profile_store.h"
 #include "codec/codec.h"
 #include "codec/cuda/gpu_codec.h"
+#include "transfer/cuda_status.h"
 #include "transfer/gpu_decode_sink.h"
 #include "transfer/gpu_storer.h"
 
@@ -152,6 +153,7 @@ struct FetchArguments {
   FetcherOptions options;
   const ::kvcache_profile* profile = nullptr;
   int decode_threads = 1;
+  transfer::LayerReadyCallback on_layer;  // fetch_to_device only
 };
 
 absl::StatusOr<FetchArguments> ParseFetch(const ::kvcache_client* client,
@@ -171,8 +173,22 @@ absl::StatusOr<FetchArguments> ParseFetch(const ::kvcache_client* client,
     return absl::InvalidArgumentError(absl::StrCat(
         "decode_threads is ", versioned->decode_threads, ", not in [1, 256]"));
   }
+  transfer::LayerReadyCallback on_layer;
+  if (versioned->on_layer != nullptr) {
+    if (!for_gpu) {
+      return absl::InvalidArgumentError(
+          "on_layer is for kvcache_fetch_to_device, which restores layer by "
+          "layer on the GPU");
+    }
+    on_layer = [callback = versioned->on_layer,
+                user = versioned->on_layer_user](uint32_t layer,
+                                                 CUevent_st* ready) {
+      callback(user, layer, ready);
+    };
+  }
   return FetchArguments{*std::move(parsed), *std::move(fetcher_options),
-                        versioned->profile, versioned->decode_threads};
+                        versioned->profile, versioned->decode_threads,
+                        std::move(on_layer)};
 }
 
 void WriteReport(const FetchReport& r, float first_batch_ms,
@@ -728,7 +744,8 @@ class DeviceProfiles {
 absl::StatusOr<DeviceReport> FetchToDevice(
     FetcherPool& pool, DeviceFetchPool& devices, const FetcherOptions& options,
     absl::Span<const ChunkKey> keys, const DeviceTarget& target,
-    codec::gpu::Stream stream, const DeviceProfiles* profiles) {
+    codec::gpu::Stream stream, const DeviceProfiles* profiles,
+    const transfer::LayerReadyCallback& on_layer) {
   absl::StatusOr<int> device = DestinationDevice(target.addresses);
   if (!device.ok()) return device.status();
   // The sink allocates and launches on the current device.
@@ -772,12 +789,13 @@ absl::StatusOr<DeviceReport> FetchToDevice(
 
   if (fetch->sink == nullptr) {
     absl::StatusOr<std::unique_ptr<transfer::GpuDecodeSink>> sink =
-        transfer::GpuDecodeSink::Create(layout, std::move(refs), stream,
-                                        {.profile = profile});
+        transfer::GpuDecodeSink::Create(
+            layout, std::move(refs), stream,
+            {.profile = profile, .on_layer = on_layer});
     if (!sink.ok()) return sink.status();
     fetch->sink = *std::move(sink);
-  } else if (absl::Status s =
-                 fetch->sink->Reset(layout, std::move(refs), stream, profile);
+  } else if (absl::Status s = fetch->sink->Reset(layout, std::move(refs),
+                                                 stream, profile, on_layer);
              !s.ok()) {
     return s;
   }
@@ -1380,10 +1398,21 @@ int kvcache_fetch_to_device(kvcache_client* client, const uint8_t* keys,
         kvcache::c_api::FetchToDevice(
             client->fetchers, client->devices, fetch->options, fetch->keys,
             *target, static_cast<kvcache::codec::gpu::Stream>(stream),
-            fetch->profile == nullptr ? nullptr : &fetch->profile->on_device);
+            fetch->profile == nullptr ? nullptr : &fetch->profile->on_device,
+            fetch->on_layer);
     if (!r.ok()) return r.status();
     kvcache::c_api::WriteReport(r->report, r->first_batch_ms, report);
     return absl::OkStatus();
+  });
+}
+
+int kvcache_stream_wait_event(void* stream, void* event) {
+  return Guarded([&]() -> absl::Status {
+    if (event == nullptr) return NullArgument("event");
+    return kvcache::CudaError(
+        cudaStreamWaitEvent(static_cast<cudaStream_t>(stream),
+                            static_cast<cudaEvent_t>(event), 0),
+        "waiting for a layer's event");
   });
 }
 

@@ -103,6 +103,13 @@ static uint16_t* MakeChunk(uint32_t tokens, int seed) {
   return values;
 }
 
+/* An on_layer callback for a call that must refuse it. */
+static void ignore_layer(void* user, uint32_t layer, void* event) {
+  (void)user;
+  (void)layer;
+  (void)event;
+}
+
 static pid_t daemon_pid = 0;
 
 /* Starts kvcached on a free loopback port; writes "127.0.0.1:PORT". */
@@ -541,6 +548,14 @@ static void TestAgainstDaemon(const char* address) {
   fetch.lease_s = 0;
   EXPECT_STATUS(kvcache_fetch(client, keys, kChunks, out, &fetch, NULL),
                 KVCACHE_INVALID_ARGUMENT, "lease_s");
+  fetch.lease_s = 30;
+  /* Layer by layer is for the GPU path. */
+  fetch.on_layer = ignore_layer;
+  EXPECT_STATUS(kvcache_fetch(client, keys, kChunks, out, &fetch, NULL),
+                KVCACHE_INVALID_ARGUMENT, "on_layer is for");
+  fetch.on_layer = NULL;
+  EXPECT_STATUS(kvcache_stream_wait_event(NULL, NULL), KVCACHE_INVALID_ARGUMENT,
+                "event");
 
   /* The device path checks its arguments first, then needs a GPU. */
   kvcache_device_layout layout;

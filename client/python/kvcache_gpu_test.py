@@ -54,6 +54,7 @@ class Cuda:
                                    ctypes.c_size_t]
         lib.cudaStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
         lib.cudaStreamDestroy.argtypes = [ctypes.c_void_p]
+        lib.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
         self.allocations = []
 
     def check(self, error, what):
@@ -93,6 +94,10 @@ class Cuda:
         for ptr in self.allocations:
             self.lib.cudaFree(ptr)
         self.allocations = []
+
+    def synchronize(self, stream):
+        self.check(self.lib.cudaStreamSynchronize(stream),
+                   "cudaStreamSynchronize")
 
     def stream(self):
         stream = ctypes.c_void_p()
@@ -207,6 +212,59 @@ class FetchToDeviceTest(unittest.TestCase):
                 np.testing.assert_array_equal(
                     self.cuda.download(b, w.shape, np.uint16), w,
                     f"{transport} chunk {i}")
+
+    def test_layer_by_layer_signals_each_layer_when_it_is_there(self):
+        keys, streams, _ = self.put_prompt("gpu-layered")
+        wanted = [kvcache.decode(s).view(np.uint16) for s in streams]
+        layers = self.manifest["layers"]
+        fetch_stream, compute = self.cuda.stream(), self.cuda.stream()
+        for transport in ("shared_memory", "grpc"):
+            buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
+            blocks = [{"tokens": w.shape[2], "values": b}
+                      for w, b in zip(wanted, buffers)]
+            signalled = []
+
+            def on_layer(layer, event):
+                signalled.append(layer)
+                # The engine's stream waits for the layer; once it has
+                # passed, the layer is there in every chunk.
+                kvcache.wait_event(compute, event)
+                self.cuda.synchronize(compute)
+                for i, (w, b) in enumerate(zip(wanted, buffers)):
+                    np.testing.assert_array_equal(
+                        self.cuda.download(b + layer * w[0].nbytes,
+                                           w[layer].shape, np.uint16),
+                        w[layer], f"{transport} chunk {i} layer {layer}")
+
+            report = self.client.fetch_to_device(
+                keys, self.layout(), blocks, stream=fetch_stream,
+                transport=transport, on_layer=on_layer)
+            self.assertEqual(signalled, list(range(layers)), transport)
+            self.assertGreater(report["first_batch_ms"], 0)
+            for i, (w, b) in enumerate(zip(wanted, buffers)):
+                np.testing.assert_array_equal(
+                    self.cuda.download(b, w.shape, np.uint16), w,
+                    f"{transport} chunk {i}")
+
+        # What on_layer raises comes out of the call; the restore completes.
+        buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
+        blocks = [{"tokens": w.shape[2], "values": b}
+                  for w, b in zip(wanted, buffers)]
+
+        def fail(layer, event):
+            raise ValueError(f"layer {layer}")
+
+        with self.assertRaisesRegex(ValueError, "layer 0"):
+            self.client.fetch_to_device(keys, self.layout(), blocks,
+                                        on_layer=fail)
+        for i, (w, b) in enumerate(zip(wanted, buffers)):
+            np.testing.assert_array_equal(
+                self.cuda.download(b, w.shape, np.uint16), w, f"chunk {i}")
+        with self.assertRaises(kvcache.InvalidArgumentError):
+            self.client.fetch_to_device(keys, self.layout(), blocks,
+                                        on_layer="layer")
+        with self.assertRaises(kvcache.InvalidArgumentError):
+            kvcache.wait_event(compute, 0)
 
     def test_paged_per_layer_cache_from_host_lists_on_a_stream(self):
         keys, _, expected = self.put_prompt("gpu-paged-per-layer")

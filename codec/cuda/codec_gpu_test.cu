@@ -433,6 +433,144 @@ TEST(GpuDecodeTest, PagedLayouts) {
   }
 }
 
+// Decodes `streams` a layer at a time, each stream's bytes arriving layer
+// by layer (codec::LayerEnds) into a staging buffer that holds garbage
+// until then. After each layer, that layer of every accepted chunk must
+// hold the CPU decoder's values and later layers must be untouched.
+// Returns the final statuses.
+std::vector<int32_t> ExpectLayerByLayerMatchesCpu(
+    const ChunkShape& shape, const std::vector<std::string>& streams,
+    const std::string& what, const ModelProfile* profile = nullptr,
+    const DeviceProfile* device_profile = nullptr) {
+  const KvLayout layout = LayoutOf(shape);
+  const size_t n = streams.size();
+  const uint64_t plane = uint64_t{shape.tokens} * layout.Channels();
+  const uint64_t chunk_values = 2 * shape.layers * plane;
+  std::vector<std::vector<uint64_t>> ends(n);
+  std::vector<std::vector<uint16_t>> want(n);
+  std::vector<bool> cpu_ok(n);
+  uint64_t staged_bytes = 0;
+  std::vector<uint64_t> at(n);
+  for (size_t i = 0; i < n; ++i) {
+    cpu_ok[i] = CpuDecode(streams[i], shape, &want[i], profile);
+    absl::StatusOr<std::vector<uint64_t>> e = LayerEnds(streams[i]);
+    // A stream whose layers can't be found arrives whole with layer 0.
+    ends[i] =
+        e.ok() ? *e : std::vector<uint64_t>(shape.layers, streams[i].size());
+    ends[i].back() = streams[i].size();
+    at[i] = staged_bytes;
+    staged_bytes += (streams[i].size() + 255) / 256 * 256;
+  }
+  DeviceBuffer staged(staged_bytes + 256);
+  KVCACHE_CUDA_OR_DIE(cudaMemset(staged.get(), 0xA5, staged.bytes()));
+  DeviceBuffer dest(2 * n * chunk_values);
+  std::vector<uint16_t> poison(n * chunk_values, kPoison);
+  KVCACHE_CUDA_OR_DIE(cudaMemcpy(dest.get(), poison.data(), 2 * poison.size(),
+                                 cudaMemcpyHostToDevice));
+  std::vector<DecodeJob> jobs(n);
+  for (size_t i = 0; i < n; ++i) {
+    jobs[i].stream = staged.get() + at[i];
+    jobs[i].stream_bytes = streams[i].size();
+    jobs[i].dest.tokens = shape.tokens;
+    jobs[i].dest.values = dest.get<uint16_t>() + i * chunk_values;
+  }
+  const LayerRange one_layer{0, 1, false, false};
+  DeviceBuffer ws(
+      DecodeWorkspaceBytes(layout, jobs, device_profile, one_layer));
+  EXPECT_LT(ws.bytes(), DecodeWorkspaceBytes(layout, jobs, device_profile));
+  DeviceBuffer status(4 * n);
+  std::vector<int32_t> host_status(n);
+  for (uint32_t l = 0; l < shape.layers; ++l) {
+    for (size_t i = 0; i < n; ++i) {
+      const uint64_t from = l == 0 ? 0 : std::min(ends[i][l - 1], ends[i][l]);
+      // The checksum comes with the last layer.
+      const uint64_t to =
+          l + 1 == shape.layers ? streams[i].size() : ends[i][l];
+      if (to > from) {
+        KVCACHE_CUDA_OR_DIE(cudaMemcpy(staged.get() + at[i] + from,
+                                       streams[i].data() + from, to - from,
+                                       cudaMemcpyHostToDevice));
+      }
+    }
+    const LayerRange range{l, 1, l > 0, l + 1 == shape.layers};
+    const absl::Status st =
+        DecodeBatch(layout, jobs, ws.get(), ws.bytes(), status.get<int32_t>(),
+                    nullptr, device_profile, range);
+    EXPECT_TRUE(st.ok()) << st;
+    KVCACHE_CUDA_OR_DIE(cudaDeviceSynchronize());
+    std::vector<uint16_t> got(n * chunk_values);
+    KVCACHE_CUDA_OR_DIE(cudaMemcpy(got.data(), dest.get(), 2 * got.size(),
+                                   cudaMemcpyDeviceToHost));
+    KVCACHE_CUDA_OR_DIE(cudaMemcpy(host_status.data(), status.get(), 4 * n,
+                                   cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; ++i) {
+      const uint16_t* chunk = got.data() + i * chunk_values;
+      if (cpu_ok[i]) {
+        EXPECT_EQ(host_status[i], kOk)
+            << what << " chunk " << i << " layer " << l << ": "
+            << ChunkErrorName(host_status[i]);
+        const uint64_t begin = 2 * l * plane, end = 2 * (l + 1) * plane;
+        EXPECT_TRUE(
+            std::equal(chunk + begin, chunk + end, want[i].begin() + begin))
+            << what << " chunk " << i << " layer " << l;
+      }
+      // Layers still to come are untouched.
+      EXPECT_TRUE(std::all_of(chunk + 2 * (l + 1) * plane, chunk + chunk_values,
+                              [](uint16_t v) { return v == kPoison; }))
+          << what << " chunk " << i << " after layer " << l;
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    EXPECT_EQ(host_status[i] == kOk, cpu_ok[i])
+        << what << " chunk " << i << ": " << ChunkErrorName(host_status[i]);
+  }
+  return host_status;
+}
+
+TEST(GpuDecodeTest, LayerByLayerMatchesTheCpu) {
+  REQUIRE_GPU();
+  const ChunkShape shape{5, 300, 2, 64, DType::kFloat16};
+  std::vector<std::string> streams;
+  for (Level level : kAllLevels) {
+    streams.push_back(Encode(
+        shape, SyntheticChunk(shape, static_cast<uint32_t>(streams.size())),
+        level));
+  }
+  // Damage: a flipped byte in layer 3's blocks (found by the checksum once
+  // the last layer is in, after layers 0 to 2 were written), and a bad
+  // header (found before anything is written).
+  std::string late = streams[3];
+  absl::StatusOr<std::vector<uint64_t>> ends = LayerEnds(late);
+  ASSERT_TRUE(ends.ok()) << ends.status();
+  late[((*ends)[2] + (*ends)[3]) / 2] ^= 0x01;
+  streams.push_back(late);
+  std::string header = streams[1];
+  header[0] = 'X';
+  streams.push_back(header);
+  streams.push_back(streams[0]);
+  const std::vector<int32_t> status =
+      ExpectLayerByLayerMatchesCpu(shape, streams, "levels");
+  EXPECT_TRUE(status[6] == kChecksum || status[6] == kBadBlock)
+      << ChunkErrorName(status[6]);
+  EXPECT_EQ(status[7], kBadHeader);
+
+  for (RopeLayout rope : {RopeLayout::kHalves, RopeLayout::kAdjacentPairs}) {
+    const ModelProfile profile = SyntheticProfile(shape, rope);
+    absl::StatusOr<std::unique_ptr<DeviceProfile>> device =
+        DeviceProfile::Upload(profile);
+    ASSERT_TRUE(device.ok()) << device.status();
+    std::vector<std::string> transform;
+    for (Level level :
+         {Level::kProfileFine, Level::kProfileBalanced, Level::kProfileSmall}) {
+      transform.push_back(EncodeAt(
+          shape, SyntheticChunk(shape, 40 + static_cast<uint32_t>(level)),
+          level, profile, 700 * static_cast<uint32_t>(transform.size())));
+    }
+    ExpectLayerByLayerMatchesCpu(shape, transform, "transform", &profile,
+                                 device->get());
+  }
+}
+
 void FixCrc(std::string* s) {
   const uint32_t crc = Crc32c(absl::string_view(*s).substr(0, s->size() - 4));
   for (int i = 0; i < 4; ++i) {

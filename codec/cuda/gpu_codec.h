@@ -143,6 +143,27 @@ class DeviceProfile {
   void* memory_ = nullptr;
 };
 
+// Decoding a batch a few layers at a time, for streams whose bytes arrive
+// layer by layer: a stream's blocks follow layer order, so layers
+// [first, first + count) decode once a stream's bytes up to the end of the
+// last of them (codec::LayerEnds) are in place, beside its headers, tables
+// and directory.
+struct LayerRange {
+  uint32_t first = 0;
+  // Layers this call decodes; 0: all of them (the fields below are then
+  // ignored).
+  uint32_t count = 0;
+  // The workspace holds the parse of an earlier call of this sequence:
+  // same layout, jobs, workspace, status array, stream and count. Skips
+  // parsing headers and tables again; a chunk that failed in an earlier
+  // call stays failed.
+  bool parsed = false;
+  // Checks each stream's CRC32C, which needs all of its bytes: set it on
+  // the call that decodes the last layers. Values decoded by earlier calls
+  // were not yet known to be intact; a mismatch shows in this call's status.
+  bool verify_checksum = true;
+};
+
 struct DecodeJob {
   const uint8_t* stream = nullptr;  // Device copy of the bitstream.
   uint64_t stream_bytes = 0;
@@ -152,17 +173,19 @@ struct DecodeJob {
 // Device workspace DecodeBatch needs for `jobs` (and `profile`), in bytes.
 uint64_t DecodeWorkspaceBytes(const KvLayout& layout,
                               absl::Span<const DecodeJob> jobs,
-                              const DeviceProfile* profile = nullptr);
+                              const DeviceProfile* profile = nullptr,
+                              LayerRange layers = {});
 
 // Decodes jobs[i].stream into its destination and sets status[i] (device,
 // jobs.size() entries). Returns InvalidArgument for a bad layout, job or
 // workspace and Internal if a launch fails; corrupt streams are reported
 // only through `status`, and so is a transform stream when `profile` is not
-// the one it names (kNeedsProfile).
+// the one it names (kNeedsProfile). `layers` decodes only some layers.
 absl::Status DecodeBatch(const KvLayout& layout,
                          absl::Span<const DecodeJob> jobs, void* workspace,
                          uint64_t workspace_bytes, int32_t* status,
-                         Stream stream, const DeviceProfile* profile = nullptr);
+                         Stream stream, const DeviceProfile* profile = nullptr,
+                         LayerRange layers = {});
 
 struct EncodeJob {
   KvChunkRef src;

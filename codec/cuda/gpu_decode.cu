@@ -64,8 +64,11 @@ struct DecodeChunk {
   uint4* units;            // Per (plane, channel group): a Unit.
   uint32_t* stream_tables;  // Per stream: its table's offset.
   uint4* blocks;            // Table offset, first symbol, symbols, alphabet.
-  uint8_t* symbols;         // Decoded streams (group_layout.h order).
-  float2* rope;             // Transform streams: [token][pair] (sin, cos).
+  uint32_t* plane_blocks;   // Each plane's first block, then the total.
+  // Decoded streams (group_layout.h order) of the layers a call decodes:
+  // symbol i of the chunk at symbols[i - the first plane's first symbol].
+  uint8_t* symbols;
+  float2* rope;  // Transform streams: [token][pair] (sin, cos).
   uint32_t affine_cap;
   uint32_t unit_cap;
   uint32_t stream_cap;
@@ -463,9 +466,10 @@ __global__ __launch_bounds__(kParseThreads) void ParseKernel(
        first += kParseThreads) {
     const uint32_t st = first + tid;
     uint32_t nb = 0, n = 0, sym0 = 0, alphabet = 0, pos = 0;
+    uint32_t lo = 0, in_plane = 1;
     bool ok = true;
     if (st < streams) {
-      uint32_t lo = 0, hi = planes;  // Plane: its first stream <= st.
+      uint32_t hi = planes;  // lo: the plane whose first stream <= st.
       while (hi - lo > 1) {
         const uint32_t mid = (lo + hi) / 2;
         if (c.planes[mid].w <= st) {
@@ -476,7 +480,7 @@ __global__ __launch_bounds__(kParseThreads) void ParseKernel(
       }
       const uint32_t bits = c.planes[lo].x & 0xFF;
       const int bp = BytePlanes(bits);
-      const uint32_t in_plane = st - c.planes[lo].w;
+      in_plane = st - c.planes[lo].w;
       const uint32_t in_unit = in_plane % (2 * bp);
       const Unit unit = ToUnit(c.units[lo * groups + in_plane / (2 * bp)]);
       const uint32_t is_delta = in_unit >> (bp - 1), k = in_unit & (bp - 1);
@@ -511,6 +515,7 @@ __global__ __launch_bounds__(kParseThreads) void ParseKernel(
     uint32_t off, sum;
     Scan(scan_tmp).ExclusiveSum(nb, off, sum);
     off += blocks_before;
+    if (in_plane == 0) c.plane_blocks[lo] = off;
     if (ok && nb != 0 && nb <= s.num_blocks && off <= s.num_blocks - nb) {
       for (uint32_t j = 0; j < nb; ++j) {
         c.blocks[off + j] =
@@ -531,17 +536,27 @@ __global__ __launch_bounds__(kParseThreads) void ParseKernel(
         (blocks_before != s.num_blocks || last_end != s.payload_bytes)) {
       err = kBadTables;
     }
+    c.plane_blocks[planes] = blocks_before;
     ChunkState result = s;
     result.table_error = err;
     *out = result;
   }
 }
 
+// Planes [first, end) of each chunk of a batch, the part a call decodes.
+struct PlaneRange {
+  uint32_t first;
+  uint32_t end;
+};
+
+// Sets each chunk's status (keeping an earlier call's error when `parsed`;
+// checking the CRC when `verify`) and the prefix sum of the range's blocks.
 __global__ void FinalizeKernel(const DecodeChunk* chunks,
                                const ChunkState* states,
                                const uint32_t* crc_raw, uint32_t n,
                                const uint32_t* powers, int32_t* status,
-                               uint32_t* block_prefix) {
+                               uint32_t* block_prefix, PlaneRange range,
+                               bool parsed, bool verify) {
   using Scan = cub::BlockScan<uint32_t, kParseThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ uint32_t x2n[kPowers];
@@ -553,15 +568,18 @@ __global__ void FinalizeKernel(const DecodeChunk* chunks,
     uint32_t blocks = 0;
     if (i < n) {
       const ChunkState& st = states[i];
-      int32_t err = st.header_error;
-      if (err == kOk) {
+      int32_t err = parsed ? status[i] : kOk;
+      if (err == kOk) err = st.header_error;
+      if (err == kOk && verify) {
         const uint64_t body = chunks[i].stream_bytes - kChecksumBytes;
         const uint32_t stored = LoadU32(chunks[i].stream + body);
-        err = FinishCrc(x2n, crc_raw[i], body) != stored ? kChecksum
-                                                         : st.table_error;
+        if (FinishCrc(x2n, crc_raw[i], body) != stored) err = kChecksum;
       }
+      if (err == kOk) err = st.table_error;
       status[i] = err;
-      blocks = err == kOk ? st.num_blocks : 0;
+      blocks = err == kOk ? chunks[i].plane_blocks[range.end] -
+                                chunks[i].plane_blocks[range.first]
+                          : 0;
     }
     uint32_t off, sum;
     Scan(scan_tmp).ExclusiveSum(blocks, off, sum);
@@ -672,7 +690,7 @@ __device__ bool BuildTable(const uint8_t* tables, uint32_t tables_bytes,
 // Decodes block b of chunk c into its scratch symbols. Whole warp; false on
 // any corruption (rans::Decoder::DecodeBlock's checks).
 __device__ bool DecodeBlock(const DecodeChunk& c, const ChunkState& s,
-                            uint32_t b, WarpTables& wt) {
+                            uint32_t b, uint32_t origin, WarpTables& wt) {
   const uint32_t lane = threadIdx.x & 31;
   const uint4 d = c.blocks[b];
   const uint8_t* dir = c.stream + s.dir_off;
@@ -685,7 +703,9 @@ __device__ bool DecodeBlock(const DecodeChunk& c, const ChunkState& s,
   if (c.stream[s.tables_off + d.x] ==
       static_cast<uint8_t>(rans::TableKind::kStored)) {
     if (size != m) return false;
-    for (uint32_t k = lane; k < m; k += kWarp) c.symbols[d.y + k] = block[k];
+    for (uint32_t k = lane; k < m; k += kWarp) {
+      c.symbols[d.y - origin + k] = block[k];
+    }
     return true;
   }
   const uint32_t lanes = rans::LanesFor(m);
@@ -698,7 +718,7 @@ __device__ bool DecodeBlock(const DecodeChunk& c, const ChunkState& s,
   const uint8_t* words = block + 4 * lanes;
   const uint32_t num_words = (size - 4 * lanes) / 2;
   const uint32_t lower = LaneMaskLt();
-  uint8_t* out = c.symbols + d.y + lane;
+  uint8_t* out = c.symbols + (d.y - origin) + lane;
   uint32_t cur = 0;
   bool overrun = false;
   // One step: every active lane takes a symbol; lanes that need a word take
@@ -734,7 +754,8 @@ __device__ bool DecodeBlock(const DecodeChunk& c, const ChunkState& s,
 
 __global__ __launch_bounds__(kRansWarps* kWarp) void RansKernel(
     const DecodeChunk* chunks, const ChunkState* states,
-    const uint32_t* block_prefix, uint32_t n, int32_t* status) {
+    const uint32_t* block_prefix, uint32_t n, int32_t* status,
+    uint32_t first_plane) {
   __shared__ WarpTables tables[kRansWarps];
   WarpTables& wt = tables[threadIdx.x / kWarp];
   const uint32_t total = block_prefix[n];
@@ -750,7 +771,10 @@ __global__ __launch_bounds__(kRansWarps* kWarp) void RansKernel(
         hi = mid;
       }
     }
-    if (!DecodeBlock(chunks[lo], states[lo], g - block_prefix[lo], wt) &&
+    const DecodeChunk& c = chunks[lo];
+    if (!DecodeBlock(c, states[lo],
+                     c.plane_blocks[first_plane] + g - block_prefix[lo],
+                     c.planes[first_plane].z, wt) &&
         (threadIdx.x & 31) == 0) {
       atomicCAS(&status[lo], kOk, kBadBlock);
     }
@@ -788,11 +812,12 @@ __device__ inline uint32_t Div(uint32_t x, uint32_t d) {
 }
 
 // Integers of channels [c0, c0 + kN) of token t of plane p, which lie in
-// one channel group.
+// one channel group. `origin`: the first symbol of the planes the call
+// decodes (DecodeChunk::symbols).
 template <int kN>
 __device__ inline void DecodeInts(const DecodeChunk& c, const ChunkState& s,
-                                  uint32_t p, uint32_t t, uint32_t c0,
-                                  uint32_t* q) {
+                                  uint32_t origin, uint32_t p, uint32_t t,
+                                  uint32_t c0, uint32_t* q) {
   const uint32_t width = s.channel_group;
   const uint32_t cg = Div(c0, width);
   const uint32_t g = Div(t, s.token_group);
@@ -805,7 +830,7 @@ __device__ inline void DecodeInts(const DecodeChunk& c, const ChunkState& s,
   const bool delta_group = Bit(c, first + g);
   const codec::internal::StreamRows before = codec::internal::RowsBefore(
       g, Rank(c, first + g) - Rank(c, first), s.token_group);
-  const uint8_t* raw = c.symbols + unit.base + (c0 - cg * width);
+  const uint8_t* raw = c.symbols + (unit.base - origin) + (c0 - cg * width);
   if (delta_group && in_group != 0) {
     uint32_t anchor[kN];
     LoadInts<kN>(raw + before.raw * width, unit.raw, planes_of_int, anchor);
@@ -826,12 +851,12 @@ __device__ inline void DecodeInts(const DecodeChunk& c, const ChunkState& s,
 // channel group.
 template <int kN>
 __device__ inline void DecodeValues(const DecodeChunk& c, const ChunkState& s,
-                                    DType dtype, uint32_t p, uint32_t t,
-                                    uint32_t c0, uint16_t* out) {
+                                    DType dtype, uint32_t origin, uint32_t p,
+                                    uint32_t t, uint32_t c0, uint16_t* out) {
   const uint4 plane = c.planes[p];
   const auto mode = static_cast<ScaleMode>(plane.x >> 8);
   uint32_t q[kN];
-  DecodeInts<kN>(c, s, p, t, c0, q);
+  DecodeInts<kN>(c, s, origin, p, t, c0, q);
   const uint32_t cg = Div(c0, s.channel_group);
   const uint32_t g = Div(t, s.token_group);
   for (int e = 0; e < kN; ++e) {
@@ -846,15 +871,16 @@ __device__ inline void DecodeValues(const DecodeChunk& c, const ChunkState& s,
   }
 }
 
-// One thread: kVec consecutive channels of one token of plane blockIdx.y of
-// chunk blockIdx.z.
+// One thread: kVec consecutive channels of one token of plane
+// first_plane + blockIdx.y of chunk blockIdx.z.
 template <int kVec>
 __global__ __launch_bounds__(kReconstructThreads) void ReconstructKernel(
     const DecodeChunk* chunks, const ChunkState* states, const int32_t* status,
-    DeviceLayout layout) {
-  const uint32_t i = blockIdx.z, p = blockIdx.y;
+    DeviceLayout layout, uint32_t first_plane) {
+  const uint32_t i = blockIdx.z, p = first_plane + blockIdx.y;
   if (status[i] != kOk || states[i].transform) return;
   const DecodeChunk& c = chunks[i];
+  const uint32_t origin = c.planes[first_plane].z;
   const ChunkState& s = states[i];
   const uint32_t vecs = layout.channels / kVec;
   const uint32_t w = blockIdx.x * kReconstructThreads + threadIdx.x;
@@ -863,10 +889,10 @@ __global__ __launch_bounds__(kReconstructThreads) void ReconstructKernel(
   const uint32_t c0 = (w - t * vecs) * kVec;
   uint16_t out[kVec];
   if (s.channel_group % kVec == 0) {
-    DecodeValues<kVec>(c, s, layout.dtype, p, t, c0, out);
+    DecodeValues<kVec>(c, s, layout.dtype, origin, p, t, c0, out);
   } else {  // Channel groups that split a vector: one channel at a time.
     for (int e = 0; e < kVec; ++e) {
-      DecodeValues<1>(c, s, layout.dtype, p, t, c0 + e, out + e);
+      DecodeValues<1>(c, s, layout.dtype, origin, p, t, c0 + e, out + e);
     }
   }
   uint16_t* dst = ElementPtr(layout, c.values, c.block_ids, c.first_slot,
@@ -907,11 +933,12 @@ __host__ __device__ inline uint32_t HeadsPerTransformBlock(uint32_t head_dim) {
 }
 
 // One block: kTransformTile tokens of HeadsPerTransformBlock heads of plane
-// blockIdx.y of chunk blockIdx.z; one thread per channel.
+// first_plane + blockIdx.y of chunk blockIdx.z; one thread per channel.
 __global__ __launch_bounds__(256) void TransformKernel(
     const DecodeChunk* chunks, const ChunkState* states, const int32_t* status,
-    DeviceLayout layout, KernelProfile profile, uint32_t head_blocks) {
-  const uint32_t i = blockIdx.z, p = blockIdx.y;
+    DeviceLayout layout, KernelProfile profile, uint32_t head_blocks,
+    uint32_t first_plane) {
+  const uint32_t i = blockIdx.z, p = first_plane + blockIdx.y;
   if (status[i] != kOk || !states[i].transform) return;
   const DecodeChunk& c = chunks[i];
   const ChunkState& s = states[i];
@@ -940,6 +967,7 @@ __global__ __launch_bounds__(256) void TransformKernel(
   const uint32_t channels = min(hpb, layout.kv_heads - first_head) * dim;
   const uint32_t vec = s.channel_group % 8 == 0 && dim % 8 == 0 ? 8 : 1;
   const float2* affines = c.affines + c.planes[p].y + first_channel;
+  const uint32_t origin = c.planes[first_plane].z;
   float* tile = reinterpret_cast<float*>(coeff);
   for (uint32_t e = tid; e < kTransformTile * (channels / vec);
        e += blockDim.x) {
@@ -947,9 +975,9 @@ __global__ __launch_bounds__(256) void TransformKernel(
     uint32_t q[8] = {};
     if (t < tokens) {
       if (vec == 8) {
-        DecodeInts<8>(c, s, p, t0 + t, first_channel + c0, q);
+        DecodeInts<8>(c, s, origin, p, t0 + t, first_channel + c0, q);
       } else {
-        DecodeInts<1>(c, s, p, t0 + t, first_channel + c0, q);
+        DecodeInts<1>(c, s, origin, p, t0 + t, first_channel + c0, q);
       }
     }
     for (uint32_t k = 0; k < vec; ++k) {
@@ -1025,16 +1053,26 @@ struct DecodePlan {
   uint64_t max_stream_bytes = 0;
   uint64_t max_work = 0;  // Reconstruct threads per plane, largest chunk.
   uint64_t max_tokens = 0;
+  LayerRange layers;  // With count set.
 };
 
 absl::Status PlanDecode(const KvLayout& layout,
                         absl::Span<const DecodeJob> jobs, void* workspace,
                         int vec, const DeviceProfile* profile,
-                        DecodePlan* plan) {
+                        LayerRange layers, DecodePlan* plan) {
   // Room for RoPE angles when transform streams may need them.
   const uint32_t rope_pairs =
       profile != nullptr && profile->view().rope != 0 ? layout.head_dim / 2 : 0;
   if (absl::Status st = CheckLayout(layout); !st.ok()) return st;
+  if (layers.count == 0) {
+    layers = LayerRange{0, layout.layers, false, true};
+  } else if (layers.first >= layout.layers ||
+             layers.count > layout.layers - layers.first) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layers ", layers.first, " to ",
+        uint64_t{layers.first} + layers.count - 1, " of ", layout.layers));
+  }
+  plan->layers = layers;
   if (jobs.empty() || jobs.size() > 65535) {
     return absl::InvalidArgumentError("a batch holds 1 to 65535 chunks");
   }
@@ -1079,7 +1117,8 @@ absl::Status PlanDecode(const KvLayout& layout,
     c.choice_words = carver.Take<uint32_t>(sb / 4 + 2);
     c.choice_ranks = carver.Take<uint32_t>(sb / 4 + 2);
     c.blocks = carver.Take<uint4>(c.block_cap);
-    c.symbols = carver.Take<uint8_t>(2 * values);
+    c.plane_blocks = carver.Take<uint32_t>(2 * layout.layers + 1);
+    c.symbols = carver.Take<uint8_t>(2 * values / layout.layers * layers.count);
     c.rope = carver.Take<float2>(uint64_t{job.dest.tokens} * rope_pairs);
     plan->host_crc_jobs[i] = {job.stream,
                               sb >= kChecksumBytes ? sb - kChecksumBytes : 0,
@@ -1096,7 +1135,7 @@ absl::Status PlanDecode(const KvLayout& layout,
 absl::Status RunDecode(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
                        void* workspace, uint64_t workspace_bytes,
                        int32_t* status, cudaStream_t s,
-                       const DeviceProfile* profile) {
+                       const DeviceProfile* profile, LayerRange layers) {
   if (workspace == nullptr ||
       reinterpret_cast<uintptr_t>(workspace) % 256 != 0 || status == nullptr) {
     return absl::InvalidArgumentError(
@@ -1105,10 +1144,12 @@ absl::Status RunDecode(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
   const int vec = VecFor(layout);
   DecodePlan plan;
   if (absl::Status st =
-          PlanDecode(layout, jobs, workspace, vec, profile, &plan);
+          PlanDecode(layout, jobs, workspace, vec, profile, layers, &plan);
       !st.ok()) {
     return st;
   }
+  const LayerRange& range = plan.layers;
+  const PlaneRange planes{2 * range.first, 2 * (range.first + range.count)};
   KernelProfile kernel_profile{};
   if (profile != nullptr) kernel_profile = {profile->view(), 1};
   if (plan.bytes > workspace_bytes) {
@@ -1122,40 +1163,47 @@ absl::Status RunDecode(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
       !st.ok()) {
     return st;
   }
-  if (absl::Status st = CudaStatus(
-          StoreItems(plan.host_crc_jobs.data(), n, plan.crc_jobs, s), "upload");
-      !st.ok()) {
-    return st;
+  if (range.verify_checksum) {
+    if (absl::Status st = CudaStatus(
+            StoreItems(plan.host_crc_jobs.data(), n, plan.crc_jobs, s),
+            "upload");
+        !st.ok()) {
+      return st;
+    }
+    cudaMemsetAsync(plan.crc_raw, 0, n * sizeof(uint32_t), s);
+    LaunchRawCrc(plan.crc_jobs, n, plan.max_stream_bytes, s);
   }
-  cudaMemsetAsync(plan.states, 0, n * sizeof(ChunkState), s);
-  cudaMemsetAsync(plan.crc_raw, 0, n * sizeof(uint32_t), s);
-  ParseKernel<<<n, kParseThreads, 0, s>>>(plan.chunks, plan.states, dl,
-                                          kernel_profile);
-  LaunchRawCrc(plan.crc_jobs, n, plan.max_stream_bytes, s);
+  if (!range.parsed) {
+    cudaMemsetAsync(plan.states, 0, n * sizeof(ChunkState), s);
+    ParseKernel<<<n, kParseThreads, 0, s>>>(plan.chunks, plan.states, dl,
+                                            kernel_profile);
+  }
   FinalizeKernel<<<1, kParseThreads, 0, s>>>(
       plan.chunks, plan.states, plan.crc_raw, n, DevicePowerTable(), status,
-      plan.block_prefix);
+      plan.block_prefix, planes, range.parsed, range.verify_checksum);
   int per_sm = 0;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, RansKernel,
                                                 kRansWarps * kWarp, 0);
   RansKernel<<<std::max(per_sm, 1) * MultiprocessorCount(), kRansWarps * kWarp,
-               0, s>>>(plan.chunks, plan.states, plan.block_prefix, n, status);
+               0, s>>>(plan.chunks, plan.states, plan.block_prefix, n, status,
+                       planes.first);
   const dim3 grid(
       static_cast<uint32_t>((plan.max_work + kReconstructThreads - 1) /
                             kReconstructThreads),
-      2 * layout.layers, n);
+      planes.end - planes.first, n);
   if (vec == 8) {
     ReconstructKernel<8><<<grid, kReconstructThreads, 0, s>>>(
-        plan.chunks, plan.states, status, dl);
+        plan.chunks, plan.states, status, dl, planes.first);
   } else {
     ReconstructKernel<1><<<grid, kReconstructThreads, 0, s>>>(
-        plan.chunks, plan.states, status, dl);
+        plan.chunks, plan.states, status, dl, planes.first);
   }
   // A profile of another head size fits no chunk of this layout: each
   // transform chunk has failed with kNeedsProfile already.
   if (profile != nullptr && profile->view().head_dim == layout.head_dim) {
     const uint32_t dim = layout.head_dim;
-    if (profile->view().rope != 0) {
+    // The angles stay in the workspace for the calls that follow.
+    if (profile->view().rope != 0 && !range.parsed) {
       const uint64_t angles = plan.max_tokens * (dim / 2);
       RopeKernel<<<dim3(static_cast<uint32_t>((angles + 255) / 256), n), 256, 0,
                    s>>>(plan.chunks, plan.states, status, kernel_profile);
@@ -1164,17 +1212,19 @@ absl::Status RunDecode(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
     const uint32_t head_blocks = (layout.kv_heads + hpb - 1) / hpb;
     const uint32_t tiles = static_cast<uint32_t>(
         (plan.max_tokens + kTransformTile - 1) / kTransformTile);
-    TransformKernel<<<dim3(tiles * head_blocks, 2 * layout.layers, n),
+    TransformKernel<<<dim3(tiles * head_blocks, planes.end - planes.first, n),
                       hpb * dim, 0, s>>>(plan.chunks, plan.states, status, dl,
-                                         kernel_profile, head_blocks);
+                                         kernel_profile, head_blocks,
+                                         planes.first);
   }
   return CudaStatus(cudaGetLastError(), "decode launch");
 }
 
 uint64_t DecodeBytes(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
-                     const DeviceProfile* profile) {
+                     const DeviceProfile* profile, LayerRange layers) {
   DecodePlan plan;
-  if (!PlanDecode(layout, jobs, nullptr, VecFor(layout), profile, &plan).ok()) {
+  if (!PlanDecode(layout, jobs, nullptr, VecFor(layout), profile, layers, &plan)
+           .ok()) {
     return 0;
   }
   return plan.bytes;
@@ -1185,16 +1235,17 @@ uint64_t DecodeBytes(const KvLayout& layout, absl::Span<const DecodeJob> jobs,
 
 uint64_t DecodeWorkspaceBytes(const KvLayout& layout,
                               absl::Span<const DecodeJob> jobs,
-                              const DeviceProfile* profile) {
-  return internal::DecodeBytes(layout, jobs, profile);
+                              const DeviceProfile* profile, LayerRange layers) {
+  return internal::DecodeBytes(layout, jobs, profile, layers);
 }
 
 absl::Status DecodeBatch(const KvLayout& layout,
                          absl::Span<const DecodeJob> jobs, void* workspace,
                          uint64_t workspace_bytes, int32_t* status,
-                         Stream stream, const DeviceProfile* profile) {
+                         Stream stream, const DeviceProfile* profile,
+                         LayerRange layers) {
   return internal::RunDecode(layout, jobs, workspace, workspace_bytes, status,
-                             stream, profile);
+                             stream, profile, layers);
 }
 
 }  // namespace kvcache::codec::gpu

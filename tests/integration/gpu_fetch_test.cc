@@ -114,5 +114,75 @@ TEST_F(GpuFetchTest, CorruptGpuChunkIsRejectedByIndex) {
       << report.status();
 }
 
+// Layer by layer, over the GPU tier, the shared CPU tier and gRPC: each
+// layer is signalled once, in order, and when its event has passed that
+// layer of every chunk holds its values.
+TEST_F(GpuFetchTest, LayerByLayerSignalsEachLayerWhenItIsThere) {
+  const size_t n = prompt_->keys.size();
+  StartGpuNode(3);
+  PutPrompt(n);
+  const uint32_t layers = prompt_->shape.layers;
+  for (Transport transport : {Transport::kAuto, Transport::kGrpc}) {
+    std::unique_ptr<PrefixFetcher> fetcher = Fetcher(transport);
+    DeviceBlocks blocks(*prompt_, n);
+    std::vector<uint32_t> signalled;
+    transfer::GpuDecodeSinkOptions options;
+    options.on_layer = [&](uint32_t layer, CUevent_st* ready) {
+      signalled.push_back(layer);
+      ASSERT_EQ(cudaEventSynchronize(ready), cudaSuccess);
+      blocks.ExpectLayerDecoded(layer);
+    };
+    std::unique_ptr<transfer::GpuDecodeSink> sink = blocks.Sink(options);
+    absl::StatusOr<FetchReport> report = fetcher->Fetch(prompt_->keys, *sink);
+    ASSERT_TRUE(report.ok()) << report.status();
+    if (transport == Transport::kAuto) {
+      EXPECT_GE(report->gpu_tier_chunks, 3u);
+      EXPECT_GT(report->shared_memory_chunks, 0u);
+    } else {
+      EXPECT_EQ(report->grpc_chunks, n);
+    }
+    ASSERT_EQ(signalled.size(), layers);
+    for (uint32_t l = 0; l < layers; ++l) EXPECT_EQ(signalled[l], l);
+    blocks.ExpectDecoded();
+    EXPECT_GT(sink->first_batch_ms(), 0);
+
+    // The same sink, reset to the default order, restores into fresh blocks
+    // without signalling.
+    DeviceBlocks again(*prompt_, n);
+    ASSERT_TRUE(sink->Reset(codec::gpu::KvLayout::Contiguous(
+                                prompt_->shape.layers, prompt_->shape.kv_heads,
+                                prompt_->shape.head_dim, prompt_->shape.dtype),
+                            again.refs(), nullptr)
+                    .ok());
+    ASSERT_TRUE(fetcher->Fetch(prompt_->keys, *sink).ok());
+    EXPECT_EQ(signalled.size(), layers);
+    again.ExpectDecoded();
+  }
+}
+
+TEST_F(GpuFetchTest, LayerByLayerNamesACorruptChunk) {
+  StartDaemon();
+  PutPrompt(3);
+  std::string damaged = prompt_->streams[3];
+  damaged[damaged.size() - 10] ^= 0x10;  // In its last layer.
+  ASSERT_TRUE(client_
+                  ->Put({{prompt_->keys[3], damaged}},
+                        PutOptions{absl::ZeroDuration(), /*replace=*/true})
+                  .ok());
+  std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kAuto);
+  DeviceBlocks blocks(*prompt_, 4);
+  uint32_t signalled = 0;
+  transfer::GpuDecodeSinkOptions options;
+  options.on_layer = [&](uint32_t, CUevent_st*) { ++signalled; };
+  std::unique_ptr<transfer::GpuDecodeSink> sink = blocks.Sink(options);
+  absl::StatusOr<FetchReport> report =
+      fetcher->Fetch(absl::MakeConstSpan(prompt_->keys).first(4), *sink);
+  ASSERT_FALSE(report.ok());
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(report.status().message().find("chunk 3"), std::string::npos)
+      << report.status();
+  EXPECT_EQ(signalled, prompt_->shape.layers);
+}
+
 }  // namespace
 }  // namespace kvcache

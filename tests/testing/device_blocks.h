@@ -58,6 +58,26 @@ class DeviceBlocks {
     return report.ok() ? *report : FetchReport{};
   }
 
+  // Copies layer `layer` of each chunk back and compares it with the CPU
+  // decoder's.
+  void ExpectLayerDecoded(uint32_t layer) const {
+    const uint64_t per_layer = values_per_chunk_ / prompt_.shape.layers;
+    std::vector<uint16_t> host(per_layer);
+    for (size_t i = 0; i < refs_.size(); ++i) {
+      ASSERT_EQ(cudaMemcpy(host.data(), refs_[i].values + layer * per_layer,
+                           2 * per_layer, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      if (!std::equal(host.begin(), host.end(),
+                      prompt_.decoded[i].begin() + layer * per_layer)) {
+        ADD_FAILURE() << "chunk " << i << " layer " << layer
+                      << " differs from the CPU decoder's";
+        return;
+      }
+    }
+  }
+
+  const std::vector<codec::gpu::KvChunkRef>& refs() const { return refs_; }
+
   // Copies the restored values back and compares them with the CPU
   // decoder's.
   void ExpectDecoded() const {

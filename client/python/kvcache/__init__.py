@@ -25,7 +25,7 @@ __all__ = [
     "FailedPreconditionError", "InvalidArgumentError", "NotFoundError",
     "PermissionDeniedError", "Profile", "ResourceExhaustedError", "Storer",
     "UnauthenticatedError", "UnavailableError", "chunk_keys", "decode",
-    "encode", "peek_shape", "stream_profile_id"
+    "encode", "peek_shape", "stream_profile_id", "wait_event"
 ]
 
 ABI_VERSION = _native.ABI_VERSION
@@ -132,6 +132,14 @@ def _stream(stream):
             stream = getattr(stream, attribute)
             break
     return _int(stream, "stream", 0, 2**64 - 1) or None
+
+
+def wait_event(stream, event):
+    """Makes `stream` (as fetch_to_device takes it) wait, on the GPU, for
+    `event`, one that fetch_to_device's on_layer gave: work queued on the
+    stream afterwards sees that layer's values. Returns at once."""
+    _check(_lib.kvcache_stream_wait_event(
+        _stream(stream), _int(event, "event", 1, 2**64 - 1)))
 
 
 def _fetch_options(transport, lease_s, profile):
@@ -611,7 +619,7 @@ class Client(_Handle):
 
     def fetch_to_device(self, keys, layout=None, blocks=None, stream=0,
                         transport="auto", lease_s=30.0, profile=None,
-                        **layout_fields):
+                        on_layer=None, **layout_fields):
         """Restores the chunks of `keys` straight into the engine's GPU KV
         cache.
 
@@ -655,6 +663,17 @@ class Client(_Handle):
         transport, lease_s, profile: as for fetch(); 'nccl' insists on an
           NCCL link from the node's GPU (FailedPreconditionError if none
           opens).
+        on_layer: restores layer by layer when given: the chunks' bytes go
+          to the GPU a layer at a time, and on_layer(layer, event) is called
+          for each layer in order, on this thread, as soon as the layer's
+          decode is queued on `stream`. `event` (a cudaEvent_t, as an int,
+          valid during this call) is recorded after it:
+          kvcache.wait_event(compute_stream, event) makes an engine's stream
+          wait for the layer on the GPU, so it computes layer l while later
+          layers arrive. The prefix's compressed bytes are staged on the
+          GPU at once; a corrupt chunk raises DataLossError after its
+          earlier layers were written. An exception on_layer raises is
+          raised from here, after the fetch.
 
         All addresses must be on one GPU; the call runs on that GPU.
         Raises FailedPreconditionError on a host without a GPU (use
@@ -669,9 +688,27 @@ class Client(_Handle):
         parsed = _Layout(layout, layout_fields)
         places = _Blocks(blocks, n, parsed.paged)
         report = _native.FetchReport()
+        raised = []
+        if on_layer is not None:
+            if not callable(on_layer):
+                raise InvalidArgumentError(
+                    f"on_layer is a {type(on_layer).__name__}, not callable")
+
+            def signal(_user, layer, event):
+                if raised:
+                    return
+                try:
+                    on_layer(layer, event)
+                except BaseException as e:  # raised after the fetch
+                    raised.append(e)
+
+            # Kept referenced through the call.
+            options.on_layer = _native.LayerCallback(signal)
         _check(_lib.kvcache_fetch_to_device(
             self.handle, data, n, ctypes.byref(parsed.c), places.c,
             _stream(stream), ctypes.byref(options), ctypes.byref(report)))
+        if raised:
+            raise raised[0]
         return _report(report, device=True)
 
     def storer(self, layout=None, level="near-lossless", chunk_tokens=256,

@@ -115,12 +115,19 @@ class Stats(ctypes.Structure):
                  "bytes_out")]
 
 
+# on_layer(user, layer, cudaEvent_t) of kvcache_fetch_options.
+LayerCallback = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32,
+                                 ctypes.c_void_p)
+
+
 class FetchOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_size_t),
                 ("transport", ctypes.c_int32),
                 ("lease_s", ctypes.c_double),
                 ("profile", ctypes.c_void_p),
-                ("decode_threads", ctypes.c_int32)]
+                ("decode_threads", ctypes.c_int32),
+                ("on_layer", LayerCallback),
+                ("on_layer_user", ctypes.c_void_p)]
 
 
 class FetchReport(ctypes.Structure):
@@ -227,6 +234,7 @@ _FUNCTIONS = {
     "kvcache_fetch_to_device": (ctypes.c_int, [
         _void_p, _void_p, _size, P(DeviceLayout), P(DeviceChunk), _void_p,
         P(FetchOptions), P(FetchReport)]),
+    "kvcache_stream_wait_event": (ctypes.c_int, [_void_p, _void_p]),
     "kvcache_storer_options_init": (None, [P(StorerOptions)]),
     "kvcache_storer_create": (ctypes.c_int, [_void_p, P(DeviceLayout),
                                              P(StorerOptions), P(_void_p)]),
