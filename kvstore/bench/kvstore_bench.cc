@@ -23,7 +23,8 @@
 //
 // Usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]
 //                      [--nvme_chunk_kib=N] [--nvme_seconds=N]
-//                      [--rounds=N] [--part=all|store|nvme|tls|lookup]
+//                      [--rounds=N]
+//                      [--part=all|store|nvme|tls|lookup|stream]
 //                      [--chunk_kib=256,4096,32768]
 // Needs redis-server and fio (deploy/setup.sh installs them) and a data_dir
 // on a local disk filesystem such as ext4 or xfs (not tmpfs).
@@ -82,7 +83,8 @@ constexpr uint64_t kGiB = 1 << 30;
 constexpr char kUsage[] =
     "usage: kvstore_bench [--data_dir=DIR] [--case_mib=N] [--nvme_mib=N]\n"
     "                     [--nvme_chunk_kib=N] [--nvme_seconds=N]\n"
-    "                     [--rounds=N] [--part=all|store|nvme|tls|lookup]\n"
+    "                     [--rounds=N]\n"
+    "                     [--part=all|store|nvme|tls|lookup|stream]\n"
     "                     [--chunk_kib=256,4096,32768]\n"
     "  --data_dir      local disk directory for the NVMe slab and Redis\n"
     "                  (default /var/tmp/kvstore_bench; not tmpfs)\n"
@@ -97,7 +99,8 @@ constexpr char kUsage[] =
     "                  (default 3)\n"
     "  --part          which comparisons to run (default all: store and\n"
     "                  nvme; tls: plaintext against mutual TLS only;\n"
-    "                  lookup: prefix lookups only)\n"
+    "                  lookup: prefix lookups only; stream: the Get\n"
+    "                  stream against plain TCP only)\n"
     "  --chunk_kib     chunk sizes of the Put/Get comparison, in KiB\n"
     "                  (default 256,4096,32768)\n";
 
@@ -140,7 +143,7 @@ bool ParseFlags(int argc, char** argv, Flags& flags) {
     } else if (absl::ConsumePrefix(&value, "--part=")) {
       flags.part = std::string(value);
       ok = value == "all" || value == "store" || value == "nvme" ||
-           value == "tls" || value == "lookup";
+           value == "tls" || value == "lookup" || value == "stream";
     } else {
       ok = false;
     }
@@ -699,6 +702,9 @@ absl::Status RunStoreComparison(const Flags& flags) {
     return CompareLookups(lookup_stores, /*clients=*/8, /*lookups=*/500,
                           flags.rounds);
   }
+  if (flags.part == "stream") {
+    return CompareWithTcp(stores[0], payloads, case_bytes, flags.rounds);
+  }
 
   std::printf(
       "## Put/Get over loopback\n\n"
@@ -953,7 +959,7 @@ int Run(int argc, char** argv) {
     status = RunTlsComparison(flags);
   } else {
     if (flags.part != "nvme") status = RunStoreComparison(flags);
-    if (status.ok() && flags.part != "store" && flags.part != "lookup") {
+    if (status.ok() && (flags.part == "all" || flags.part == "nvme")) {
       status = RunNvmeComparison(flags);
     }
   }
