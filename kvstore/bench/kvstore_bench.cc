@@ -177,12 +177,14 @@ struct Samples {
   uint64_t bytes = 0;
   double seconds = 0;
   double server_cpu_seconds = 0;   // the store's process, user + system
+  double client_cpu_seconds = 0;   // this process (the clients), likewise
   std::vector<double> latency_ms;  // one per call; empty where not known
 
   void Add(const Samples& other) {
     bytes += other.bytes;
     seconds += other.seconds;
     server_cpu_seconds += other.server_cpu_seconds;
+    client_cpu_seconds += other.client_cpu_seconds;
     latency_ms.insert(latency_ms.end(), other.latency_ms.begin(),
                       other.latency_ms.end());
   }
@@ -391,6 +393,7 @@ absl::StatusOr<Samples> RunPhase(
   std::vector<Samples> samples(connections.size());
   std::vector<absl::Status> status(connections.size());
   const double server_cpu = ProcessCpuSeconds(server);
+  const double client_cpu = ProcessCpuSeconds(getpid());
   const absl::Time start = absl::Now();
   std::vector<std::thread> threads;
   for (size_t c = 0; c < connections.size(); ++c) {
@@ -412,6 +415,7 @@ absl::StatusOr<Samples> RunPhase(
   }
   all.seconds = absl::ToDoubleSeconds(absl::Now() - start);
   all.server_cpu_seconds = ProcessCpuSeconds(server) - server_cpu;
+  all.client_cpu_seconds = ProcessCpuSeconds(getpid()) - client_cpu;
   return all;
 }
 
@@ -630,19 +634,25 @@ absl::Status CompareWithTcp(const Store& kvcache, const Payloads& payloads,
   std::printf(
       "## Get stream against plain TCP\n\n%llu MiB a round: kvcache Get of "
       "4 MiB chunks with one client, then one plain TCP stream between two "
-      "processes.\n\n| round | kvcache get GB/s | TCP GB/s | kvcache / TCP "
-      "|\n|---:|---:|---:|---:|\n",
+      "processes; the receiving side's CPU time (this process: the client, "
+      "or the TCP reader) per byte.\n\n| round | kvcache get GB/s | TCP GB/s "
+      "| kvcache / TCP | client CPU ns/B | TCP reader CPU ns/B "
+      "|\n|---:|---:|---:|---:|---:|---:|\n",
       static_cast<unsigned long long>(bytes / kMiB));
   uint64_t next_key = 2'000'000'000;
+  const pid_t self = getpid();
   for (int round = 1; round <= rounds; ++round) {
     absl::StatusOr<CaseSamples> get =
         RunRound(kvcache, payloads, 4 * kMiB, 1, bytes, next_key);
     if (!get.ok()) return get.status();
+    const double tcp_cpu = ProcessCpuSeconds(self);
     absl::StatusOr<double> tcp = PlainTcpGbPerSecond(bytes);
     if (!tcp.ok()) return tcp.status();
-    std::printf("| %d | %.2f | %.2f | %.0f%% |\n", round,
+    std::printf("| %d | %.2f | %.2f | %.0f%% | %.2f | %.2f |\n", round,
                 get->get.GbPerSecond(), *tcp,
-                100 * get->get.GbPerSecond() / *tcp);
+                100 * get->get.GbPerSecond() / *tcp,
+                get->get.client_cpu_seconds * 1e9 / bytes,
+                (ProcessCpuSeconds(self) - tcp_cpu) * 1e9 / bytes);
     std::fflush(stdout);
   }
   std::printf("\n");
