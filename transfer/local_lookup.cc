@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -151,6 +152,8 @@ bool Advance(Connection& c, const LocalLookupServer::CountHeld& count_held,
 }  // namespace
 
 void LocalLookupServer::Serve() {
+  // Best effort (see LocalLookupOptions::nice): EPERM leaves it as it was.
+  setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), options_.nice);
   std::vector<Connection> connections;
   std::vector<pollfd> fds;
   std::vector<absl::string_view> views;

@@ -40,6 +40,12 @@ struct LocalLookupOptions {
   uint32_t max_connections = 64;    // more are closed at once
   // Poll loops serving the connections, each taking those it accepts.
   uint32_t threads = 2;
+  // The loops' scheduling priority (a nice value, -20 to 19). A lookup is
+  // microseconds of work on a worker's critical path; at the process's
+  // priority a loop woken by a request can wait a whole scheduler slice
+  // behind the workers' threads, which is what makes the tail. Below 0
+  // needs CAP_SYS_NICE; without it the loops keep the process's priority.
+  int nice = -10;
   absl::Duration idle_timeout = absl::Seconds(60);
 };
 

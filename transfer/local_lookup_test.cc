@@ -1,18 +1,24 @@
 #include "transfer/local_lookup.h"
 
+#include <dirent.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "transfer/unix_socket.h"
 
 namespace kvcache::transfer {
@@ -67,6 +73,51 @@ class LocalLookupTest : public ::testing::Test {
   absl::flat_hash_set<std::string> held_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<LocalLookupServer> server_;
 };
+
+// This process's threads at nice value `nice` (/proc/self/task/*/stat,
+// field 19).
+int ThreadsAtNice(int nice) {
+  int count = 0;
+  DIR* tasks = opendir("/proc/self/task");
+  if (tasks == nullptr) return -1;
+  while (dirent* entry = readdir(tasks)) {
+    if (entry->d_name[0] == '.') continue;
+    std::ifstream file(
+        absl::StrCat("/proc/self/task/", entry->d_name, "/stat"));
+    std::stringstream text;
+    text << file.rdbuf();
+    const std::string stat = text.str();
+    const size_t after_name = stat.rfind(')');
+    if (after_name == std::string::npos) continue;
+    const std::vector<std::string> fields =
+        absl::StrSplit(stat.substr(after_name + 2), ' ');
+    // Fields from the third (state) on: nice is the 19th.
+    if (fields.size() > 16 && fields[16] == std::to_string(nice)) ++count;
+  }
+  closedir(tasks);
+  return count;
+}
+
+TEST_F(LocalLookupTest, LoopsRunAtTheirNiceValueWhereAllowed) {
+  constexpr int kNice = -7;
+  // Whether this process may raise a thread's priority that far.
+  bool allowed = false;
+  std::thread([&] {
+    allowed =
+        setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), kNice) == 0;
+  }).join();
+  LocalLookupOptions options;
+  options.nice = kNice;
+  options.threads = 3;
+  StartServer(options);
+  close(RawConnection());
+  const int expected = allowed ? 3 : 0;
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  while (ThreadsAtNice(kNice) != expected && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(ThreadsAtNice(kNice), expected) << "allowed: " << allowed;
+}
 
 TEST_F(LocalLookupTest, CountsTheLeadingKeysHeld) {
   StartServer();
