@@ -25,6 +25,26 @@ class GpuFetchTest : public testing::FetchFixture {
   void StartGpuNode(size_t gpu_chunks) {
     StartDaemon({testing::GpuTierFlag(*prompt_, gpu_chunks)});
   }
+
+  // Replaces the prompt's chunk 3 on the node with a copy whose byte `at`
+  // is flipped, and fetches the first four chunks into the GPU through a
+  // sink made with `options`.
+  absl::Status FetchWithChunk3Damaged(
+      size_t at, transfer::GpuDecodeSinkOptions options = {}) {
+    std::string damaged = prompt_->streams[3];
+    damaged[at] ^= 0x10;
+    if (absl::Status s =
+            client_->Put({{prompt_->keys[3], damaged}},
+                         PutOptions{absl::ZeroDuration(), /*replace=*/true});
+        !s.ok()) {
+      return s;
+    }
+    std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kAuto);
+    DeviceBlocks blocks(*prompt_, 4);
+    std::unique_ptr<transfer::GpuDecodeSink> sink = blocks.Sink(options);
+    return fetcher->Fetch(absl::MakeConstSpan(prompt_->keys).first(4), *sink)
+        .status();
+  }
 };
 
 TEST_F(GpuFetchTest, GpuTierChunksAreDecodedInPlace) {
@@ -97,21 +117,10 @@ TEST_F(GpuFetchTest, GpuTierCanBeLeftClosed) {
 TEST_F(GpuFetchTest, CorruptGpuChunkIsRejectedByIndex) {
   StartGpuNode(16);
   PutPrompt(3);
-  std::string damaged = prompt_->streams[3];
-  damaged[damaged.size() / 2] ^= 0x10;
-  ASSERT_TRUE(client_
-                  ->Put({{prompt_->keys[3], damaged}},
-                        PutOptions{absl::ZeroDuration(), /*replace=*/true})
-                  .ok());
-  std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kAuto);
-  DeviceBlocks blocks(*prompt_, 4);
-  std::unique_ptr<transfer::GpuDecodeSink> sink = blocks.Sink();
-  absl::StatusOr<FetchReport> report =
-      fetcher->Fetch(absl::MakeConstSpan(prompt_->keys).first(4), *sink);
-  ASSERT_FALSE(report.ok());
-  EXPECT_EQ(report.status().code(), absl::StatusCode::kDataLoss);
-  EXPECT_NE(report.status().message().find("chunk 3"), std::string::npos)
-      << report.status();
+  const absl::Status fetched =
+      FetchWithChunk3Damaged(prompt_->streams[3].size() / 2);
+  EXPECT_EQ(fetched.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(fetched.message().find("chunk 3"), std::string::npos) << fetched;
 }
 
 // Layer by layer, over the GPU tier, the shared CPU tier and gRPC: each
@@ -163,24 +172,14 @@ TEST_F(GpuFetchTest, LayerByLayerSignalsEachLayerWhenItIsThere) {
 TEST_F(GpuFetchTest, LayerByLayerNamesACorruptChunk) {
   StartDaemon();
   PutPrompt(3);
-  std::string damaged = prompt_->streams[3];
-  damaged[damaged.size() - 10] ^= 0x10;  // In its last layer.
-  ASSERT_TRUE(client_
-                  ->Put({{prompt_->keys[3], damaged}},
-                        PutOptions{absl::ZeroDuration(), /*replace=*/true})
-                  .ok());
-  std::unique_ptr<PrefixFetcher> fetcher = Fetcher(Transport::kAuto);
-  DeviceBlocks blocks(*prompt_, 4);
   uint32_t signalled = 0;
   transfer::GpuDecodeSinkOptions options;
   options.on_layer = [&](uint32_t, CUevent_st*) { ++signalled; };
-  std::unique_ptr<transfer::GpuDecodeSink> sink = blocks.Sink(options);
-  absl::StatusOr<FetchReport> report =
-      fetcher->Fetch(absl::MakeConstSpan(prompt_->keys).first(4), *sink);
-  ASSERT_FALSE(report.ok());
-  EXPECT_EQ(report.status().code(), absl::StatusCode::kDataLoss);
-  EXPECT_NE(report.status().message().find("chunk 3"), std::string::npos)
-      << report.status();
+  // A byte in the chunk's last layer: found by its checksum at the end.
+  const absl::Status fetched =
+      FetchWithChunk3Damaged(prompt_->streams[3].size() - 10, options);
+  EXPECT_EQ(fetched.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(fetched.message().find("chunk 3"), std::string::npos) << fetched;
   EXPECT_EQ(signalled, prompt_->shape.layers);
 }
 
