@@ -14,6 +14,61 @@ namespace kvcache::transfer {
 using codec::gpu::ChunkErrorName;
 using codec::gpu::DecodeJob;
 
+namespace {
+
+// Where pieces of `sizes` go when packed back to back, each starting
+// 256-byte aligned as the decoder's loads like; *end: where the last ends.
+std::vector<uint64_t> PackedOffsets(absl::Span<const uint64_t> sizes,
+                                    uint64_t* end) {
+  std::vector<uint64_t> offsets;
+  *end = 0;
+  for (uint64_t size : sizes) {
+    offsets.push_back((*end + 255) / 256 * 256);
+    *end = offsets.back() + size;
+  }
+  return offsets;
+}
+
+// Device memory of at least `bytes` in *buffer (*capacity bytes), kept from
+// call to call and replaced only when too small.
+absl::Status GrowDeviceBuffer(uint64_t bytes, void** buffer, uint64_t* capacity,
+                              const char* what) {
+  if (bytes <= *capacity) return absl::OkStatus();
+  cudaFree(*buffer);
+  *buffer = nullptr;
+  *capacity = 0;
+  if (absl::Status s = CudaError(cudaMalloc(buffer, bytes), what); !s.ok()) {
+    return s;
+  }
+  *capacity = bytes;
+  return absl::OkStatus();
+}
+
+// Queues host-to-device copies of pieces on `stream`, in one call where the
+// driver takes batches.
+cudaError_t CopyPieces(std::vector<void*>& to, std::vector<const void*>& from,
+                       std::vector<size_t>& sizes, cudaStream_t stream) {
+  if (sizes.empty()) return cudaSuccess;
+  cudaMemcpyAttributes attributes = {};
+  attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  attributes.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+  size_t attribute_index = 0;
+  if (cudaMemcpyBatchAsync(to.data(), from.data(), sizes.data(), sizes.size(),
+                           &attributes, &attribute_index, 1,
+                           stream) == cudaSuccess) {
+    return cudaSuccess;
+  }
+  cudaGetLastError();  // An older driver: one copy at a time.
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const cudaError_t e = cudaMemcpyAsync(to[i], from[i], sizes[i],
+                                          cudaMemcpyHostToDevice, stream);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
 struct GpuDecodeSink::Slot {
   uint8_t* device = nullptr;
   uint8_t* pinned = nullptr;
@@ -147,13 +202,18 @@ GpuDecodeSink::~GpuDecodeSink() {
   if (first_decoded_) cudaEventDestroy(first_decoded_);
 }
 
-absl::StatusOr<GpuDecodeSink::Slot*> GpuDecodeSink::SlotFor(
-    size_t index, uint64_t staged_bytes) {
+absl::Status GpuDecodeSink::CheckNext(size_t index) const {
   if (index != consumed_ || index >= destinations_.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "chunk ", index, " out of order or without a destination (",
         destinations_.size(), " given)"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GpuDecodeSink::Slot*> GpuDecodeSink::SlotFor(
+    size_t index, uint64_t staged_bytes) {
+  if (absl::Status s = CheckNext(index); !s.ok()) return s;
   if (staged_bytes > options_.slot_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "chunk ", index, " is ", staged_bytes, " bytes; staging slots hold ",
@@ -204,13 +264,8 @@ absl::Status GpuDecodeSink::Stage(
         "chunks ", first, "..", first + sizes.size() - 1,
         " have no destination (", destinations_.size(), " given)"));
   }
-  // Streams start 256-byte aligned, as the decoder's loads like.
-  std::vector<uint64_t> offsets;
   uint64_t end = 0;
-  for (uint64_t size : sizes) {
-    offsets.push_back((end + 255) / 256 * 256);
-    end = offsets.back() + size;
-  }
+  const std::vector<uint64_t> offsets = PackedOffsets(sizes, &end);
   const uint64_t reserved = (end + 255) / 256 * 256;
   absl::StatusOr<Slot*> slot = SlotFor(first, reserved);
   if (!slot.ok()) return slot.status();
@@ -278,16 +333,11 @@ absl::Status GpuDecodeSink::Launch() {
   if (slot.jobs.empty()) return absl::OkStatus();
   const uint64_t needed =
       codec::gpu::DecodeWorkspaceBytes(layout_, slot.jobs, profile_);
-  if (needed > slot.workspace_bytes) {
-    cudaFree(slot.workspace);
-    slot.workspace = nullptr;
-    slot.workspace_bytes = 0;
-    if (absl::Status s = CudaError(cudaMalloc(&slot.workspace, needed),
-                                   "allocating decode workspace");
-        !s.ok()) {
-      return s;
-    }
-    slot.workspace_bytes = needed;
+  if (absl::Status s =
+          GrowDeviceBuffer(needed, &slot.workspace, &slot.workspace_bytes,
+                           "allocating decode workspace");
+      !s.ok()) {
+    return s;
   }
   cudaEventRecord(slot.copied, copy_stream_);
   cudaStreamWaitEvent(stream_, slot.copied, 0);
@@ -372,11 +422,7 @@ absl::StatusOr<uint8_t*> GpuDecodeSink::TakeStaging(uint64_t bytes) {
 }
 
 absl::Status GpuDecodeSink::TakeLayered(size_t index, absl::string_view bytes) {
-  if (index != consumed_ || index >= destinations_.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "chunk ", index, " out of order or without a destination (",
-        destinations_.size(), " given)"));
-  }
+  if (absl::Status s = CheckNext(index); !s.ok()) return s;
   LayeredChunk chunk;
   chunk.bytes = reinterpret_cast<const uint8_t*>(bytes.data());
   chunk.size = bytes.size();
@@ -408,11 +454,7 @@ absl::Status GpuDecodeSink::TakeLayered(size_t index, absl::string_view bytes) {
 absl::Status GpuDecodeSink::TakeLayeredOnDevice(size_t index,
                                                 const uint8_t* bytes,
                                                 uint64_t size) {
-  if (index != consumed_ || index >= destinations_.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "chunk ", index, " out of order or without a destination (",
-        destinations_.size(), " given)"));
-  }
+  if (absl::Status s = CheckNext(index); !s.ok()) return s;
   if (index == 0) cudaEventRecord(started_, copy_stream_);
   layered_.push_back({bytes, size, nullptr, {}});
   ++consumed_;
@@ -422,12 +464,8 @@ absl::Status GpuDecodeSink::TakeLayeredOnDevice(size_t index,
 absl::Status GpuDecodeSink::TakeWrittenLayered(
     size_t first, absl::Span<const uint64_t> sizes,
     absl::FunctionRef<absl::Status(void*, uint64_t, CUstream_st*)> write) {
-  std::vector<uint64_t> offsets;
   uint64_t end = 0;
-  for (uint64_t size : sizes) {
-    offsets.push_back((end + 255) / 256 * 256);
-    end = offsets.back() + size;
-  }
+  const std::vector<uint64_t> offsets = PackedOffsets(sizes, &end);
   absl::StatusOr<uint8_t*> group = TakeStaging(end);
   if (!group.ok()) return group.status();
   if (absl::Status s = write(*group, end, copy_stream_); !s.ok()) return s;
@@ -440,33 +478,6 @@ absl::Status GpuDecodeSink::TakeWrittenLayered(
   }
   return absl::OkStatus();
 }
-
-namespace {
-
-// Queues host-to-device copies of pieces on `stream`, in one call where the
-// driver takes batches.
-cudaError_t CopyPieces(std::vector<void*>& to, std::vector<const void*>& from,
-                       std::vector<size_t>& sizes, cudaStream_t stream) {
-  if (sizes.empty()) return cudaSuccess;
-  cudaMemcpyAttributes attributes = {};
-  attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-  attributes.flags = cudaMemcpyFlagPreferOverlapWithCompute;
-  size_t attribute_index = 0;
-  if (cudaMemcpyBatchAsync(to.data(), from.data(), sizes.data(), sizes.size(),
-                           &attributes, &attribute_index, 1,
-                           stream) == cudaSuccess) {
-    return cudaSuccess;
-  }
-  cudaGetLastError();  // An older driver: one copy at a time.
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    const cudaError_t e = cudaMemcpyAsync(to[i], from[i], sizes[i],
-                                          cudaMemcpyHostToDevice, stream);
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
-}
-
-}  // namespace
 
 absl::Status GpuDecodeSink::RunLayers() {
   const size_t n = layered_.size();
@@ -482,16 +493,11 @@ absl::Status GpuDecodeSink::RunLayers() {
   const codec::gpu::LayerRange one_layer{0, 1, false, false};
   const uint64_t workspace =
       codec::gpu::DecodeWorkspaceBytes(layout_, jobs, profile_, one_layer);
-  if (workspace > layered_workspace_bytes_) {
-    cudaFree(layered_workspace_);
-    layered_workspace_ = nullptr;
-    layered_workspace_bytes_ = 0;
-    if (absl::Status s = CudaError(cudaMalloc(&layered_workspace_, workspace),
-                                   "allocating decode workspace");
-        !s.ok()) {
-      return s;
-    }
-    layered_workspace_bytes_ = workspace;
+  if (absl::Status s = GrowDeviceBuffer(workspace, &layered_workspace_,
+                                        &layered_workspace_bytes_,
+                                        "allocating decode workspace");
+      !s.ok()) {
+    return s;
   }
   cudaError_t e = cudaSuccess;
   if (layer_copied_ == nullptr) {

@@ -122,6 +122,9 @@ class GpuDecodeSink : public ChunkSink {
                 std::vector<codec::gpu::KvChunkRef> destinations,
                 codec::gpu::Stream stream, GpuDecodeSinkOptions options);
   absl::Status Allocate();
+  // INVALID_ARGUMENT unless chunk `index` is the next one and has a
+  // destination.
+  absl::Status CheckNext(size_t index) const;
   // The slot that takes chunk `index` with `staged_bytes` of staging,
   // launching the filling one first if it is full.
   absl::StatusOr<Slot*> SlotFor(size_t index, uint64_t staged_bytes);
