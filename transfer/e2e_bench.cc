@@ -71,6 +71,13 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// "median (lowest-highest)" of v times `scale`.
+std::string MedianAndRange(std::vector<double> v, double scale = 1) {
+  std::sort(v.begin(), v.end());
+  return absl::StrFormat("%.2f (%.2f-%.2f)", scale * Median(v),
+                         scale * v.front(), scale * v.back());
+}
+
 // Copies raw chunks into device memory at their place: the peer that moves
 // uncompressed fp16 over the same path as a restore.
 class RawUploadSink : public ChunkSink {
@@ -396,24 +403,20 @@ class Bench {
       std::fprintf(stderr, "layers signalled %u times\n", signalled);
       std::exit(1);
     }
-    auto range = [](std::vector<double> v, double scale) {
-      std::sort(v.begin(), v.end());
-      return absl::StrFormat("%.2f (%.2f-%.2f)", scale * Median(v),
-                             scale * v.front(), scale * v.back());
-    };
     std::printf(
         "\nlayer by layer from the CPU tier (shared memory), %d alternating "
         "rounds each: whole restore %s ms against %s ms in chunk order "
         "(%+.1f%%); first layer ready after %s ms (%.1f%% of the restore; "
         "the fetch had handed over every chunk after %s ms); in chunk order "
         "the first batch of %u chunks (all layers) after %s ms\n",
-        kReps, range(layer_s, 1e3).c_str(), range(order_s, 1e3).c_str(),
+        kReps, MedianAndRange(layer_s, 1e3).c_str(),
+        MedianAndRange(order_s, 1e3).c_str(),
         100 * (Median(layer_s) / Median(order_s) - 1),
-        range(first_layer_ms, 1).c_str(),
+        MedianAndRange(first_layer_ms).c_str(),
         100 * Median(first_layer_ms) / 1e3 / Median(layer_s),
-        range(all_taken_ms, 1).c_str(),
+        MedianAndRange(all_taken_ms).c_str(),
         transfer::GpuDecodeSinkOptions().batch_chunks,
-        range(first_batch_ms, 1).c_str());
+        MedianAndRange(first_batch_ms).c_str());
   }
 
   double RestoreOnce(PrefixFetcher& fetcher, std::vector<double>* firsts,
@@ -847,16 +850,14 @@ int Run(int argc, char** argv) {
   std::printf(
       "\nGPU tier restore: %.0f%% of the GPU decoder's throughput alone\n",
       100 * decode_alone_s / gpu_tier_s);
-  std::sort(disk_gbps.begin(), disk_gbps.end());
   std::printf(
       "\n%s, sequential O_DIRECT reads of the cold NVMe rows' slab (1 MiB, "
-      "queue depth 32, io_uring), once before each restore: %.2f GB/s "
-      "(%.2f-%.2f); the cold restores carry %.1f MiB of compressed bytes\n",
+      "queue depth 32, io_uring), once before each restore: %s GB/s; the "
+      "cold restores carry %.1f MiB of compressed bytes\n",
       have_fio ? "fio"
                : "no fio here; the same job from this process "
                  "(RawSequentialRead)",
-      Median(disk_gbps), disk_gbps.front(), disk_gbps.back(),
-      bench.compressed_bytes() / 1048576.0);
+      MedianAndRange(disk_gbps).c_str(), bench.compressed_bytes() / 1048576.0);
   std::printf(
       "\nstore from GPU blocks (GPU encode, background put over gRPC, %.2f "
       "GiB of device memory for 4 slots of 8 chunks): worker's thread free "
