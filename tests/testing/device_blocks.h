@@ -62,38 +62,34 @@ class DeviceBlocks {
   // decoder's.
   void ExpectLayerDecoded(uint32_t layer) const {
     const uint64_t per_layer = values_per_chunk_ / prompt_.shape.layers;
-    std::vector<uint16_t> host(per_layer);
-    for (size_t i = 0; i < refs_.size(); ++i) {
-      ASSERT_EQ(cudaMemcpy(host.data(), refs_[i].values + layer * per_layer,
-                           2 * per_layer, cudaMemcpyDeviceToHost),
-                cudaSuccess);
-      if (!std::equal(host.begin(), host.end(),
-                      prompt_.decoded[i].begin() + layer * per_layer)) {
-        ADD_FAILURE() << "chunk " << i << " layer " << layer
-                      << " differs from the CPU decoder's";
-        return;
-      }
-    }
+    ExpectValues(layer * per_layer, per_layer, absl::StrCat(" layer ", layer));
   }
 
   const std::vector<codec::gpu::KvChunkRef>& refs() const { return refs_; }
 
   // Copies the restored values back and compares them with the CPU
   // decoder's.
-  void ExpectDecoded() const {
-    std::vector<uint16_t> host(values_per_chunk_);
+  void ExpectDecoded() const { ExpectValues(0, values_per_chunk_, ""); }
+
+ private:
+  // Compares values [first, first + count) of every chunk with the CPU
+  // decoder's; `what` names the part in a failure.
+  void ExpectValues(uint64_t first, uint64_t count,
+                    const std::string& what) const {
+    std::vector<uint16_t> host(count);
     for (size_t i = 0; i < refs_.size(); ++i) {
-      ASSERT_EQ(cudaMemcpy(host.data(), refs_[i].values, 2 * host.size(),
+      ASSERT_EQ(cudaMemcpy(host.data(), refs_[i].values + first, 2 * count,
                            cudaMemcpyDeviceToHost),
                 cudaSuccess);
-      if (host != prompt_.decoded[i]) {
-        ADD_FAILURE() << "chunk " << i << " differs from the CPU decoder's";
+      if (!std::equal(host.begin(), host.end(),
+                      prompt_.decoded[i].begin() + first)) {
+        ADD_FAILURE() << "chunk " << i << what
+                      << " differs from the CPU decoder's";
         return;
       }
     }
   }
 
- private:
   const Prompt& prompt_;
   const uint64_t values_per_chunk_;
   uint16_t* values_ = nullptr;
