@@ -141,6 +141,19 @@ class FetchToDeviceTest(unittest.TestCase):
         return dict(layers=m["layers"], kv_heads=m["kv_heads"],
                     head_dim=m["head_dim"], **fields)
 
+    def contiguous_blocks(self, wanted):
+        """A filled device buffer per chunk of `wanted`, and the blocks
+        argument that restores each chunk into its own."""
+        buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
+        return buffers, [{"tokens": w.shape[2], "values": b}
+                         for w, b in zip(wanted, buffers)]
+
+    def expect_restored(self, wanted, buffers, what):
+        for i, (w, b) in enumerate(zip(wanted, buffers)):
+            np.testing.assert_array_equal(
+                self.cuda.download(b, w.shape, np.uint16), w,
+                f"{what}chunk {i}")
+
     def put_prompt(self, model_id, dtype="float16", level="default",
                    profile=None):
         """Stores the dump as a prompt's chunks; returns (keys, streams,
@@ -176,9 +189,7 @@ class FetchToDeviceTest(unittest.TestCase):
         self.assertEqual(kvcache.stream_profile_id(streams[0]), profile.id)
         wanted = [kvcache.decode(s, profile).view(np.uint16) for s in streams]
         for transport in ("shared_memory", "grpc"):
-            buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
-            blocks = [{"tokens": w.shape[2], "values": b}
-                      for w, b in zip(wanted, buffers)]
+            buffers, blocks = self.contiguous_blocks(wanted)
             with self.assertRaises(kvcache.FailedPreconditionError):
                 self.client.fetch_to_device(keys, self.layout(), blocks,
                                             transport=transport)
@@ -189,10 +200,7 @@ class FetchToDeviceTest(unittest.TestCase):
                     "profile")
             self.client.fetch_to_device(keys, self.layout(), blocks,
                                         transport=transport, profile=profile)
-            for i, (w, b) in enumerate(zip(wanted, buffers)):
-                np.testing.assert_array_equal(
-                    self.cuda.download(b, w.shape, np.uint16), w,
-                    f"{transport} chunk {i}")
+            self.expect_restored(wanted, buffers, f"{transport} ")
 
     def test_contiguous_restore_is_bit_exact_over_each_transport(self):
         keys, streams, _ = self.put_prompt("gpu-contiguous")
@@ -200,18 +208,13 @@ class FetchToDeviceTest(unittest.TestCase):
         for transport, carrier in [("shared_memory", "shared_memory_chunks"),
                                    ("grpc", "grpc_chunks"),
                                    ("auto", "shared_memory_chunks")]:
-            buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
-            blocks = [{"tokens": w.shape[2], "values": b}
-                      for w, b in zip(wanted, buffers)]
+            buffers, blocks = self.contiguous_blocks(wanted)
             report = self.client.fetch_to_device(keys, self.layout(), blocks,
                                                  transport=transport)
             self.assertEqual(report[carrier], len(keys), transport)
             self.assertEqual(report["bytes"], sum(len(s) for s in streams))
             self.assertGreater(report["first_batch_ms"], 0)
-            for i, (w, b) in enumerate(zip(wanted, buffers)):
-                np.testing.assert_array_equal(
-                    self.cuda.download(b, w.shape, np.uint16), w,
-                    f"{transport} chunk {i}")
+            self.expect_restored(wanted, buffers, f"{transport} ")
 
     def test_layer_by_layer_signals_each_layer_when_it_is_there(self):
         keys, streams, _ = self.put_prompt("gpu-layered")
@@ -219,9 +222,7 @@ class FetchToDeviceTest(unittest.TestCase):
         layers = self.manifest["layers"]
         fetch_stream, compute = self.cuda.stream(), self.cuda.stream()
         for transport in ("shared_memory", "grpc"):
-            buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
-            blocks = [{"tokens": w.shape[2], "values": b}
-                      for w, b in zip(wanted, buffers)]
+            buffers, blocks = self.contiguous_blocks(wanted)
             signalled = []
 
             def on_layer(layer, event):
@@ -241,15 +242,10 @@ class FetchToDeviceTest(unittest.TestCase):
                 transport=transport, on_layer=on_layer)
             self.assertEqual(signalled, list(range(layers)), transport)
             self.assertGreater(report["first_batch_ms"], 0)
-            for i, (w, b) in enumerate(zip(wanted, buffers)):
-                np.testing.assert_array_equal(
-                    self.cuda.download(b, w.shape, np.uint16), w,
-                    f"{transport} chunk {i}")
+            self.expect_restored(wanted, buffers, f"{transport} ")
 
         # What on_layer raises comes out of the call; the restore completes.
-        buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
-        blocks = [{"tokens": w.shape[2], "values": b}
-                  for w, b in zip(wanted, buffers)]
+        buffers, blocks = self.contiguous_blocks(wanted)
 
         def fail(layer, event):
             raise ValueError(f"layer {layer}")
@@ -257,9 +253,7 @@ class FetchToDeviceTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "layer 0"):
             self.client.fetch_to_device(keys, self.layout(), blocks,
                                         on_layer=fail)
-        for i, (w, b) in enumerate(zip(wanted, buffers)):
-            np.testing.assert_array_equal(
-                self.cuda.download(b, w.shape, np.uint16), w, f"chunk {i}")
+        self.expect_restored(wanted, buffers, "")
         with self.assertRaises(kvcache.InvalidArgumentError):
             self.client.fetch_to_device(keys, self.layout(), blocks,
                                         on_layer="layer")
@@ -325,9 +319,7 @@ class FetchToDeviceTest(unittest.TestCase):
     def test_errors(self):
         keys, streams, _ = self.put_prompt("gpu-errors")
         wanted = [kvcache.decode(s).view(np.uint16) for s in streams]
-        buffers = [self.cuda.malloc(w.nbytes) for w in wanted]
-        blocks = [{"tokens": w.shape[2], "values": b}
-                  for w, b in zip(wanted, buffers)]
+        buffers, blocks = self.contiguous_blocks(wanted)
         # float16 chunks into a bfloat16 cache: the GPU refuses each chunk
         # and leaves its blocks as they were.
         with self.assertRaisesRegex(kvcache.DataLossError, "shape"):
