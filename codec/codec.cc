@@ -99,7 +99,7 @@ absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
     }
   }
   const std::vector<internal::PlanePolicy> policies =
-      internal::PlanePoliciesFor(level, shape.layers);
+      internal::PlanePoliciesFor(level, shape.layers, profile);
   std::vector<PlaneSpec> specs(policies.size());
   const size_t plane_values = size_t{shape.tokens} * h.Channels();
   const uint64_t choice_bits =
@@ -115,6 +115,7 @@ absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
     if (profile != nullptr) {
       internal::ForwardPlane(h, PlaneOf(profile, p, rope), plane, coeff.data());
       internal::QuantizeFloats(h, policies[p].relative_step,
+                               policies[p].absolute_step,
                                /*drop_quiet_channels=*/true, &specs[p],
                                coeff.data(), q.data(), &scales);
     } else {

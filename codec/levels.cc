@@ -1,6 +1,7 @@
 #include "codec/levels.h"
 
 #include <array>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 
@@ -14,6 +15,9 @@ struct LevelInfo {
   float value_step;  // Relative step for values in later layers.
   float early;       // Step multiplier for the first quarter of the layers.
   bool transform = false;  // Quantizes the profile's components.
+  // Transform levels with a profile's plane sensitivities: the mean KL
+  // divergence (nats) per next-token distribution the level aims to add.
+  float target_kl = 0;
 };
 
 // Tuned on the real dumps against KIVI at equal size; see README.md.
@@ -27,9 +31,10 @@ constexpr std::array<LevelInfo, 9> kLevels = {{
     {Level::kDefault, "default", 1.1f, 1.1f, 0.6f},
     {Level::kCompact, "compact", 1.5f, 1.5f, 0.6f},
     {Level::kTiny, "tiny", 2.2f, 2.2f, 0.6f},
-    {Level::kProfileFine, "profile-fine", 0.4f, 0.3f, 0.5f, true},
-    {Level::kProfileBalanced, "profile-balanced", 0.7f, 0.9f, 0.5f, true},
-    {Level::kProfileSmall, "profile-small", 1.4f, 1.0f, 0.5f, true},
+    {Level::kProfileFine, "profile-fine", 0.4f, 0.3f, 0.5f, true, 0.002f},
+    {Level::kProfileBalanced, "profile-balanced", 0.7f, 0.9f, 0.5f, true,
+     0.01f},
+    {Level::kProfileSmall, "profile-small", 1.4f, 1.0f, 0.5f, true, 0.03f},
 }};
 
 const LevelInfo* Find(Level level) {
@@ -65,10 +70,21 @@ bool LevelNeedsProfile(Level level) {
 
 namespace internal {
 
-std::vector<PlanePolicy> PlanePoliciesFor(Level level, uint32_t layers) {
+std::vector<PlanePolicy> PlanePoliciesFor(Level level, uint32_t layers,
+                                          const ModelProfile* profile) {
   const LevelInfo* info = Find(level);
   std::vector<PlanePolicy> policies(size_t{layers} * 2);
   if (info == nullptr || level == Level::kLossless) return policies;
+  if (info->transform && profile != nullptr &&
+      profile->plane_sensitivity.size() == policies.size()) {
+    const double plane_kl = double{info->target_kl} / policies.size();
+    for (size_t p = 0; p < policies.size(); ++p) {
+      policies[p] = {ScaleMode::kPerChannel, 0,
+                     static_cast<float>(std::sqrt(
+                         12 * plane_kl / profile->plane_sensitivity[p]))};
+    }
+    return policies;
+  }
   const uint32_t early = (layers + 3) / 4;
   for (uint32_t l = 0; l < layers; ++l) {
     const float scale = l < early ? info->early : 1.0f;

@@ -16,7 +16,9 @@ namespace kvcache::codec {
 namespace {
 
 constexpr char kProfileMagic[4] = {'K', 'V', 'C', 'P'};
+// Version 1 has no plane sensitivities; version 2 appends them.
 constexpr uint8_t kProfileVersion = 1;
+constexpr uint8_t kProfileVersionWithSensitivity = 2;
 constexpr size_t kProfileHeaderBytes = 20;
 // How far a basis may be from orthonormal (any entry of B B^T - I): a
 // float32 basis of a well-conditioned eigensolver is within 1e-6.
@@ -70,8 +72,16 @@ absl::Status CheckProfile(const ModelProfile& p) {
   const size_t d = p.head_dim;
   if (p.rope_inv_freq.size() != RopePairs(p) ||
       p.mean.size() != p.Heads() * d || p.basis.size() != p.Heads() * d * d ||
-      p.variance.size() != p.Heads() * d) {
+      p.variance.size() != p.Heads() * d ||
+      (!p.plane_sensitivity.empty() &&
+       p.plane_sensitivity.size() != size_t{p.layers} * 2)) {
     return absl::InvalidArgumentError("profile arrays do not match its shape");
+  }
+  for (float s : p.plane_sensitivity) {
+    if (!std::isfinite(s) || s <= 0) {
+      return absl::InvalidArgumentError(
+          "plane sensitivities must be finite and positive");
+    }
   }
   for (double f : p.rope_inv_freq) {
     if (!std::isfinite(f) || f < 0) {
@@ -117,7 +127,8 @@ std::string ProfileIdHex(const ProfileId& id) {
 std::string SerializeProfile(const ModelProfile& p) {
   std::string out(kProfileMagic, 4);
   internal::ByteWriter w(&out);
-  w.U8(kProfileVersion);
+  w.U8(p.plane_sensitivity.empty() ? kProfileVersion
+                                   : kProfileVersionWithSensitivity);
   w.U8(static_cast<uint8_t>(p.rope));
   w.U16(0);
   w.U32(p.layers);
@@ -129,7 +140,8 @@ std::string SerializeProfile(const ModelProfile& p) {
     w.U32(static_cast<uint32_t>(bits));
     w.U32(static_cast<uint32_t>(bits >> 32));
   }
-  for (const std::vector<float>* v : {&p.mean, &p.basis, &p.variance}) {
+  for (const std::vector<float>* v :
+       {&p.mean, &p.basis, &p.variance, &p.plane_sensitivity}) {
     for (float f : *v) AppendF32(&w, f);
   }
   return out;
@@ -147,7 +159,8 @@ absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes) {
     return absl::DataLossError("not a kvcache model profile");
   }
   const auto* b = reinterpret_cast<const uint8_t*>(bytes.data());
-  if (b[4] != kProfileVersion) {
+  const bool has_sensitivity = b[4] == kProfileVersionWithSensitivity;
+  if (b[4] != kProfileVersion && !has_sensitivity) {
     return absl::DataLossError(
         absl::StrCat("unsupported profile version ", b[4]));
   }
@@ -162,7 +175,8 @@ absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes) {
   // Size everything from the header and compare with what is there before
   // allocating.
   const uint64_t d = p.head_dim;
-  const uint64_t floats = p.Heads() * (d + d * d + d);
+  const uint64_t sensitivities = has_sensitivity ? uint64_t{p.layers} * 2 : 0;
+  const uint64_t floats = p.Heads() * (d + d * d + d) + sensitivities;
   const uint64_t expected = kProfileHeaderBytes + 8 * RopePairs(p) + 4 * floats;
   if (bytes.size() != expected) {
     return absl::DataLossError(absl::StrCat(
@@ -181,7 +195,9 @@ absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes) {
   p.mean.resize(p.Heads() * d);
   p.basis.resize(p.Heads() * d * d);
   p.variance.resize(p.Heads() * d);
-  for (std::vector<float>* v : {&p.mean, &p.basis, &p.variance}) {
+  p.plane_sensitivity.resize(sensitivities);
+  for (std::vector<float>* v :
+       {&p.mean, &p.basis, &p.variance, &p.plane_sensitivity}) {
     for (float& f : *v) {
       f = ReadF32(at);
       at += 4;

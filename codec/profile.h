@@ -51,6 +51,14 @@ struct ModelProfile {
   std::vector<float> mean;      // [head][dim]
   std::vector<float> basis;     // [head][component][dim], rows orthonormal
   std::vector<float> variance;  // [head][component], decreasing
+  // Per plane (2 * layer + 0 for K, 1 for V), how much the model's output
+  // moves per unit of noise: mean KL divergence of its next-token
+  // distributions (nats) per unit of noise variance added to every channel
+  // of that plane, measured by running the model (the chat example's
+  // CalibrateModelProfile). Empty when not measured (kvcodec calibrate works
+  // from dumps alone); then the transform levels fall back to one relative
+  // step per plane. Serialized only when present (profile version 2).
+  std::vector<float> plane_sensitivity;
   // Set by ParseProfile and FinishProfile; not part of the content.
   ProfileId id{};
 
@@ -72,7 +80,8 @@ inline constexpr uint32_t kMaxProfileHeadDim = 256;
 // profiles give equal bytes.
 std::string SerializeProfile(const ModelProfile& profile);
 
-// Checks sizes, finite values and orthonormality of the bases, then sets
+// Checks sizes, finite values, positive sensitivities and orthonormality of
+// the bases, then sets
 // profile->id. InvalidArgument if anything is off.
 absl::Status FinishProfile(ModelProfile* profile);
 

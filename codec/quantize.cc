@@ -184,11 +184,11 @@ void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
   }
   std::vector<float> x(size_t{tokens} * row);
   ValuesToFloat(src, x.size(), dtype, x.data());
-  QuantizeFloats(h, relative_step, /*drop_quiet_channels=*/false, spec,
-                 x.data(), q, scales);
+  QuantizeFloats(h, relative_step, /*absolute_step=*/0,
+                 /*drop_quiet_channels=*/false, spec, x.data(), q, scales);
 }
 
-void QuantizeFloats(const Header& h, float relative_step,
+void QuantizeFloats(const Header& h, float relative_step, float absolute_step,
                     bool drop_quiet_channels, PlaneSpec* spec, const float* x,
                     uint16_t* q, std::string* scales) {
   const uint32_t row = h.Channels();
@@ -226,7 +226,9 @@ void QuantizeFloats(const Header& h, float relative_step,
   // token magnitudes vary.
   double plane_var = 0;
   for (const Stats& st : stats) plane_var += st.Variance();
-  const float plane_step = SpreadStep(relative_step, plane_var / groups);
+  const float plane_step = absolute_step > 0
+                               ? absolute_step
+                               : SpreadStep(relative_step, plane_var / groups);
   // A channel whose spread is under the step's own rounding noise
   // (step^2 / 12) costs more to code than it removes: with
   // drop_quiet_channels it is left out (offset and step 0), which is

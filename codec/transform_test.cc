@@ -188,6 +188,99 @@ TEST_F(TransformLevelTest, ProfileBytesRoundTripAndNameTheirContent) {
   EXPECT_FALSE(ParseProfile(bad).ok());
 }
 
+// The profile with every plane's sensitivity 1 except `plane`'s.
+ModelProfile WithSensitivities(const ModelProfile& base, size_t plane,
+                               float sensitivity) {
+  ModelProfile p = base;
+  p.plane_sensitivity.assign(size_t{p.layers} * 2, 1.0f);
+  p.plane_sensitivity[plane] = sensitivity;
+  EXPECT_TRUE(FinishProfile(&p).ok());
+  return p;
+}
+
+TEST_F(TransformLevelTest, SensitivitiesTravelWithTheProfile) {
+  const ModelProfile p = WithSensitivities(*profile_, 2, 100);
+  EXPECT_NE(p.id, profile_->id);
+  const std::string bytes = SerializeProfile(p);
+  EXPECT_EQ(bytes[4], 2);  // version 2: sensitivities appended
+  EXPECT_EQ(SerializeProfile(*profile_)[4], 1);
+  absl::StatusOr<ModelProfile> parsed = ParseProfile(bytes);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->plane_sensitivity, p.plane_sensitivity);
+  EXPECT_EQ(parsed->id, p.id);
+  EXPECT_TRUE(absl::IsDataLoss(
+      ParseProfile(bytes.substr(0, bytes.size() - 4)).status()));
+  for (float bad : {0.0f, -1.0f, std::nanf("")}) {
+    ModelProfile q = p;
+    q.plane_sensitivity[5] = bad;
+    EXPECT_FALSE(FinishProfile(&q).ok()) << bad;
+  }
+  ModelProfile short_list = p;
+  short_list.plane_sensitivity.pop_back();
+  EXPECT_FALSE(FinishProfile(&short_list).ok());
+}
+
+TEST_F(TransformLevelTest, SensitivitiesGiveEachPlaneAnEqualShareOfTheTarget) {
+  const ModelProfile p = WithSensitivities(*profile_, 2, 100);
+  for (Level level : kTransformLevels) {
+    const std::vector<internal::PlanePolicy> policies =
+        internal::PlanePoliciesFor(level, p.layers, &p);
+    ASSERT_EQ(policies.size(), p.plane_sensitivity.size());
+    // Equal slopes: sensitivity * step^2 is the same on every plane.
+    const double share =
+        100.0 * policies[2].absolute_step * policies[2].absolute_step;
+    for (size_t i = 0; i < policies.size(); ++i) {
+      EXPECT_EQ(policies[i].mode, internal::ScaleMode::kPerChannel);
+      EXPECT_NEAR(p.plane_sensitivity[i] * policies[i].absolute_step *
+                      policies[i].absolute_step,
+                  share, 1e-6 * share);
+    }
+    // Without sensitivities: one relative step per plane, as before.
+    for (const internal::PlanePolicy& policy :
+         internal::PlanePoliciesFor(level, p.layers, profile_)) {
+      EXPECT_EQ(policy.absolute_step, 0);
+      EXPECT_GT(policy.relative_step, 0);
+    }
+  }
+}
+
+TEST_F(TransformLevelTest, ASensitivePlaneGetsTheFinerStep) {
+  // Plane 2 (layer 1's keys) 100 times as sensitive as the others: its step
+  // is 10 times finer, so its squared error about 100 times smaller, while
+  // a plane of sensitivity 1 keeps its error.
+  ChunkShape s;
+  const std::vector<uint16_t> in = Slice((*dumps_)[0], 256, 256, &s);
+  auto plane_mse = [&](const ModelProfile& p, size_t plane) {
+    EncodeOptions options;
+    options.profile = &p;
+    options.first_position = 256;
+    absl::StatusOr<std::string> enc =
+        EncodeChunk(s, in, Level::kProfileBalanced, options);
+    EXPECT_TRUE(enc.ok()) << enc.status();
+    std::vector<uint16_t> out(in.size());
+    EXPECT_TRUE(DecodeChunk(*enc, absl::MakeSpan(out), &p).ok());
+    const size_t n = size_t{s.tokens} * s.kv_heads * s.head_dim;
+    double sum = 0;
+    for (size_t i = plane * n; i < (plane + 1) * n; ++i) {
+      const double e = internal::ToFloat(in[i], s.dtype) -
+                       internal::ToFloat(out[i], s.dtype);
+      sum += e * e;
+    }
+    return sum / n;
+  };
+  const ModelProfile flat = WithSensitivities(*profile_, 2, 1);
+  const ModelProfile sharp = WithSensitivities(*profile_, 2, 100);
+  const double step =
+      internal::PlanePoliciesFor(Level::kProfileBalanced, flat.layers, &flat)[2]
+          .absolute_step;
+  // At most the uniform quantizer's step^2 / 12 (dropped components add
+  // less than that), plus fp16 rounding.
+  EXPECT_LT(plane_mse(flat, 2), 1.1 * step * step / 12);
+  EXPECT_GT(plane_mse(flat, 2) / plane_mse(sharp, 2), 30);
+  EXPECT_NEAR(plane_mse(sharp, 4), plane_mse(flat, 4),
+              0.01 * plane_mse(flat, 4));
+}
+
 TEST_F(TransformLevelTest, CalibrationNeedsItsShapeAndEnoughTokens) {
   ProfileCalibrator c(5, 4, 8, RopeLayout::kNone, {});
   EXPECT_TRUE(absl::IsFailedPrecondition(c.Finish().status()));

@@ -1,17 +1,163 @@
 #include "client/examples/chat/model_profile.h"
 
 #include <algorithm>
+#include <cmath>
+#include <random>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "client/examples/chat/paged_kv_cache.h"
+#include "client/examples/chat/sampler.h"
 #include "codec/calibrate.h"
+#include "codec/half.h"
+#include "codec/levels.h"
 
 namespace kvcache::chat {
 namespace {
 
 // Tokens a Prefill call takes at a time: bounds its activations.
 constexpr int kPrefillTokens = 512;
+
+// A cache holding one sequence's KV.
+struct CachedSequence {
+  PagedKvCache cache;
+  SequenceId seq;
+};
+
+// A fresh cache sized for `tokens`, with `kv` (a chunk of ExportChunk's
+// layout) imported as its sequence's first tokens, or `prefill` run through
+// the model when kv is empty.
+absl::StatusOr<CachedSequence> NewSequence(const LlamaModel& model, int tokens,
+                                           absl::Span<const uint16_t> kv,
+                                           absl::Span<const int32_t> prefill) {
+  absl::StatusOr<PagedKvCache> cache =
+      PagedKvCache::Create(model.CacheShape(16, tokens / 16 + 1));
+  if (!cache.ok()) return cache.status();
+  CachedSequence s{*std::move(cache), 0};
+  s.seq = s.cache.CreateSequence();
+  if (!kv.empty()) {
+    if (absl::Status st = s.cache.ImportChunk(s.seq, 0, kv); !st.ok()) {
+      return st;
+    }
+  }
+  for (size_t t0 = 0; t0 < prefill.size(); t0 += kPrefillTokens) {
+    absl::StatusOr<std::vector<float>> logits =
+        model.Prefill(&s.cache, s.seq, prefill.subspan(t0, kPrefillTokens));
+    if (!logits.ok()) return logits.status();
+  }
+  return s;
+}
+
+// The model's log-probabilities at each of `scored`, run after what `s`
+// holds.
+absl::StatusOr<std::vector<std::vector<double>>> ScoredDistributions(
+    const LlamaModel& model, CachedSequence& s,
+    absl::Span<const int32_t> scored) {
+  absl::StatusOr<std::vector<float>> logits =
+      model.Prefill(&s.cache, s.seq, scored, LogitsFor::kEveryToken);
+  if (!logits.ok()) return logits.status();
+  const size_t vocab = model.config().vocab_size;
+  std::vector<std::vector<double>> rows;
+  for (size_t i = 0; i < scored.size(); ++i) {
+    rows.push_back(
+        LogSoftmax(absl::MakeConstSpan(*logits).subspan(i * vocab, vocab)));
+  }
+  return rows;
+}
+
+// Adds each plane's sensitivity on one document (`tokens`, at least
+// history + scored long) to sum[plane].
+absl::Status AddPlaneSensitivities(const LlamaModel& model,
+                                   absl::Span<const int32_t> tokens,
+                                   const CalibrationOptions& options,
+                                   std::mt19937_64& rng,
+                                   std::vector<double>& sum) {
+  const int history = options.sensitivity_history;
+  const absl::Span<const int32_t> scored =
+      tokens.subspan(history, options.sensitivity_scored);
+  const int total = history + options.sensitivity_scored;
+  absl::StatusOr<CachedSequence> clean =
+      NewSequence(model, total, {}, tokens.subspan(0, history));
+  if (!clean.ok()) return clean.status();
+  absl::StatusOr<std::vector<uint16_t>> kv =
+      clean->cache.ExportChunk(clean->seq, 0, history);
+  if (!kv.ok()) return kv.status();
+  absl::StatusOr<std::vector<std::vector<double>>> reference =
+      ScoredDistributions(model, *clean, scored);
+  if (!reference.ok()) return reference.status();
+
+  const size_t row = model.config().kv_dim();
+  const size_t first = codec::internal::ExactTokens(0, history);
+  const size_t values = (history - first) * row;
+  for (size_t p = 0; p < sum.size(); ++p) {
+    std::vector<uint16_t> noisy = *kv;
+    uint16_t* plane = noisy.data() + (p * history + first) * row;
+    double mean = 0, square = 0;
+    for (size_t i = 0; i < values; ++i) {
+      const double x = codec::HalfToFloat(plane[i]);
+      mean += x / values;
+      square += x * x / values;
+    }
+    const double sigma =
+        options.sensitivity_noise * std::sqrt(square - mean * mean);
+    std::normal_distribution<double> noise(0, sigma);
+    for (size_t i = 0; i < values; ++i) {
+      plane[i] = codec::FloatToHalf(
+          static_cast<float>(codec::HalfToFloat(plane[i]) + noise(rng)));
+    }
+    absl::StatusOr<CachedSequence> restored =
+        NewSequence(model, total, noisy, {});
+    if (!restored.ok()) return restored.status();
+    absl::StatusOr<std::vector<std::vector<double>>> got =
+        ScoredDistributions(model, *restored, scored);
+    if (!got.ok()) return got.status();
+    double kl = 0;
+    for (size_t i = 0; i < got->size(); ++i) {
+      kl += Kl((*reference)[i], (*got)[i]) / got->size();
+    }
+    sum[p] += kl / (sigma * sigma);
+  }
+  return absl::OkStatus();
+}
+
+// ModelProfile::plane_sensitivity, averaged over the first documents long
+// enough. NOT_FOUND if too few are.
+absl::StatusOr<std::vector<float>> PlaneSensitivities(
+    const LlamaModel& model, const model::BpeTokenizer& tokenizer,
+    absl::Span<const Document> documents, const CalibrationOptions& options) {
+  std::vector<double> sum(size_t{2} * model.config().layers, 0.0);
+  std::mt19937_64 rng(1);  // fixed: equal inputs make equal profiles
+  int measured = 0;
+  for (const Document& document : documents) {
+    if (measured == options.sensitivity_documents) break;
+    absl::StatusOr<std::vector<int32_t>> tokens =
+        tokenizer.Encode(document.text);
+    if (!tokens.ok()) return tokens.status();
+    if (tokens->size() < static_cast<size_t>(options.sensitivity_history +
+                                             options.sensitivity_scored)) {
+      continue;
+    }
+    if (absl::Status st =
+            AddPlaneSensitivities(model, *tokens, options, rng, sum);
+        !st.ok()) {
+      return st;
+    }
+    ++measured;
+  }
+  if (measured < options.sensitivity_documents) {
+    return absl::NotFoundError(
+        absl::StrCat("calibration text has ", measured, " documents of ",
+                     options.sensitivity_history + options.sensitivity_scored,
+                     " tokens for plane sensitivities, of the ",
+                     options.sensitivity_documents, " asked for"));
+  }
+  std::vector<float> sensitivity(sum.size());
+  for (size_t p = 0; p < sum.size(); ++p) {
+    // A plane the model ignores still gets a finite step.
+    sensitivity[p] = static_cast<float>(std::max(sum[p] / measured, 1e-12));
+  }
+  return sensitivity;
+}
 
 }  // namespace
 
@@ -57,7 +203,14 @@ absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
         absl::StrCat("calibration text gave ", calibrator.tokens(),
                      " tokens of the ", options.tokens, " asked for"));
   }
-  return calibrator.Finish();
+  absl::StatusOr<codec::ModelProfile> profile = calibrator.Finish();
+  if (!profile.ok() || options.sensitivity_documents == 0) return profile;
+  absl::StatusOr<std::vector<float>> sensitivity =
+      PlaneSensitivities(model, tokenizer, documents, options);
+  if (!sensitivity.ok()) return sensitivity.status();
+  profile->plane_sensitivity = *std::move(sensitivity);
+  if (absl::Status st = codec::FinishProfile(&*profile); !st.ok()) return st;
+  return profile;
 }
 
 }  // namespace kvcache::chat

@@ -18,11 +18,23 @@ namespace kvcache::chat {
 struct CalibrationOptions {
   int tokens = 8192;               // KV tokens to calibrate on, in all
   int tokens_per_document = 2048;  // taken from the start of each document
+  // Plane sensitivities: on each of the first sensitivity_documents
+  // documents long enough, Gaussian noise of sensitivity_noise times a
+  // plane's spread is added to that plane of the KV of the first
+  // sensitivity_history tokens (the exactly stored leading tokens left
+  // alone), and the model's distributions over the next
+  // sensitivity_scored tokens are compared with the clean run's. 0
+  // documents: not measured.
+  int sensitivity_documents = 2;
+  int sensitivity_history = 1024;
+  int sensitivity_scored = 64;
+  double sensitivity_noise = 0.05;
 };
 
 // Runs the documents, in order, through the model until options.tokens
 // tokens of KV are collected, and makes the profile of that KV (RoPE as the
-// model applies it). NOT_FOUND if the documents hold too few tokens.
+// model applies it), with the model's plane sensitivities measured as
+// options say. NOT_FOUND if the documents hold too few tokens.
 absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
     const LlamaModel& model, const model::BpeTokenizer& tokenizer,
     absl::Span<const Document> documents, const CalibrationOptions& options);

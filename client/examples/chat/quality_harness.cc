@@ -19,26 +19,6 @@
 namespace kvcache::chat {
 namespace {
 
-// Log-softmax of one row of logits, in double.
-std::vector<double> LogSoftmax(absl::Span<const float> logits) {
-  const float max = *std::max_element(logits.begin(), logits.end());
-  double sum = 0;
-  for (float x : logits) sum += std::exp(double{x} - max);
-  const double log_sum = std::log(sum) + max;
-  std::vector<double> out(logits.size());
-  for (size_t i = 0; i < logits.size(); ++i) out[i] = logits[i] - log_sum;
-  return out;
-}
-
-// KL(p || q) from log-probabilities.
-double Kl(absl::Span<const double> log_p, absl::Span<const double> log_q) {
-  double kl = 0;
-  for (size_t i = 0; i < log_p.size(); ++i) {
-    kl += std::exp(log_p[i]) * (log_p[i] - log_q[i]);
-  }
-  return std::max(0.0, kl);  // rounding can make an exact match -1e-17
-}
-
 // What restoring a chunk coded by an in-place variant (KIVI or CacheGen)
 // gives, and its coded size.
 absl::StatusOr<codec::KiviResult> RoundTripInPlace(
@@ -200,10 +180,10 @@ std::vector<Variant> DefaultVariants() {
   }
   for (const codec::CacheGenConfig& config : codec::CacheGenSettings()) {
     const auto& b = config.delta_bins;
-    variants.push_back({absl::StrCat("CacheGen ref ", b[0], "/", b[1], "/",
-                                     b[2]),
-                        absl::StrCat("cachegen", b[0], "-", b[1], "-", b[2]),
-                        std::nullopt, 0, config});
+    variants.push_back(
+        {absl::StrCat("CacheGen ref ", b[0], "/", b[1], "/", b[2]),
+         absl::StrCat("cachegen", b[0], "-", b[1], "-", b[2]), std::nullopt, 0,
+         config});
   }
   return variants;
 }

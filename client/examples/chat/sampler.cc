@@ -1,4 +1,4 @@
-// Greedy and temperature sampling, token NLL (see sampler.h).
+// Greedy and temperature sampling, token NLL, KL divergence (see sampler.h).
 #include "client/examples/chat/sampler.h"
 
 #include <algorithm>
@@ -73,6 +73,24 @@ absl::StatusOr<int32_t> Sampler::Sample(absl::Span<const float> logits,
   size_t last = weights.size() - 1;
   while (weights[last] == 0) --last;
   return static_cast<int32_t>(last);
+}
+
+std::vector<double> LogSoftmax(absl::Span<const float> logits) {
+  const float max = *std::max_element(logits.begin(), logits.end());
+  double sum = 0;
+  for (float x : logits) sum += std::exp(double{x} - max);
+  const double log_sum = std::log(sum) + max;
+  std::vector<double> out(logits.size());
+  for (size_t i = 0; i < logits.size(); ++i) out[i] = logits[i] - log_sum;
+  return out;
+}
+
+double Kl(absl::Span<const double> log_p, absl::Span<const double> log_q) {
+  double kl = 0;
+  for (size_t i = 0; i < log_p.size(); ++i) {
+    kl += std::exp(log_p[i]) * (log_p[i] - log_q[i]);
+  }
+  return std::max(0.0, kl);  // rounding can make an exact match -1e-17
 }
 
 }  // namespace kvcache::chat

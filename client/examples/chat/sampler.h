@@ -1,4 +1,5 @@
-// Choosing the next token from logits, and scoring a given one.
+// Choosing the next token from logits, scoring a given one, and comparing
+// two next-token distributions.
 //
 // Sampling is deterministic for a seed on every platform: the generator is
 // std::mt19937_64 (its output is fixed by the standard) and uniforms are made
@@ -9,6 +10,7 @@
 
 #include <cstdint>
 #include <random>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -24,6 +26,12 @@ absl::StatusOr<int32_t> ArgMax(absl::Span<const float> logits);
 // that is not positive.
 absl::StatusOr<double> TokenNll(absl::Span<const float> logits, int32_t token,
                                 double temperature = 1.0);
+
+// log softmax(logits), computed stably in double.
+std::vector<double> LogSoftmax(absl::Span<const float> logits);
+
+// KL(p || q) in nats from two log-probability vectors of equal size.
+double Kl(absl::Span<const double> log_p, absl::Span<const double> log_q);
 
 class Sampler {
  public:

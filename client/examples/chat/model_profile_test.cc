@@ -1,0 +1,72 @@
+// A worker's model profile on SmolLM2-135M-Instruct ($KVCACHE_MODEL), on a
+// little of the calibration text: the plane sensitivities are measured, and
+// they are a property of the model (KL per unit of noise variance), not of
+// how much noise measured them.
+#include "client/examples/chat/model_profile.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "client/examples/chat/llama_model.h"
+#include "client/examples/chat/real_text.h"
+#include "client/examples/model/model_text.h"
+#include "codec/profile.h"
+#include "gtest/gtest.h"
+
+namespace kvcache::chat {
+namespace {
+
+TEST(ModelProfileTest, PlaneSensitivitiesAreTheModelsNotTheNoises) {
+  const char* path = std::getenv("KVCACHE_MODEL");
+  ASSERT_NE(path, nullptr) << "KVCACHE_MODEL is not set: run deploy/setup.sh";
+  absl::StatusOr<LlamaModel> model = LlamaModel::Load(path);
+  ASSERT_TRUE(model.ok()) << model.status();
+  absl::StatusOr<model::ModelText> text = model::ModelText::Open(path);
+  ASSERT_TRUE(text.ok()) << text.status();
+  absl::StatusOr<std::vector<Document>> documents =
+      LoadDocuments(kPythonDocsRoot, TextSet::kCalibration);
+  ASSERT_TRUE(documents.ok()) << documents.status();
+
+  CalibrationOptions options;
+  options.tokens = 512;
+  options.tokens_per_document = 512;
+  options.sensitivity_documents = 1;
+  options.sensitivity_history = 256;
+  options.sensitivity_scored = 16;
+  std::vector<std::vector<float>> measured;
+  for (double noise : {0.03, 0.06}) {
+    options.sensitivity_noise = noise;
+    absl::StatusOr<codec::ModelProfile> profile =
+        CalibrateModelProfile(*model, *text->tokenizer, *documents, options);
+    ASSERT_TRUE(profile.ok()) << profile.status();
+    const size_t planes = size_t{2} * model->config().layers;
+    ASSERT_EQ(profile->plane_sensitivity.size(), planes);
+    // The profile travels with them (version 2) and keeps its id.
+    absl::StatusOr<codec::ModelProfile> parsed =
+        codec::ParseProfile(codec::SerializeProfile(*profile));
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    EXPECT_EQ(parsed->id, profile->id);
+    EXPECT_EQ(parsed->plane_sensitivity, profile->plane_sensitivity);
+    measured.push_back(profile->plane_sensitivity);
+  }
+  // KL grows with the square of small noise, so KL / variance is the same
+  // at either noise: the per-plane ratios centre on 1, where forgetting the
+  // division would put them at 4. The planes differ from each other by far
+  // more than that.
+  std::vector<double> ratios;
+  for (size_t p = 0; p < measured[0].size(); ++p) {
+    ratios.push_back(measured[1][p] / measured[0][p]);
+  }
+  std::sort(ratios.begin(), ratios.end());
+  const double median = ratios[ratios.size() / 2];
+  EXPECT_GT(median, 0.6);
+  EXPECT_LT(median, 1.6);
+  const auto [least, most] =
+      std::minmax_element(measured[0].begin(), measured[0].end());
+  EXPECT_GT(*most / *least, 20);
+}
+
+}  // namespace
+}  // namespace kvcache::chat
