@@ -21,9 +21,10 @@ struct LevelInfo {
 };
 
 // Tuned on the real dumps against KIVI at equal size; see README.md.
-// The transform levels' steps are relative to the spread of the chunk's
-// components, so each is a target for the plane's relative RMS error
-// (step / sqrt(12)); tuned on SmolLM2's perplexity, see README.md.
+// A transform level is a KL target where its profile has sensitivities
+// (the model's own measure of what an error costs); without them its
+// relative steps are a target for each plane's relative RMS error
+// (step / sqrt(12)). Both tuned on SmolLM2's perplexity, see README.md.
 constexpr std::array<LevelInfo, 9> kLevels = {{
     {Level::kLossless, "lossless", 0, 0, 1},
     {Level::kNearLossless, "near-lossless", 0.011f, 0.019f, 1},
@@ -31,10 +32,10 @@ constexpr std::array<LevelInfo, 9> kLevels = {{
     {Level::kDefault, "default", 1.1f, 1.1f, 0.6f},
     {Level::kCompact, "compact", 1.5f, 1.5f, 0.6f},
     {Level::kTiny, "tiny", 2.2f, 2.2f, 0.6f},
-    {Level::kProfileFine, "profile-fine", 0.4f, 0.3f, 0.5f, true, 0.002f},
+    {Level::kProfileFine, "profile-fine", 0.4f, 0.3f, 0.5f, true, 0.0025f},
     {Level::kProfileBalanced, "profile-balanced", 0.7f, 0.9f, 0.5f, true,
-     0.01f},
-    {Level::kProfileSmall, "profile-small", 1.4f, 1.0f, 0.5f, true, 0.03f},
+     0.004f},
+    {Level::kProfileSmall, "profile-small", 1.4f, 1.0f, 0.5f, true, 0.014f},
 }};
 
 const LevelInfo* Find(Level level) {
@@ -75,13 +76,16 @@ std::vector<PlanePolicy> PlanePoliciesFor(Level level, uint32_t layers,
   const LevelInfo* info = Find(level);
   std::vector<PlanePolicy> policies(size_t{layers} * 2);
   if (info == nullptr || level == Level::kLossless) return policies;
-  if (info->transform && profile != nullptr &&
-      profile->plane_sensitivity.size() == policies.size()) {
-    const double plane_kl = double{info->target_kl} / policies.size();
+  if (info->transform && profile != nullptr && profile->layers == layers &&
+      !profile->sensitivity.empty()) {
+    const double head_kl = double{info->target_kl} / profile->Heads();
     for (size_t p = 0; p < policies.size(); ++p) {
-      policies[p] = {ScaleMode::kPerChannel, 0,
-                     static_cast<float>(std::sqrt(
-                         12 * plane_kl / profile->plane_sensitivity[p]))};
+      policies[p].mode = ScaleMode::kPerChannel;
+      for (uint32_t h = 0; h < profile->kv_heads; ++h) {
+        const float s = profile->sensitivity[p * profile->kv_heads + h];
+        policies[p].head_steps.push_back(
+            static_cast<float>(std::sqrt(12 * head_kl / s)));
+      }
     }
     return policies;
   }

@@ -14,18 +14,19 @@ namespace kvcache::codec::internal {
 struct PlanePolicy {
   ScaleMode mode = ScaleMode::kIdentity;
   float relative_step = 0;  // Step / spread of the values; see QuantizePlane.
-  // When > 0, the plane's step itself, whatever the chunk's spread.
-  float absolute_step = 0;
+  // When not empty, per KV head the step itself, whatever the chunk's
+  // spread.
+  std::vector<float> head_steps;
 };
 
 // Returns one policy per (layer, K/V), K first. Early layers get finer
 // steps (more bits): their errors propagate through every later layer.
 //
-// A transform level with a profile that has plane sensitivities instead
-// allocates the level's distortion target across planes: each plane gets
-// the absolute step that adds an equal share of the target's KL divergence
-// (sensitivity * step^2 / 12 per plane), which is where the rate that a
-// given total distortion costs is smallest (equal slopes).
+// A transform level with a profile that has sensitivities instead
+// allocates the level's distortion target across heads: each head gets the
+// absolute step that adds an equal share of the target's KL divergence
+// (sensitivity * step^2 / 12), which is where the rate that a given total
+// distortion costs is smallest (equal slopes).
 std::vector<PlanePolicy> PlanePoliciesFor(
     Level level, uint32_t layers, const ModelProfile* profile = nullptr);
 

@@ -73,14 +73,13 @@ absl::Status CheckProfile(const ModelProfile& p) {
   if (p.rope_inv_freq.size() != RopePairs(p) ||
       p.mean.size() != p.Heads() * d || p.basis.size() != p.Heads() * d * d ||
       p.variance.size() != p.Heads() * d ||
-      (!p.plane_sensitivity.empty() &&
-       p.plane_sensitivity.size() != size_t{p.layers} * 2)) {
+      (!p.sensitivity.empty() && p.sensitivity.size() != p.Heads())) {
     return absl::InvalidArgumentError("profile arrays do not match its shape");
   }
-  for (float s : p.plane_sensitivity) {
+  for (float s : p.sensitivity) {
     if (!std::isfinite(s) || s <= 0) {
       return absl::InvalidArgumentError(
-          "plane sensitivities must be finite and positive");
+          "sensitivities must be finite and positive");
     }
   }
   for (double f : p.rope_inv_freq) {
@@ -127,8 +126,8 @@ std::string ProfileIdHex(const ProfileId& id) {
 std::string SerializeProfile(const ModelProfile& p) {
   std::string out(kProfileMagic, 4);
   internal::ByteWriter w(&out);
-  w.U8(p.plane_sensitivity.empty() ? kProfileVersion
-                                   : kProfileVersionWithSensitivity);
+  w.U8(p.sensitivity.empty() ? kProfileVersion
+                             : kProfileVersionWithSensitivity);
   w.U8(static_cast<uint8_t>(p.rope));
   w.U16(0);
   w.U32(p.layers);
@@ -141,7 +140,7 @@ std::string SerializeProfile(const ModelProfile& p) {
     w.U32(static_cast<uint32_t>(bits >> 32));
   }
   for (const std::vector<float>* v :
-       {&p.mean, &p.basis, &p.variance, &p.plane_sensitivity}) {
+       {&p.mean, &p.basis, &p.variance, &p.sensitivity}) {
     for (float f : *v) AppendF32(&w, f);
   }
   return out;
@@ -175,7 +174,7 @@ absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes) {
   // Size everything from the header and compare with what is there before
   // allocating.
   const uint64_t d = p.head_dim;
-  const uint64_t sensitivities = has_sensitivity ? uint64_t{p.layers} * 2 : 0;
+  const uint64_t sensitivities = has_sensitivity ? p.Heads() : 0;
   const uint64_t floats = p.Heads() * (d + d * d + d) + sensitivities;
   const uint64_t expected = kProfileHeaderBytes + 8 * RopePairs(p) + 4 * floats;
   if (bytes.size() != expected) {
@@ -195,9 +194,9 @@ absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes) {
   p.mean.resize(p.Heads() * d);
   p.basis.resize(p.Heads() * d * d);
   p.variance.resize(p.Heads() * d);
-  p.plane_sensitivity.resize(sensitivities);
+  p.sensitivity.resize(sensitivities);
   for (std::vector<float>* v :
-       {&p.mean, &p.basis, &p.variance, &p.plane_sensitivity}) {
+       {&p.mean, &p.basis, &p.variance, &p.sensitivity}) {
     for (float& f : *v) {
       f = ReadF32(at);
       at += 4;

@@ -51,14 +51,14 @@ struct ModelProfile {
   std::vector<float> mean;      // [head][dim]
   std::vector<float> basis;     // [head][component][dim], rows orthonormal
   std::vector<float> variance;  // [head][component], decreasing
-  // Per plane (2 * layer + 0 for K, 1 for V), how much the model's output
-  // moves per unit of noise: mean KL divergence of its next-token
-  // distributions (nats) per unit of noise variance added to every channel
-  // of that plane, measured by running the model (the chat example's
-  // CalibrateModelProfile). Empty when not measured (kvcodec calibrate works
-  // from dumps alone); then the transform levels fall back to one relative
-  // step per plane. Serialized only when present (profile version 2).
-  std::vector<float> plane_sensitivity;
+  // Per head, how much the model's output moves per unit of noise in it:
+  // mean KL divergence of its next-token distributions (nats) per unit of
+  // noise variance added to every channel of the head, measured by running
+  // the model (the chat example's CalibrateModelProfile). Empty when not
+  // measured (kvcodec calibrate works from dumps alone); then the transform
+  // levels fall back to one relative step per plane. Serialized only when
+  // present (profile version 2).
+  std::vector<float> sensitivity;  // [head]
   // Set by ParseProfile and FinishProfile; not part of the content.
   ProfileId id{};
 

@@ -184,11 +184,12 @@ void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
   }
   std::vector<float> x(size_t{tokens} * row);
   ValuesToFloat(src, x.size(), dtype, x.data());
-  QuantizeFloats(h, relative_step, /*absolute_step=*/0,
+  QuantizeFloats(h, relative_step, /*head_steps=*/{},
                  /*drop_quiet_channels=*/false, spec, x.data(), q, scales);
 }
 
-void QuantizeFloats(const Header& h, float relative_step, float absolute_step,
+void QuantizeFloats(const Header& h, float relative_step,
+                    absl::Span<const float> head_steps,
                     bool drop_quiet_channels, PlaneSpec* spec, const float* x,
                     uint16_t* q, std::string* scales) {
   const uint32_t row = h.Channels();
@@ -220,31 +221,32 @@ void QuantizeFloats(const Header& h, float relative_step, float absolute_step,
   };
   std::vector<Stats> stats(groups);
   for_each_value([&](uint32_t set, size_t i) { stats[set].Add(x[i]); });
-  // Keys share one step across the plane: equal distortion per channel is
-  // what minimizes squared error at a given rate, and outlier channels only
-  // widen their own integer range. Values scale per tile, tracking how
-  // token magnitudes vary.
+  // Keys share one step across the plane (or head, given head_steps): equal
+  // distortion per channel is what minimizes squared error at a given rate,
+  // and outlier channels only widen their own integer range. Values scale
+  // per tile, tracking how token magnitudes vary.
   double plane_var = 0;
   for (const Stats& st : stats) plane_var += st.Variance();
-  const float plane_step = absolute_step > 0
-                               ? absolute_step
-                               : SpreadStep(relative_step, plane_var / groups);
+  const float plane_step = SpreadStep(relative_step, plane_var / groups);
+  auto channel_step = [&](uint32_t c) {
+    return head_steps.empty() ? plane_step : head_steps[c / h.shape.head_dim];
+  };
   // A channel whose spread is under the step's own rounding noise
   // (step^2 / 12) costs more to code than it removes: with
   // drop_quiet_channels it is left out (offset and step 0), which is
   // reverse water-filling for a uniform quantizer.
-  const double noise = double{plane_step} * plane_step / 12;
   std::vector<bool> dropped(groups, false);
   std::vector<float> step(groups);
   float levels = 1;
   for (uint32_t g = 0; g < groups; ++g) {
-    if (drop_quiet_channels && per_channel && stats[g].Variance() < noise) {
+    if (drop_quiet_channels && per_channel &&
+        stats[g].Variance() < double{channel_step(g)} * channel_step(g) / 12) {
       dropped[g] = true;
       continue;
     }
     const SetFit fit =
         FitSet(stats[g],
-               per_channel ? plane_step
+               per_channel ? channel_step(g)
                            : SpreadStep(relative_step, stats[g].Variance()),
                dtype);
     step[g] = fit.step;

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "codec/format.h"
 #include "codec/quant_math.h"
 
@@ -33,11 +34,13 @@ void FloatsToValues(const float* x, size_t n, DType dtype, uint16_t* out);
 void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
                    const uint16_t* src, uint16_t* q, std::string* scales);
 
-// QuantizePlane for values already in float (x, tokens x channels), where
-// an absolute_step > 0 replaces relative_step times the spread. With
-// drop_quiet_channels (per-channel mode only), channels whose variance is
-// under step^2 / 12 get offset and step 0, so all their integers are 0.
-void QuantizeFloats(const Header& h, float relative_step, float absolute_step,
+// QuantizePlane for values already in float (x, tokens x channels). In
+// per-channel mode, head_steps (one per KV head, or empty) replaces
+// relative_step times the spread. With drop_quiet_channels (per-channel
+// mode only), channels whose variance is under step^2 / 12 get offset and
+// step 0, so all their integers are 0.
+void QuantizeFloats(const Header& h, float relative_step,
+                    absl::Span<const float> head_steps,
                     bool drop_quiet_channels, PlaneSpec* spec, const float* x,
                     uint16_t* q, std::string* scales);
 

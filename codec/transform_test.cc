@@ -188,69 +188,73 @@ TEST_F(TransformLevelTest, ProfileBytesRoundTripAndNameTheirContent) {
   EXPECT_FALSE(ParseProfile(bad).ok());
 }
 
-// The profile with every plane's sensitivity 1 except `plane`'s.
-ModelProfile WithSensitivities(const ModelProfile& base, size_t plane,
+// The profile with every head's sensitivity 1 except `head`'s.
+ModelProfile WithSensitivities(const ModelProfile& base, size_t head,
                                float sensitivity) {
   ModelProfile p = base;
-  p.plane_sensitivity.assign(size_t{p.layers} * 2, 1.0f);
-  p.plane_sensitivity[plane] = sensitivity;
+  p.sensitivity.assign(p.Heads(), 1.0f);
+  p.sensitivity[head] = sensitivity;
   EXPECT_TRUE(FinishProfile(&p).ok());
   return p;
 }
 
 TEST_F(TransformLevelTest, SensitivitiesTravelWithTheProfile) {
-  const ModelProfile p = WithSensitivities(*profile_, 2, 100);
+  const ModelProfile p = WithSensitivities(*profile_, 9, 100);
   EXPECT_NE(p.id, profile_->id);
   const std::string bytes = SerializeProfile(p);
   EXPECT_EQ(bytes[4], 2);  // version 2: sensitivities appended
   EXPECT_EQ(SerializeProfile(*profile_)[4], 1);
   absl::StatusOr<ModelProfile> parsed = ParseProfile(bytes);
   ASSERT_TRUE(parsed.ok()) << parsed.status();
-  EXPECT_EQ(parsed->plane_sensitivity, p.plane_sensitivity);
+  EXPECT_EQ(parsed->sensitivity, p.sensitivity);
   EXPECT_EQ(parsed->id, p.id);
   EXPECT_TRUE(absl::IsDataLoss(
       ParseProfile(bytes.substr(0, bytes.size() - 4)).status()));
   for (float bad : {0.0f, -1.0f, std::nanf("")}) {
     ModelProfile q = p;
-    q.plane_sensitivity[5] = bad;
+    q.sensitivity[5] = bad;
     EXPECT_FALSE(FinishProfile(&q).ok()) << bad;
   }
   ModelProfile short_list = p;
-  short_list.plane_sensitivity.pop_back();
+  short_list.sensitivity.pop_back();
   EXPECT_FALSE(FinishProfile(&short_list).ok());
 }
 
-TEST_F(TransformLevelTest, SensitivitiesGiveEachPlaneAnEqualShareOfTheTarget) {
-  const ModelProfile p = WithSensitivities(*profile_, 2, 100);
+TEST_F(TransformLevelTest, SensitivitiesGiveEachHeadAnEqualShareOfTheTarget) {
+  const ModelProfile p = WithSensitivities(*profile_, 9, 100);
   for (Level level : kTransformLevels) {
     const std::vector<internal::PlanePolicy> policies =
         internal::PlanePoliciesFor(level, p.layers, &p);
-    ASSERT_EQ(policies.size(), p.plane_sensitivity.size());
-    // Equal slopes: sensitivity * step^2 is the same on every plane.
-    const double share =
-        100.0 * policies[2].absolute_step * policies[2].absolute_step;
-    for (size_t i = 0; i < policies.size(); ++i) {
-      EXPECT_EQ(policies[i].mode, internal::ScaleMode::kPerChannel);
-      EXPECT_NEAR(p.plane_sensitivity[i] * policies[i].absolute_step *
-                      policies[i].absolute_step,
-                  share, 1e-6 * share);
+    ASSERT_EQ(policies.size(), size_t{p.layers} * 2);
+    // Equal slopes: sensitivity * step^2 is the same for every head.
+    const float step9 = policies[9 / p.kv_heads].head_steps[9 % p.kv_heads];
+    const double share = 100.0 * step9 * step9;
+    for (size_t plane = 0; plane < policies.size(); ++plane) {
+      EXPECT_EQ(policies[plane].mode, internal::ScaleMode::kPerChannel);
+      ASSERT_EQ(policies[plane].head_steps.size(), p.kv_heads);
+      for (uint32_t h = 0; h < p.kv_heads; ++h) {
+        const float step = policies[plane].head_steps[h];
+        EXPECT_NEAR(p.sensitivity[plane * p.kv_heads + h] * step * step, share,
+                    1e-6 * share);
+      }
     }
     // Without sensitivities: one relative step per plane, as before.
     for (const internal::PlanePolicy& policy :
          internal::PlanePoliciesFor(level, p.layers, profile_)) {
-      EXPECT_EQ(policy.absolute_step, 0);
+      EXPECT_TRUE(policy.head_steps.empty());
       EXPECT_GT(policy.relative_step, 0);
     }
   }
 }
 
-TEST_F(TransformLevelTest, ASensitivePlaneGetsTheFinerStep) {
-  // Plane 2 (layer 1's keys) 100 times as sensitive as the others: its step
-  // is 10 times finer, so its squared error about 100 times smaller, while
-  // a plane of sensitivity 1 keeps its error.
+TEST_F(TransformLevelTest, ASensitiveHeadGetsTheFinerStep) {
+  // Head 9 (layer 1's keys, KV head 1 of 4) 100 times as sensitive as the
+  // others: its step is 10 times finer, so its squared error about 100
+  // times smaller, while a head of sensitivity 1 keeps its error.
   ChunkShape s;
   const std::vector<uint16_t> in = Slice((*dumps_)[0], 256, 256, &s);
-  auto plane_mse = [&](const ModelProfile& p, size_t plane) {
+  const size_t dim = s.head_dim;
+  auto head_mse = [&](const ModelProfile& p, size_t head) {
     EncodeOptions options;
     options.profile = &p;
     options.first_position = 256;
@@ -259,26 +263,35 @@ TEST_F(TransformLevelTest, ASensitivePlaneGetsTheFinerStep) {
     EXPECT_TRUE(enc.ok()) << enc.status();
     std::vector<uint16_t> out(in.size());
     EXPECT_TRUE(DecodeChunk(*enc, absl::MakeSpan(out), &p).ok());
-    const size_t n = size_t{s.tokens} * s.kv_heads * s.head_dim;
+    const size_t row = size_t{s.kv_heads} * dim;
+    const size_t plane = head / s.kv_heads;
     double sum = 0;
-    for (size_t i = plane * n; i < (plane + 1) * n; ++i) {
-      const double e = internal::ToFloat(in[i], s.dtype) -
-                       internal::ToFloat(out[i], s.dtype);
-      sum += e * e;
+    for (size_t t = 0; t < s.tokens; ++t) {
+      const size_t at =
+          (plane * s.tokens + t) * row + (head % s.kv_heads) * dim;
+      for (size_t i = at; i < at + dim; ++i) {
+        const double e = internal::ToFloat(in[i], s.dtype) -
+                         internal::ToFloat(out[i], s.dtype);
+        sum += e * e;
+      }
     }
-    return sum / n;
+    return sum / (s.tokens * dim);
   };
-  const ModelProfile flat = WithSensitivities(*profile_, 2, 1);
-  const ModelProfile sharp = WithSensitivities(*profile_, 2, 100);
-  const double step =
+  const ModelProfile flat = WithSensitivities(*profile_, 9, 1);
+  const ModelProfile sharp = WithSensitivities(*profile_, 9, 100);
+  const float step =
       internal::PlanePoliciesFor(Level::kProfileBalanced, flat.layers, &flat)[2]
-          .absolute_step;
+          .head_steps[1];
   // At most the uniform quantizer's step^2 / 12 (dropped components add
   // less than that), plus fp16 rounding.
-  EXPECT_LT(plane_mse(flat, 2), 1.1 * step * step / 12);
-  EXPECT_GT(plane_mse(flat, 2) / plane_mse(sharp, 2), 30);
-  EXPECT_NEAR(plane_mse(sharp, 4), plane_mse(flat, 4),
-              0.01 * plane_mse(flat, 4));
+  EXPECT_LT(head_mse(flat, 9), 1.1 * step * step / 12);
+  EXPECT_GT(head_mse(flat, 9) / head_mse(sharp, 9), 30);
+  // Head 8 shares its plane; head 17 is in another.
+  for (size_t other : {8, 17}) {
+    EXPECT_NEAR(head_mse(sharp, other), head_mse(flat, other),
+                0.01 * head_mse(flat, other))
+        << other;
+  }
 }
 
 TEST_F(TransformLevelTest, CalibrationNeedsItsShapeAndEnoughTokens) {

@@ -7,13 +7,17 @@
 //       [--chats=12] [--turns=3] [--reply=96] [--variants=NAME,...]
 //       [--lengths=1024,2048,4096,8192] [--reps=3] [--chunk_tokens=256]
 //       [--docs=/usr/share/doc/python3.11/html/_sources]
+//       [--profile_file=FILE]
 //
 // Quality (quality_harness.h): documents and chats of the evaluation set
 // (real_text.h), each run with its KV kept in the worker and then once per
 // variant with its KV stored and restored between segments; one table row
 // per variant. Variants are named as codec levels ("default"), "kivi8",
 // "kivi4", "kivi2", or CacheGen's reference coder by its delta bins
-// ("cachegen32-16-16", "cachegen16-8-8"); all by default.
+// ("cachegen32-16-16", "cachegen16-8-8"); all by default. The transform
+// levels use a model profile calibrated on the calibration set first, or
+// the one in --profile_file if that file exists (else the calibrated one is
+// written there, so that later runs skip the calibration).
 //
 // Time: for each history length, recomputing it (one prefill) against
 // restoring it from kvcache (lookup + get + decode + import) at each codec
@@ -21,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <memory>
 #include <optional>
 #include <string>
@@ -53,6 +58,7 @@ struct BenchOptions {
   std::string address;
   std::string model;
   std::string docs = kPythonDocsRoot;
+  std::string profile_file;
   DocumentOptions documents;
   ChatOptions chats;
   std::vector<std::string> variants;  // empty: all
@@ -77,20 +83,57 @@ absl::StatusOr<std::vector<Variant>> ChooseVariants(
   if (names.empty()) return all;
   std::vector<Variant> chosen;
   for (const std::string& name : names) {
-    auto it = std::find_if(all.begin(), all.end(), [&](const Variant& v) {
-      return v.key == name;
-    });
+    auto it = std::find_if(all.begin(), all.end(),
+                           [&](const Variant& v) { return v.key == name; });
     if (it == all.end()) {
       std::string keys;
       for (const Variant& v : all) {
         absl::StrAppend(&keys, keys.empty() ? "" : ", ", v.key);
       }
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unknown variant \"", name, "\"; variants: ", keys));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown variant \"", name, "\"; variants: ", keys));
     }
     chosen.push_back(*it);
   }
   return chosen;
+}
+
+// The model's profile from options.profile_file, or calibrated (and then
+// written there when a file is named).
+absl::StatusOr<codec::ModelProfile> LoadOrCalibrate(
+    const BenchOptions& options, const LlamaModel& model,
+    const model::BpeTokenizer& tokenizer) {
+  if (!options.profile_file.empty() &&
+      std::ifstream(options.profile_file).good()) {
+    absl::StatusOr<codec::ModelProfile> read =
+        codec::ReadProfileFile(options.profile_file);
+    if (read.ok()) {
+      std::printf("Model profile %s from %s\n\n",
+                  codec::ProfileIdHex(read->id).c_str(),
+                  options.profile_file.c_str());
+    }
+    return read;
+  }
+  absl::StatusOr<std::vector<Document>> calibration =
+      LoadDocuments(options.docs, TextSet::kCalibration);
+  if (!calibration.ok()) return calibration.status();
+  const absl::Time start = absl::Now();
+  absl::StatusOr<codec::ModelProfile> made =
+      CalibrateModelProfile(model, tokenizer, *calibration, {});
+  if (!made.ok()) return made.status();
+  std::printf("Model profile %s from %d calibration tokens, %.1f s\n\n",
+              codec::ProfileIdHex(made->id).c_str(),
+              CalibrationOptions().tokens,
+              absl::ToDoubleSeconds(absl::Now() - start));
+  if (!options.profile_file.empty()) {
+    std::ofstream out(options.profile_file, std::ios::binary);
+    out << codec::SerializeProfile(*made);
+    if (!out.flush()) {
+      return absl::InternalError(
+          absl::StrCat("cannot write ", options.profile_file));
+    }
+  }
+  return made;
 }
 
 absl::Status Quality(const BenchOptions& options, const LlamaModel& model,
@@ -122,18 +165,10 @@ absl::Status Quality(const BenchOptions& options, const LlamaModel& model,
   if (std::any_of(variants->begin(), variants->end(), [](const Variant& v) {
         return v.level.has_value() && codec::LevelNeedsProfile(*v.level);
       })) {
-    absl::StatusOr<std::vector<Document>> calibration =
-        LoadDocuments(options.docs, TextSet::kCalibration);
-    if (!calibration.ok()) return calibration.status();
-    const absl::Time calibration_start = absl::Now();
     absl::StatusOr<codec::ModelProfile> made =
-        CalibrateModelProfile(model, tokenizer, *calibration, {});
+        LoadOrCalibrate(options, model, tokenizer);
     if (!made.ok()) return made.status();
     profile = *std::move(made);
-    std::printf("Model profile %s from %d calibration tokens, %.1f s\n\n",
-                codec::ProfileIdHex(profile->id).c_str(),
-                CalibrationOptions().tokens,
-                absl::ToDoubleSeconds(absl::Now() - calibration_start));
   }
   QualityHarness harness(model, options.model, &store, options.chunk_tokens,
                          profile ? &*profile : nullptr);
@@ -325,6 +360,8 @@ int main(int argc, char** argv) {
       o.model = std::string(v);
     } else if (absl::ConsumePrefix(&v, "--docs=")) {
       o.docs = std::string(v);
+    } else if (absl::ConsumePrefix(&v, "--profile_file=")) {
+      o.profile_file = std::string(v);
     } else if (absl::ConsumePrefix(&v, "--documents=")) {
       ok = absl::SimpleAtoi(v, &o.documents.count) && o.documents.count >= 0;
     } else if (absl::ConsumePrefix(&v, "--history=")) {
@@ -361,7 +398,7 @@ int main(int argc, char** argv) {
         "usage: chat_restore_bench --addr=HOST:PORT --model=FILE.gguf "
         "[--documents=N] [--history=A,B,...] [--scored=N] [--chats=N] "
         "[--turns=N] [--reply=N] [--variants=NAME,...] [--lengths=A,B,...] "
-        "[--reps=N] [--chunk_tokens=N] [--docs=DIR]\n");
+        "[--reps=N] [--chunk_tokens=N] [--docs=DIR] [--profile_file=FILE]\n");
     return 2;
   }
   const absl::Status status = kvcache::chat::Run(o);

@@ -65,13 +65,12 @@ absl::StatusOr<std::vector<std::vector<double>>> ScoredDistributions(
   return rows;
 }
 
-// Adds each plane's sensitivity on one document (`tokens`, at least
-// history + scored long) to sum[plane].
-absl::Status AddPlaneSensitivities(const LlamaModel& model,
-                                   absl::Span<const int32_t> tokens,
-                                   const CalibrationOptions& options,
-                                   std::mt19937_64& rng,
-                                   std::vector<double>& sum) {
+// Adds each head's sensitivity on one document (`tokens`, at least
+// history + scored long) to sum[head], heads in ModelProfile::Head order.
+absl::Status AddSensitivities(const LlamaModel& model,
+                              absl::Span<const int32_t> tokens,
+                              const CalibrationOptions& options,
+                              std::mt19937_64& rng, std::vector<double>& sum) {
   const int history = options.sensitivity_history;
   const absl::Span<const int32_t> scored =
       tokens.subspan(history, options.sensitivity_scored);
@@ -86,24 +85,34 @@ absl::Status AddPlaneSensitivities(const LlamaModel& model,
       ScoredDistributions(model, *clean, scored);
   if (!reference.ok()) return reference.status();
 
-  const size_t row = model.config().kv_dim();
+  const LlamaConfig& c = model.config();
+  const size_t row = c.kv_dim();
+  const size_t dim = c.head_dim();
   const size_t first = codec::internal::ExactTokens(0, history);
-  const size_t values = (history - first) * row;
-  for (size_t p = 0; p < sum.size(); ++p) {
+  const size_t count = (history - first) * dim;
+  for (size_t head = 0; head < sum.size(); ++head) {
+    // Head `head` of plane `head / kv_heads` at token t, channel i.
     std::vector<uint16_t> noisy = *kv;
-    uint16_t* plane = noisy.data() + (p * history + first) * row;
+    const size_t plane = head / c.kv_heads;
+    auto at = [&](size_t t, size_t i) -> uint16_t& {
+      return noisy[(plane * history + t) * row + (head % c.kv_heads) * dim + i];
+    };
     double mean = 0, square = 0;
-    for (size_t i = 0; i < values; ++i) {
-      const double x = codec::HalfToFloat(plane[i]);
-      mean += x / values;
-      square += x * x / values;
+    for (size_t t = first; t < static_cast<size_t>(history); ++t) {
+      for (size_t i = 0; i < dim; ++i) {
+        const double x = codec::HalfToFloat(at(t, i));
+        mean += x / count;
+        square += x * x / count;
+      }
     }
     const double sigma =
         options.sensitivity_noise * std::sqrt(square - mean * mean);
     std::normal_distribution<double> noise(0, sigma);
-    for (size_t i = 0; i < values; ++i) {
-      plane[i] = codec::FloatToHalf(
-          static_cast<float>(codec::HalfToFloat(plane[i]) + noise(rng)));
+    for (size_t t = first; t < static_cast<size_t>(history); ++t) {
+      for (size_t i = 0; i < dim; ++i) {
+        at(t, i) = codec::FloatToHalf(
+            static_cast<float>(codec::HalfToFloat(at(t, i)) + noise(rng)));
+      }
     }
     absl::StatusOr<CachedSequence> restored =
         NewSequence(model, total, noisy, {});
@@ -115,17 +124,18 @@ absl::Status AddPlaneSensitivities(const LlamaModel& model,
     for (size_t i = 0; i < got->size(); ++i) {
       kl += Kl((*reference)[i], (*got)[i]) / got->size();
     }
-    sum[p] += kl / (sigma * sigma);
+    sum[head] += kl / (sigma * sigma);
   }
   return absl::OkStatus();
 }
 
-// ModelProfile::plane_sensitivity, averaged over the first documents long
+// ModelProfile::sensitivity, averaged over the first documents long
 // enough. NOT_FOUND if too few are.
-absl::StatusOr<std::vector<float>> PlaneSensitivities(
+absl::StatusOr<std::vector<float>> Sensitivities(
     const LlamaModel& model, const model::BpeTokenizer& tokenizer,
     absl::Span<const Document> documents, const CalibrationOptions& options) {
-  std::vector<double> sum(size_t{2} * model.config().layers, 0.0);
+  const LlamaConfig& c = model.config();
+  std::vector<double> sum(size_t{2} * c.layers * c.kv_heads, 0.0);
   std::mt19937_64 rng(1);  // fixed: equal inputs make equal profiles
   int measured = 0;
   for (const Document& document : documents) {
@@ -137,8 +147,7 @@ absl::StatusOr<std::vector<float>> PlaneSensitivities(
                                              options.sensitivity_scored)) {
       continue;
     }
-    if (absl::Status st =
-            AddPlaneSensitivities(model, *tokens, options, rng, sum);
+    if (absl::Status st = AddSensitivities(model, *tokens, options, rng, sum);
         !st.ok()) {
       return st;
     }
@@ -148,12 +157,12 @@ absl::StatusOr<std::vector<float>> PlaneSensitivities(
     return absl::NotFoundError(
         absl::StrCat("calibration text has ", measured, " documents of ",
                      options.sensitivity_history + options.sensitivity_scored,
-                     " tokens for plane sensitivities, of the ",
+                     " tokens for sensitivities, of the ",
                      options.sensitivity_documents, " asked for"));
   }
   std::vector<float> sensitivity(sum.size());
   for (size_t p = 0; p < sum.size(); ++p) {
-    // A plane the model ignores still gets a finite step.
+    // A head the model ignores still gets a finite step.
     sensitivity[p] = static_cast<float>(std::max(sum[p] / measured, 1e-12));
   }
   return sensitivity;
@@ -206,9 +215,9 @@ absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
   absl::StatusOr<codec::ModelProfile> profile = calibrator.Finish();
   if (!profile.ok() || options.sensitivity_documents == 0) return profile;
   absl::StatusOr<std::vector<float>> sensitivity =
-      PlaneSensitivities(model, tokenizer, documents, options);
+      Sensitivities(model, tokenizer, documents, options);
   if (!sensitivity.ok()) return sensitivity.status();
-  profile->plane_sensitivity = *std::move(sensitivity);
+  profile->sensitivity = *std::move(sensitivity);
   if (absl::Status st = codec::FinishProfile(&*profile); !st.ok()) return st;
   return profile;
 }

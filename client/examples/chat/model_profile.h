@@ -18,13 +18,13 @@ namespace kvcache::chat {
 struct CalibrationOptions {
   int tokens = 8192;               // KV tokens to calibrate on, in all
   int tokens_per_document = 2048;  // taken from the start of each document
-  // Plane sensitivities: on each of the first sensitivity_documents
-  // documents long enough, Gaussian noise of sensitivity_noise times a
-  // plane's spread is added to that plane of the KV of the first
-  // sensitivity_history tokens (the exactly stored leading tokens left
-  // alone), and the model's distributions over the next
-  // sensitivity_scored tokens are compared with the clean run's. 0
-  // documents: not measured.
+  // Sensitivities (ModelProfile::sensitivity): on each of the first
+  // sensitivity_documents documents long enough, for each head, Gaussian
+  // noise of sensitivity_noise times the head's spread is added to that
+  // head of the KV of the first sensitivity_history tokens (the exactly
+  // stored leading tokens left alone), and the model's distributions over
+  // the next sensitivity_scored tokens are compared with the clean run's.
+  // 0 documents: not measured.
   int sensitivity_documents = 2;
   int sensitivity_history = 1024;
   int sensitivity_scored = 64;
@@ -33,7 +33,7 @@ struct CalibrationOptions {
 
 // Runs the documents, in order, through the model until options.tokens
 // tokens of KV are collected, and makes the profile of that KV (RoPE as the
-// model applies it), with the model's plane sensitivities measured as
+// model applies it), with the model's sensitivities measured as
 // options say. NOT_FOUND if the documents hold too few tokens.
 absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
     const LlamaModel& model, const model::BpeTokenizer& tokenizer,

@@ -1,5 +1,5 @@
 // A worker's model profile on SmolLM2-135M-Instruct ($KVCACHE_MODEL), on a
-// little of the calibration text: the plane sensitivities are measured, and
+// little of the calibration text: the heads' sensitivities are measured, and
 // they are a property of the model (KL per unit of noise variance), not of
 // how much noise measured them.
 #include "client/examples/chat/model_profile.h"
@@ -18,7 +18,7 @@
 namespace kvcache::chat {
 namespace {
 
-TEST(ModelProfileTest, PlaneSensitivitiesAreTheModelsNotTheNoises) {
+TEST(ModelProfileTest, SensitivitiesAreTheModelsNotTheNoises) {
   const char* path = std::getenv("KVCACHE_MODEL");
   ASSERT_NE(path, nullptr) << "KVCACHE_MODEL is not set: run deploy/setup.sh";
   absl::StatusOr<LlamaModel> model = LlamaModel::Load(path);
@@ -41,19 +41,18 @@ TEST(ModelProfileTest, PlaneSensitivitiesAreTheModelsNotTheNoises) {
     absl::StatusOr<codec::ModelProfile> profile =
         CalibrateModelProfile(*model, *text->tokenizer, *documents, options);
     ASSERT_TRUE(profile.ok()) << profile.status();
-    const size_t planes = size_t{2} * model->config().layers;
-    ASSERT_EQ(profile->plane_sensitivity.size(), planes);
+    ASSERT_EQ(profile->sensitivity.size(), profile->Heads());
     // The profile travels with them (version 2) and keeps its id.
     absl::StatusOr<codec::ModelProfile> parsed =
         codec::ParseProfile(codec::SerializeProfile(*profile));
     ASSERT_TRUE(parsed.ok()) << parsed.status();
     EXPECT_EQ(parsed->id, profile->id);
-    EXPECT_EQ(parsed->plane_sensitivity, profile->plane_sensitivity);
-    measured.push_back(profile->plane_sensitivity);
+    EXPECT_EQ(parsed->sensitivity, profile->sensitivity);
+    measured.push_back(profile->sensitivity);
   }
   // KL grows with the square of small noise, so KL / variance is the same
-  // at either noise: the per-plane ratios centre on 1, where forgetting the
-  // division would put them at 4. The planes differ from each other by far
+  // at either noise: the per-head ratios centre on 1, where forgetting the
+  // division would put them at 4. The heads differ from each other by far
   // more than that.
   std::vector<double> ratios;
   for (size_t p = 0; p < measured[0].size(); ++p) {
