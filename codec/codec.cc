@@ -115,7 +115,7 @@ absl::StatusOr<std::string> EncodeChunk(const ChunkShape& shape,
     if (profile != nullptr) {
       internal::ForwardPlane(h, PlaneOf(profile, p, rope), plane, coeff.data());
       internal::QuantizeFloats(h, policies[p].relative_step,
-                               policies[p].head_steps,
+                               policies[p].channel_steps,
                                /*drop_quiet_channels=*/true, &specs[p],
                                coeff.data(), q.data(), &scales);
     } else {

@@ -79,12 +79,17 @@ std::vector<PlanePolicy> PlanePoliciesFor(Level level, uint32_t layers,
   if (info->transform && profile != nullptr && profile->layers == layers &&
       !profile->sensitivity.empty()) {
     const double head_kl = double{info->target_kl} / profile->Heads();
+    const uint32_t d = profile->head_dim;
     for (size_t p = 0; p < policies.size(); ++p) {
       policies[p].mode = ScaleMode::kPerChannel;
       for (uint32_t h = 0; h < profile->kv_heads; ++h) {
-        const float s = profile->sensitivity[p * profile->kv_heads + h];
-        policies[p].head_steps.push_back(
-            static_cast<float>(std::sqrt(12 * head_kl / s)));
+        const size_t head = p * profile->kv_heads + h;
+        const double s = profile->sensitivity[head];
+        for (uint32_t k = 0; k < d; ++k) {
+          const double w = profile->component_weight[head * d + k];
+          policies[p].channel_steps.push_back(
+              static_cast<float>(std::sqrt(12 * head_kl / (s * w))));
+        }
       }
     }
     return policies;

@@ -14,19 +14,22 @@ namespace kvcache::codec::internal {
 struct PlanePolicy {
   ScaleMode mode = ScaleMode::kIdentity;
   float relative_step = 0;  // Step / spread of the values; see QuantizePlane.
-  // When not empty, per KV head the step itself, whatever the chunk's
-  // spread.
-  std::vector<float> head_steps;
+  // When not empty, per channel (a transform's component) the step itself,
+  // whatever the chunk's spread.
+  std::vector<float> channel_steps;
 };
 
 // Returns one policy per (layer, K/V), K first. Early layers get finer
 // steps (more bits): their errors propagate through every later layer.
 //
 // A transform level with a profile that has sensitivities instead
-// allocates the level's distortion target across heads: each head gets the
-// absolute step that adds an equal share of the target's KL divergence
-// (sensitivity * step^2 / 12), which is where the rate that a given total
-// distortion costs is smallest (equal slopes).
+// allocates the level's distortion target across heads and components:
+// component c of head h gets the absolute step that adds an equal share of
+// the target's KL divergence to every head (sensitivity * step^2 / 12,
+// averaged over the head's components with their weights), and within a
+// head the same to every component (weight * step^2 equal). That is where
+// the rate that a given total distortion costs is smallest (equal
+// slopes).
 std::vector<PlanePolicy> PlanePoliciesFor(
     Level level, uint32_t layers, const ModelProfile* profile = nullptr);
 

@@ -16,7 +16,8 @@ namespace kvcache::codec {
 namespace {
 
 constexpr char kProfileMagic[4] = {'K', 'V', 'C', 'P'};
-// Version 1 has no plane sensitivities; version 2 appends them.
+// Version 1 has no sensitivities or component weights; version 2 appends
+// them.
 constexpr uint8_t kProfileVersion = 1;
 constexpr uint8_t kProfileVersionWithSensitivity = 2;
 constexpr size_t kProfileHeaderBytes = 20;
@@ -73,13 +74,18 @@ absl::Status CheckProfile(const ModelProfile& p) {
   if (p.rope_inv_freq.size() != RopePairs(p) ||
       p.mean.size() != p.Heads() * d || p.basis.size() != p.Heads() * d * d ||
       p.variance.size() != p.Heads() * d ||
-      (!p.sensitivity.empty() && p.sensitivity.size() != p.Heads())) {
+      (!p.sensitivity.empty() && p.sensitivity.size() != p.Heads()) ||
+      p.component_weight.size() !=
+          (p.sensitivity.empty() ? 0 : p.Heads() * d)) {
     return absl::InvalidArgumentError("profile arrays do not match its shape");
   }
-  for (float s : p.sensitivity) {
-    if (!std::isfinite(s) || s <= 0) {
-      return absl::InvalidArgumentError(
-          "sensitivities must be finite and positive");
+  for (const std::vector<float>* v : {&p.sensitivity, &p.component_weight}) {
+    for (float s : *v) {
+      if (!std::isfinite(s) || s <= 0) {
+        return absl::InvalidArgumentError(
+            "sensitivities and component weights must be finite and "
+            "positive");
+      }
     }
   }
   for (double f : p.rope_inv_freq) {
@@ -140,7 +146,7 @@ std::string SerializeProfile(const ModelProfile& p) {
     w.U32(static_cast<uint32_t>(bits >> 32));
   }
   for (const std::vector<float>* v :
-       {&p.mean, &p.basis, &p.variance, &p.sensitivity}) {
+       {&p.mean, &p.basis, &p.variance, &p.sensitivity, &p.component_weight}) {
     for (float f : *v) AppendF32(&w, f);
   }
   return out;
@@ -174,8 +180,8 @@ absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes) {
   // Size everything from the header and compare with what is there before
   // allocating.
   const uint64_t d = p.head_dim;
-  const uint64_t sensitivities = has_sensitivity ? p.Heads() : 0;
-  const uint64_t floats = p.Heads() * (d + d * d + d) + sensitivities;
+  const uint64_t floats =
+      p.Heads() * (d + d * d + d + (has_sensitivity ? 1 + d : 0));
   const uint64_t expected = kProfileHeaderBytes + 8 * RopePairs(p) + 4 * floats;
   if (bytes.size() != expected) {
     return absl::DataLossError(absl::StrCat(
@@ -194,9 +200,12 @@ absl::StatusOr<ModelProfile> ParseProfile(absl::string_view bytes) {
   p.mean.resize(p.Heads() * d);
   p.basis.resize(p.Heads() * d * d);
   p.variance.resize(p.Heads() * d);
-  p.sensitivity.resize(sensitivities);
+  if (has_sensitivity) {
+    p.sensitivity.resize(p.Heads());
+    p.component_weight.resize(p.Heads() * d);
+  }
   for (std::vector<float>* v :
-       {&p.mean, &p.basis, &p.variance, &p.sensitivity}) {
+       {&p.mean, &p.basis, &p.variance, &p.sensitivity, &p.component_weight}) {
     for (float& f : *v) {
       f = ReadF32(at);
       at += 4;

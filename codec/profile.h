@@ -51,14 +51,19 @@ struct ModelProfile {
   std::vector<float> mean;      // [head][dim]
   std::vector<float> basis;     // [head][component][dim], rows orthonormal
   std::vector<float> variance;  // [head][component], decreasing
-  // Per head, how much the model's output moves per unit of noise in it:
-  // mean KL divergence of its next-token distributions (nats) per unit of
-  // noise variance added to every channel of the head, measured by running
-  // the model (the chat example's CalibrateModelProfile). Empty when not
-  // measured (kvcodec calibrate works from dumps alone); then the transform
-  // levels fall back to one relative step per plane. Serialized only when
-  // present (profile version 2).
+  // What an error costs the model, measured by running it (the chat
+  // example's CalibrateModelProfile); both empty when not measured (kvcodec
+  // calibrate works from dumps alone), and then the transform levels fall
+  // back to one relative step per plane. Serialized only when present
+  // (profile version 2).
+  // Per head, mean KL divergence of the model's next-token distributions
+  // (nats) per unit of noise variance added to every channel of the head.
   std::vector<float> sensitivity;  // [head]
+  // Per head and component, how much more than the head's average an error
+  // in that component costs (mean 1 over a head's components): for keys,
+  // the share of the reading queries' attention-weighted energy along the
+  // component; 1 for values.
+  std::vector<float> component_weight;  // [head][component]
   // Set by ParseProfile and FinishProfile; not part of the content.
   ProfileId id{};
 

@@ -184,12 +184,12 @@ void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
   }
   std::vector<float> x(size_t{tokens} * row);
   ValuesToFloat(src, x.size(), dtype, x.data());
-  QuantizeFloats(h, relative_step, /*head_steps=*/{},
+  QuantizeFloats(h, relative_step, /*channel_steps=*/{},
                  /*drop_quiet_channels=*/false, spec, x.data(), q, scales);
 }
 
 void QuantizeFloats(const Header& h, float relative_step,
-                    absl::Span<const float> head_steps,
+                    absl::Span<const float> channel_steps,
                     bool drop_quiet_channels, PlaneSpec* spec, const float* x,
                     uint16_t* q, std::string* scales) {
   const uint32_t row = h.Channels();
@@ -221,15 +221,15 @@ void QuantizeFloats(const Header& h, float relative_step,
   };
   std::vector<Stats> stats(groups);
   for_each_value([&](uint32_t set, size_t i) { stats[set].Add(x[i]); });
-  // Keys share one step across the plane (or head, given head_steps): equal
-  // distortion per channel is what minimizes squared error at a given rate,
-  // and outlier channels only widen their own integer range. Values scale
-  // per tile, tracking how token magnitudes vary.
+  // Keys share one step across the plane (unless channel_steps weigh the
+  // channels): equal distortion per channel is what minimizes squared error
+  // at a given rate, and outlier channels only widen their own integer
+  // range. Values scale per tile, tracking how token magnitudes vary.
   double plane_var = 0;
   for (const Stats& st : stats) plane_var += st.Variance();
   const float plane_step = SpreadStep(relative_step, plane_var / groups);
   auto channel_step = [&](uint32_t c) {
-    return head_steps.empty() ? plane_step : head_steps[c / h.shape.head_dim];
+    return channel_steps.empty() ? plane_step : channel_steps[c];
   };
   // A channel whose spread is under the step's own rounding noise
   // (step^2 / 12) costs more to code than it removes: with

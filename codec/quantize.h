@@ -35,12 +35,12 @@ void QuantizePlane(const Header& h, float relative_step, PlaneSpec* spec,
                    const uint16_t* src, uint16_t* q, std::string* scales);
 
 // QuantizePlane for values already in float (x, tokens x channels). In
-// per-channel mode, head_steps (one per KV head, or empty) replaces
+// per-channel mode, channel_steps (one per channel, or empty) replaces
 // relative_step times the spread. With drop_quiet_channels (per-channel
 // mode only), channels whose variance is under step^2 / 12 get offset and
 // step 0, so all their integers are 0.
 void QuantizeFloats(const Header& h, float relative_step,
-                    absl::Span<const float> head_steps,
+                    absl::Span<const float> channel_steps,
                     bool drop_quiet_channels, PlaneSpec* spec, const float* x,
                     uint16_t* q, std::string* scales);
 

@@ -11,6 +11,7 @@
 #include "codec/calibrate.h"
 #include "codec/half.h"
 #include "codec/levels.h"
+#include "codec/transform.h"
 
 namespace kvcache::chat {
 namespace {
@@ -129,6 +130,138 @@ absl::Status AddSensitivities(const LlamaModel& model,
   return absl::OkStatus();
 }
 
+// Every kQueryStride-th query position weighs the key components it reads,
+// through kKeySamples keys drawn from its attention row.
+constexpr int kQueryStride = 4;
+constexpr int kKeySamples = 8;
+// A component's weight stays within these multiples of its head's average.
+constexpr float kMinWeight = 0.01f;
+constexpr float kMaxWeight = 100.0f;
+
+// What the queries that read each KV head's keys weigh in its channels.
+// An error e in a key (RoPE undone) moves the score of query q by u.e, where
+// u is q turned into that key's frame (RoPE undone at the key's position),
+// and the model pays for it in proportion to the attention the key gets;
+// so per key head this sums mass / kKeySamples * u u^T over the queries of
+// its group, with keys drawn by stratified sampling of each attention row
+// and mass the share of the row they stand for. Keys at the exactly stored
+// positions are left out: they carry no error.
+class QueryMoments {
+ public:
+  // `rope` gives the model's shape and RoPE (the profile's fields).
+  explicit QueryMoments(const codec::ModelProfile& rope)
+      : rope_(rope),
+        moments_(
+            size_t{rope.layers} * rope.kv_heads * rope.head_dim * rope.head_dim,
+            0.0) {}
+
+  // One sequence from position 0: its KV (ExportChunk's layout) and its
+  // queries after RoPE ([layer][token][heads * head_dim], PrefillTrace's).
+  void Add(absl::Span<const uint16_t> kv, absl::Span<const uint16_t> queries,
+           uint32_t tokens, uint32_t heads) {
+    const uint32_t d = rope_.head_dim, kv_heads = rope_.kv_heads;
+    const uint32_t row = kv_heads * d, pairs = d / 2;
+    const std::vector<codec::internal::SinCos> angles =
+        codec::internal::RopeTable(rope_, 0, tokens);
+    const uint32_t exact = codec::internal::ExactTokens(0, tokens);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    std::vector<float> keys(size_t{tokens} * d), q(d), u(d);
+    std::vector<double> weight(tokens);
+    for (uint32_t l = 0; l < rope_.layers; ++l) {
+      for (uint32_t h = 0; h < kv_heads; ++h) {
+        const uint16_t* plane = kv.data() + size_t{2} * l * tokens * row;
+        for (uint32_t n = 0; n < tokens; ++n) {
+          for (uint32_t i = 0; i < d; ++i) {
+            keys[size_t{n} * d + i] =
+                codec::HalfToFloat(plane[size_t{n} * row + h * d + i]);
+          }
+        }
+        double* moment = moments_.data() + (size_t{l} * kv_heads + h) * d * d;
+        for (uint32_t g = h * (heads / kv_heads);
+             g < (h + 1) * (heads / kv_heads); ++g) {
+          for (uint32_t m = exact; m < tokens; m += kQueryStride) {
+            const uint16_t* qm =
+                queries.data() + (size_t{l} * tokens + m) * heads * d + g * d;
+            for (uint32_t i = 0; i < d; ++i) q[i] = codec::HalfToFloat(qm[i]);
+            double max = -1e300;
+            for (uint32_t n = 0; n <= m; ++n) {
+              float dot = 0;
+              for (uint32_t i = 0; i < d; ++i) {
+                dot += q[i] * keys[size_t{n} * d + i];
+              }
+              weight[n] = dot * scale;
+              max = std::max(max, weight[n]);
+            }
+            double total = 0, readable = 0;
+            for (uint32_t n = 0; n <= m; ++n) {
+              weight[n] = std::exp(weight[n] - max);
+              total += weight[n];
+              if (n >= exact) readable += weight[n];
+            }
+            if (readable <= 0) continue;
+            const double mass = readable / total / kKeySamples;
+            // Stratified draws: the keys where the running sum of the
+            // readable weights crosses (j + 0.5) / kKeySamples of it.
+            double running = 0;
+            uint32_t n = exact;
+            for (int j = 0; j < kKeySamples; ++j) {
+              const double target = (j + 0.5) / kKeySamples * readable;
+              while (n < m && running + weight[n] < target)
+                running += weight[n++];
+              u = q;
+              codec::internal::RotateHead(rope_,
+                                          angles.data() + size_t{n} * pairs,
+                                          /*undo=*/true, u.data());
+              for (uint32_t a = 0; a < d; ++a) {
+                for (uint32_t b = 0; b < d; ++b) {
+                  moment[a * d + b] += mass * u[a] * u[b];
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // ModelProfile::component_weight for `profile` (its bases): for a key
+  // head, b^T M b of each component b, over their mean, within
+  // [kMinWeight, kMaxWeight]; 1 for values.
+  std::vector<float> ComponentWeights(
+      const codec::ModelProfile& profile) const {
+    const uint32_t d = profile.head_dim;
+    std::vector<float> weights(profile.Heads() * d, 1.0f);
+    for (uint32_t l = 0; l < profile.layers; ++l) {
+      for (uint32_t h = 0; h < profile.kv_heads; ++h) {
+        const double* moment =
+            moments_.data() + (size_t{l} * profile.kv_heads + h) * d * d;
+        const size_t head = profile.Head(l, /*is_value=*/false, h);
+        const float* basis = profile.Basis(head);
+        std::vector<double> w(d, 0.0);
+        double sum = 0;
+        for (uint32_t k = 0; k < d; ++k) {
+          for (uint32_t a = 0; a < d; ++a) {
+            for (uint32_t b = 0; b < d; ++b) {
+              w[k] += basis[k * d + a] * moment[a * d + b] * basis[k * d + b];
+            }
+          }
+          sum += w[k];
+        }
+        if (!(sum > 0)) continue;
+        for (uint32_t k = 0; k < d; ++k) {
+          weights[head * d + k] = std::clamp(static_cast<float>(w[k] * d / sum),
+                                             kMinWeight, kMaxWeight);
+        }
+      }
+    }
+    return weights;
+  }
+
+ private:
+  const codec::ModelProfile& rope_;
+  std::vector<double> moments_;  // [layer][kv_head][d][d]
+};
+
 // ModelProfile::sensitivity, averaged over the first documents long
 // enough. NOT_FOUND if too few are.
 absl::StatusOr<std::vector<float>> Sensitivities(
@@ -175,9 +308,16 @@ absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
     absl::Span<const Document> documents, const CalibrationOptions& options) {
   const LlamaConfig& c = model.config();
   // LlamaModel rotates adjacent channel pairs, by position / theta^(2j/d).
-  codec::ProfileCalibrator calibrator(
-      c.layers, c.kv_heads, c.head_dim(), codec::RopeLayout::kAdjacentPairs,
-      codec::RopeInverseFrequencies(c.rope_theta, c.head_dim()));
+  codec::ModelProfile rope;
+  rope.layers = c.layers;
+  rope.kv_heads = c.kv_heads;
+  rope.head_dim = c.head_dim();
+  rope.rope = codec::RopeLayout::kAdjacentPairs;
+  rope.rope_inv_freq =
+      codec::RopeInverseFrequencies(c.rope_theta, c.head_dim());
+  codec::ProfileCalibrator calibrator(rope.layers, rope.kv_heads, rope.head_dim,
+                                      rope.rope, rope.rope_inv_freq);
+  QueryMoments query_moments(rope);
   for (const Document& document : documents) {
     if (calibrator.tokens() >= static_cast<uint64_t>(options.tokens)) break;
     absl::StatusOr<std::vector<int32_t>> encoded =
@@ -192,11 +332,20 @@ absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
         PagedKvCache::Create(model.CacheShape(16, n / 16 + 1));
     if (!cache.ok()) return cache.status();
     const SequenceId seq = cache->CreateSequence();
+    // [layer][token][dim], a Prefill call's tokens at a time.
+    std::vector<uint16_t> queries(size_t{c.layers} * n * c.dim);
     for (int t0 = 0; t0 < n; t0 += kPrefillTokens) {
       const int count = std::min(kPrefillTokens, n - t0);
+      PrefillTrace trace;
       absl::StatusOr<std::vector<float>> logits = model.Prefill(
-          &*cache, seq, absl::MakeConstSpan(tokens).subspan(t0, count));
+          &*cache, seq, absl::MakeConstSpan(tokens).subspan(t0, count),
+          LogitsFor::kLastToken, &trace);
       if (!logits.ok()) return logits.status();
+      const size_t rows = size_t{count} * c.dim;
+      for (int l = 0; l < c.layers; ++l) {
+        std::copy_n(trace.queries.begin() + l * rows, rows,
+                    queries.begin() + (size_t{l} * n + t0) * c.dim);
+      }
     }
     absl::StatusOr<std::vector<uint16_t>> kv = cache->ExportChunk(seq, 0, n);
     if (!kv.ok()) return kv.status();
@@ -206,6 +355,7 @@ absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
     shape.kv_heads = c.kv_heads;
     shape.head_dim = c.head_dim();
     if (absl::Status st = calibrator.Add(shape, *kv, 0); !st.ok()) return st;
+    query_moments.Add(*kv, queries, n, c.heads);
   }
   if (calibrator.tokens() < static_cast<uint64_t>(options.tokens)) {
     return absl::NotFoundError(
@@ -218,6 +368,7 @@ absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
       Sensitivities(model, tokenizer, documents, options);
   if (!sensitivity.ok()) return sensitivity.status();
   profile->sensitivity = *std::move(sensitivity);
+  profile->component_weight = query_moments.ComponentWeights(*profile);
   if (absl::Status st = codec::FinishProfile(&*profile); !st.ok()) return st;
   return profile;
 }

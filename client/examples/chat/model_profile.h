@@ -34,7 +34,9 @@ struct CalibrationOptions {
 // Runs the documents, in order, through the model until options.tokens
 // tokens of KV are collected, and makes the profile of that KV (RoPE as the
 // model applies it), with the model's sensitivities measured as
-// options say. NOT_FOUND if the documents hold too few tokens.
+// options say and, with them, the key components' weights from the queries
+// that read them over the same KV (ModelProfile::component_weight).
+// NOT_FOUND if the documents hold too few tokens.
 absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
     const LlamaModel& model, const model::BpeTokenizer& tokenizer,
     absl::Span<const Document> documents, const CalibrationOptions& options);

@@ -1,7 +1,8 @@
 // A worker's model profile on SmolLM2-135M-Instruct ($KVCACHE_MODEL), on a
 // little of the calibration text: the heads' sensitivities are measured, and
 // they are a property of the model (KL per unit of noise variance), not of
-// how much noise measured them.
+// how much noise measured them; the key components are weighted by the
+// queries that read them.
 #include "client/examples/chat/model_profile.h"
 
 #include <algorithm>
@@ -49,6 +50,25 @@ TEST(ModelProfileTest, SensitivitiesAreTheModelsNotTheNoises) {
     EXPECT_EQ(parsed->id, profile->id);
     EXPECT_EQ(parsed->sensitivity, profile->sensitivity);
     measured.push_back(profile->sensitivity);
+    // Component weights: 1 for values; for keys, mean 1 over a head's
+    // components, the queries' energy gathered in some of them.
+    const uint32_t d = profile->head_dim;
+    ASSERT_EQ(profile->component_weight.size(), profile->Heads() * d);
+    double largest = 0;
+    for (uint32_t l = 0; l < profile->layers; ++l) {
+      for (bool is_value : {false, true}) {
+        const size_t head = profile->Head(l, is_value, 0);
+        double sum = 0;
+        for (uint32_t k = 0; k < d; ++k) {
+          const float w = profile->component_weight[head * d + k];
+          sum += w;
+          if (is_value) EXPECT_EQ(w, 1.0f);
+          largest = std::max<double>(largest, w);
+        }
+        EXPECT_NEAR(sum / d, 1.0, is_value ? 0 : 0.02) << l;
+      }
+    }
+    EXPECT_GT(largest, 4);
   }
   // KL grows with the square of small noise, so KL / variance is the same
   // at either noise: the per-head ratios centre on 1, where forgetting the
