@@ -357,8 +357,10 @@ def chunk_keys(tokens, model_id, chunk_tokens=256, name_space="default",
 class Profile(_Handle):
     """A model profile: what the transform levels (profile-fine,
     profile-balanced, profile-small) encode and decode with. Made by
-    `kvcodec calibrate` on the model's KV over other text; kept in kvcache
-    by Client.publish_profile and fetched by Client.profile."""
+    `kvcodec calibrate` on the model's KV over other text, or by a worker
+    that runs its model, which also measures what an error in each head
+    costs the model (the levels then spend bits where it matters); kept in
+    kvcache by Client.publish_profile and fetched by Client.profile."""
 
     _free = "kvcache_profile_free"
     _what = "profile"
