@@ -7,11 +7,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <vector>
 
 #include "client/examples/chat/llama_model.h"
 #include "client/examples/chat/real_text.h"
+#include "client/examples/chat/test_model.h"
 #include "client/examples/model/model_text.h"
 #include "codec/profile.h"
 #include "gtest/gtest.h"
@@ -20,12 +20,10 @@ namespace kvcache::chat {
 namespace {
 
 TEST(ModelProfileTest, SensitivitiesAreTheModelsNotTheNoises) {
-  const char* path = std::getenv("KVCACHE_MODEL");
-  ASSERT_NE(path, nullptr) << "KVCACHE_MODEL is not set: run deploy/setup.sh";
-  absl::StatusOr<LlamaModel> model = LlamaModel::Load(path);
-  ASSERT_TRUE(model.ok()) << model.status();
-  absl::StatusOr<model::ModelText> text = model::ModelText::Open(path);
-  ASSERT_TRUE(text.ok()) << text.status();
+  absl::StatusOr<TestModel> loaded = LoadTestModel();
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const LlamaModel* model = &loaded->model;
+  const model::ModelText* text = &loaded->text;
   absl::StatusOr<std::vector<Document>> documents =
       LoadDocuments(kPythonDocsRoot, TextSet::kCalibration);
   ASSERT_TRUE(documents.ok()) << documents.status();

@@ -5,7 +5,6 @@
 // most of the time, and be as small as their level says.
 #include "client/examples/chat/quality_harness.h"
 
-#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <string>
@@ -13,6 +12,7 @@
 
 #include "client/examples/chat/llama_model.h"
 #include "client/examples/chat/real_text.h"
+#include "client/examples/chat/test_model.h"
 #include "client/examples/model/model_text.h"
 #include "client/kvcache_client.h"
 #include "gtest/gtest.h"
@@ -24,12 +24,11 @@ namespace {
 using ::kvcache::testing::DaemonProcess;
 
 TEST(QualityHarnessTest, LosslessIsExactAndLossyLevelsStayClose) {
-  const char* path = std::getenv("KVCACHE_MODEL");
-  ASSERT_NE(path, nullptr) << "KVCACHE_MODEL is not set: run deploy/setup.sh";
-  absl::StatusOr<LlamaModel> model = LlamaModel::Load(path);
-  ASSERT_TRUE(model.ok()) << model.status();
-  absl::StatusOr<model::ModelText> text = model::ModelText::Open(path);
-  ASSERT_TRUE(text.ok()) << text.status();
+  absl::StatusOr<TestModel> loaded = LoadTestModel();
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const LlamaModel* model = &loaded->model;
+  const model::ModelText* text = &loaded->text;
+  const std::string& path = loaded->path;
 
   absl::StatusOr<std::vector<Document>> documents =
       LoadDocuments(kPythonDocsRoot, TextSet::kEvaluation);
