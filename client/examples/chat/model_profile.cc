@@ -333,7 +333,7 @@ absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
     if (!cache.ok()) return cache.status();
     const SequenceId seq = cache->CreateSequence();
     // [layer][token][dim], a Prefill call's tokens at a time.
-    std::vector<uint16_t> queries(size_t{c.layers} * n * c.dim);
+    std::vector<uint16_t> queries(static_cast<size_t>(c.layers) * n * c.dim);
     for (int t0 = 0; t0 < n; t0 += kPrefillTokens) {
       const int count = std::min(kPrefillTokens, n - t0);
       PrefillTrace trace;
@@ -341,10 +341,11 @@ absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
           &*cache, seq, absl::MakeConstSpan(tokens).subspan(t0, count),
           LogitsFor::kLastToken, &trace);
       if (!logits.ok()) return logits.status();
-      const size_t rows = size_t{count} * c.dim;
+      const size_t rows = static_cast<size_t>(count) * c.dim;
       for (int l = 0; l < c.layers; ++l) {
-        std::copy_n(trace.queries.begin() + l * rows, rows,
-                    queries.begin() + (size_t{l} * n + t0) * c.dim);
+        std::copy_n(
+            trace.queries.begin() + l * rows, rows,
+            queries.begin() + (static_cast<size_t>(l) * n + t0) * c.dim);
       }
     }
     absl::StatusOr<std::vector<uint16_t>> kv = cache->ExportChunk(seq, 0, n);

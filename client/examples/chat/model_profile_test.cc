@@ -60,7 +60,9 @@ TEST(ModelProfileTest, SensitivitiesAreTheModelsNotTheNoises) {
         for (uint32_t k = 0; k < d; ++k) {
           const float w = profile->component_weight[head * d + k];
           sum += w;
-          if (is_value) EXPECT_EQ(w, 1.0f);
+          if (is_value) {
+            EXPECT_EQ(w, 1.0f);
+          }
           largest = std::max<double>(largest, w);
         }
         EXPECT_NEAR(sum / d, 1.0, is_value ? 0 : 0.02) << l;
