@@ -15,8 +15,8 @@ struct LevelInfo {
   float value_step;  // Relative step for values in later layers.
   float early;       // Step multiplier for the first quarter of the layers.
   bool transform = false;  // Quantizes the profile's components.
-  // Transform levels with a profile's plane sensitivities: the mean KL
-  // divergence (nats) per next-token distribution the level aims to add.
+  // Transform levels with a profile's sensitivities: the mean KL divergence
+  // (nats) per next-token distribution the level aims to add.
   float target_kl = 0;
 };
 
@@ -76,8 +76,12 @@ std::vector<PlanePolicy> PlanePoliciesFor(Level level, uint32_t layers,
   const LevelInfo* info = Find(level);
   std::vector<PlanePolicy> policies(size_t{layers} * 2);
   if (info == nullptr || level == Level::kLossless) return policies;
+  // FinishProfile guarantees both arrays whole; the sizes are checked again
+  // so that a profile built by hand cannot index past them.
   if (info->transform && profile != nullptr && profile->layers == layers &&
-      !profile->sensitivity.empty()) {
+      profile->sensitivity.size() == profile->Heads() &&
+      profile->component_weight.size() ==
+          profile->Heads() * profile->head_dim) {
     const double head_kl = double{info->target_kl} / profile->Heads();
     const uint32_t d = profile->head_dim;
     for (size_t p = 0; p < policies.size(); ++p) {
