@@ -27,10 +27,12 @@ struct CachedSequence {
 
 // A fresh cache sized for `tokens`, with `kv` (a chunk of ExportChunk's
 // layout) imported as its sequence's first tokens, or `prefill` run through
-// the model when kv is empty.
-absl::StatusOr<CachedSequence> NewSequence(const LlamaModel& model, int tokens,
-                                           absl::Span<const uint16_t> kv,
-                                           absl::Span<const int32_t> prefill) {
+// the model when kv is empty. With `queries`, the prefill's queries after
+// RoPE go there, [layer][token][heads * head_dim] as PrefillTrace has them.
+absl::StatusOr<CachedSequence> NewSequence(
+    const LlamaModel& model, int tokens, absl::Span<const uint16_t> kv,
+    absl::Span<const int32_t> prefill,
+    std::vector<uint16_t>* queries = nullptr) {
   absl::StatusOr<PagedKvCache> cache =
       PagedKvCache::Create(model.CacheShape(16, tokens / 16 + 1));
   if (!cache.ok()) return cache.status();
@@ -41,10 +43,21 @@ absl::StatusOr<CachedSequence> NewSequence(const LlamaModel& model, int tokens,
       return st;
     }
   }
+  const LlamaConfig& c = model.config();
+  if (queries != nullptr) queries->resize(c.layers * prefill.size() * c.dim);
   for (size_t t0 = 0; t0 < prefill.size(); t0 += kPrefillTokens) {
+    const absl::Span<const int32_t> part = prefill.subspan(t0, kPrefillTokens);
+    PrefillTrace trace;
     absl::StatusOr<std::vector<float>> logits =
-        model.Prefill(&s.cache, s.seq, prefill.subspan(t0, kPrefillTokens));
+        model.Prefill(&s.cache, s.seq, part, LogitsFor::kLastToken,
+                      queries != nullptr ? &trace : nullptr);
     if (!logits.ok()) return logits.status();
+    if (queries == nullptr) continue;
+    const size_t rows = part.size() * c.dim;
+    for (int l = 0; l < c.layers; ++l) {
+      std::copy_n(trace.queries.begin() + l * rows, rows,
+                  queries->begin() + (l * prefill.size() + t0) * c.dim);
+    }
   }
   return s;
 }
@@ -328,27 +341,12 @@ absl::StatusOr<codec::ModelProfile> CalibrateModelProfile(
         {static_cast<int>(tokens.size()), options.tokens_per_document,
          options.tokens - static_cast<int>(calibrator.tokens())});
     if (n < c.head_dim()) continue;
-    absl::StatusOr<PagedKvCache> cache =
-        PagedKvCache::Create(model.CacheShape(16, n / 16 + 1));
-    if (!cache.ok()) return cache.status();
-    const SequenceId seq = cache->CreateSequence();
-    // [layer][token][dim], a Prefill call's tokens at a time.
-    std::vector<uint16_t> queries(static_cast<size_t>(c.layers) * n * c.dim);
-    for (int t0 = 0; t0 < n; t0 += kPrefillTokens) {
-      const int count = std::min(kPrefillTokens, n - t0);
-      PrefillTrace trace;
-      absl::StatusOr<std::vector<float>> logits = model.Prefill(
-          &*cache, seq, absl::MakeConstSpan(tokens).subspan(t0, count),
-          LogitsFor::kLastToken, &trace);
-      if (!logits.ok()) return logits.status();
-      const size_t rows = static_cast<size_t>(count) * c.dim;
-      for (int l = 0; l < c.layers; ++l) {
-        std::copy_n(
-            trace.queries.begin() + l * rows, rows,
-            queries.begin() + (static_cast<size_t>(l) * n + t0) * c.dim);
-      }
-    }
-    absl::StatusOr<std::vector<uint16_t>> kv = cache->ExportChunk(seq, 0, n);
+    std::vector<uint16_t> queries;
+    absl::StatusOr<CachedSequence> sequence = NewSequence(
+        model, n, {}, absl::MakeConstSpan(tokens).first(n), &queries);
+    if (!sequence.ok()) return sequence.status();
+    absl::StatusOr<std::vector<uint16_t>> kv =
+        sequence->cache.ExportChunk(sequence->seq, 0, n);
     if (!kv.ok()) return kv.status();
     codec::ChunkShape shape;
     shape.layers = c.layers;
